@@ -1,0 +1,271 @@
+// MoE routing CPU kernels. Semantics: python/sparseops/reference/routing.py.
+//
+// topk_route: the transcendental work (fp64 selection scores, log-sum-exp of the softmax)
+// runs as vectorised, multithreaded ATen passes over [T, E]; what ATen cannot express
+// cheaply -- grouped selection and an insertion top-k that visits each expert once -- runs
+// in one at::parallel_for over rows. Using ATen's own fp64 sigmoid/softmax also makes the
+// CPU scores bit-identical to the reference's.
+//
+// route_metadata: a parallel stable counting sort (per-chunk histograms, a scan, then
+// per-chunk placement in slot order), so the output never depends on thread timing.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "sparseops/checks.h"
+#include "sparseops/routing.h"
+
+namespace sparseops {
+namespace {
+
+using at::Tensor;
+
+// Rows per parallel task: large enough to amortise task start-up (~1 us), small enough to
+// balance two to 64 threads at T = 1024.
+constexpr int64_t kRowGrain = 64;
+
+// True when candidate (va, a) ranks before (vb, b): larger value first, lower index on ties.
+template <typename acc_t>
+inline bool ranks_before(acc_t va, int64_t a, acc_t vb, int64_t b) {
+  return va > vb || (va == vb && a < b);
+}
+
+// Inserts expert e with rank v into the sorted top list (size n <= cap). Experts arrive in
+// increasing index order, so an equal rank goes after the ones already there.
+template <typename acc_t>
+inline void insert_topk(acc_t v, int32_t e, acc_t* top_v, int32_t* top_e, int64_t& n,
+                        int64_t cap) {
+  if (n == cap && !(v > top_v[n - 1])) return;
+  int64_t j = n < cap ? n++ : cap - 1;
+  while (j > 0 && v > top_v[j - 1]) {
+    top_v[j] = top_v[j - 1];
+    top_e[j] = top_e[j - 1];
+    --j;
+  }
+  top_v[j] = v;
+  top_e[j] = e;
+}
+
+// fp64 router scores rounded to the accumulate type, exactly as selection_scores_ref does.
+Tensor selection_scores(const Tensor& logits, const Tensor& mask, const TopkRouteConfig& cfg,
+                        at::ScalarType acc) {
+  const Tensor x64 = logits.to(at::kDouble);
+  if (cfg.scoring == Scoring::kSigmoid) return at::sigmoid(x64).to(acc);
+  if (cfg.order == Order::kTopkThenSoftmax) return logits.to(acc);
+  const Tensor xm = mask.defined() ? x64.masked_fill(mask.logical_not(), -INFINITY) : x64;
+  return at::softmax(xm, -1).nan_to_num(0.0).to(acc);
+}
+
+template <typename scalar_t, typename acc_t>
+void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                     const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
+  const int64_t T = cfg.num_tokens, E = cfg.num_experts, k = cfg.k;
+  const int64_t G = cfg.n_group, gs = cfg.group_size();
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const acc_t* b = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
+  const bool* enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+  acc_t* w_out = weights.mutable_data_ptr<acc_t>();
+  int32_t* id_out = ids.mutable_data_ptr<int32_t>();
+
+  Tensor score_t = cfg.needs_score() ? selection_scores(logits, mask, cfg, acc) : Tensor();
+  const acc_t* score = score_t.defined() ? score_t.const_data_ptr<acc_t>() : nullptr;
+  // softmax_then_topk weights are exp(x - lse) over enabled experts; lse is a vectorised pass.
+  Tensor lse_t;
+  if (cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk) {
+    Tensor xa = logits.to(acc);
+    if (cfg.has_mask) xa = xa.masked_fill(mask.logical_not(), -INFINITY);
+    lse_t = at::logsumexp(xa, {-1}).contiguous();
+  }
+  const acc_t* lse = lse_t.defined() ? lse_t.const_data_ptr<acc_t>() : nullptr;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> group_score(G);
+    std::vector<char> group_chosen(G);
+    acc_t top_v[kMaxTopk];
+    int32_t top_e[kMaxTopk];
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* xr = x + t * E;
+      const acc_t* sr = score ? score + t * E : nullptr;
+      // The biased score drives group choice (and the rank when there is a bias).
+      auto biased = [&](int64_t e) -> acc_t {
+        const acc_t v = sr[e] + (b ? b[e] : acc_t(0));
+        return std::isnan(v) ? kNegInf : v;
+      };
+      auto is_enabled = [&](int64_t e) { return enabled == nullptr || enabled[e]; };
+
+      if (G > 1) {
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t best = kNegInf, second = kNegInf;
+          for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
+            const acc_t v = is_enabled(e) ? biased(e) : kNegInf;
+            if (v > best) {
+              second = best;
+              best = v;
+            } else if (v > second) {
+              second = v;
+            }
+          }
+          group_score[g] = gs >= 2 ? best + second : best;
+          group_chosen[g] = 0;
+        }
+        for (int64_t r = 0; r < cfg.topk_group; ++r) {
+          int64_t pick = -1;
+          for (int64_t g = 0; g < G; ++g) {
+            if (!group_chosen[g] &&
+                (pick < 0 || ranks_before(group_score[g], g, group_score[pick], pick))) {
+              pick = g;
+            }
+          }
+          group_chosen[pick] = 1;
+        }
+      }
+
+      int64_t n = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        if (!is_enabled(e) || (G > 1 && !group_chosen[e / gs])) continue;
+        acc_t v = b ? biased(e) : static_cast<acc_t>(xr[e]);
+        if (std::isnan(v)) v = kNegInf;
+        insert_topk(v, static_cast<int32_t>(e), top_v, top_e, n, k);
+      }
+
+      acc_t* wr = w_out + t * k;
+      int32_t* ir = id_out + t * k;
+      acc_t total = 0;
+      acc_t max_logit = kNegInf;
+      for (int64_t j = 0; j < n; ++j) max_logit = std::max(max_logit, acc_t(xr[top_e[j]]));
+      for (int64_t j = 0; j < k; ++j) {
+        if (j >= n) {
+          ir[j] = -1;
+          wr[j] = 0;
+          continue;
+        }
+        const acc_t xe = static_cast<acc_t>(xr[top_e[j]]);
+        acc_t w;
+        if (cfg.scoring == Scoring::kSigmoid) {
+          w = acc_t(1) / (acc_t(1) + std::exp(-xe));
+        } else if (cfg.order == Order::kSoftmaxThenTopk) {
+          w = std::exp(xe - lse[t]);
+        } else {
+          w = std::exp(xe - max_logit);
+        }
+        if (std::isnan(w)) w = 0;
+        ir[j] = top_e[j];
+        wr[j] = w;
+        total += w;
+      }
+      const bool normalise = cfg.order == Order::kTopkThenSoftmax && cfg.scoring == Scoring::kSoftmax
+                                 ? true
+                                 : cfg.renormalize;
+      const acc_t factor = normalise ? (total > 0 ? acc_t(cfg.scale) / total : acc_t(0))
+                                     : acc_t(cfg.scale);
+      for (int64_t j = 0; j < k; ++j) wr[j] *= factor;
+    }
+  });
+}
+
+}  // namespace
+
+void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                           const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu",
+                                  [&] {
+                                    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>,
+                                                                     double, float>;
+                                    topk_route_rows<scalar_t, acc_t>(logits, bias, mask, cfg,
+                                                                     weights, ids);
+                                  });
+}
+
+void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t block_m,
+                               RouteMetadata& out) {
+  const int64_t E = num_experts;
+  const int64_t n = ids.numel();
+  const int64_t k = ids.size(1);
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+  // Bucket E collects dropped slots (id -1) so they land after every expert.
+  auto bucket = [&](int32_t v) -> int64_t { return v < 0 ? E : v; };
+
+  // Chunks of at least 32K slots: below that one thread sorts faster than two can split it.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), n / 32768));
+  const int64_t chunk_len = (n + chunks - 1) / chunks;
+  std::vector<int64_t> hist(chunks * (E + 1), 0);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* h = hist.data() + c * (E + 1);
+      for (int64_t i = c * chunk_len; i < std::min(n, (c + 1) * chunk_len); ++i) {
+        const int32_t v = id[i];
+        if (v < -1 || v >= E) {
+          bad = true;
+          continue;
+        }
+        ++h[bucket(v)];
+      }
+    }
+  });
+  TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
+              ") or -1 for a dropped slot, got a value outside that range in ids ",
+              describe(ids));
+
+  // Exclusive scan in (bucket, chunk) order gives each chunk's first position per bucket.
+  int32_t* counts = out.counts.mutable_data_ptr<int32_t>();
+  int32_t* offs = out.offs.mutable_data_ptr<int32_t>();
+  int64_t running = 0;
+  for (int64_t e = 0; e <= E; ++e) {
+    const int64_t start = running;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t h = hist[c * (E + 1) + e];
+      hist[c * (E + 1) + e] = running;
+      running += h;
+    }
+    if (e < E) {
+      counts[e] = static_cast<int32_t>(running - start);
+      offs[e] = static_cast<int32_t>(running);
+    }
+  }
+
+  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
+  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
+  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* next = hist.data() + c * (E + 1);
+      for (int64_t i = c * chunk_len; i < std::min(n, (c + 1) * chunk_len); ++i) {
+        const int64_t pos = next[bucket(id[i])]++;
+        sorted_slots[pos] = static_cast<int32_t>(i);
+        inverse[i] = static_cast<int32_t>(pos);
+        tokens[pos] = static_cast<int32_t>(i / k);
+      }
+    }
+  });
+
+  if (block_m <= 0) return;
+  int32_t* padded_slots = out.padded_slots.mutable_data_ptr<int32_t>();
+  int32_t* block_expert = out.block_expert.mutable_data_ptr<int32_t>();
+  int32_t* padded_offs = out.padded_offs.mutable_data_ptr<int32_t>();
+  const int64_t padded_rows = out.padded_slots.numel();
+  std::fill(padded_slots, padded_slots + padded_rows, static_cast<int32_t>(n));
+  std::fill(block_expert, block_expert + out.block_expert.numel(), -1);
+  int64_t padded_end = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t start = offs[e] - counts[e];
+    std::copy(sorted_slots + start, sorted_slots + offs[e], padded_slots + padded_end);
+    const int64_t padded_count = (counts[e] + block_m - 1) / block_m * block_m;
+    std::fill(block_expert + padded_end / block_m, block_expert + (padded_end + padded_count) / block_m,
+              static_cast<int32_t>(e));
+    padded_end += padded_count;
+    padded_offs[e] = static_cast<int32_t>(padded_end);
+  }
+}
+
+}  // namespace sparseops

@@ -1,0 +1,34 @@
+"""sparseops: sparse compute kernels for PyTorch.
+
+Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
+losses). Every op is a ``torch.library`` op with C++ CPU, CUDA and Triton backends and a
+pure-PyTorch reference (``sparseops.reference``); see ``build_info()`` for what this
+installation can run.
+"""
+
+from . import _backend
+from ._backend import available_backends, build_info, set_default_backend
+from .ops.routing import (
+    RouteMeta,
+    expert_choice_route,
+    load_balancing_loss,
+    route_metadata,
+    router_z_loss,
+    topk_route,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RouteMeta",
+    "available_backends",
+    "build_info",
+    "expert_choice_route",
+    "load_balancing_loss",
+    "route_metadata",
+    "router_z_loss",
+    "set_default_backend",
+    "topk_route",
+]
+
+del _backend

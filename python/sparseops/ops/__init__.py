@@ -1,0 +1,1 @@
+"""One module per op family: declaration, fake implementation, autograd, backend choice."""

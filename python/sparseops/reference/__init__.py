@@ -1,0 +1,21 @@
+"""Pure-PyTorch references: the test oracle and the benchmark baseline of every op."""
+
+from .routing import (
+    expert_choice_route_ref,
+    load_balancing_loss_ref,
+    route_metadata_ref,
+    route_weights_ref,
+    router_z_loss_ref,
+    selection_scores_ref,
+    topk_route_ref,
+)
+
+__all__ = [
+    "expert_choice_route_ref",
+    "load_balancing_loss_ref",
+    "route_metadata_ref",
+    "route_weights_ref",
+    "router_z_loss_ref",
+    "selection_scores_ref",
+    "topk_route_ref",
+]

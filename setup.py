@@ -1,0 +1,114 @@
+"""Builds sparseops._C: C++ CPU kernels always, CUDA kernels when the toolchain can.
+
+CUDA is built when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME), never
+because a GPU happens to be visible: a build machine may have nvcc and no GPU. Sources
+named *_sm90a.cu (Hopper-only instructions) go into a separate module, sparseops._C_sm90a,
+so the rest still loads on other GPUs. If no compiler works at all, the package installs
+without _C and every op falls back to its pure-PyTorch reference, with a one-time warning.
+
+Environment: SPARSEOPS_NO_CUDA=1 skips CUDA; TORCH_CUDA_ARCH_LIST (default "8.0;9.0") sets
+the portable arches; MAX_JOBS bounds ninja's parallelism.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["sparseops", "sparseops.ops", "sparseops.reference", "sparseops.nn", "sparseops.kernels"]
+PACKAGE_DIR = {
+    "sparseops": "python/sparseops",
+    "sparseops.ops": "python/sparseops/ops",
+    "sparseops.reference": "python/sparseops/reference",
+    "sparseops.nn": "python/sparseops/nn",
+    "sparseops.kernels": "kernels",
+}
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        warnings.warn("sparseops: torch is not importable at build time; installing without _C", stacklevel=1)
+        return [], {}
+
+    cpp = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    cu_all = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cu_sm90a = [s for s in cu_all if s.endswith("_sm90a.cu")]
+    cu = [s for s in cu_all if s not in cu_sm90a]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "darwin" else ["-O3", "-std=c++17"]
+    with_cuda = (
+        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SPARSEOPS_NO_CUDA") != "1"
+    )
+    if not with_cuda:
+        ext = CppExtension("sparseops._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return [ext], {"build_ext": _optional(BuildExtension)}
+
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";")
+    gencode = []
+    for arch in filter(None, arches.split(";")):
+        num = arch.replace(".", "").replace("+PTX", "")
+        gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
+    macros = [("SPARSEOPS_WITH_CUDA", None), ("SPARSEOPS_CUDA_ARCHES", f'"{arches}"')]
+    exts = [
+        CUDAExtension(
+            "sparseops._C",
+            cpp + cu,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    ]
+    if cu_sm90a:
+        exts.append(
+            CUDAExtension(
+                "sparseops._C_sm90a",
+                cu_sm90a,
+                include_dirs=include_dirs,
+                define_macros=macros,
+                extra_compile_args={
+                    "cxx": cxx,
+                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                             "-gencode=arch=compute_90a,code=sm_90a"],
+                },
+            )
+        )
+    return exts, {"build_ext": _optional(BuildExtension)}
+
+
+def _optional(build_ext_cls):
+    """A build_ext whose failure leaves a working pure-PyTorch package instead of no package."""
+
+    class OptionalBuildExt(build_ext_cls.with_options(use_ninja=True)):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no _C"
+                if os.environ.get("SPARSEOPS_REQUIRE_EXT") == "1":
+                    raise
+                warnings.warn(f"sparseops: building the C++/CUDA kernels failed ({exc}); "
+                              "the ops will use the pure-PyTorch references", stacklevel=1)
+
+    return OptionalBuildExt
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
