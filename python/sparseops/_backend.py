@@ -28,6 +28,8 @@ except ImportError as exc:  # no compiler at install time, or an ABI mismatch
     _C_ERROR = str(exc)
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Ops with a backend choice; every one of them has all four backends today.
+OPS = ("topk_route", "route_metadata")
 
 # Facts fixed at import, so that choose() is plain Python that torch.compile can trace.
 _HAS_CUDA_KERNELS = HAS_C and bool(_C.build_info()["cuda"])
@@ -56,7 +58,7 @@ def build_info() -> dict:
     info["torch_version"] = torch.__version__
     info["triton"] = _triton_version()
     info["backends"] = {
-        device: [b for b in BACKENDS if unavailable_reason(b, device) is None] for device in ("cpu", "cuda")
+        op: {device: available_backends(op, device) for device in ("cpu", "cuda")} for op in OPS
     }
     return info
 

@@ -13,6 +13,7 @@ choice and the public functions. The semantics are specified by
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,7 @@ def _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scal
             f"k = {k} cannot exceed the experts in the chosen groups, "
             f"topk_group * E / n_group = {topk_group * (E // n_group)}"
         )
-    if not torch.isfinite(torch.tensor(scale)):
+    if not math.isfinite(scale):
         raise RuntimeError(f"scale must be finite, got {scale}")
     for name, t, dtypes in (("bias", bias, _LOGIT_DTYPES), ("expert_mask", expert_mask, (torch.bool,))):
         if t is None:

@@ -1,0 +1,44 @@
+"""Test set-up: Triton under its interpreter when no GPU is present, device/backend matrices."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must happen before any module compiles a Triton kernel (sparseops imports kernels lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sparseops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def backend_params(devices=DEVICES):
+    """(device, backend) pairs this machine can run; Triton-on-CPU (interpreter) is marked."""
+    params = []
+    for device in devices:
+        for backend in sparseops.available_backends("topk_route", device):
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if backend == "triton":
+                marks.append(pytest.mark.triton)
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
+
+
+def interpreted(device: str, backend: str) -> bool:
+    """True for Triton on CPU tensors: the interpreter is slow, so such tests shrink their shapes."""
+    return backend == "triton" and device == "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
