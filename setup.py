@@ -47,7 +47,7 @@ def _extensions():
     cu_sm90a = [s for s in cu_all if s.endswith("_sm90a.cu")]
     cu = [s for s in cu_all if s not in cu_sm90a]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "darwin" else ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] if sys.platform != "darwin" else ["-O3", "-std=c++20"]
     with_cuda = (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SPARSEOPS_NO_CUDA") != "1"
     )
@@ -60,7 +60,7 @@ def _extensions():
     for arch in filter(None, arches.split(";")):
         num = arch.replace(".", "").replace("+PTX", "")
         gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
     macros = [("SPARSEOPS_WITH_CUDA", None), ("SPARSEOPS_CUDA_ARCHES", f'"{arches}"')]
     exts = [
         CUDAExtension(
@@ -80,7 +80,7 @@ def _extensions():
                 define_macros=macros,
                 extra_compile_args={
                     "cxx": cxx,
-                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                              "-gencode=arch=compute_90a,code=sm_90a"],
                 },
             )

@@ -48,7 +48,7 @@ for src in csrc/**/*.cu; do
     *) gencode=("${arches[@]}") ;;
   esac
   echo "nvcc  $src"
-  if ! "$nvcc" -std=c++17 -O3 -c "$src" -o "$out/$(basename "$src").o" "${gencode[@]}" "${includes[@]}" "${defines[@]}" \
+  if ! "$nvcc" -std=c++20 -O3 -c "$src" -o "$out/$(basename "$src").o" "${gencode[@]}" "${includes[@]}" "${defines[@]}" \
       --expt-relaxed-constexpr -Xcompiler -fPIC -Xptxas -warn-spills \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__; then
     status=1
@@ -56,7 +56,7 @@ for src in csrc/**/*.cu; do
 done
 for src in csrc/**/*.cpp; do
   echo "c++   $src (CUDA paths on)"
-  if ! c++ -std=c++17 -fsyntax-only "$src" "${includes[@]}" "${defines[@]}"; then
+  if ! c++ -std=c++20 -fsyntax-only "$src" "${includes[@]}" "${defines[@]}"; then
     status=1
   fi
 done

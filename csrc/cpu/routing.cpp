@@ -77,14 +77,15 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
 
   Tensor score_t = cfg.needs_score() ? selection_scores(logits, mask, cfg, acc) : Tensor();
   const acc_t* score = score_t.defined() ? score_t.const_data_ptr<acc_t>() : nullptr;
-  // softmax_then_topk weights are exp(x - lse) over enabled experts; lse is a vectorised pass.
-  Tensor lse_t;
+  // softmax_then_topk weights are the probabilities over enabled experts: one vectorised
+  // ATen softmax pass (E exps per row in scalar code would cost more than the whole routing).
+  Tensor probs_t;
   if (cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk) {
     Tensor xa = logits.to(acc);
     if (cfg.has_mask) xa = xa.masked_fill(mask.logical_not(), -INFINITY);
-    lse_t = at::logsumexp(xa, {-1}).contiguous();
+    probs_t = at::softmax(xa, -1).contiguous();
   }
-  const acc_t* lse = lse_t.defined() ? lse_t.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* probs = probs_t.defined() ? probs_t.const_data_ptr<acc_t>() : nullptr;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -153,7 +154,7 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
         if (cfg.scoring == Scoring::kSigmoid) {
           w = acc_t(1) / (acc_t(1) + std::exp(-xe));
         } else if (cfg.order == Order::kSoftmaxThenTopk) {
-          w = std::exp(xe - lse[t]);
+          w = probs[t * E + top_e[j]];
         } else {
           w = std::exp(xe - max_logit);
         }
