@@ -25,8 +25,13 @@ def _backends():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize(
     "T,E,k,kw",
-    [(16384, 128, 8, {}), (4096, 256, 8, DEEPSEEK), (16384, 8, 2, {"order": "topk_then_softmax"}),
-     (3000, 1024, 32, {"scoring": "sigmoid"}), (70000, 60, 4, {})],
+    [
+        (16384, 128, 8, {}),
+        (4096, 256, 8, DEEPSEEK),
+        (16384, 8, 2, {"order": "topk_then_softmax"}),
+        (3000, 1024, 32, {"scoring": "sigmoid"}),
+        (70000, 60, 4, {}),
+    ],
     ids=["qwen3-16k", "deepseek-4k", "mixtral-16k", "E1024-k32", "T70000-E60"],
 )
 def test_production_sizes(backend, T, E, k, kw):

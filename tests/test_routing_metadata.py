@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, backend_params, interpreted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseops
+from conftest import DEVICES, backend_params, interpreted
 from sparseops.reference import route_metadata_ref
 from sparseops.testing import random_ids
 
@@ -112,7 +112,9 @@ def test_invariants(T, k, E, block_m, drop, seed):
         assert torch.equal(m.padded_offs, padded_counts.cumsum(0).to(torch.int32))
         real = m.padded_slots < n
         assert int(real.sum()) == int(m.counts.sum())
-        assert torch.equal(m.padded_slots[real].sort().values, m.sorted_slots[: int(m.offs[-1]) if E else 0].sort().values)
+        assert torch.equal(
+            m.padded_slots[real].sort().values, m.sorted_slots[: int(m.offs[-1]) if E else 0].sort().values
+        )
         # Every real row sits in a block owned by its expert.
         rows = real.nonzero().flatten()
         row_expert = flat[m.padded_slots[rows].long()]

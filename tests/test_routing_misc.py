@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import sparseops
+from conftest import DEVICES
 from sparseops.nn import TopKRouter
 from sparseops.reference import (
     expert_choice_route_ref,
@@ -95,14 +95,27 @@ def test_router_z_loss():
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_router_module(device):
     torch.manual_seed(0)
-    router = TopKRouter(32, 16, 4, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5, selection_bias=True,
-                        block_m=8, aux_loss_coef=0.01, z_loss_coef=0.001, device=device)
+    router = TopKRouter(
+        32,
+        16,
+        4,
+        scoring="sigmoid",
+        n_group=4,
+        topk_group=2,
+        scale=2.5,
+        selection_bias=True,
+        block_m=8,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+        device=device,
+    )
     router.selection_bias.copy_(torch.randn(16) * 0.1)
     x = torch.randn(3, 5, 32, device=device)
     out = router(x)
     logits = router.gate(x.reshape(-1, 32))
-    w_ref, ids_ref = topk_route_ref(logits, 4, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5,
-                                    bias=router.selection_bias)
+    w_ref, ids_ref = topk_route_ref(
+        logits, 4, scoring="sigmoid", n_group=4, topk_group=2, scale=2.5, bias=router.selection_bias
+    )
     assert torch.equal(out.ids, ids_ref)
     assert_close(out.weights, w_ref)
     assert torch.equal(out.meta.padded_slots, route_metadata_ref(ids_ref, 16, 8)[5])

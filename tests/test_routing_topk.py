@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, backend_params, interpreted
 
 import sparseops
+from conftest import DEVICES, HAS_CUDA, backend_params, interpreted
 from sparseops.reference import topk_route_ref
 from sparseops.testing import assert_close, router_logits
 
@@ -19,8 +19,9 @@ CONFIGS = [
     pytest.param(128, 8, {}, id="qwen3"),
     pytest.param(128, 8, {"renormalize": False}, id="qwen3-no-renorm"),
     pytest.param(128, 4, {"order": "topk_then_softmax"}, id="gpt-oss"),
-    pytest.param(256, 8, {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "scale": 2.5, "bias": True},
-                 id="deepseek-v3"),
+    pytest.param(
+        256, 8, {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "scale": 2.5, "bias": True}, id="deepseek-v3"
+    ),
     pytest.param(60, 4, {"scoring": "sigmoid", "n_group": 4, "topk_group": 2, "bias": True}, id="groups-of-15"),
     pytest.param(60, 6, {"bias": True}, id="softmax-bias"),
     pytest.param(1, 1, {}, id="E1"),
@@ -63,8 +64,7 @@ def test_other_dtypes(device, backend, dtype):
     logits = router_logits(13, 60, dtype=dtype, device=device, seed=3)
     w, _ = _check(logits, 5, {}, backend)
     assert w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    _check(logits, 4, _kwargs({"scoring": "sigmoid", "bias": True, "n_group": 6, "topk_group": 3}, 60, device),
-           backend)
+    _check(logits, 4, _kwargs({"scoring": "sigmoid", "bias": True, "n_group": 6, "topk_group": 3}, 60, device), backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -121,7 +121,7 @@ def test_weights_semantics(device, backend):
     w, ids = sparseops.topk_route(logits, 6, scale=2.5, backend=backend)
     assert_close(w.sum(-1), torch.full((10,), 2.5, device=device))
     bias = torch.zeros(E, device=device)
-    bias[E - 6:] = 100.0
+    bias[E - 6 :] = 100.0
     w, ids = sparseops.topk_route(logits, 6, scoring="sigmoid", bias=bias, renormalize=False, backend=backend)
     assert sorted(ids[0].tolist()) == list(range(E - 6, E))
     assert_close(w, torch.sigmoid(logits.float()).gather(1, ids.long()))
@@ -138,8 +138,14 @@ def test_deterministic(device, backend):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"renormalize": False}, {"order": "topk_then_softmax"}, {"scoring": "sigmoid"},
-     {"scoring": "sigmoid", "renormalize": False, "scale": 2.5}, {"expert_mask": "mask"}],
+    [
+        {},
+        {"renormalize": False},
+        {"order": "topk_then_softmax"},
+        {"scoring": "sigmoid"},
+        {"scoring": "sigmoid", "renormalize": False, "scale": 2.5},
+        {"expert_mask": "mask"},
+    ],
     ids=["softmax", "no-renorm", "topk_then_softmax", "sigmoid", "sigmoid-raw-scaled", "mask"],
 )
 def test_gradcheck(device, backend, kw):
@@ -201,8 +207,9 @@ def test_torch_compile_fullgraph_dynamic(device, backend):
     torch._dynamo.reset()
 
     def route(x, bias):
-        w, ids = sparseops.topk_route(x, 4, scoring="sigmoid", bias=bias, n_group=4, topk_group=2, scale=2.5,
-                                      backend=backend)
+        w, ids = sparseops.topk_route(
+            x, 4, scoring="sigmoid", bias=bias, n_group=4, topk_group=2, scale=2.5, backend=backend
+        )
         meta = sparseops.route_metadata(ids, x.shape[1], backend=None if backend == "reference" else backend)
         return w * 2, meta.offs
 
@@ -231,11 +238,17 @@ BAD_CASES = [
     ("order", lambda d: (torch.randn(4, 8, device=d), 2, {"order": "whatever"}), "order must be"),
     ("n_group", lambda d: (torch.randn(4, 10, device=d), 2, {"n_group": 3}), "n_group must"),
     ("topk_group", lambda d: (torch.randn(4, 8, device=d), 2, {"n_group": 4, "topk_group": 5}), "topk_group must"),
-    ("k>group experts", lambda d: (torch.randn(4, 8, device=d), 3, {"n_group": 4, "topk_group": 1}),
-     "cannot exceed the experts"),
+    (
+        "k>group experts",
+        lambda d: (torch.randn(4, 8, device=d), 3, {"n_group": 4, "topk_group": 1}),
+        "cannot exceed the experts",
+    ),
     ("bias shape", lambda d: (torch.randn(4, 8, device=d), 2, {"bias": torch.randn(7, device=d)}), "bias.size"),
-    ("mask dtype", lambda d: (torch.randn(4, 8, device=d), 2, {"expert_mask": torch.ones(8, device=d)}),
-     "expert_mask must have dtype"),
+    (
+        "mask dtype",
+        lambda d: (torch.randn(4, 8, device=d), 2, {"expert_mask": torch.ones(8, device=d)}),
+        "expert_mask must have dtype",
+    ),
     ("scale", lambda d: (torch.randn(4, 8, device=d), 2, {"scale": float("nan")}), "scale must be finite"),
 ]
 

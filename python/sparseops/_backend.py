@@ -57,9 +57,7 @@ def build_info() -> dict:
     info["extension_error"] = _C_ERROR or None
     info["torch_version"] = torch.__version__
     info["triton"] = _triton_version()
-    info["backends"] = {
-        op: {device: available_backends(op, device) for device in ("cpu", "cuda")} for op in OPS
-    }
+    info["backends"] = {op: {device: available_backends(op, device) for device in ("cpu", "cuda")} for op in OPS}
     return info
 
 

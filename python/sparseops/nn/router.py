@@ -65,8 +65,9 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> RouterOutput:
         logits = self.gate(x.reshape(-1, x.shape[-1]))
-        weights, ids = topk_route(logits, self.top_k, bias=self.selection_bias, expert_mask=expert_mask,
-                                  **self.route_kwargs)
+        weights, ids = topk_route(
+            logits, self.top_k, bias=self.selection_bias, expert_mask=expert_mask, **self.route_kwargs
+        )
         meta = route_metadata(ids, self.num_experts, block_m=self.block_m)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = zero

@@ -61,10 +61,14 @@ def _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scal
         raise RuntimeError(f"logits must have dtype in {_LOGIT_DTYPES}, got {_describe(logits)}")
     T, E = logits.shape
     if not 1 <= E <= MAX_EXPERTS:
-        raise RuntimeError(f"logits.size(1) (the number of experts) must be in [1, {MAX_EXPERTS}], got {_describe(logits)}")
+        raise RuntimeError(
+            f"logits.size(1) (the number of experts) must be in [1, {MAX_EXPERTS}], got {_describe(logits)}"
+        )
     kmax = min(E, MAX_TOPK)
     if not 1 <= k <= kmax:
-        raise RuntimeError(f"k must be in [1, min(E, {MAX_TOPK})] = [1, {kmax}], got k = {k} for logits {_describe(logits)}")
+        raise RuntimeError(
+            f"k must be in [1, min(E, {MAX_TOPK})] = [1, {kmax}], got k = {k} for logits {_describe(logits)}"
+        )
     if scoring not in ("softmax", "sigmoid"):
         raise RuntimeError(f'scoring must be "softmax" or "sigmoid", got "{scoring}"')
     if order not in ("softmax_then_topk", "topk_then_softmax"):
@@ -88,7 +92,9 @@ def _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scal
         if t.dtype not in dtypes:
             raise RuntimeError(f"{name} must have dtype in {dtypes}, got {_describe(t)}")
         if t.shape[0] != E:
-            raise RuntimeError(f"{name}.size(0) must equal the number of experts logits.size(1) = {E}, got {_describe(t)}")
+            raise RuntimeError(
+                f"{name}.size(0) must equal the number of experts logits.size(1) = {E}, got {_describe(t)}"
+            )
         if t.device != logits.device:
             raise RuntimeError(f"{name} must be on the same device as logits ({logits.device}), got {_describe(t)}")
 
@@ -104,7 +110,9 @@ def _check_route_metadata(ids: torch.Tensor, num_experts: int, block_m: int, che
         raise RuntimeError(f"block_m must be in [0, 65536], got {block_m}")
     n = ids.numel()
     if max(n, _padded_rows(n, num_experts, block_m)) > _INT32_MAX:
-        raise RuntimeError(f"route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids {_describe(ids)}")
+        raise RuntimeError(
+            f"route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids {_describe(ids)}"
+        )
     if check_values and n > 0 and bool(((ids < -1) | (ids >= num_experts)).any()):
         raise RuntimeError(
             f"ids must hold expert indices in [0, num_experts = {num_experts}) or -1 for a dropped slot, "
@@ -120,8 +128,18 @@ def _padded_rows(n, num_experts: int, block_m: int):
 # Fake implementations: output shapes and strides of every backend, SymInt-friendly.
 
 
-def _topk_route_fake(logits, k, scoring="softmax", order="softmax_then_topk", renormalize=True, bias=None,
-                     n_group=1, topk_group=1, scale=1.0, expert_mask=None):
+def _topk_route_fake(
+    logits,
+    k,
+    scoring="softmax",
+    order="softmax_then_topk",
+    renormalize=True,
+    bias=None,
+    n_group=1,
+    topk_group=1,
+    scale=1.0,
+    expert_mask=None,
+):
     acc = ref.accumulate_dtype(logits.dtype)
     T = logits.shape[0]
     return logits.new_empty((T, k), dtype=acc), logits.new_empty((T, k), dtype=torch.int32)
@@ -132,8 +150,16 @@ def _route_metadata_fake(ids, num_experts, block_m=0):
     P = _padded_rows(n, num_experts, block_m)
     new = lambda *shape: ids.new_empty(shape, dtype=torch.int32)
     blocks = P // block_m if block_m > 0 else 0
-    return (new(num_experts), new(num_experts), new(n), new(n), new(n), new(P), new(blocks),
-            new(num_experts if block_m > 0 else 0))
+    return (
+        new(num_experts),
+        new(num_experts),
+        new(n),
+        new(n),
+        new(n),
+        new(P),
+        new(blocks),
+        new(num_experts if block_m > 0 else 0),
+    )
 
 
 def _topk_route_backward_fake(grad_weights, logits, ids, scoring, order, renormalize, scale, expert_mask):
@@ -171,16 +197,25 @@ def _topk_route_triton(
     if logits.shape[0] == 0:
         return _topk_route_fake(logits, k)
     return topk_route_triton(
-        logits.contiguous(), k, scoring=scoring, order=order, renormalize=renormalize,
-        bias=None if bias is None else bias.to(acc).contiguous(), n_group=n_group, topk_group=topk_group,
-        scale=scale, expert_mask=None if expert_mask is None else expert_mask.contiguous(),
+        logits.contiguous(),
+        k,
+        scoring=scoring,
+        order=order,
+        renormalize=renormalize,
+        bias=None if bias is None else bias.to(acc).contiguous(),
+        n_group=n_group,
+        topk_group=topk_group,
+        scale=scale,
+        expert_mask=None if expert_mask is None else expert_mask.contiguous(),
     )
 
 
 @torch.library.custom_op("sparseops::route_metadata_triton", mutates_args=())
 def _route_metadata_triton(
     ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     from ..kernels.routing import route_metadata_triton
 
     return tuple(route_metadata_triton(ids.to(torch.int32).contiguous(), num_experts, block_m))
@@ -210,8 +245,9 @@ def _route_weights_grad(grad_weights, logits, ids, scoring, order, renormalize, 
         return _topk_route_backward_op(grad_weights, logits, ids, scoring, order, renormalize, scale, expert_mask)
     with torch.enable_grad():
         x = logits.detach().requires_grad_(True)
-        w = ref.route_weights_ref(x, ids, scoring=scoring, order=order, renormalize=renormalize, scale=scale,
-                                  expert_mask=expert_mask)
+        w = ref.route_weights_ref(
+            x, ids, scoring=scoring, order=order, renormalize=renormalize, scale=scale, expert_mask=expert_mask
+        )
         return torch.autograd.grad(w, x, grad_weights)[0]
 
 
@@ -268,10 +304,19 @@ def topk_route(
         return _topk_route_op(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
     _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask)
     if name == "triton":
-        return _topk_route_triton(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale,
-                                  expert_mask)
-    return ref.topk_route_ref(logits, k, scoring=scoring, order=order, renormalize=renormalize, bias=bias,
-                              n_group=n_group, topk_group=topk_group, scale=scale, expert_mask=expert_mask)
+        return _topk_route_triton(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
+    return ref.topk_route_ref(
+        logits,
+        k,
+        scoring=scoring,
+        order=order,
+        renormalize=renormalize,
+        bias=bias,
+        n_group=n_group,
+        topk_group=topk_group,
+        scale=scale,
+        expert_mask=expert_mask,
+    )
 
 
 def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, backend: str | None = None) -> RouteMeta:

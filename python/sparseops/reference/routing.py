@@ -82,9 +82,7 @@ def selection_scores_ref(
     return rank, group_score, enabled
 
 
-def _topk_lowest_index(
-    key: torch.Tensor, candidate: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_lowest_index(key: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of ``key`` along the last dim among ``candidate`` entries.
 
     Candidates come before non-candidates, larger keys first, lower index first on ties.
@@ -130,9 +128,7 @@ def topk_route_ref(
     )
     candidate = enabled.expand(T, E)
     if n_group > 1:
-        groups, _ = _topk_lowest_index(
-            group_score, torch.ones_like(group_score, dtype=torch.bool), topk_group
-        )
+        groups, _ = _topk_lowest_index(group_score, torch.ones_like(group_score, dtype=torch.bool), topk_group)
         in_group = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device)
         in_group.scatter_(1, groups, True)
         candidate = candidate & in_group.repeat_interleave(E // n_group, dim=1)
@@ -247,9 +243,7 @@ def expert_choice_route_ref(logits: torch.Tensor, capacity: int) -> tuple[torch.
     return probs.t().gather(1, order), order.to(torch.int32)
 
 
-def load_balancing_loss_ref(
-    router_probs: torch.Tensor, expert_counts: torch.Tensor, top_k: int
-) -> torch.Tensor:
+def load_balancing_loss_ref(router_probs: torch.Tensor, expert_counts: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch / GShard auxiliary loss: E * sum_e f_e * P_e.
 
     f_e = expert_counts[e] / (T * top_k) is the fraction of routed slots that expert e got,

@@ -1,0 +1,408 @@
+"""The Triton routing kernels (kernels/routing.py) against the pure-PyTorch reference.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors; the variable is
+set here, before anything imports Triton kernels (a conftest may have set it already).
+The interpreter runs programs one after another and is slow, so shapes stay small: the
+whole file takes well under two minutes on two CPU cores. With a GPU the same tests run on
+CUDA tensors, plus a few GPU-only ones (large shapes, CUDA-graph capture).
+
+Integer outputs (ids, every metadata tensor) must match exactly; weights within
+atol 1e-6 / rtol 1e-5 in fp32 (the weights of fp16 / bf16 logits are fp32 too) and
+1e-12 in fp64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+try:  # installed: kernels/ is sparseops.kernels
+    from sparseops.kernels import routing as kr  # noqa: E402
+except ModuleNotFoundError as err:  # a source checkout run with PYTHONPATH=python:.
+    if err.name not in ("sparseops", "sparseops.kernels"):
+        raise
+    from kernels import routing as kr  # noqa: E402
+
+from sparseops.reference.routing import route_metadata_ref, topk_route_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+def gpu_only(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")(fn))
+
+
+pytestmark = [pytest.mark.triton]
+if not ON_GPU:
+    # The interpreter evaluates kernels with numpy, which warns where the kernels compute
+    # the NaNs the reference computes too (inf - inf in a softmax, all-NaN reductions).
+    pytestmark += [
+        pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+        pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+    ]
+
+FP32 = torch.float32
+FP64 = torch.float64
+
+DEFAULTS = dict(
+    scoring="softmax",
+    order="softmax_then_topk",
+    renormalize=True,
+    bias=None,
+    n_group=1,
+    topk_group=1,
+    scale=1.0,
+    expert_mask=None,
+)
+STT = "softmax_then_topk"
+TTS = "topk_then_softmax"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(T: int, E: int, dtype: torch.dtype = FP32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(T, E, generator=_gen(seed), dtype=FP64).to(dtype).to(DEVICE)
+
+
+def _bias(E: int, dtype: torch.dtype = FP32, seed: int = 1) -> torch.Tensor:
+    acc = FP64 if dtype == FP64 else FP32
+    return (0.5 * torch.randn(E, generator=_gen(seed), dtype=FP64)).to(acc).to(DEVICE)
+
+
+def _mask(E: int, frac: float = 0.5, seed: int = 2) -> torch.Tensor:
+    return (torch.rand(E, generator=_gen(seed)) < frac).to(DEVICE)
+
+
+def _check_topk(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    args = {**DEFAULTS, **kw}
+    w, ids = kr.topk_route_triton(logits, k, **args)
+    w_ref, ids_ref = topk_route_ref(logits, k, **args)
+    assert ids.dtype == torch.int32 and ids.shape == ids_ref.shape
+    assert torch.equal(ids, ids_ref), f"ids differ\n{ids}\n{ids_ref}"
+    assert w.dtype == w_ref.dtype and w.shape == w_ref.shape
+    if w.dtype == FP64:
+        torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12, equal_nan=True)
+    else:
+        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    return w, ids
+
+
+# ------------------------------------------------------------------ topk_route: shapes
+
+
+def _shape_cases():
+    for E in (1, 7, 8, 60, 128, 257):
+        for k in sorted({1, 2, 8, min(E, 32)}):
+            if k <= E:
+                yield E, k
+
+
+@pytest.mark.parametrize("order", [STT, TTS])
+@pytest.mark.parametrize(("E", "k"), list(_shape_cases()))
+def test_topk_shapes(E: int, k: int, order: str) -> None:
+    _check_topk(_logits(7, E, seed=E * 100 + k), k, order=order)
+
+
+@pytest.mark.parametrize("T", [1, 7, 97])
+def test_topk_tokens(T: int) -> None:
+    # T = 1: one-token programs; T = 97: several programs and a partial last one.
+    _check_topk(_logits(T, 128, seed=T), 8)
+    _check_topk(_logits(T, 60, seed=T + 1), 2, scoring="sigmoid", bias=_bias(60))
+
+
+# ------------------------------------------------------------------ dtypes, scoring, bias
+
+SCORINGS = [("softmax", STT), ("softmax", TTS), ("sigmoid", STT)]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+@pytest.mark.parametrize("dtype", [FP32, torch.bfloat16, torch.float16, FP64])
+def test_topk_dtypes_scoring_bias(dtype: torch.dtype, scoring: str, order: str, with_bias: bool) -> None:
+    bias = _bias(60, dtype) if with_bias else None
+    _check_topk(_logits(7, 60, dtype, seed=3), 8, scoring=scoring, order=order, bias=bias)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_renormalize_scale(scoring: str, order: str, renormalize: bool) -> None:
+    for dtype in (FP32, FP64):
+        _check_topk(
+            _logits(7, 128, dtype, seed=4),
+            8,
+            scoring=scoring,
+            order=order,
+            renormalize=renormalize,
+            scale=2.5,
+        )
+    # A scale that is not an fp32 value: fp64 weights must use it in full precision.
+    _check_topk(_logits(7, 8, FP64, seed=5), 2, scoring=scoring, order=order, renormalize=renormalize, scale=0.1)
+
+
+# ------------------------------------------------------------------ groups
+
+
+@pytest.mark.parametrize("dtype", [FP32, torch.bfloat16])
+def test_topk_groups_deepseek_v3(dtype: torch.dtype) -> None:
+    # DeepSeek-V3: 256 experts, sigmoid + selection bias, 8 groups, top-4 groups, scale 2.5.
+    _check_topk(
+        _logits(97, 256, dtype, seed=6),
+        8,
+        scoring="sigmoid",
+        bias=_bias(256, dtype, seed=7),
+        n_group=8,
+        topk_group=4,
+        scale=2.5,
+    )
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_groups_non_power_of_two(scoring: str, order: str, with_bias: bool) -> None:
+    # E = 60, 4 groups of 15; fp64 too (its scores are not rounded).
+    for dtype in (FP32, FP64):
+        bias = _bias(60, dtype, seed=8) if with_bias else None
+        _check_topk(_logits(7, 60, dtype, seed=9), 6, scoring=scoring, order=order, bias=bias, n_group=4, topk_group=2)
+
+
+def test_topk_groups_misc() -> None:
+    # Softmax groups without a bias: groups rank by the score, experts by the logit.
+    _check_topk(_logits(7, 256, seed=10), 8, n_group=8, topk_group=4)
+    # Groups of one expert (a group scores its only expert), k above the chosen experts.
+    for k in (3, 5):
+        _check_topk(_logits(7, 8, seed=11), k, scoring="sigmoid", n_group=8, topk_group=3)
+    # Every group kept.
+    _check_topk(_logits(7, 60, seed=12), 8, n_group=4, topk_group=4, bias=_bias(60))
+    # Disabled experts: groups with fewer than two enabled experts score -inf.
+    mask = _mask(60, 0.3, seed=13)
+    _check_topk(
+        _logits(7, 60, seed=14),
+        8,
+        scoring="sigmoid",
+        bias=_bias(60),
+        n_group=4,
+        topk_group=2,
+        expert_mask=mask,
+    )
+    _check_topk(_logits(7, 60, seed=15), 8, n_group=6, topk_group=2, expert_mask=mask)
+
+
+# ------------------------------------------------------------------ expert_mask
+
+
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_expert_mask(scoring: str, order: str) -> None:
+    logits = _logits(7, 60, seed=16)
+    _check_topk(logits, 8, scoring=scoring, order=order, expert_mask=_mask(60, 0.5))
+    _check_topk(logits, 8, scoring=scoring, order=order, expert_mask=_mask(60, 0.5), bias=_bias(60))
+    # Fewer enabled experts than k: the rest of the slots get -1 and weight 0.
+    few = torch.zeros(60, dtype=torch.bool, device=DEVICE)
+    few[[3, 17, 42]] = True
+    w, ids = _check_topk(logits, 8, scoring=scoring, order=order, expert_mask=few)
+    assert (ids[:, 3:] == -1).all() and (w[:, 3:] == 0).all()
+    assert set(ids[:, :3].flatten().tolist()) == {3, 17, 42}
+    # No enabled expert at all.
+    none = torch.zeros(60, dtype=torch.bool, device=DEVICE)
+    w, ids = _check_topk(logits, 2, scoring=scoring, order=order, expert_mask=none, bias=_bias(60))
+    assert (ids == -1).all() and (w == 0).all()
+
+
+# ------------------------------------------------------------------ ties and non-finite values
+
+
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_ties(scoring: str, order: str) -> None:
+    # Logits on a coarse grid: many exact ties, broken by the lower expert index.
+    coarse = (torch.randint(-2, 3, (7, 128), generator=_gen(17)).double() * 0.5).float().to(DEVICE)
+    _check_topk(coarse, 8, scoring=scoring, order=order)
+    _check_topk(coarse.to(torch.bfloat16), 8, scoring=scoring, order=order)
+    coarse_bias = (torch.randint(-1, 2, (128,), generator=_gen(18)).float() * 0.25).to(DEVICE)
+    _check_topk(coarse, 8, scoring=scoring, order=order, bias=coarse_bias)
+    _check_topk(coarse, 8, scoring=scoring, order=order, bias=coarse_bias, n_group=8, topk_group=3)
+    # All-equal rows: ids 0..k-1.
+    equal = torch.full((3, 60), 0.25, device=DEVICE)
+    _, ids = _check_topk(equal, 8, scoring=scoring, order=order)
+    assert (ids == torch.arange(8, dtype=torch.int32, device=DEVICE)).all()
+    _check_topk(equal, 8, scoring=scoring, order=order, bias=torch.zeros(60, device=DEVICE), n_group=4, topk_group=2)
+
+
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_non_finite(scoring: str, order: str) -> None:
+    # NaN ranks -inf; a row with a NaN or +inf logit has an all-NaN softmax, i.e. zeros.
+    x = _logits(6, 16, seed=19)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, :] = float("-inf")
+    x[3, ::2] = float("-inf")
+    x[4, 7] = float("-inf")
+    x[5, :] = float("nan")
+    _check_topk(x, 4, scoring=scoring, order=order)
+    _check_topk(x, 4, scoring=scoring, order=order, bias=_bias(16))
+
+
+def test_topk_launch_config() -> None:
+    for e_pad in kr._TOPK_LAUNCH:
+        for T in (1, 7, 97, 4096):
+            for on_gpu in (False, True):
+                block_t, num_warps = kr._topk_launch_config(T, e_pad, on_gpu)
+                assert 1 <= block_t <= max(1, 2048 // e_pad) and block_t & (block_t - 1) == 0
+                assert 1 <= num_warps <= 8 and block_t <= _next_pow2(T)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# ------------------------------------------------------------------ route_metadata
+
+META_NAMES = (
+    "counts",
+    "offs",
+    "sorted_slots",
+    "inverse",
+    "tokens",
+    "padded_slots",
+    "block_expert",
+    "padded_offs",
+)
+
+
+def _check_metadata(ids: torch.Tensor, E: int, block_m: int, ref_ids: torch.Tensor | None = None) -> tuple:
+    out = kr.route_metadata_triton(ids, E, block_m)
+    ref = route_metadata_ref(ids if ref_ids is None else ref_ids, E, block_m)
+    assert len(out) == 8
+    for name, a, b in zip(META_NAMES, out, ref, strict=True):
+        assert a.dtype == torch.int32 and a.shape == b.shape, (name, a.shape, b.shape)
+        assert torch.equal(a, b.to(a.device)), f"{name} differs\n{a}\n{b}"
+    return out
+
+
+def _ids(T: int, k: int, E: int, drop: float = 0.1, seed: int = 0) -> torch.Tensor:
+    g = _gen(seed)
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    ids[torch.rand(T, k, generator=g) < drop] = -1
+    return ids.to(DEVICE)
+
+
+@pytest.mark.parametrize("block_m", [0, 1, 4, 16])
+@pytest.mark.parametrize(("T", "k", "E"), [(0, 8, 8), (5, 0, 8), (0, 2, 1), (0, 4, 60)])
+def test_metadata_empty(T: int, k: int, E: int, block_m: int) -> None:
+    ids = torch.empty(T, k, dtype=torch.int32, device=DEVICE)
+    out = _check_metadata(ids, E, block_m)
+    if block_m > 1:
+        assert (out[6] == -1).all()  # no used block
+
+
+@pytest.mark.parametrize("block_m", [0, 1, 4, 16])
+@pytest.mark.parametrize(
+    ("T", "k", "E"),
+    [
+        (1, 1, 1),
+        (7, 2, 7),
+        (97, 8, 60),  # 776 slots: 4 tiles, the last one partial
+        (300, 8, 257),  # 2400 slots: 10 tiles
+        (64, 4, 128),
+        (33, 3, 1024),  # many empty experts
+    ],
+)
+def test_metadata_random(T: int, k: int, E: int, block_m: int) -> None:
+    ids = _ids(T, k, E, seed=T * 7 + E)
+    out = _check_metadata(ids, E, block_m)
+    sorted_slots, inverse = out[2].long(), out[3].long()
+    n = T * k
+    assert torch.equal(inverse[sorted_slots], torch.arange(n, device=ids.device))
+
+
+@pytest.mark.parametrize("block_m", [0, 1, 4, 16])
+def test_metadata_skewed(block_m: int) -> None:
+    E = 8
+    _check_metadata(torch.full((300, 4), 5, dtype=torch.int32, device=DEVICE), E, block_m)  # one expert
+    _check_metadata(torch.full((150, 4), -1, dtype=torch.int32, device=DEVICE), E, block_m)  # all dropped
+    _check_metadata(_ids(150, 4, 2, drop=0.7, seed=20), E, block_m)  # mostly dropped, experts 0-1 only
+    ids = _ids(97, 8, E, drop=0.0, seed=21)
+    ids[::3, :] = 7
+    _check_metadata(ids, E, block_m)
+
+
+def test_metadata_scan_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-expert scan over tiles loops in chunks of at most _META_SCAN_CHUNK tiles; a tiny
+    # chunk makes 2400 slots (10 tiles) take several steps, as 300k slots do on a GPU.
+    monkeypatch.setattr(kr, "_META_SCAN_CHUNK", 4)
+    _check_metadata(_ids(300, 8, 60, seed=24), 60, 16)
+
+
+def test_metadata_block_m_not_power_of_two() -> None:
+    for block_m in (3, 7):
+        _check_metadata(_ids(97, 8, 60, seed=22), 60, block_m)
+
+
+def test_metadata_out_of_range_ids_are_dropped() -> None:
+    # The kernel contract: values outside [-1, E) count as dropped and never index memory.
+    ids = _ids(97, 8, 60, seed=23)
+    bad = ids.clone()
+    bad[0, 0], bad[5, 3], bad[50, 7], bad[96, 1] = 60, 1000, -2, -(2**31)
+    _check_metadata(bad, 60, 16, ref_ids=torch.where((bad >= 0) & (bad < 60), bad, -1))
+
+
+# ------------------------------------------------------------------ GPU only
+
+
+@gpu_only
+@pytest.mark.parametrize(
+    ("T", "E", "k", "kw"),
+    [
+        (4096, 256, 8, dict(scoring="sigmoid", n_group=8, topk_group=4, scale=2.5, with_bias=True)),
+        (4096, 128, 8, dict()),
+        (1000, 1024, 32, dict(order=TTS)),
+        (1000, 1024, 32, dict(with_bias=True, n_group=16, topk_group=4)),
+        (64, 8, 2, dict()),
+    ],
+)
+def test_topk_gpu_large(T: int, E: int, k: int, kw: dict) -> None:
+    kw = dict(kw)
+    for dtype in (torch.bfloat16, FP32, FP64):
+        if kw.get("with_bias"):
+            kw["bias"] = _bias(E, dtype)
+        _check_topk(_logits(T, E, dtype, seed=T + E), k, **{key: v for key, v in kw.items() if key != "with_bias"})
+
+
+@gpu_only
+@pytest.mark.parametrize(("T", "k", "E"), [(32768, 8, 256), (4096, 8, 1024), (300_000, 2, 8)])
+def test_metadata_gpu_large(T: int, k: int, E: int) -> None:
+    for block_m in (0, 64, 128):
+        _check_metadata(_ids(T, k, E, drop=0.05, seed=T), E, block_m)
+
+
+@gpu_only
+def test_cuda_graph_capture() -> None:
+    logits = _logits(64, 256)
+    bias = _bias(256)
+    ids = _ids(64, 8, 256)
+    kw = {**DEFAULTS, "scoring": "sigmoid", "bias": bias, "n_group": 8, "topk_group": 4}
+    kr.topk_route_triton(logits, 8, **kw)  # compile outside the capture
+    kr.route_metadata_triton(ids, 256, 16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, top = kr.topk_route_triton(logits, 8, **kw)
+        meta = kr.route_metadata_triton(ids, 256, 16)
+    logits.copy_(_logits(64, 256, seed=99))
+    ids.copy_(_ids(64, 8, 256, seed=99))
+    graph.replay()
+    torch.cuda.synchronize()
+    w_ref, top_ref = topk_route_ref(logits, 8, **kw)
+    assert torch.equal(top, top_ref)
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(meta, route_metadata_ref(ids, 256, 16), strict=True):
+        assert torch.equal(a, b)
