@@ -1,0 +1,371 @@
+"""Turn a results folder's CSVs into markdown tables and PNG plots.
+
+    python -m benchmarks.report benchmarks/results/<device-slug>
+
+Reads every ``<family>.csv`` in the folder and (re)writes ``README.md`` plus
+``<family>_<op>_<metric>.png`` and ``<family>_speedup_<metric>.png`` beside them. Tables and
+plots come only from the CSV, so they are never typed by hand; rerun this after editing
+or merging CSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._harness import REPO_ROOT, read_csv
+
+# (column, label): do_bench device time on GPU / perf_counter time on CPU, then the GPU-only
+# per-call times with host overhead (eager) and inside a CUDA graph (graph).
+METRICS = (
+    ("median_us", "median time"),
+    ("eager_us", "eager per-call time (host overhead included)"),
+    ("graph_us", "CUDA-graph per-call time"),
+)
+ENV_KEYS = (
+    ("device_name", "device"),
+    ("device", "results folder"),
+    ("torch", "torch"),
+    ("triton", "triton"),
+    ("cuda", "CUDA"),
+    ("python", "python"),
+    ("cpu_threads", "CPU threads"),
+    ("sparseops", "sparseops"),
+    ("git_commit", "git commit"),
+    ("date_utc", "date (UTC)"),
+    ("load_1m", "load average before the run"),
+    ("timer", "timer"),
+    ("quick", "quick run"),
+    ("copy_gbps", "copy bandwidth, GB/s (read+write)"),
+    ("gemm_tflops", "GEMM, TFLOP/s"),
+    ("gemm", "GEMM shape"),
+    ("tiny_op_us", "tiny op per call, µs"),
+    ("tiny_op_graph_us", "tiny op per call in a CUDA graph, µs"),
+)
+
+
+def load_results(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """{family: rows} for every CSV in ``folder`` (sorted by family name)."""
+    return {p.stem: read_csv(p) for p in sorted(Path(folder).glob("*.csv"))}
+
+
+def fmt_cell(v: Any) -> str:
+    """Table number: whole numbers from 100 up (thousands separated), else 3 significant digits."""
+    if isinstance(v, str):
+        return v
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers right-aligned."""
+    cells = [[fmt_cell(c) for c in row] for row in rows]
+    align = ["---:" if rows and not isinstance(rows[0][i], str) else "---" for i in range(len(headers))]
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(c or "–" for c in row) + " |" for row in cells]
+    return "\n".join(out)
+
+
+def _ordered(values: Any) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _timed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("median_us")]
+
+
+def present_metrics(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The metrics with at least one value (only median_us on CPU)."""
+    return [(m, label) for m, label in METRICS if any(r.get(m) for r in rows)]
+
+
+def _impls(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    baselines = _ordered(r["impl"] for r in rows if r["kind"] == "baseline")
+    ours = _ordered(r["impl"] for r in rows if r["kind"] == "sparseops")
+    return baselines, ours
+
+
+def _best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """Fastest sparseops row by ``metric``; ``auto`` counts only when nothing else was timed."""
+    ours = [r for r in rows if r["kind"] == "sparseops" and r.get(metric)]
+    explicit = [r for r in ours if not r["impl"].endswith(":auto")] or ours
+    return min(explicit, key=lambda r: r[metric]) if explicit else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num and den else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """Headline rows: baselines, auto, the best sparseops backend, its speedups and × floor."""
+    rows = [r for r in _timed(rows) if r["headline"]]
+    if not rows or not any(r.get(metric) for r in rows):
+        return ""
+    baselines, ours = _impls(rows)
+    auto = [i for i in ours if i.endswith(":auto")]
+    ops = _ordered(r["op"] for r in rows)
+    size_name = rows[0]["size_name"]
+    headers = (["op"] if len(ops) > 1 else []) + ["shape", "dtype", size_name, "floor µs"]
+    headers += [f"{b} µs" for b in baselines] + [f"{a} µs" for a in auto]
+    headers += ["best sparseops", "µs", "× floor"] + [f"speedup vs {b}" for b in baselines]
+    table = []
+    for key in _ordered((r["op"], r["shape"], r["dtype"], r["size"]) for r in rows):
+        group = [r for r in rows if (r["op"], r["shape"], r["dtype"], r["size"]) == key]
+        by_impl = {r["impl"]: r for r in group}
+        best = _best(group, metric)
+        line: list[Any] = [key[0]] if len(ops) > 1 else []
+        line += [key[1], key[2], key[3], group[0]["floor_us"]]
+        line += [by_impl.get(b, {}).get(metric) for b in baselines + auto]
+        if best is None:
+            line += ["", None, None] + [None] * len(baselines)
+        else:
+            name = best["impl"].split(":", 1)[-1]
+            if best.get("check") not in ("", "ok", None):
+                name += " (CHECK FAILED)"  # a fast wrong answer is not a result
+            line += [name, best[metric], _ratio(best[metric], best["floor_us"])]
+            line += [_ratio(by_impl.get(b, {}).get(metric), best[metric]) for b in baselines]
+        table.append(line)
+    return md_table(headers, table)
+
+
+def detail_tables(rows: list[dict[str, Any]], metric: str) -> str:
+    """One table per (op, shape, dtype): every implementation's ``metric`` against size."""
+    rows = _timed(rows)
+    parts = []
+    for op in _ordered(r["op"] for r in rows):
+        for shape, dtype in _ordered((r["shape"], r["dtype"]) for r in rows if r["op"] == op):
+            group = [r for r in rows if (r["op"], r["shape"], r["dtype"]) == (op, shape, dtype)]
+            if not any(r.get(metric) for r in group):
+                continue
+            baselines, ours = _impls(group)
+            impls = baselines + ours
+            size_name = group[0]["size_name"]
+            table = []
+            for size in _ordered(r["size"] for r in group):
+                by_impl = {r["impl"]: r for r in group if r["size"] == size}
+                floor = next(iter(by_impl.values()))["floor_us"]
+                table.append([size, floor] + [by_impl.get(i, {}).get(metric) for i in impls])
+            parts.append(f"**{op} — {shape} ({group[0]['params']}), {dtype}**, µs\n")
+            parts.append(md_table([size_name, "floor"] + impls, table) + "\n")
+    return "\n".join(parts)
+
+
+def _problems(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        where = f"{r['op']} {r['shape']} {r['size_name']}={r['size']} {r['dtype']} {r['impl']}"
+        if not r.get("median_us"):
+            lines.append(f"- {where}: {r.get('note') or 'no time'}")
+        elif r.get("check") not in ("", "ok", None):
+            lines.append(f"- **{where}: check failed: {r['check']}**")
+        elif "graph capture failed" in (r.get("note") or ""):
+            lines.append(f"- {where}: {r['note']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plot_grid(rows: list[dict[str, Any]], path: Path, title: str, series: dict[str, Any], ylabel: str) -> Path:
+    """Log-log axes, one per (dtype row, shape column).
+
+    ``series`` maps a legend label to (fn(rows of one cell) -> [(x, y)], matplotlib style).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shapes = _ordered(r["shape"] for r in rows)
+    dtypes = _ordered(r["dtype"] for r in rows)
+    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(4.2 * len(shapes), 3.4 * len(dtypes)), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            cell = [r for r in rows if r["dtype"] == dtype and r["shape"] == shape]
+            for label, (fn, style) in series.items():
+                pts = sorted(fn(cell))
+                if pts:
+                    # A fixed colour per series: panels lacking a series must not shift the rest.
+                    color = "k" if style.startswith("k") else colors[list(series).index(label) % len(colors)]
+                    ax.plot(
+                        [p[0] for p in pts], [p[1] for p in pts], style.lstrip("k"),
+                        color=color, label=label, markersize=4,
+                    )  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            sizes = sorted({r["size"] for r in cell})
+            ax.xaxis.set_minor_locator(NullLocator())  # label the measured sizes only
+            ax.set_xticks(sizes, [str(x) for x in sizes], fontsize=7)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            # Minor labels only when the axis spans less than ~1.3 decades (else they crowd).
+            ax.yaxis.set_minor_formatter(
+                FuncFormatter(lambda v, _, ax=ax: f"{v:g}" if ax.get_ylim()[1] < 20 * ax.get_ylim()[0] else "")
+            )
+            ax.set_title(f"{shape}, {dtype}", fontsize=9)
+            ax.set_xlabel(cell[0]["size_name"] if cell else "")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_family(family: str, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Time-vs-size plots per (op, metric) and a speedup plot for the headline rows."""
+    rows = _timed(rows)
+    paths = []
+    device = rows[0].get("device_name", "") if rows else ""
+    for metric, label in present_metrics(rows):
+        for op in _ordered(r["op"] for r in rows):
+            op_rows = [r for r in rows if r["op"] == op and r.get(metric)]
+            if not op_rows:
+                continue
+            baselines, ours = _impls(op_rows)
+            series: dict[str, Any] = {}
+            for impl in baselines + ours:
+                # Baselines dashed; auto thin over the backend it picks, so both stay visible.
+                style = "--o" if impl in baselines else "-.^" if impl.endswith(":auto") else "-s"
+                series[impl] = (
+                    lambda cell, impl=impl, m=metric: [(r["size"], r[m]) for r in cell if r["impl"] == impl],
+                    style,
+                )
+            series["floor"] = (lambda cell: sorted({(r["size"], r["floor_us"]) for r in cell}), "k:")
+            path = folder / f"{family}_{op}_{metric.removesuffix('_us')}.png"
+            paths.append(_plot_grid(op_rows, path, f"{family} {op}: {label} — {device}", series, "µs"))
+
+        head = [r for r in rows if r["headline"] and r.get(metric)]
+        baselines, _ = _impls(head)
+        if head and baselines:
+            series = {}
+            for b in baselines:
+
+                def speedup(cell: list[dict[str, Any]], b: str = b, metric: str = metric) -> list[tuple[int, float]]:
+                    pts = []
+                    for size in _ordered(r["size"] for r in cell):
+                        group = [r for r in cell if r["size"] == size]
+                        best = _best(group, metric)
+                        base = next((r[metric] for r in group if r["impl"] == b), None)
+                        if best and base:
+                            pts.append((size, base / best[metric]))
+                    return pts
+
+                series[f"best sparseops vs {b}"] = (speedup, "-o")
+            series["1x"] = (lambda cell: [(r["size"], 1.0) for r in cell], "k:")
+            path = folder / f"{family}_speedup_{metric.removesuffix('_us')}.png"
+            title = f"{family} headline speedup ({label}) — {device}"
+            paths.append(_plot_grid(head, path, title, series, "speedup"))
+    return paths
+
+
+# --------------------------------------------------------------------------- report
+
+
+def env_table(rows: list[dict[str, Any]]) -> str:
+    """Environment and ceilings of a CSV (taken from its first row)."""
+    first = rows[0]
+    return md_table(["", ""], [[label, str(first.get(key) or "–")] for key, label in ENV_KEYS])
+
+
+def family_section(family: str, rows: list[dict[str, Any]], folder: Path, plots: bool = True) -> str:
+    """Markdown for one family: environment, headline summary, plots, detail tables, problems."""
+    parts = [f"## {family}\n", env_table(rows) + "\n"]
+    metrics = present_metrics(_timed(rows))
+    for metric, label in metrics:
+        table = summary_table(rows, metric)
+        if table:
+            parts.append(f"### Headline — {label}\n")
+            parts.append(
+                "Speedup = baseline time / best sparseops time; × floor = time / max(bytes / copy "
+                "bandwidth, flops / GEMM peak).\n"
+            )
+            parts.append(table + "\n")
+    if plots and _timed(rows):
+        for path in plot_family(family, rows, folder):
+            parts.append(f"![{path.stem}]({path.name})\n")
+    for metric, label in metrics:
+        parts.append(f"### All measurements — {label}\n")
+        parts.append(detail_tables(rows, metric))
+    problems = _problems(rows)
+    if problems:
+        parts.append("### Skipped, failed checks, uncapturable\n")
+        parts.append(problems + "\n")
+    return "\n".join(parts)
+
+
+def write_report(folder: Path) -> Path:
+    """Regenerate ``folder/README.md`` and the PNGs from the CSVs in ``folder``."""
+    folder = Path(folder)
+    families = load_results(folder)
+    device = next((rows[0].get("device_name", "") for rows in families.values() if rows), "")
+    parts = [
+        f"# sparseops benchmarks — {device}\n",
+        "Generated by `python -m benchmarks.report " + _display(folder) + "` from the CSV files in "
+        "this folder. Do not edit by hand: edit or rerun the benchmarks and regenerate.\n",
+    ]
+    for family, rows in families.items():
+        if rows:
+            parts.append(family_section(family, rows, folder))
+    path = folder / "README.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def summary_text(folder: Path) -> str:
+    """The headline tables of every family in ``folder``, for printing at the end of a run."""
+    out = []
+    for family, rows in load_results(Path(folder)).items():
+        for metric, label in present_metrics(_timed(rows)):
+            table = summary_table(rows, metric)
+            if table:
+                out.append(f"\n{family} — {label} (µs; speedup = baseline / best sparseops)\n{table}")
+        problems = _problems(rows)
+        if problems:
+            out.append(f"\n{family}: skipped / failed checks / uncapturable\n{problems}")
+    return "\n".join(out)
+
+
+def _display(folder: Path) -> str:
+    """The folder as the command line to regenerate it shows it: relative to the repo root
+    (so README.md does not change with the directory the report was run from)."""
+    try:
+        return str(folder.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return folder.name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: regenerate the report of one or more results folders."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="results folders: benchmarks/results/<device-slug>")
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        if not any(folder.glob("*.csv")):
+            p.error(f"{folder}: no CSV files")
+        print(f"wrote {write_report(folder)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
