@@ -61,7 +61,7 @@ def _extensions():
         num = arch.replace(".", "").replace("+PTX", "")
         gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *gencode]
-    macros = [("SPARSEOPS_WITH_CUDA", None), ("SPARSEOPS_CUDA_ARCHES", f'"{arches}"')]
+    macros = [("SPARSEOPS_WITH_CUDA", None)]
     exts = [
         CUDAExtension(
             "sparseops._C",

@@ -5,6 +5,12 @@
 
 #include <string>
 
+#ifdef SPARSEOPS_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+
+#include "sparseops/build_info.h"
+#endif
+
 TORCH_LIBRARY(sparseops, m) {
   // Top-k MoE routing: logits [T, E] -> (weights [T, k] fp32/fp64, ids [T, k] int32).
   m.def(
@@ -29,8 +35,9 @@ pybind11::dict build_info() {
   info["torch_version"] = std::string(TORCH_VERSION);
 #ifdef SPARSEOPS_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
-  info["cuda_arches"] = std::string(SPARSEOPS_CUDA_ARCHES);
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_arches"] = sparseops::compiled_cuda_arches();
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();

@@ -72,6 +72,7 @@ def _topk_route_kernel(
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for fp64 logits
+    ACC_MAX: tl.constexpr,  # the largest finite ACC value
     E_PAD: tl.constexpr,  # next power of two >= E
     K_PAD: tl.constexpr,  # next power of two >= K
     G_PAD: tl.constexpr,  # next power of two >= N_GROUP
@@ -129,7 +130,10 @@ def _topk_route_kernel(
 
     # Candidates: enabled experts, restricted to the topk_group best groups when grouped.
     if GROUPED:
-        pg = tl.where(biased != biased, float("-inf"), biased)
+        # As the reference's nan_to_num(nan=-inf): NaN counts as -inf, an infinite score as
+        # the largest finite value, a disabled expert as -inf.
+        big = tl.full([1, 1], ACC_MAX, ACC)
+        pg = tl.where(biased != biased, float("-inf"), tl.minimum(tl.maximum(biased, -big), big))
         pg = tl.where(en2, pg, float("-inf"))
         gcols = tl.arange(0, G_PAD)
         gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), ACC)
@@ -312,6 +316,7 @@ def topk_route_triton(
         N_GROUP=n_group,
         TOPK_GROUP=topk_group,
         ACC=tl.float64 if fp64 else tl.float32,
+        ACC_MAX=torch.finfo(torch.float64 if fp64 else torch.float32).max,
         E_PAD=E_PAD,
         K_PAD=_next_pow2(k),
         G_PAD=_next_pow2(n_group),

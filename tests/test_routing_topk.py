@@ -114,6 +114,28 @@ def test_extreme_logits(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nonfinite_logits_with_groups_and_bias(device, backend):
+    """NaN and +-inf logits: ranks and group scores follow the reference's nan_to_num rules."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(16, 16, generator=g)
+    r = torch.rand(16, 16, generator=g)
+    logits[r < 0.1] = float("inf")
+    logits[(r >= 0.1) & (r < 0.2)] = float("-inf")
+    logits[(r >= 0.2) & (r < 0.25)] = float("nan")
+    logits = logits.to(device)
+    bias = torch.randn(16, generator=g).to(device)
+    for kw in (
+        {"order": "topk_then_softmax", "n_group": 4, "topk_group": 2, "bias": bias},
+        {"scoring": "sigmoid", "n_group": 4, "topk_group": 2, "bias": bias},
+        {"n_group": 4, "topk_group": 2},
+    ):
+        w, ids = sparseops.topk_route(logits, 3, backend=backend, **kw)
+        w_ref, ids_ref = topk_route_ref(logits, 3, **kw)
+        torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+        torch.testing.assert_close(w, w_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_weights_semantics(device, backend):
     """Independent of the reference: renormalised weights sum to scale; the bias moves ids, not weights."""
     E = 64

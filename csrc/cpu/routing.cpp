@@ -87,6 +87,8 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
   }
   const acc_t* probs = probs_t.defined() ? probs_t.const_data_ptr<acc_t>() : nullptr;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kLowest = std::numeric_limits<acc_t>::lowest();
+  constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
 
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> group_score(G);
@@ -107,7 +109,10 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
         for (int64_t g = 0; g < G; ++g) {
           acc_t best = kNegInf, second = kNegInf;
           for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
-            const acc_t v = is_enabled(e) ? biased(e) : kNegInf;
+            // As the reference's nan_to_num(nan=-inf): NaN counts as -inf, an infinite score as
+            // the largest finite value, a disabled expert as -inf.
+            const acc_t raw = sr[e] + (b ? b[e] : acc_t(0));
+            const acc_t v = !is_enabled(e) || std::isnan(raw) ? kNegInf : std::clamp(raw, kLowest, kMax);
             if (v > best) {
               second = best;
               best = v;

@@ -175,7 +175,7 @@ def route_weights_ref(
             if expert_mask is not None:
                 x = x.masked_fill(~expert_mask.to(device=x.device, dtype=torch.bool), float("-inf"))
             p = torch.softmax(x, dim=-1).nan_to_num(nan=0.0)
-        w = p.gather(1, idx) * valid
+        w = torch.where(valid, p.gather(1, idx), 0)  # not gather * valid: NaN * 0 is NaN
         if renormalize:
             total = w.sum(dim=-1, keepdim=True)
             w = torch.where(total > 0, w / torch.where(total > 0, total, 1), 0)
