@@ -35,8 +35,8 @@ pybind11::dict build_info() {
   info["torch_version"] = std::string(TORCH_VERSION);
 #ifdef SPARSEOPS_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                         std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_version"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_arches"] = sparseops::compiled_cuda_arches();
 #else
   info["cuda"] = false;

@@ -67,16 +67,16 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
   TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxTopk), "k must be in [1, min(E, ", kMaxTopk,
               ")] = [1, ", std::min<int64_t>(E, kMaxTopk), "], got k = ", k, " for logits ",
               describe(logits));
-  TORCH_CHECK(cfg.num_tokens * k <= kInt32Max, "T * k must fit in int32, got T = ",
-              cfg.num_tokens, ", k = ", k);
+  TORCH_CHECK(cfg.num_tokens * k <= kInt32Max, "T * k must fit in int32, got T = ", cfg.num_tokens,
+              ", k = ", k);
   cfg.k = k;
   cfg.scoring = parse_scoring(scoring);
   cfg.order = parse_order(order);
   cfg.renormalize = renormalize;
   TORCH_CHECK(n_group >= 1 && E % n_group == 0, "n_group must be >= 1 and divide E = ", E,
               ", got n_group = ", n_group);
-  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group = ",
-              n_group, "], got ", topk_group);
+  TORCH_CHECK(topk_group >= 1 && topk_group <= n_group,
+              "topk_group must be in [1, n_group = ", n_group, "], got ", topk_group);
   TORCH_CHECK(k <= topk_group * (E / n_group), "k = ", k,
               " cannot exceed the experts in the chosen groups, topk_group * E / n_group = ",
               topk_group * (E / n_group));
@@ -202,17 +202,18 @@ Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, con
 
 class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
  public:
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const Tensor& logits, int64_t k,
-      c10::string_view scoring, c10::string_view order, bool renormalize,
-      const std::optional<Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
-      const std::optional<Tensor>& expert_mask) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const Tensor& logits, int64_t k,
+                                                c10::string_view scoring, c10::string_view order,
+                                                bool renormalize, const std::optional<Tensor>& bias,
+                                                int64_t n_group, int64_t topk_group, double scale,
+                                                const std::optional<Tensor>& expert_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparseops::topk_route", "")
                          .typed<decltype(topk_route)>();
-    auto [weights, ids] = op.call(logits, k, scoring, order, renormalize, bias, n_group,
-                                  topk_group, scale, expert_mask);
+    auto [weights, ids] = op.call(logits, k, scoring, order, renormalize, bias, n_group, topk_group,
+                                  scale, expert_mask);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["scoring"] = std::string(scoring);
     ctx->saved_data["order"] = std::string(order);
@@ -234,13 +235,12 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
     Tensor grad_weights = grads[0].defined() ? grads[0] : at::zeros(ids.sizes(), logits.options());
     const std::string scoring = ctx->saved_data["scoring"].toStringRef();
     const std::string order = ctx->saved_data["order"].toStringRef();
-    Tensor grad_logits =
-        op.call(grad_weights, logits, ids, scoring, order, ctx->saved_data["renormalize"].toBool(),
-                ctx->saved_data["scale"].toDouble(),
-                ctx->saved_data["expert_mask"].toOptional<Tensor>());
+    Tensor grad_logits = op.call(
+        grad_weights, logits, ids, scoring, order, ctx->saved_data["renormalize"].toBool(),
+        ctx->saved_data["scale"].toDouble(), ctx->saved_data["expert_mask"].toOptional<Tensor>());
     // One gradient per forward input: only logits is differentiable.
-    return {grad_logits, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(),    Tensor(), Tensor(), Tensor()};
+    return {grad_logits, Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(),    Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -290,8 +290,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route
         flat, [&] { route_metadata_cpu_kernel(flat, num_experts, block_m, out); },
         [&] { route_metadata_cuda_kernel(flat, num_experts, block_m, out); });
   }
-  return {out.counts,  out.offs,         out.sorted_slots, out.inverse,
-          out.tokens,  out.padded_slots, out.block_expert, out.padded_offs};
+  return {out.counts, out.offs,         out.sorted_slots, out.inverse,
+          out.tokens, out.padded_slots, out.block_expert, out.padded_offs};
 }
 
 }  // namespace

@@ -23,8 +23,8 @@ struct TopkRouteConfig {
   Scoring scoring = Scoring::kSoftmax;
   Order order = Order::kSoftmaxThenTopk;
   bool renormalize = true;
-  int64_t n_group = 1;      // divides E
-  int64_t topk_group = 1;   // 1..n_group
+  int64_t n_group = 1;     // divides E
+  int64_t topk_group = 1;  // 1..n_group
   double scale = 1.0;
   bool has_bias = false;
   bool has_mask = false;
@@ -44,8 +44,8 @@ struct TopkRouteConfig {
 void topk_route_cpu_kernel(const at::Tensor& logits, const at::Tensor& bias, const at::Tensor& mask,
                            const TopkRouteConfig& cfg, at::Tensor& weights, at::Tensor& ids);
 void topk_route_cuda_kernel(const at::Tensor& logits, const at::Tensor& bias,
-                            const at::Tensor& mask, const TopkRouteConfig& cfg,
-                            at::Tensor& weights, at::Tensor& ids);
+                            const at::Tensor& mask, const TopkRouteConfig& cfg, at::Tensor& weights,
+                            at::Tensor& ids);
 
 // Outputs of route_metadata, all int32 and contiguous, allocated by the op layer:
 //   counts [E], offs [E], sorted_slots [n], inverse [n], tokens [n] with n = T*k;
