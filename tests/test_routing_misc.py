@@ -143,3 +143,34 @@ def test_default_backend_switch():
             sparseops.set_default_backend("gpu")
     finally:
         sparseops.set_default_backend(None)
+
+
+def test_without_extension_falls_back_to_reference_with_one_warning():
+    """An install with no compiler has no _C: every op still works, through the references."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["sparseops._C"] = None  # what a failed build leaves: importing _C fails
+        import torch, sparseops
+        from sparseops.reference import topk_route_ref, route_metadata_ref
+        assert not sparseops.build_info()["extension"]
+        x = torch.randn(9, 16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w, ids = sparseops.topk_route(x, 4)
+            meta = sparseops.route_metadata(ids, 16)
+            sparseops.topk_route(x, 4)
+        assert sum("fall back" in str(c.message) for c in caught) == 1, [str(c.message) for c in caught]
+        assert torch.equal(ids, topk_route_ref(x, 4)[1])
+        assert torch.equal(meta.sorted_slots, route_metadata_ref(ids, 16)[2])
+        x.requires_grad_(True)
+        sparseops.topk_route(x, 4)[0].sum().backward()
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

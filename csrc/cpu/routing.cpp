@@ -110,11 +110,6 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
       for (int64_t t = block; t < block_end; ++t) {
         const scalar_t* xr = x + t * E;
         const acc_t* sr = score ? score + (t - block) * E : nullptr;
-        // The biased score drives group choice (and the rank when there is a bias).
-        auto biased = [&](int64_t e) -> acc_t {
-          const acc_t v = sr[e] + (b ? b[e] : acc_t(0));
-          return std::isnan(v) ? kNegInf : v;
-        };
         auto is_enabled = [&](int64_t e) { return enabled == nullptr || enabled[e]; };
 
         if (G > 1) {

@@ -4,8 +4,8 @@
 
 #include "sparseops/build_info.h"
 
-#define SPARSEOPS_STRINGIFY_IMPL(x) #x
-#define SPARSEOPS_STRINGIFY(x) SPARSEOPS_STRINGIFY_IMPL(x)
+#define SPARSEOPS_STRINGIFY_IMPL(...) #__VA_ARGS__
+#define SPARSEOPS_STRINGIFY(...) SPARSEOPS_STRINGIFY_IMPL(__VA_ARGS__)
 
 namespace sparseops {
 
