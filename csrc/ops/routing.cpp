@@ -200,6 +200,13 @@ Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, con
   return (p_full * (dp_full - dot)).to(logits.scalar_type());
 }
 
+const c10::TypedOperatorHandle<decltype(topk_route)>& topk_route_handle() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparseops::topk_route", "")
+                             .typed<decltype(topk_route)>();
+  return op;
+}
+
 class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -209,11 +216,8 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
                                                 int64_t n_group, int64_t topk_group, double scale,
                                                 const std::optional<Tensor>& expert_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("sparseops::topk_route", "")
-                         .typed<decltype(topk_route)>();
-    auto [weights, ids] = op.call(logits, k, scoring, order, renormalize, bias, n_group, topk_group,
-                                  scale, expert_mask);
+    auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
+                                                   n_group, topk_group, scale, expert_mask);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["scoring"] = std::string(scoring);
     ctx->saved_data["order"] = std::string(order);
@@ -249,6 +253,13 @@ std::tuple<Tensor, Tensor> topk_route_autograd(const Tensor& logits, int64_t k,
                                                bool renormalize, const std::optional<Tensor>& bias,
                                                int64_t n_group, int64_t topk_group, double scale,
                                                const std::optional<Tensor>& expert_mask) {
+  // Inference (no grad wanted) skips the autograd Function and its bookkeeping: a decode
+  // step should pay for the dispatcher once, not for a graph node it never uses.
+  if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return topk_route_handle().call(logits, k, scoring, order, renormalize, bias, n_group,
+                                    topk_group, scale, expert_mask);
+  }
   auto out = TopkRouteFunction::apply(logits, k, scoring, order, renormalize, bias, n_group,
                                       topk_group, scale, expert_mask);
   return {out[0], out[1]};
