@@ -4,8 +4,9 @@
 #
 #   scripts/gpu_check.sh OUTDIR [--quick]
 #
-# Writes to OUTDIR: build.log, build_info.json, tests.log, sanitizer.log, bench.log and the
-# benchmark CSVs / tables / plots under OUTDIR/results/. No network needed (the GPU machine
+# Writes to OUTDIR: build.log, build_info.json, tests.log, sanitizer.log, bench.log and
+# results.tar.gz (benchmarks/results/<gpu>/: CSVs, tables, plots; unpack into benchmarks/results/).
+# Six files, within what the device tool brings back. No network needed (the GPU machine
 # has none): it uses the torch, triton and pytest already installed there. Exit status is
 # non-zero when the build, the tests or the sanitizer fail; the benchmarks run regardless.
 set -uo pipefail
@@ -52,7 +53,9 @@ for tool in memcheck racecheck synccheck; do
 done
 
 echo "== benchmarks"
-python -m benchmarks.demo --out "$out/results" "$@" 2>&1 | tee "$out/bench.log"
+slug=$(python -c 'from benchmarks._harness import device_slug, pick_device; print(device_slug(pick_device()))')
+python -m benchmarks.demo --out "benchmarks/results/$slug" "$@" 2>&1 | tee "$out/bench.log"
+tar -czf "$out/results.tar.gz" -C benchmarks/results "$slug"
 
 echo "gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) (logs in $out)"
 exit $status

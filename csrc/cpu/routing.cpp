@@ -63,6 +63,60 @@ Tensor selection_scores(const Tensor& logits, const Tensor& mask, const TopkRout
   return at::softmax(xm, -1).nan_to_num(0.0).to(acc);
 }
 
+// Blocks of at most this many logits take the scalar score path (see topk_route_rows).
+constexpr int64_t kScalarElements = 512;
+
+// selection_scores for one row in scalar code: the same fp64 formulas as the ATen path
+// (sigmoid as 1 / (1 + exp(-x)); softmax as exp(x - max) / sum over enabled experts, a NaN
+// anywhere making the row 0 as nan_to_num does), rounded to acc_t.
+template <typename scalar_t, typename acc_t>
+void scalar_selection_scores(const scalar_t* x, const bool* enabled, const TopkRouteConfig& cfg,
+                             acc_t* out) {
+  const int64_t E = cfg.num_experts;
+  auto on = [&](int64_t e) { return enabled == nullptr || enabled[e]; };
+  if (cfg.scoring == Scoring::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) {
+      out[e] = static_cast<acc_t>(1.0 / (1.0 + std::exp(-static_cast<double>(x[e]))));
+    }
+  } else if (cfg.order == Order::kTopkThenSoftmax) {
+    for (int64_t e = 0; e < E; ++e) out[e] = static_cast<acc_t>(x[e]);
+  } else {
+    double max_x = -INFINITY, sum = 0;
+    bool nan = false;
+    for (int64_t e = 0; e < E; ++e) {
+      if (!on(e)) continue;
+      const double v = static_cast<double>(x[e]);
+      nan |= std::isnan(v);
+      max_x = std::max(max_x, v);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      if (on(e)) sum += std::exp(static_cast<double>(x[e]) - max_x);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const double p = on(e) ? std::exp(static_cast<double>(x[e]) - max_x) / sum : 0.0;
+      out[e] = nan || std::isnan(p) ? acc_t(0) : static_cast<acc_t>(p);
+    }
+  }
+}
+
+// Max and sum of exp(x - max) over enabled experts, in acc_t: the softmax the weights use.
+template <typename scalar_t, typename acc_t>
+void softmax_stats(const scalar_t* x, const bool* enabled, int64_t E, acc_t& max_x, acc_t& sum) {
+  max_x = -std::numeric_limits<acc_t>::infinity();
+  bool nan = false;
+  for (int64_t e = 0; e < E; ++e) {
+    if (enabled != nullptr && !enabled[e]) continue;
+    const acc_t v = static_cast<acc_t>(x[e]);
+    nan |= std::isnan(v);
+    max_x = std::max(max_x, v);
+  }
+  sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (enabled == nullptr || enabled[e]) sum += std::exp(static_cast<acc_t>(x[e]) - max_x);
+  }
+  if (nan) sum = std::numeric_limits<acc_t>::quiet_NaN();  // as softmax: NaN row -> weights 0
+}
+
 template <typename scalar_t, typename acc_t>
 void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mask,
                      const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
@@ -83,33 +137,50 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
   // cache and are recycled by the allocator, where whole-[T, E] fp64 temporaries cost more in
   // page faults than in arithmetic (measured: 14 of 77 ms at T = 16384, E = 256, one core).
   const int64_t rows_per_block = std::max<int64_t>(1, 32768 / E);
+  const bool softmax_then_topk =
+      cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> group_score(G);
     std::vector<char> group_chosen(G);
     std::vector<acc_t> rank_buffer(E);
     std::vector<char> candidate_buffer(E);
+    std::vector<acc_t> score_buffer(E);
+    acc_t* score_row = score_buffer.data();
     acc_t* rank = rank_buffer.data();
     char* candidate = candidate_buffer.data();
     acc_t top_v[kMaxTopk];
     int32_t top_e[kMaxTopk];
     for (int64_t block = begin; block < end; block += rows_per_block) {
       const int64_t block_end = std::min(end, block + rows_per_block);
-      const Tensor xb = logits.narrow(0, block, block_end - block);
-      // fp64 selection scores, exactly as selection_scores_ref computes them.
-      const Tensor score_t = cfg.needs_score() ? selection_scores(xb, mask, cfg, acc) : Tensor();
-      const acc_t* score = score_t.defined() ? score_t.const_data_ptr<acc_t>() : nullptr;
-      // softmax_then_topk weights are the probabilities over enabled experts: a vectorised
-      // ATen softmax (E scalar exps per row would cost more than the whole selection).
-      Tensor probs_t;
-      if (cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk) {
-        Tensor xa = xb.to(acc);
-        if (cfg.has_mask) xa = xa.masked_fill(mask.logical_not(), -INFINITY);
-        probs_t = at::softmax(xa, -1).contiguous();
+      // Small blocks (decode) compute the scores in scalar code below: the ATen calls would
+      // cost more than the arithmetic they save (about half of a 6 us call at T = 1).
+      const bool scalar = (block_end - block) * E <= kScalarElements;
+      Tensor score_t, probs_t;
+      if (!scalar) {
+        const Tensor xb = logits.narrow(0, block, block_end - block);
+        // fp64 selection scores, exactly as selection_scores_ref computes them.
+        if (cfg.needs_score()) score_t = selection_scores(xb, mask, cfg, acc);
+        // softmax_then_topk weights are the probabilities over enabled experts: a vectorised
+        // ATen softmax (E scalar exps per row would cost more than the whole selection).
+        if (softmax_then_topk) {
+          Tensor xa = xb.to(acc);
+          if (cfg.has_mask) xa = xa.masked_fill(mask.logical_not(), -INFINITY);
+          probs_t = at::softmax(xa, -1).contiguous();
+        }
       }
+      const acc_t* score = score_t.defined() ? score_t.const_data_ptr<acc_t>() : nullptr;
       const acc_t* probs = probs_t.defined() ? probs_t.const_data_ptr<acc_t>() : nullptr;
       for (int64_t t = block; t < block_end; ++t) {
         const scalar_t* xr = x + t * E;
         const acc_t* sr = score ? score + (t - block) * E : nullptr;
+        acc_t row_max = 0, row_sum = 1;  // scalar softmax_then_topk: weight = exp(x - max) / sum
+        if (scalar) {
+          if (cfg.needs_score()) {
+            scalar_selection_scores(xr, enabled, cfg, score_row);
+            sr = score_row;
+          }
+          if (softmax_then_topk) softmax_stats(xr, enabled, E, row_max, row_sum);
+        }
         auto is_enabled = [&](int64_t e) { return enabled == nullptr || enabled[e]; };
 
         if (G > 1) {
@@ -188,7 +259,7 @@ void topk_route_rows(const Tensor& logits, const Tensor& bias, const Tensor& mas
           if (cfg.scoring == Scoring::kSigmoid) {
             w = acc_t(1) / (acc_t(1) + std::exp(-xe));
           } else if (cfg.order == Order::kSoftmaxThenTopk) {
-            w = probs[(t - block) * E + top_e[j]];
+            w = scalar ? std::exp(xe - row_max) / row_sum : probs[(t - block) * E + top_e[j]];
           } else {
             w = std::exp(xe - max_logit);
           }
