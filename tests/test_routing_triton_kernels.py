@@ -31,6 +31,7 @@ except ModuleNotFoundError as err:  # a source checkout run with PYTHONPATH=pyth
         raise
     from kernels import routing as kr  # noqa: E402
 
+from sparseops import RouteMeta  # noqa: E402
 from sparseops.reference.routing import route_metadata_ref, topk_route_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,23 +267,12 @@ def _next_pow2(x: int) -> int:
 
 # ------------------------------------------------------------------ route_metadata
 
-META_NAMES = (
-    "counts",
-    "offs",
-    "sorted_slots",
-    "inverse",
-    "tokens",
-    "padded_slots",
-    "block_expert",
-    "padded_offs",
-)
-
 
 def _check_metadata(ids: torch.Tensor, E: int, block_m: int, ref_ids: torch.Tensor | None = None) -> tuple:
     out = kr.route_metadata_triton(ids, E, block_m)
     ref = route_metadata_ref(ids if ref_ids is None else ref_ids, E, block_m)
     assert len(out) == 8
-    for name, a, b in zip(META_NAMES, out, ref, strict=True):
+    for name, a, b in zip(RouteMeta._fields, out, ref, strict=True):
         assert a.dtype == torch.int32 and a.shape == b.shape, (name, a.shape, b.shape)
         assert torch.equal(a, b.to(a.device)), f"{name} differs\n{a}\n{b}"
     return out
