@@ -232,17 +232,20 @@ def test_torch_compile_fullgraph_dynamic(device, backend):
         w, ids = sparseops.topk_route(
             x, 4, scoring="sigmoid", bias=bias, n_group=4, topk_group=2, scale=2.5, backend=backend
         )
-        meta = sparseops.route_metadata(ids, x.shape[1], backend=None if backend == "reference" else backend)
-        return w * 2, meta.offs
+        # The reference metadata reads a device value for the padded layout (a graph break):
+        # the compiled pair uses the default kernel there.
+        meta_backend = None if backend == "reference" else backend
+        meta = sparseops.route_metadata(ids, x.shape[1], block_m=8, backend=meta_backend)
+        return w * 2, meta.offs, meta.padded_slots
 
     compiled = torch.compile(route, fullgraph=True, dynamic=True)
     bias = torch.randn(32, device=device)
     for T in (5, 19):
         x = router_logits(T, 32, device=device, seed=T).requires_grad_(True)
-        w, offs = compiled(x, bias)
-        w_ref, offs_ref = route(x, bias)
+        w, offs, padded = compiled(x, bias)
+        w_ref, offs_ref, padded_ref = route(x, bias)
         assert_close(w, w_ref)
-        assert torch.equal(offs, offs_ref)
+        assert torch.equal(offs, offs_ref) and torch.equal(padded, padded_ref)
         w.sum().backward()
 
 
