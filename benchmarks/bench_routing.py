@@ -38,7 +38,7 @@ FAMILY = "routing"
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """A model's router: E experts, top-k, and its scoring rule (DESIGN.md standard shapes)."""
+    """A model's router: E experts, top-k, and its scoring rule (the team's standard MoE shapes)."""
 
     name: str
     num_experts: int
