@@ -22,7 +22,6 @@ CLI: python -m benchmarks.bench_routing [--device cpu|cuda] [--quick] [--out DIR
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -204,13 +203,9 @@ def sparseops_backends(so: Any, device: torch.device) -> tuple[list[str], list[s
     return out[0], out[1]
 
 
-def _auto_choice(device: torch.device) -> str:
-    """What backend=None runs on ``device``, from sparseops' private chooser (for the log only)."""
-    try:
-        backend = importlib.import_module("sparseops._backend")
-        return ", ".join(f"{op} -> {backend.choose(op, device.type, None)}" for op in ("topk_route", "route_metadata"))
-    except Exception as exc:  # a private API may move; the benchmark does not depend on it
-        return f"unknown ({type(exc).__name__})"
+def _auto_choice(so: Any, device: torch.device) -> str:
+    """What backend=None runs on ``device`` (for the log)."""
+    return ", ".join(f"{op} -> {so.resolve_backend(op, device)}" for op in ("topk_route", "route_metadata"))
 
 
 def run(
@@ -232,7 +227,7 @@ def run(
     if os.environ.get("SPARSEOPS_BACKEND"):
         session.log(f"note: SPARSEOPS_BACKEND={os.environ['SPARSEOPS_BACKEND']} forces what 'auto' picks")
     session.log(f"routing backends: topk_route {topk_backends}, route_metadata {meta_backends}")
-    session.log(f"auto picks: {_auto_choice(dev)}")
+    session.log(f"auto picks: {_auto_choice(so, dev)}")
     compiled = _compiled_refs() if use_compile and any(s.compile for s in sweeps) else None
 
     per_shape = 3 + len(topk_backends) + len(meta_backends) + len(pair_backends) + 1

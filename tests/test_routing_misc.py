@@ -131,6 +131,9 @@ def test_build_info_and_backend_listing():
     for op in ("topk_route", "route_metadata"):
         assert "reference" in info["backends"][op]["cpu"]
     assert "reference" in sparseops.available_backends("topk_route", torch.device("cpu"))
+    expected = "cpu" if info["extension"] else "reference"
+    assert sparseops.resolve_backend("topk_route", torch.device("cpu")) == expected
+    assert sparseops.resolve_backend("route_metadata", "cpu", "reference") == "reference"
 
 
 def test_default_backend_switch():

@@ -7,7 +7,7 @@ installation can run.
 """
 
 from . import _backend
-from ._backend import available_backends, build_info, set_default_backend
+from ._backend import available_backends, build_info, resolve_backend, set_default_backend
 from .ops.routing import (
     RouteMeta,
     expert_choice_route,
@@ -25,6 +25,7 @@ __all__ = [
     "build_info",
     "expert_choice_route",
     "load_balancing_loss",
+    "resolve_backend",
     "route_metadata",
     "router_z_loss",
     "set_default_backend",

@@ -109,6 +109,11 @@ def available_backends(op: str, device) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
 
 
+def resolve_backend(op: str, device, backend: str | None = None) -> str:
+    """The backend a call of ``op`` on ``device`` runs with ``backend`` (None: what auto picks)."""
+    return choose(op, getattr(device, "type", device), backend)
+
+
 def choose(op: str, device_type: str, backend: str | None) -> str:
     """The backend that runs this call of ``op``; raises when a forced one cannot."""
     key = (op, device_type, backend)
