@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sparseops
 from conftest import DEVICES, HAS_CUDA, backend_params, interpreted
@@ -298,3 +300,55 @@ def test_forced_backend_that_cannot_run_says_why():
         sparseops.topk_route(torch.randn(3, 8), 2, backend="cuda")
     with pytest.raises(RuntimeError, match="unknown backend"):
         sparseops.topk_route(torch.randn(3, 8), 2, backend="tpu")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    T=st.integers(0, 40),
+    E=st.integers(1, 300),
+    k_frac=st.floats(0.0, 1.0),
+    scoring=st.sampled_from(["softmax", "sigmoid"]),
+    order=st.sampled_from(["softmax_then_topk", "topk_then_softmax"]),
+    renormalize=st.booleans(),
+    use_bias=st.booleans(),
+    masked=st.booleans(),
+    grid=st.sampled_from([0.0, 0.25]),
+    seed=st.integers(0, 2**16),
+)
+def test_invariants(T, E, k_frac, scoring, order, renormalize, use_bias, masked, grid, seed):
+    """Properties of any routing, checked without the reference (default CPU backend)."""
+    k = 1 + int(k_frac * (min(E, 32) - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, E, generator=g)
+    if grid:
+        x = (x / grid).round() * grid  # many exact ties
+    bias = 0.1 * torch.randn(E, generator=g) if use_bias else None
+    mask = torch.rand(E, generator=g) < 0.7 if masked else None
+    w, ids = sparseops.topk_route(
+        x, k, scoring=scoring, order=order, renormalize=renormalize, bias=bias, expert_mask=mask
+    )
+    enabled = torch.ones(E, dtype=torch.bool) if mask is None else mask
+    n_enabled = int(enabled.sum())
+    valid = ids >= 0
+    # Exactly min(k, enabled) experts per row, distinct, enabled, valid slots first.
+    assert (valid.sum(-1) == min(k, n_enabled)).all()
+    assert (valid[:, :-1] >= valid[:, 1:]).all()
+    for t in range(T):
+        row = ids[t][valid[t]].long()
+        assert len(set(row.tolist())) == len(row)
+        assert enabled[row].all()
+        # Descending rank, lower index first on ties; nothing outside beats the last pick.
+        rank = x[t] if bias is None else (torch.sigmoid(x[t].double()) if scoring == "sigmoid" else None)
+        if rank is not None and len(row):
+            rank = rank.float() + (0 if bias is None else bias)
+            r = rank[row]
+            assert ((r[:-1] > r[1:]) | ((r[:-1] == r[1:]) & (row[:-1] < row[1:]))).all()
+            others = enabled.clone()
+            others[row] = False
+            last_r, last_e = r[-1], row[-1]
+            beats = (rank > last_r) | ((rank == last_r) & (torch.arange(E) < last_e))
+            assert not (beats & others).any()
+    assert (w[~valid] == 0).all() and (w >= 0).all()
+    if renormalize or (scoring == "softmax" and order == "topk_then_softmax"):
+        sums = w.sum(-1)
+        assert torch.allclose(sums[valid.any(-1)], torch.ones(()), atol=1e-5)
