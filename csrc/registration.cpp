@@ -26,6 +26,14 @@ TORCH_LIBRARY(sparseops, m) {
       "route_metadata(Tensor ids, int num_experts, int block_m=0) -> (Tensor counts, "
       "Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, Tensor padded_slots, "
       "Tensor block_expert, Tensor padded_offs)");
+  // topk_route then route_metadata in one call from Python (one dispatcher crossing fewer
+  // per decode step); outputs are topk_route's followed by route_metadata's.
+  m.def(
+      "route(Tensor logits, int k, str scoring=\"softmax\", str order=\"softmax_then_topk\", "
+      "bool renormalize=True, Tensor? bias=None, int n_group=1, int topk_group=1, "
+      "float scale=1.0, Tensor? expert_mask=None, int block_m=0) -> (Tensor weights, Tensor ids, "
+      "Tensor counts, Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, "
+      "Tensor padded_slots, Tensor block_expert, Tensor padded_offs)");
 }
 
 namespace {

@@ -352,3 +352,28 @@ def test_invariants(T, E, k_frac, scoring, order, renormalize, use_bias, masked,
     if renormalize or (scoring == "softmax" and order == "topk_then_softmax"):
         sums = w.sum(-1)
         assert torch.allclose(sums[valid.any(-1)], torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("block_m", [0, 16])
+def test_route_is_the_pair_in_one_call(device, backend, block_m):
+    logits = router_logits(13, 64, device=device, seed=21).requires_grad_(True)
+    kw = dict(scoring="sigmoid", bias=torch.randn(64, device=device), n_group=8, topk_group=4, scale=2.5)
+    w, ids, meta = sparseops.route(logits, 8, block_m=block_m, backend=backend, **kw)
+    w_ref, ids_ref = topk_route_ref(logits, 8, **kw)
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    assert_close(w, w_ref)
+    expected = sparseops.route_metadata(ids_ref, 64, block_m=block_m, backend="reference" if block_m == 0 else None)
+    for got, want in zip(meta, expected):
+        assert (got is None and want is None) or torch.equal(got, want)
+    (grad,) = torch.autograd.grad(w.sum(), logits)
+    (grad_ref,) = torch.autograd.grad(w_ref.sum(), logits)
+    assert_close(grad, grad_ref)
+
+
+@pytest.mark.skipif(not sparseops.build_info()["extension"], reason="C++ extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_route(device):
+    logits = router_logits(7, 12, device=device, seed=8).requires_grad_(True)
+    args = (logits, 3, "sigmoid", "softmax_then_topk", True, torch.randn(12, device=device), 4, 2, 2.5, None, 4)
+    torch.library.opcheck(torch.ops.sparseops.route.default, args)

@@ -305,7 +305,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route
           out.tokens, out.padded_slots, out.block_expert, out.padded_offs};
 }
 
+using RouteOutputs =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Composite of the two ops through the dispatcher, so autograd, fake tensors and every device
+// work as they do for the parts; it only saves the Python-to-C++ crossing in between.
+RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
+                   c10::string_view order, bool renormalize, const std::optional<Tensor>& bias,
+                   int64_t n_group, int64_t topk_group, double scale,
+                   const std::optional<Tensor>& expert_mask, int64_t block_m) {
+  static const auto metadata_op = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("sparseops::route_metadata", "")
+                                      .typed<decltype(route_metadata)>();
+  auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
+                                                 n_group, topk_group, scale, expert_mask);
+  auto [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
+      metadata_op.call(ids, logits.size(1), block_m);
+  return {weights, ids,    counts,       offs,         sorted_slots,
+          inverse, tokens, padded_slots, block_expert, padded_offs};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(sparseops, CompositeImplicitAutograd, m) { m.impl("route", &route); }
 
 TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
   m.impl("topk_route", &topk_route);

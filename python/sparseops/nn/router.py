@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import route_metadata, router_z_loss, topk_route
+from .. import route, router_z_loss
 from ..ops.routing import RouteMeta, load_balancing_loss
 
 
@@ -65,10 +65,14 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> RouterOutput:
         logits = self.gate(x.reshape(-1, x.shape[-1]))
-        weights, ids = topk_route(
-            logits, self.top_k, bias=self.selection_bias, expert_mask=expert_mask, **self.route_kwargs
+        weights, ids, meta = route(
+            logits,
+            self.top_k,
+            bias=self.selection_bias,
+            expert_mask=expert_mask,
+            block_m=self.block_m,
+            **self.route_kwargs,
         )
-        meta = route_metadata(ids, self.num_experts, block_m=self.block_m)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = zero
         if self.aux_loss_coef:

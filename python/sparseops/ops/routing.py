@@ -25,6 +25,7 @@ __all__ = [
     "RouteMeta",
     "topk_route",
     "route_metadata",
+    "route",
     "expert_choice_route",
     "load_balancing_loss",
     "router_z_loss",
@@ -172,6 +173,7 @@ if _backend.HAS_C:
     _topk_route_op = torch.ops.sparseops.topk_route.default
     _route_metadata_op = torch.ops.sparseops.route_metadata.default
     _topk_route_backward_op = torch.ops.sparseops.topk_route_backward.default
+    _route_op = torch.ops.sparseops.route.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +359,49 @@ def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, bac
     if block_m > 0:
         return RouteMeta(*out)
     return RouteMeta(*out[:5])
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    order: str = "softmax_then_topk",
+    renormalize: bool = True,
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
+    expert_mask: torch.Tensor | None = None,
+    block_m: int = 0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, RouteMeta]:
+    """``topk_route`` followed by ``route_metadata(ids, E, block_m=block_m)``, as one call.
+
+    Arguments and results are those of the two functions; returns (weights, ids, meta). With
+    the C++ backends the pair crosses from Python into C++ once instead of twice, which is
+    what a decode step (T <= 64, kernels of a few microseconds) mostly pays for.
+    """
+    name = _backend.choose("topk_route", logits.device.type, backend)
+    if name in ("cpu", "cuda"):
+        out = _route_op(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, block_m)
+        weights, ids, meta = out[0], out[1], out[2:]
+    else:
+        weights, ids = topk_route(
+            logits,
+            k,
+            scoring=scoring,
+            order=order,
+            renormalize=renormalize,
+            bias=bias,
+            n_group=n_group,
+            topk_group=topk_group,
+            scale=scale,
+            expert_mask=expert_mask,
+            backend=name,
+        )
+        meta = route_metadata(ids, logits.shape[1], block_m=block_m, backend=name)
+    return weights, ids, RouteMeta(*meta) if block_m > 0 else RouteMeta(*meta[:5])
 
 
 def expert_choice_route(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
