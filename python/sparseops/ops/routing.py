@@ -163,10 +163,6 @@ def _route_metadata_fake(ids, num_experts, block_m=0):
     )
 
 
-def _topk_route_backward_fake(grad_weights, logits, ids, scoring, order, renormalize, scale, expert_mask):
-    return torch.empty_like(logits)
-
-
 if _backend.HAS_C:
     torch.library.register_fake("sparseops::topk_route")(_topk_route_fake)
     torch.library.register_fake("sparseops::route_metadata")(_route_metadata_fake)
