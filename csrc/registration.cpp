@@ -16,7 +16,8 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "topk_route(Tensor logits, int k, str scoring=\"softmax\", str order=\"softmax_then_topk\", "
       "bool renormalize=True, Tensor? bias=None, int n_group=1, int topk_group=1, "
-      "float scale=1.0, Tensor? expert_mask=None) -> (Tensor weights, Tensor ids)");
+      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\") -> (Tensor weights, "
+      "Tensor ids)");
   // Gradient of topk_route's logits from the gradient of its weights (ids held fixed).
   m.def(
       "topk_route_backward(Tensor grad_weights, Tensor logits, Tensor ids, str scoring, "
@@ -31,7 +32,8 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "route(Tensor logits, int k, str scoring=\"softmax\", str order=\"softmax_then_topk\", "
       "bool renormalize=True, Tensor? bias=None, int n_group=1, int topk_group=1, "
-      "float scale=1.0, Tensor? expert_mask=None, int block_m=0) -> (Tensor weights, Tensor ids, "
+      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\", int block_m=0) -> "
+      "(Tensor weights, Tensor ids, "
       "Tensor counts, Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, "
       "Tensor padded_slots, Tensor block_expert, Tensor padded_offs)");
 }

@@ -375,5 +375,5 @@ def test_route_is_the_pair_in_one_call(device, backend, block_m):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_route(device):
     logits = router_logits(7, 12, device=device, seed=8).requires_grad_(True)
-    args = (logits, 3, "sigmoid", "softmax_then_topk", True, torch.randn(12, device=device), 4, 2, 2.5, None, 4)
+    args = (logits, 3, "sigmoid", "softmax_then_topk", True, torch.randn(12, device=device), 4, 2, 2.5, None, "top2_sum", 4)
     torch.library.opcheck(torch.ops.sparseops.route.default, args)

@@ -42,6 +42,12 @@ Order parse_order(c10::string_view s) {
               std::string(s), "\"");
 }
 
+GroupScoring parse_group_scoring(c10::string_view s) {
+  if (s == "top2_sum") return GroupScoring::kTop2Sum;
+  if (s == "max") return GroupScoring::kMax;
+  TORCH_CHECK(false, "group_scoring must be \"top2_sum\" or \"max\", got \"", std::string(s), "\"");
+}
+
 void check_expert_mask(const std::optional<Tensor>& expert_mask, const Tensor& logits) {
   if (!expert_mask.has_value()) return;
   const Tensor& m = *expert_mask;
@@ -55,7 +61,8 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
                                  c10::string_view order, bool renormalize,
                                  const std::optional<Tensor>& bias, int64_t n_group,
                                  int64_t topk_group, double scale,
-                                 const std::optional<Tensor>& expert_mask) {
+                                 const std::optional<Tensor>& expert_mask,
+                                 c10::string_view group_scoring) {
   check_dim(logits, "logits", 2);
   check_dtype(logits, "logits", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   TopkRouteConfig cfg;
@@ -82,6 +89,7 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
               topk_group * (E / n_group));
   cfg.n_group = n_group;
   cfg.topk_group = topk_group;
+  cfg.group_scoring = parse_group_scoring(group_scoring);
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   cfg.scale = scale;
   if (bias.has_value()) {
@@ -120,9 +128,11 @@ std::tuple<Tensor, Tensor> topk_route(const Tensor& logits, int64_t k, c10::stri
                                       c10::string_view order, bool renormalize,
                                       const std::optional<Tensor>& bias, int64_t n_group,
                                       int64_t topk_group, double scale,
-                                      const std::optional<Tensor>& expert_mask) {
+                                      const std::optional<Tensor>& expert_mask,
+                                      c10::string_view group_scoring) {
   const TopkRouteConfig cfg = check_topk_route(logits, k, scoring, order, renormalize, bias,
-                                               n_group, topk_group, scale, expert_mask);
+                                               n_group, topk_group, scale, expert_mask,
+                                               group_scoring);
   const auto acc = accumulate_type(logits.scalar_type());
   Tensor x = logits.contiguous();
   Tensor b = cfg.has_bias ? bias->to(acc).contiguous() : Tensor();
@@ -214,10 +224,12 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
                                                 c10::string_view scoring, c10::string_view order,
                                                 bool renormalize, const std::optional<Tensor>& bias,
                                                 int64_t n_group, int64_t topk_group, double scale,
-                                                const std::optional<Tensor>& expert_mask) {
+                                                const std::optional<Tensor>& expert_mask,
+                                                c10::string_view group_scoring) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
-                                                   n_group, topk_group, scale, expert_mask);
+                                                   n_group, topk_group, scale, expert_mask,
+                                                   group_scoring);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["scoring"] = std::string(scoring);
     ctx->saved_data["order"] = std::string(order);
@@ -243,7 +255,7 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
         grad_weights, logits, ids, scoring, order, ctx->saved_data["renormalize"].toBool(),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["expert_mask"].toOptional<Tensor>());
     // One gradient per forward input: only logits is differentiable.
-    return {grad_logits, Tensor(), Tensor(), Tensor(), Tensor(),
+    return {grad_logits, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
             Tensor(),    Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -252,16 +264,17 @@ std::tuple<Tensor, Tensor> topk_route_autograd(const Tensor& logits, int64_t k,
                                                c10::string_view scoring, c10::string_view order,
                                                bool renormalize, const std::optional<Tensor>& bias,
                                                int64_t n_group, int64_t topk_group, double scale,
-                                               const std::optional<Tensor>& expert_mask) {
+                                               const std::optional<Tensor>& expert_mask,
+                                               c10::string_view group_scoring) {
   // Inference (no grad wanted) skips the autograd Function and its bookkeeping: a decode
   // step should pay for the dispatcher once, not for a graph node it never uses.
   if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return topk_route_handle().call(logits, k, scoring, order, renormalize, bias, n_group,
-                                    topk_group, scale, expert_mask);
+                                    topk_group, scale, expert_mask, group_scoring);
   }
   auto out = TopkRouteFunction::apply(logits, k, scoring, order, renormalize, bias, n_group,
-                                      topk_group, scale, expert_mask);
+                                      topk_group, scale, expert_mask, group_scoring);
   return {out[0], out[1]};
 }
 
@@ -313,12 +326,14 @@ using RouteOutputs =
 RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
                    c10::string_view order, bool renormalize, const std::optional<Tensor>& bias,
                    int64_t n_group, int64_t topk_group, double scale,
-                   const std::optional<Tensor>& expert_mask, int64_t block_m) {
+                   const std::optional<Tensor>& expert_mask, c10::string_view group_scoring,
+                   int64_t block_m) {
   static const auto metadata_op = c10::Dispatcher::singleton()
                                       .findSchemaOrThrow("sparseops::route_metadata", "")
                                       .typed<decltype(route_metadata)>();
   auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
-                                                 n_group, topk_group, scale, expert_mask);
+                                                 n_group, topk_group, scale, expert_mask,
+                                                 group_scoring);
   auto [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
       metadata_op.call(ids, logits.size(1), block_m);
   return {weights, ids,    counts,       offs,         sorted_slots,

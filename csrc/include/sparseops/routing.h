@@ -11,6 +11,10 @@ namespace sparseops {
 
 enum class Scoring : int { kSoftmax = 0, kSigmoid = 1 };
 enum class Order : int { kSoftmaxThenTopk = 0, kTopkThenSoftmax = 1 };
+// How a group of experts is scored for the group stage (n_group > 1):
+//   kTop2Sum: the sum of its two best biased scores (DeepSeek-V3, vLLM grouped_topk);
+//   kMax: its best biased score (DeepSeek-V2 group_limited_greedy).
+enum class GroupScoring : int { kTop2Sum = 0, kMax = 1 };
 
 constexpr int64_t kMaxExperts = 1024;
 constexpr int64_t kMaxTopk = 32;
@@ -25,6 +29,7 @@ struct TopkRouteConfig {
   bool renormalize = true;
   int64_t n_group = 1;     // divides E
   int64_t topk_group = 1;  // 1..n_group
+  GroupScoring group_scoring = GroupScoring::kTop2Sum;
   double scale = 1.0;
   bool has_bias = false;
   bool has_mask = false;

@@ -140,6 +140,7 @@ def _topk_route_fake(
     topk_group=1,
     scale=1.0,
     expert_mask=None,
+    group_scoring="top2_sum",
 ):
     acc = ref.accumulate_dtype(logits.dtype)
     T = logits.shape[0]
@@ -265,6 +266,7 @@ def topk_route(
     topk_group: int = 1,
     scale: float = 1.0,
     expert_mask: torch.Tensor | None = None,
+    group_scoring: str = "top2_sum",
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert routing: router logits -> (weights, expert ids) per token.
@@ -281,10 +283,12 @@ def topk_route(
         bias: [E] selection-only bias (DeepSeek-V3's auxiliary-loss-free balancing): added to
             the scores used to *choose* experts, never to the returned weights.
         n_group, topk_group: restrict each token to its best ``topk_group`` of ``n_group``
-            equal groups of experts, a group scored by the sum of its two best biased scores.
+            equal groups of experts, each group scored as ``group_scoring`` says.
         scale: multiplies the final weights (DeepSeek-V3: 2.5).
         expert_mask: [E] bool, False = disabled (pruned or remote) expert: never selected and
             excluded from the softmax denominator.
+        group_scoring: "top2_sum" (the sum of a group's two best biased scores: DeepSeek-V3)
+            or "max" (its best biased score: DeepSeek-V2's group_limited_greedy).
         backend: None/"auto", "cuda", "triton", "cpu" or "reference".
 
     Returns:
@@ -299,7 +303,9 @@ def topk_route(
     """
     name = _backend.choose("topk_route", logits.device.type, backend)
     if name in ("cpu", "cuda"):
-        return _topk_route_op(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
+        return _topk_route_op(
+            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring
+        )
     _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask)
     if name == "triton":
         return _topk_route_triton(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
@@ -314,6 +320,7 @@ def topk_route(
         topk_group=topk_group,
         scale=scale,
         expert_mask=expert_mask,
+        group_scoring=group_scoring,
     )
 
 
@@ -369,6 +376,7 @@ def route(
     topk_group: int = 1,
     scale: float = 1.0,
     expert_mask: torch.Tensor | None = None,
+    group_scoring: str = "top2_sum",
     block_m: int = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, RouteMeta]:
@@ -380,7 +388,9 @@ def route(
     """
     name = _backend.choose("topk_route", logits.device.type, backend)
     if name in ("cpu", "cuda"):
-        out = _route_op(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, block_m)
+        out = _route_op(
+            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring, block_m
+        )
         weights, ids, meta = out[0], out[1], out[2:]
     else:
         weights, ids = topk_route(
@@ -394,6 +404,7 @@ def route(
             topk_group=topk_group,
             scale=scale,
             expert_mask=expert_mask,
+            group_scoring=group_scoring,
             backend=name,
         )
         meta = route_metadata(ids, logits.shape[1], block_m=block_m, backend=name)

@@ -45,6 +45,7 @@ def selection_scores_ref(
     bias: torch.Tensor | None = None,
     n_group: int = 1,
     expert_mask: torch.Tensor | None = None,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys every backend ranks by, as (rank [T, E], group_score [T, n_group], enabled [E]).
 
@@ -70,13 +71,14 @@ def selection_scores_ref(
     rank = rank.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     rank = rank.masked_fill(~enabled, float("-inf"))
     if n_group > 1:
-        # A group's score is the sum of its two best (biased) scores: DeepSeek-V3 / vLLM
-        # grouped_topk. A disabled expert scores -inf, so a group with fewer than two
-        # enabled experts scores -inf.
+        # group_scoring "top2_sum": a group's score is the sum of its two best (biased)
+        # scores (DeepSeek-V3 / vLLM grouped_topk); a disabled expert scores -inf, so a group
+        # with fewer than two enabled experts scores -inf. "max": its best biased score
+        # (DeepSeek-V2 group_limited_greedy).
         gs = E // n_group
         per_group = biased.nan_to_num(nan=float("-inf")).masked_fill(~enabled, float("-inf"))
-        top2 = per_group.view(T, n_group, gs).topk(min(2, gs), dim=-1).values
-        group_score = top2.sum(dim=-1)
+        width = 1 if group_scoring == "max" else min(2, gs)
+        group_score = per_group.view(T, n_group, gs).topk(width, dim=-1).values.sum(dim=-1)
     else:
         group_score = torch.zeros(T, 1, dtype=acc, device=logits.device)
     return rank, group_score, enabled
@@ -107,6 +109,7 @@ def topk_route_ref(
     topk_group: int = 1,
     scale: float = 1.0,
     expert_mask: torch.Tensor | None = None,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for ``sparseops.topk_route``; differentiable through the weights.
 
@@ -124,7 +127,13 @@ def topk_route_ref(
     """
     T, E = logits.shape
     rank, group_score, enabled = selection_scores_ref(
-        logits, scoring=scoring, order=order, bias=bias, n_group=n_group, expert_mask=expert_mask
+        logits,
+        scoring=scoring,
+        order=order,
+        bias=bias,
+        n_group=n_group,
+        expert_mask=expert_mask,
+        group_scoring=group_scoring,
     )
     candidate = enabled.expand(T, E)
     if n_group > 1:
