@@ -1,6 +1,10 @@
 // The one TORCH_LIBRARY(sparseops, m) block: every C++ schema of the package, one comment
-// each, plus the pybind11 module that reports build facts. Kernels are registered per
-// family in csrc/ops/*.cpp with TORCH_LIBRARY_IMPL.
+// each, plus the pybind11 module that reports build facts and installs the Python-kernel
+// runner. Kernels are registered per family in csrc/ops/*.cpp with TORCH_LIBRARY_IMPL.
+//
+// Every op ends with `str backend="auto"`: "auto" runs the C++ kernel of the inputs' device,
+// "cpu"/"cuda" force it, "triton"/"reference" run the Python kernel (sparseops/backend.h).
+// sparseops' public functions choose the backend from the inputs (sparseops._dispatch).
 #include <torch/extension.h>
 
 #include <string>
@@ -10,33 +14,34 @@
 
 #include "sparseops/build_info.h"
 #endif
+#include "sparseops/routing.h"
 
 TORCH_LIBRARY(sparseops, m) {
   // Top-k MoE routing: logits [T, E] -> (weights [T, k] fp32/fp64, ids [T, k] int32).
   m.def(
       "topk_route(Tensor logits, int k, str scoring=\"softmax\", str order=\"softmax_then_topk\", "
       "bool renormalize=True, Tensor? bias=None, int n_group=1, int topk_group=1, "
-      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\") -> (Tensor weights, "
-      "Tensor ids)");
-  // Gradient of topk_route's logits from the gradient of its weights (ids held fixed).
-  m.def(
-      "topk_route_backward(Tensor grad_weights, Tensor logits, Tensor ids, str scoring, "
-      "str order, bool renormalize, float scale, Tensor? expert_mask) -> Tensor");
+      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\", "
+      "str backend=\"auto\") -> (Tensor weights, Tensor ids)");
   // Stable expert-major layout of the T*k routed slots, optionally padded to block_m rows.
   m.def(
-      "route_metadata(Tensor ids, int num_experts, int block_m=0) -> (Tensor counts, "
-      "Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, Tensor padded_slots, "
-      "Tensor block_expert, Tensor padded_offs)");
+      "route_metadata(Tensor ids, int num_experts, int block_m=0, str backend=\"auto\") -> "
+      "(Tensor counts, Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, "
+      "Tensor padded_slots, Tensor block_expert, Tensor padded_offs)");
   // topk_route then route_metadata in one call from Python (one dispatcher crossing fewer
   // per decode step); outputs are topk_route's followed by route_metadata's.
   m.def(
       "route(Tensor logits, int k, str scoring=\"softmax\", str order=\"softmax_then_topk\", "
       "bool renormalize=True, Tensor? bias=None, int n_group=1, int topk_group=1, "
-      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\", int block_m=0) -> "
-      "(Tensor weights, Tensor ids, "
-      "Tensor counts, Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, "
-      "Tensor padded_slots, Tensor block_expert, Tensor padded_offs)");
+      "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\", int block_m=0, "
+      "str backend=\"auto\") -> (Tensor weights, Tensor ids, Tensor counts, Tensor offs, "
+      "Tensor sorted_slots, Tensor inverse, Tensor tokens, Tensor padded_slots, "
+      "Tensor block_expert, Tensor padded_offs)");
 }
+
+namespace sparseops {
+void bind_python_kernels(pybind11::module_& m);  // csrc/ops/python_kernels.cpp
+}  // namespace sparseops
 
 namespace {
 
@@ -56,9 +61,19 @@ pybind11::dict build_info() {
   return info;
 }
 
+// Limits the C++ checks enforce, so Python states them without a second copy.
+pybind11::dict limits() {
+  pybind11::dict d;
+  d["routing_max_experts"] = sparseops::kMaxExperts;
+  d["routing_max_topk"] = sparseops::kMaxTopk;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparseops C++/CUDA kernels; the ops themselves are torch.ops.sparseops.*";
   m.def("build_info", &build_info, "Compiled arches, CUDA and torch versions of this build.");
+  m.def("limits", &limits, "Size limits the C++ ops check (max experts, max top-k).");
+  sparseops::bind_python_kernels(m);
 }

@@ -18,11 +18,12 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
-def backend_params(devices=DEVICES):
-    """(device, backend) pairs this machine can run; Triton-on-CPU (interpreter) is marked."""
+def backend_params(op: str, devices=DEVICES):
+    """(device, backend) pairs for ``op`` from its backend registry, for what this machine can
+    run; GPU pairs are marked ``gpu``, Triton pairs ``triton`` (the interpreter on CPU)."""
     params = []
     for device in devices:
-        for backend in sparseops.available_backends("topk_route", device):
+        for backend in sparseops.available_backends(op, device):
             marks = [pytest.mark.gpu] if device == "cuda" else []
             if backend == "triton":
                 marks.append(pytest.mark.triton)

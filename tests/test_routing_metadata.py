@@ -12,7 +12,7 @@ from conftest import DEVICES, backend_params, interpreted
 from sparseops.reference import route_metadata_ref
 from sparseops.testing import random_ids
 
-BACKENDS = backend_params()
+BACKENDS = backend_params("route_metadata")
 FIELDS = sparseops.RouteMeta._fields
 
 
@@ -130,13 +130,11 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.sparseops.route_metadata.default, (ids, E, bm))
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_triton(device):
-    if "triton" not in sparseops.available_backends("route_metadata", device):
-        pytest.skip("triton backend unavailable")
+@pytest.mark.skipif(not sparseops.build_info()["extension"], reason="C++ extension not built")
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck_every_backend(device, backend):
     ids = random_ids(9, 3, 16, device=device)
-    torch.library.opcheck(torch.ops.sparseops.route_metadata_triton.default, (ids, 16, 4))
+    torch.library.opcheck(torch.ops.sparseops.route_metadata.default, (ids, 16, 4, backend))
 
 
 BAD = [

@@ -133,7 +133,7 @@ def test_build_info_and_backend_listing():
     assert "reference" in sparseops.available_backends("topk_route", torch.device("cpu"))
     expected = "cpu" if info["extension"] else "reference"
     assert sparseops.resolve_backend("topk_route", torch.device("cpu")) == expected
-    assert sparseops.resolve_backend("route_metadata", "cpu", "reference") == "reference"
+    assert sparseops.resolve_backend("route_metadata", "cpu", backend="reference") == "reference"
 
 
 def test_default_backend_switch():

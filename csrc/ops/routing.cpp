@@ -1,22 +1,28 @@
-// MoE routing op layer: argument checks, output allocation, device dispatch, the backward
-// formula and the C++ autograd wrapper. Knows nothing of tiles or warps: the kernels live
-// in csrc/cpu/routing.cpp and csrc/cuda/routing.cu.
+// MoE routing op layer: argument parsing (the one owner of the user-facing checks for every
+// backend), output allocation, the backend switch (native kernel or Python kernel, see
+// sparseops/backend.h), the backward formula and the C++ autograd node. Knows nothing of
+// tiles or warps: the kernels live in csrc/cpu/routing.cpp, csrc/cuda/routing.cu and
+// kernels/routing.py.
 //
 // Why C++ autograd instead of torch.library.register_autograd: a Python autograd wrapper
 // costs ~9 us per call on an H100 host (torch 2.11, 2026-11), a third of the decode budget.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #ifdef SPARSEOPS_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
+#include "sparseops/backend.h"
 #include "sparseops/checks.h"
 #include "sparseops/routing.h"
 
@@ -25,27 +31,38 @@ namespace {
 
 using at::Tensor;
 
+// The spelling of each enum value in the schema, written once for parsing and for handing
+// the options to the Python kernels.
+template <typename Enum, size_t N>
+using Names = std::array<std::pair<const char*, Enum>, N>;
+constexpr Names<Scoring, 2> kScoringNames{{{"softmax", Scoring::kSoftmax},
+                                           {"sigmoid", Scoring::kSigmoid}}};
+constexpr Names<Order, 2> kOrderNames{{{"softmax_then_topk", Order::kSoftmaxThenTopk},
+                                       {"topk_then_softmax", Order::kTopkThenSoftmax}}};
+constexpr Names<GroupScoring, 2> kGroupScoringNames{{{"top2_sum", GroupScoring::kTop2Sum},
+                                                     {"max", GroupScoring::kMax}}};
+
+template <typename Enum, size_t N>
+Enum parse_name(const char* arg, c10::string_view s, const Names<Enum, N>& names) {
+  for (const auto& [name, value] : names) {
+    if (s == name) return value;
+  }
+  std::string choices;
+  for (const auto& [name, value] : names) choices += std::string(choices.empty() ? "" : " or ") +
+                                                      "\"" + name + "\"";
+  TORCH_CHECK(false, arg, " must be ", choices, ", got \"", std::string(s), "\"");
+}
+
+template <typename Enum, size_t N>
+const char* name_of(Enum v, const Names<Enum, N>& names) {
+  for (const auto& [name, value] : names) {
+    if (v == value) return name;
+  }
+  return "?";
+}
+
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Scoring parse_scoring(c10::string_view s) {
-  if (s == "softmax") return Scoring::kSoftmax;
-  if (s == "sigmoid") return Scoring::kSigmoid;
-  TORCH_CHECK(false, "scoring must be \"softmax\" or \"sigmoid\", got \"", std::string(s), "\"");
-}
-
-Order parse_order(c10::string_view s) {
-  if (s == "softmax_then_topk") return Order::kSoftmaxThenTopk;
-  if (s == "topk_then_softmax") return Order::kTopkThenSoftmax;
-  TORCH_CHECK(false, "order must be \"softmax_then_topk\" or \"topk_then_softmax\", got \"",
-              std::string(s), "\"");
-}
-
-GroupScoring parse_group_scoring(c10::string_view s) {
-  if (s == "top2_sum") return GroupScoring::kTop2Sum;
-  if (s == "max") return GroupScoring::kMax;
-  TORCH_CHECK(false, "group_scoring must be \"top2_sum\" or \"max\", got \"", std::string(s), "\"");
 }
 
 void check_expert_mask(const std::optional<Tensor>& expert_mask, const Tensor& logits) {
@@ -57,15 +74,36 @@ void check_expert_mask(const std::optional<Tensor>& expert_mask, const Tensor& l
   check_same_device(m, "expert_mask", logits, "logits");
 }
 
-TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_view scoring,
+// The scalar options of topk_route, parsed without reading any tensor: the autograd node
+// parses only these, because reading sizes there would specialise torch.compile on T.
+TopkRouteConfig parse_topk_route_options(int64_t k, c10::string_view scoring,
+                                         c10::string_view order, bool renormalize,
+                                         int64_t n_group, int64_t topk_group, double scale,
+                                         c10::string_view group_scoring) {
+  TopkRouteConfig cfg;
+  cfg.k = k;
+  cfg.scoring = parse_name("scoring", scoring, kScoringNames);
+  cfg.order = parse_name("order", order, kOrderNames);
+  cfg.group_scoring = parse_name("group_scoring", group_scoring, kGroupScoringNames);
+  cfg.renormalize = renormalize;
+  cfg.n_group = n_group;
+  cfg.topk_group = topk_group;
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  cfg.scale = scale;
+  return cfg;
+}
+
+// Every user-facing check of topk_route, for every backend; the kernels only assert.
+TopkRouteConfig parse_topk_route(const Tensor& logits, int64_t k, c10::string_view scoring,
                                  c10::string_view order, bool renormalize,
                                  const std::optional<Tensor>& bias, int64_t n_group,
                                  int64_t topk_group, double scale,
                                  const std::optional<Tensor>& expert_mask,
                                  c10::string_view group_scoring) {
+  TopkRouteConfig cfg = parse_topk_route_options(k, scoring, order, renormalize, n_group,
+                                                 topk_group, scale, group_scoring);
   check_dim(logits, "logits", 2);
   check_dtype(logits, "logits", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  TopkRouteConfig cfg;
   cfg.num_tokens = logits.size(0);
   cfg.num_experts = logits.size(1);
   const int64_t E = cfg.num_experts;
@@ -76,10 +114,6 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
               describe(logits));
   TORCH_CHECK(cfg.num_tokens * k <= kInt32Max, "T * k must fit in int32, got T = ", cfg.num_tokens,
               ", k = ", k);
-  cfg.k = k;
-  cfg.scoring = parse_scoring(scoring);
-  cfg.order = parse_order(order);
-  cfg.renormalize = renormalize;
   TORCH_CHECK(n_group >= 1 && E % n_group == 0, "n_group must be >= 1 and divide E = ", E,
               ", got n_group = ", n_group);
   TORCH_CHECK(topk_group >= 1 && topk_group <= n_group,
@@ -87,11 +121,6 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
   TORCH_CHECK(k <= topk_group * (E / n_group), "k = ", k,
               " cannot exceed the experts in the chosen groups, topk_group * E / n_group = ",
               topk_group * (E / n_group));
-  cfg.n_group = n_group;
-  cfg.topk_group = topk_group;
-  cfg.group_scoring = parse_group_scoring(group_scoring);
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-  cfg.scale = scale;
   if (bias.has_value()) {
     check_dim(*bias, "bias", 1);
     check_dtype(*bias, "bias", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -104,7 +133,19 @@ TopkRouteConfig check_topk_route(const Tensor& logits, int64_t k, c10::string_vi
   return cfg;
 }
 
-// Runs a device kernel under the right device guard, or says why it cannot.
+// The options a Python kernel of topk_route receives (sparseops.ops.routing.TopkRouteOptions).
+std::vector<KernelOption> python_options(const TopkRouteConfig& cfg) {
+  return {{"k", cfg.k},
+          {"scoring", std::string(name_of(cfg.scoring, kScoringNames))},
+          {"order", std::string(name_of(cfg.order, kOrderNames))},
+          {"renormalize", cfg.renormalize},
+          {"n_group", cfg.n_group},
+          {"topk_group", cfg.topk_group},
+          {"group_scoring", std::string(name_of(cfg.group_scoring, kGroupScoringNames))},
+          {"scale", cfg.scale}};
+}
+
+// Runs a native kernel under the right device guard, or says why it cannot.
 template <typename CpuFn, typename CudaFn>
 void run_on_device(const Tensor& t, CpuFn cpu, CudaFn cuda) {
   if (t.is_cpu()) {
@@ -129,10 +170,11 @@ std::tuple<Tensor, Tensor> topk_route(const Tensor& logits, int64_t k, c10::stri
                                       const std::optional<Tensor>& bias, int64_t n_group,
                                       int64_t topk_group, double scale,
                                       const std::optional<Tensor>& expert_mask,
-                                      c10::string_view group_scoring) {
-  const TopkRouteConfig cfg = check_topk_route(logits, k, scoring, order, renormalize, bias,
+                                      c10::string_view group_scoring, c10::string_view backend) {
+  const TopkRouteConfig cfg = parse_topk_route(logits, k, scoring, order, renormalize, bias,
                                                n_group, topk_group, scale, expert_mask,
                                                group_scoring);
+  const bool native = runs_native("topk_route", backend, logits);
   const auto acc = accumulate_type(logits.scalar_type());
   Tensor x = logits.contiguous();
   Tensor b = cfg.has_bias ? bias->to(acc).contiguous() : Tensor();
@@ -140,31 +182,28 @@ std::tuple<Tensor, Tensor> topk_route(const Tensor& logits, int64_t k, c10::stri
   Tensor weights = at::empty({cfg.num_tokens, k}, x.options().dtype(acc));
   Tensor ids = at::empty({cfg.num_tokens, k}, x.options().dtype(at::kInt));
   if (cfg.num_tokens == 0) return {weights, ids};
-  run_on_device(
-      x, [&] { topk_route_cpu_kernel(x, b, m, cfg, weights, ids); },
-      [&] { topk_route_cuda_kernel(x, b, m, cfg, weights, ids); });
+  if (native) {
+    run_on_device(
+        x, [&] { topk_route_cpu_kernel(x, b, m, cfg, weights, ids); },
+        [&] { topk_route_cuda_kernel(x, b, m, cfg, weights, ids); });
+  } else {
+    call_python_kernel("topk_route", backend, {x, b, m}, {weights, ids}, python_options(cfg));
+  }
   return {weights, ids};
 }
 
-// d(weights)/d(logits) with ids fixed, written with ATen ops so that one body serves CPU,
-// CUDA and fake tensors. Matches autograd through route_weights_ref in the reference.
-Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, const Tensor& ids,
-                           c10::string_view scoring, c10::string_view order, bool renormalize,
-                           double scale, const std::optional<Tensor>& expert_mask) {
-  check_dim(logits, "logits", 2);
-  check_dim(ids, "ids", 2);
-  check_dim(grad_weights, "grad_weights", 2);
-  TORCH_CHECK(grad_weights.sizes() == ids.sizes(), "grad_weights ", describe(grad_weights),
-              " must have the shape of ids ", describe(ids));
-  check_expert_mask(expert_mask, logits);
-  const Scoring sc = parse_scoring(scoring);
-  const Order od = parse_order(order);
+// d(weights)/d(logits) with ids fixed: the gradient of route_weights_ref in the reference.
+// Plain ATen ops, so one body serves every device and fake tensors, and autograd records it
+// when the backward itself is differentiated (double backward).
+Tensor topk_route_logits_grad(const Tensor& grad_weights, const Tensor& logits, const Tensor& ids,
+                              const Tensor& expert_mask, const TopkRouteConfig& cfg) {
   const auto acc = accumulate_type(logits.scalar_type());
   const Tensor x = logits.to(acc);
   const Tensor g = grad_weights.to(acc);
   const Tensor valid = ids.ge(0);
   const Tensor idx = ids.clamp_min(0).to(at::kLong);
   const Tensor validf = valid.to(acc);
+  const double scale = cfg.scale;
 
   // Given u (the normalised weights) and the incoming gradient, the gradient of a quantity
   // normalised to sum 1 is u * (g - sum(g * u)); below it is applied per scoring mode.
@@ -172,7 +211,7 @@ Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, con
     return grad - (grad * u).sum(-1, /*keepdim=*/true);
   };
 
-  if (sc == Scoring::kSoftmax && od == Order::kTopkThenSoftmax) {
+  if (cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kTopkThenSoftmax) {
     const Tensor sel = x.gather(1, idx).masked_fill(valid.logical_not(), -INFINITY);
     const Tensor u = at::softmax(sel, -1).nan_to_num(0.0);
     const Tensor dsel = scale * u * centred(g, u) * validf;
@@ -181,16 +220,16 @@ Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, con
 
   Tensor p_full;  // softmax over enabled experts (softmax_then_topk only)
   Tensor p;       // unbiased score of each chosen expert
-  if (sc == Scoring::kSigmoid) {
+  if (cfg.scoring == Scoring::kSigmoid) {
     p = at::sigmoid(x.gather(1, idx)) * validf;
   } else {
     Tensor xm = x;
-    if (expert_mask.has_value()) xm = x.masked_fill(expert_mask->logical_not(), -INFINITY);
+    if (expert_mask.defined()) xm = x.masked_fill(expert_mask.logical_not(), -INFINITY);
     p_full = at::softmax(xm, -1).nan_to_num(0.0);
     p = p_full.gather(1, idx) * validf;
   }
   Tensor dp;  // gradient with respect to p
-  if (renormalize) {
+  if (cfg.renormalize) {
     const Tensor total = p.sum(-1, /*keepdim=*/true);
     const Tensor positive = total.gt(0);
     const Tensor safe_total = at::where(positive, total, at::ones_like(total));
@@ -200,7 +239,7 @@ Tensor topk_route_backward(const Tensor& grad_weights, const Tensor& logits, con
     dp = scale * g;
   }
   dp = dp * validf;
-  if (sc == Scoring::kSigmoid) {
+  if (cfg.scoring == Scoring::kSigmoid) {
     const Tensor dsel = dp * p * (1 - p);
     return at::zeros_like(x).scatter_add(1, idx, dsel).to(logits.scalar_type());
   }
@@ -217,25 +256,28 @@ const c10::TypedOperatorHandle<decltype(topk_route)>& topk_route_handle() {
   return op;
 }
 
+// The parsed config, saved on the autograd node so the backward never re-parses strings.
+struct SavedTopkRouteConfig : torch::CustomClassHolder {
+  explicit SavedTopkRouteConfig(const TopkRouteConfig& c) : cfg(c) {}
+  TopkRouteConfig cfg;
+};
+
 class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
  public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const Tensor& logits, int64_t k,
-                                                c10::string_view scoring, c10::string_view order,
-                                                bool renormalize, const std::optional<Tensor>& bias,
-                                                int64_t n_group, int64_t topk_group, double scale,
-                                                const std::optional<Tensor>& expert_mask,
-                                                c10::string_view group_scoring) {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& logits, int64_t k,
+      c10::string_view scoring, c10::string_view order, bool renormalize,
+      const std::optional<Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+      const std::optional<Tensor>& expert_mask, c10::string_view group_scoring,
+      c10::string_view backend) {
+    const TopkRouteConfig cfg = parse_topk_route_options(k, scoring, order, renormalize, n_group,
+                                                         topk_group, scale, group_scoring);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
                                                    n_group, topk_group, scale, expert_mask,
-                                                   group_scoring);
-    ctx->save_for_backward({logits, ids});
-    ctx->saved_data["scoring"] = std::string(scoring);
-    ctx->saved_data["order"] = std::string(order);
-    ctx->saved_data["renormalize"] = renormalize;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["expert_mask"] = expert_mask;
+                                                   group_scoring, backend);
+    ctx->save_for_backward({logits, ids, expert_mask.value_or(Tensor())});
+    ctx->saved_data["cfg"] = c10::IValue::make_capsule(c10::make_intrusive<SavedTopkRouteConfig>(cfg));
     ctx->mark_non_differentiable({ids});
     return {weights, ids};
   }
@@ -245,18 +287,17 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& logits = saved[0];
     const Tensor& ids = saved[1];
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("sparseops::topk_route_backward", "")
-                         .typed<decltype(topk_route_backward)>();
-    Tensor grad_weights = grads[0].defined() ? grads[0] : at::zeros(ids.sizes(), logits.options());
-    const std::string scoring = ctx->saved_data["scoring"].toStringRef();
-    const std::string order = ctx->saved_data["order"].toStringRef();
-    Tensor grad_logits = op.call(
-        grad_weights, logits, ids, scoring, order, ctx->saved_data["renormalize"].toBool(),
-        ctx->saved_data["scale"].toDouble(), ctx->saved_data["expert_mask"].toOptional<Tensor>());
+    const auto holder = ctx->saved_data["cfg"].toCapsule();
+    const TopkRouteConfig& cfg = static_cast<SavedTopkRouteConfig*>(holder.get())->cfg;
+    const Tensor grad_weights =
+        grads[0].defined()
+            ? grads[0]
+            : at::zeros_like(ids, ids.options().dtype(accumulate_type(logits.scalar_type())));
+    Tensor grad_logits = topk_route_logits_grad(grad_weights, logits, ids, saved[2], cfg);
     // One gradient per forward input: only logits is differentiable.
-    return {grad_logits, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(),    Tensor(), Tensor(), Tensor(), Tensor()};
+    torch::autograd::variable_list out(12);
+    out[0] = grad_logits;
+    return out;
   }
 };
 
@@ -265,33 +306,58 @@ std::tuple<Tensor, Tensor> topk_route_autograd(const Tensor& logits, int64_t k,
                                                bool renormalize, const std::optional<Tensor>& bias,
                                                int64_t n_group, int64_t topk_group, double scale,
                                                const std::optional<Tensor>& expert_mask,
-                                               c10::string_view group_scoring) {
+                                               c10::string_view group_scoring,
+                                               c10::string_view backend) {
   // Inference (no grad wanted) skips the autograd Function and its bookkeeping: a decode
   // step should pay for the dispatcher once, not for a graph node it never uses.
   if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return topk_route_handle().call(logits, k, scoring, order, renormalize, bias, n_group,
-                                    topk_group, scale, expert_mask, group_scoring);
+                                    topk_group, scale, expert_mask, group_scoring, backend);
   }
   auto out = TopkRouteFunction::apply(logits, k, scoring, order, renormalize, bias, n_group,
-                                      topk_group, scale, expert_mask, group_scoring);
+                                      topk_group, scale, expert_mask, group_scoring, backend);
   return {out[0], out[1]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route_metadata(
-    const Tensor& ids, int64_t num_experts, int64_t block_m) {
+// Ids as the int32 the kernels take, range-checked on CPU. int64 values outside [-1, E) must
+// not wrap into valid ids when narrowed (2^32 + 1 would become expert 1): on CPU they are an
+// error whatever the backend (the native CPU kernel checks int32 ids itself; the Python
+// kernels get them checked here), on CUDA (which cannot raise without a host sync) they
+// become -2, which every kernel drops.
+Tensor ids_as_int32(const Tensor& ids, int64_t num_experts, bool native) {
+  if (ids.is_cpu()) {
+    if (ids.numel() > 0 && (ids.scalar_type() == at::kLong || !native)) {
+      const auto [lo, hi] = at::aminmax(ids);
+      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+      TORCH_CHECK(lo_v >= -1 && hi_v < num_experts,
+                  "ids must hold expert indices in [0, num_experts = ", num_experts,
+                  ") or -1 for a dropped slot, got values in [", lo_v, ", ", hi_v, "] in ids ",
+                  describe(ids));
+    }
+    return ids.to(at::kInt).contiguous();
+  }
+  if (ids.scalar_type() == at::kInt) return ids.contiguous();
+  const Tensor bad = ids.lt(-1).logical_or_(ids.ge(num_experts));
+  return ids.masked_fill(bad, -2).to(at::kInt).contiguous();
+}
+
+using MetadataOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+MetadataOutputs route_metadata(const Tensor& ids, int64_t num_experts, int64_t block_m,
+                               c10::string_view backend) {
   check_dim(ids, "ids", 2);
   check_dtype(ids, "ids", {at::kInt, at::kLong});
   TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "num_experts must be in [1, ",
               kMaxExperts, "], got ", num_experts);
   TORCH_CHECK(block_m >= 0 && block_m <= 65536, "block_m must be in [0, 65536], got ", block_m);
+  const bool native = runs_native("route_metadata", backend, ids);
   const int64_t n = ids.numel();
-  const int64_t padded_rows =
-      block_m > 0 ? (n + num_experts * (block_m - 1)) / block_m * block_m : 0;
+  const int64_t padded_rows = padded_route_rows(n, num_experts, block_m);
   TORCH_CHECK(n <= kInt32Max && padded_rows <= kInt32Max,
               "route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids ",
               describe(ids), " with block_m = ", block_m);
-  const Tensor flat = ids.to(at::kInt).contiguous();
+  const Tensor flat = ids_as_int32(ids, num_experts, native);
   const auto opts = flat.options();
   RouteMetadata out;
   out.counts = at::empty({num_experts}, opts);
@@ -309,10 +375,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> route
     out.padded_slots.zero_();
     out.block_expert.fill_(-1);
     out.padded_offs.zero_();
-  } else {
+  } else if (native) {
     run_on_device(
         flat, [&] { route_metadata_cpu_kernel(flat, num_experts, block_m, out); },
         [&] { route_metadata_cuda_kernel(flat, num_experts, block_m, out); });
+  } else {
+    call_python_kernel("route_metadata", backend, {flat},
+                       {out.counts, out.offs, out.sorted_slots, out.inverse, out.tokens,
+                        out.padded_slots, out.block_expert, out.padded_offs},
+                       {{"num_experts", num_experts}, {"block_m", block_m}});
   }
   return {out.counts, out.offs,         out.sorted_slots, out.inverse,
           out.tokens, out.padded_slots, out.block_expert, out.padded_offs};
@@ -327,15 +398,15 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
                    c10::string_view order, bool renormalize, const std::optional<Tensor>& bias,
                    int64_t n_group, int64_t topk_group, double scale,
                    const std::optional<Tensor>& expert_mask, c10::string_view group_scoring,
-                   int64_t block_m) {
+                   int64_t block_m, c10::string_view backend) {
   static const auto metadata_op = c10::Dispatcher::singleton()
                                       .findSchemaOrThrow("sparseops::route_metadata", "")
                                       .typed<decltype(route_metadata)>();
   auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
                                                  n_group, topk_group, scale, expert_mask,
-                                                 group_scoring);
+                                                 group_scoring, backend);
   auto [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
-      metadata_op.call(ids, logits.size(1), block_m);
+      metadata_op.call(ids, logits.size(1), block_m, backend);
   return {weights, ids,    counts,       offs,         sorted_slots,
           inverse, tokens, padded_slots, block_expert, padded_offs};
 }
@@ -357,10 +428,5 @@ TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
 #endif
 
 TORCH_LIBRARY_IMPL(sparseops, Autograd, m) { m.impl("topk_route", &topk_route_autograd); }
-
-// The backward is plain ATen, so one registration covers every device and fake tensors.
-TORCH_LIBRARY_IMPL(sparseops, CompositeExplicitAutograd, m) {
-  m.impl("topk_route_backward", &topk_route_backward);
-}
 
 }  // namespace sparseops

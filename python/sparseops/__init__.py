@@ -10,6 +10,7 @@ from . import _backend
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
 from .ops.routing import (
     RouteMeta,
+    TopkRouteOptions,
     expert_choice_route,
     load_balancing_loss,
     route,
@@ -18,10 +19,13 @@ from .ops.routing import (
     topk_route,
 )
 
+from . import nn  # noqa: E402  (after the ops it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "RouteMeta",
+    "TopkRouteOptions",
     "available_backends",
     "build_info",
     "expert_choice_route",
@@ -32,6 +36,7 @@ __all__ = [
     "router_z_loss",
     "set_default_backend",
     "topk_route",
+    "nn",
 ]
 
 del _backend

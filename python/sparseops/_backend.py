@@ -1,12 +1,17 @@
-"""Loading the compiled extension and choosing a backend per call.
+"""The compiled extension, the per-op backend registry and the one dispatcher.
 
 Backends: "cuda" (C++/CUDA kernels), "triton", "cpu" (C++ kernels), "reference" (pure
-torch). ``backend=None`` (or "auto") takes the first available one of the op's preference
-list for the input's device; ``SPARSEOPS_BACKEND`` (read at import) or
-``set_default_backend`` changes that default; an explicit ``backend=`` forces one and raises
-an error that lists every backend's reason when it cannot take the inputs.
+torch). Each op is declared once as an ``Op`` with a ``facts`` function: the few properties
+of its inputs that its backends' reasons depend on (device type and dtype for routing; the
+N:M pattern or the head dim for other families), as a hashable tuple. Each backend of each
+op is registered once with a rank and ``unsupported_reason(*facts) -> str | None``, plus a
+Python kernel for the backends the C++ op hands to Python (Triton launchers, the reference).
 
-The choice is cached per (op, device type, name) so the hot path costs one dict lookup.
+``backend=None`` (or "auto") picks the lowest-ranked backend that can take the inputs;
+``SPARSEOPS_BACKEND`` (read at import) or ``set_default_backend`` changes that default; an
+explicit ``backend=`` forces one, and a forced backend that cannot take the inputs raises an
+error listing every backend's reason. The choice is cached per (facts, requested backend),
+so a call costs one facts tuple and one dict lookup (~0.3 us).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch  # loads libc10/libtorch, which _C links against
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.sparseops.* as a side effect)
+    from . import _C
 
     HAS_C = True
     _C_ERROR = ""
@@ -28,8 +35,6 @@ except ImportError as exc:  # no compiler at install time, or an ABI mismatch
     _C_ERROR = str(exc)
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-# Ops with a backend choice; every one of them has all four backends today.
-OPS = ("topk_route", "route_metadata")
 
 # Facts fixed at import, so that choose() is plain Python that torch.compile can trace.
 _HAS_CUDA_KERNELS = HAS_C and bool(_C.build_info()["cuda"])
@@ -37,17 +42,162 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton reads TRITON_INTERPRET when its kernels are first compiled; set it before importing.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Why C++ first on CUDA: measured on an H100 host (torch 2.11, 2026-11) a C++ op costs ~9.5 us per
-# call and a custom_op around a Triton launch ~37 us, and routing kernels run for a few us.
-# Re-rank from benchmarks/results once GPU numbers exist for large T.
-_PREFERENCE = {
-    "cuda": ("cuda", "triton", "reference"),
-    "cpu": ("cpu", "reference"),
-}
-
 _default: str | None = os.environ.get("SPARSEOPS_BACKEND") or None
-_cache: dict[tuple[str, str, str | None], str] = {}
 _warned_no_c = False
+
+Facts = tuple
+PythonKernel = Callable[[list, list, dict], None]
+
+
+class Backend(NamedTuple):
+    rank: int  # auto picks the lowest rank that can take the inputs
+    unsupported_reason: Callable[..., str | None]  # (*facts) -> None when it can run them
+    kernel: PythonKernel | None  # (inputs, outputs, options) for backends run in Python
+
+
+class Op:
+    """One op's backends and the dispatcher that chooses among them.
+
+    ``facts(*inputs)`` turns the op's leading inputs into the hashable tuple its reasons
+    read; it raises TypeError naming the argument when an input is not a tensor.
+    """
+
+    def __init__(self, name: str, facts: Callable[..., Facts]) -> None:
+        self.name = name
+        self.facts = facts
+        self.backends: dict[str, Backend] = {}
+        self._cache: dict[tuple[Facts, str | None], str] = {}
+        OPS[name] = self
+
+    def register(
+        self,
+        backend: str,
+        *,
+        rank: int,
+        unsupported_reason: Callable[..., str | None],
+        kernel: PythonKernel | None = None,
+    ) -> None:
+        assert backend in BACKENDS, backend
+        self.backends[backend] = Backend(rank, unsupported_reason, kernel)
+        self._cache.clear()
+
+    def reasons(self, *inputs: Any) -> dict[str, str | None]:
+        """Each registered backend's reason for refusing these inputs (None: it can run them)."""
+        facts = self.facts(*inputs)
+        return {name: b.unsupported_reason(*facts) for name, b in self.backends.items()}
+
+    def choose(self, backend: str | None, *inputs: Any) -> str:
+        """The backend that runs this call; raises when a forced one cannot take the inputs."""
+        try:
+            key = (self.facts(*inputs), backend if backend is not None else _default)
+        except TypeError as exc:
+            raise TypeError(f"sparseops.{self.name}: {exc}") from None
+        if torch.compiler.is_compiling():
+            # Traced once per graph: a cache lookup would make torch.compile guard on the
+            # cache's contents, and the entry this trace adds would force a recompile.
+            return self._resolve(*key)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._resolve(*key)
+        return hit
+
+    def _resolve(self, facts: Facts, name: str | None) -> str:
+        reasons = {b: entry.unsupported_reason(*facts) for b, entry in self.backends.items()}
+        if name is None or name == "auto":
+            # A plain loop (not min(key=...)): torch.compile traces this on a cache miss.
+            chosen = None
+            for b, why in reasons.items():
+                if why is None and (chosen is None or self.backends[b].rank < self.backends[chosen].rank):
+                    chosen = b
+            if chosen == "reference" and not HAS_C:
+                _warn_no_c()
+            return chosen
+        if name not in self.backends:
+            raise RuntimeError(
+                f"sparseops.{self.name}: unknown backend {name!r}; choose one of {tuple(self.backends)} or 'auto'"
+            )
+        if reasons[name] is not None:
+            every = "; ".join(f"{b}: {why or 'available'}" for b, why in reasons.items())
+            raise RuntimeError(
+                f"sparseops.{self.name}: backend {name!r} cannot take these inputs ({_describe_facts(facts)}): "
+                f"{reasons[name]}. Backends: {every}"
+            )
+        return name
+
+
+OPS: dict[str, Op] = {}
+
+
+def _describe_facts(facts: Facts) -> str:
+    return ", ".join(str(f) for f in facts)
+
+
+def tensor_facts(arg: str) -> Callable[..., Facts]:
+    """Facts (device type, dtype) of the op's first input, named ``arg`` in error messages.
+
+    A device (or device string) stands for a tensor on it, so ``resolve_backend(op, "cuda")``
+    answers without building a tensor.
+    """
+
+    def facts(x: Any, *_: Any) -> Facts:
+        if isinstance(x, torch.Tensor):
+            return (x.device.type, x.dtype)
+        if isinstance(x, (str, torch.device)):
+            return (torch.device(x).type, None)
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasons shared by every op whose C++ op has CPU and CUDA kernels and hands Triton and the
+# reference to Python. They take the facts of tensor_facts: (device type, dtype).
+
+
+def native_cpu(device: str, *_: Any) -> str | None:
+    if device != "cpu":
+        return f"takes CPU tensors, got {device} tensors"
+    return None if HAS_C else f"the C++ extension is not built ({_C_ERROR})"
+
+
+def native_cuda(device: str, *_: Any) -> str | None:
+    if device != "cuda":
+        return f"takes CUDA tensors, got {device} tensors"
+    if not HAS_C:
+        return f"the C++ extension is not built ({_C_ERROR})"
+    return None if _HAS_CUDA_KERNELS else "this build of sparseops has no CUDA kernels"
+
+
+def triton_kernels(device: str, *_: Any) -> str | None:
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if not HAS_C:
+        return f"Triton kernels are reached through the C++ op, and the C++ extension is not built ({_C_ERROR})"
+    if device == "cuda":
+        return None
+    if device == "cpu":
+        return None if TRITON_INTERPRET else "runs CPU tensors only under TRITON_INTERPRET=1"
+    return f"has no kernels for {device} tensors"
+
+
+def always(*_: Any) -> str | None:
+    return None
+
+
+def run_python_kernel(op: str, backend: str, inputs: list, outputs: list, options: dict) -> None:
+    """Called by the C++ op (csrc/ops/python_kernels.cpp) for its Triton and reference backends."""
+    kernel = OPS[op].backends[backend].kernel
+    if kernel is None:
+        raise RuntimeError(f"sparseops.{op}: backend {backend!r} has no Python kernel")
+    kernel(inputs, outputs, options)
+
+
+if HAS_C:
+    _C._set_python_kernel_runner(run_python_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public helpers
 
 
 def build_info() -> dict:
@@ -69,74 +219,32 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None when ``backend`` can run on ``device_type``, else a sentence saying why not."""
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        if device_type != "cpu":
-            return f"takes CPU tensors, got {device_type} tensors"
-        return None if HAS_C else f"the C++ extension is not built ({_C_ERROR})"
-    if backend == "cuda":
-        if device_type != "cuda":
-            return f"takes CUDA tensors, got {device_type} tensors"
-        if not HAS_C:
-            return f"the C++ extension is not built ({_C_ERROR})"
-        return None if _HAS_CUDA_KERNELS else "this build of sparseops has no CUDA kernels"
-    if backend == "triton":
-        if not _HAS_TRITON:
-            return "triton is not installed"
-        if device_type == "cuda":
-            return None
-        if device_type == "cpu":
-            return None if TRITON_INTERPRET else "runs CPU tensors only under TRITON_INTERPRET=1"
-        return f"has no kernels for {device_type} tensors"
-    return f"unknown backend; choose one of {BACKENDS}"
-
-
 def set_default_backend(name: str | None) -> None:
     """Force a backend for every later call that passes no ``backend=`` (None/"auto": automatic)."""
     global _default
     if name is not None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
     _default = None if name == "auto" else name
-    _cache.clear()
+    for op in OPS.values():
+        op._cache.clear()
 
 
-def available_backends(op: str, device) -> list[str]:
-    """The backends that can run ``op`` on ``device`` (a torch.device or a device-type string)."""
-    device_type = getattr(device, "type", device)
-    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+def _op(name: str) -> Op:
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; ops with a backend choice: {tuple(OPS)}")
+    return OPS[name]
 
 
-def resolve_backend(op: str, device, backend: str | None = None) -> str:
-    """The backend a call of ``op`` on ``device`` runs with ``backend`` (None: what auto picks)."""
-    return choose(op, getattr(device, "type", device), backend)
+def available_backends(op: str, *inputs: Any) -> list[str]:
+    """The backends that can run ``op`` on these inputs (or a device), best first."""
+    entry = _op(op)
+    usable = [b for b, why in entry.reasons(*inputs).items() if why is None]
+    return sorted(usable, key=lambda b: (entry.backends[b].rank, BACKENDS.index(b)))
 
 
-def choose(op: str, device_type: str, backend: str | None) -> str:
-    """The backend that runs this call of ``op``; raises when a forced one cannot."""
-    key = (op, device_type, backend)
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    name = backend if backend is not None else _default
-    if name is None or name == "auto":
-        order = _PREFERENCE.get(device_type, ("reference",))
-        chosen = next(b for b in order + ("reference",) if unavailable_reason(b, device_type) is None)
-        if chosen == "reference" and not HAS_C:
-            _warn_no_c()
-    else:
-        reason = unavailable_reason(name, device_type)
-        if reason is not None:
-            every = "; ".join(f"{b}: {unavailable_reason(b, device_type) or 'available'}" for b in BACKENDS)
-            raise RuntimeError(
-                f"sparseops.{op}: backend {name!r} cannot take {device_type} inputs: {reason}. "
-                f"Backends for {device_type}: {every}"
-            )
-        chosen = name
-    _cache[key] = chosen
-    return chosen
+def resolve_backend(op: str, *inputs: Any, backend: str | None = None) -> str:
+    """The backend a call of ``op`` on these inputs (or a device) runs (None: what auto picks)."""
+    return _op(op).choose(backend, *inputs)
 
 
 def _warn_no_c() -> None:
@@ -147,5 +255,5 @@ def _warn_no_c() -> None:
             "sparseops: the C++/CUDA extension is not available "
             f"({_C_ERROR}); ops fall back to the pure-PyTorch references",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

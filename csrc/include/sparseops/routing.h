@@ -52,6 +52,12 @@ void topk_route_cuda_kernel(const at::Tensor& logits, const at::Tensor& bias,
                             const at::Tensor& mask, const TopkRouteConfig& cfg, at::Tensor& weights,
                             at::Tensor& ids);
 
+// Rows of the block-padded layout: each expert's rows rounded up to a multiple of block_m
+// bound the total by n + E*(block_m-1), rounded down to whole blocks; 0 without padding.
+constexpr int64_t padded_route_rows(int64_t n, int64_t num_experts, int64_t block_m) {
+  return block_m > 0 ? (n + num_experts * (block_m - 1)) / block_m * block_m : 0;
+}
+
 // Outputs of route_metadata, all int32 and contiguous, allocated by the op layer:
 //   counts [E], offs [E], sorted_slots [n], inverse [n], tokens [n] with n = T*k;
 //   with block_m > 0: padded_slots [P], block_expert [P / block_m], padded_offs [E] where

@@ -7,8 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import route, router_z_loss
-from ..ops.routing import RouteMeta, load_balancing_loss
+from ..ops.routing import RouteMeta, load_balancing_loss, route, router_z_loss
 
 
 class RouterOutput(NamedTuple):

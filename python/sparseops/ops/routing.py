@@ -1,19 +1,16 @@
 """MoE routing ops: top-k routing, routing metadata, expert-choice routing, router losses.
 
-Declarations live in two places by design:
-  * ``sparseops::topk_route`` / ``route_metadata`` / ``topk_route_backward`` are C++ schemas
-    (csrc/registration.cpp) with C++ CPU and CUDA kernels and C++ autograd, so a decode-size
-    call never enters Python after this module's thin wrapper;
-  * ``sparseops::topk_route_triton`` / ``route_metadata_triton`` are Python custom ops around
-    the Triton kernels (kernels/routing.py).
-This module adds their fake (meta) implementations, the Triton ops' autograd, the backend
-choice and the public functions. The semantics are specified by
-``sparseops.reference.routing``.
+``sparseops::topk_route``, ``route_metadata`` and ``route`` are declared once, in C++
+(csrc/registration.cpp), where their arguments are parsed and checked for every backend and
+where ``topk_route``'s autograd lives (csrc/ops/routing.cpp). This module registers, per op:
+the fake implementation (output shapes for meta tensors and torch.compile), each backend
+with its rank and reason (``sparseops._backend``), the Python kernels that the C++ op calls
+for the Triton and reference backends, and the public functions. The semantics are
+specified by ``sparseops.reference.routing``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -23,6 +20,7 @@ from ..reference import routing as ref
 
 __all__ = [
     "RouteMeta",
+    "TopkRouteOptions",
     "topk_route",
     "route_metadata",
     "route",
@@ -31,10 +29,21 @@ __all__ = [
     "router_z_loss",
 ]
 
-MAX_EXPERTS = 1024
-MAX_TOPK = 32
-_INT32_MAX = 2**31 - 1
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class TopkRouteOptions(NamedTuple):
+    """topk_route's scalar options as the C++ op parsed them (csrc/ops/routing.cpp
+    ``python_options``): what the Triton launcher and the reference kernel receive."""
+
+    k: int
+    scoring: str = "softmax"
+    order: str = "softmax_then_topk"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    group_scoring: str = "top2_sum"
+    scale: float = 1.0
 
 
 class RouteMeta(NamedTuple):
@@ -49,84 +58,37 @@ class RouteMeta(NamedTuple):
     block_expert: torch.Tensor | None = None
     padded_offs: torch.Tensor | None = None
 
+    @classmethod
+    def from_outputs(cls, out, block_m: int) -> RouteMeta:
+        """The op's eight outputs; the padded three only when they were asked for."""
+        return cls(*out) if block_m > 0 else cls(*out[:5])
 
-def _describe(t: torch.Tensor) -> str:
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
     return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask) -> None:
-    """The C++ op's checks (csrc/ops/routing.cpp), for the backends that do not pass through it."""
-    if logits.dim() != 2:
-        raise RuntimeError(f"logits must be a 2-D tensor, got {_describe(logits)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise RuntimeError(f"logits must have dtype in {_LOGIT_DTYPES}, got {_describe(logits)}")
-    T, E = logits.shape
-    if not 1 <= E <= MAX_EXPERTS:
-        raise RuntimeError(
-            f"logits.size(1) (the number of experts) must be in [1, {MAX_EXPERTS}], got {_describe(logits)}"
-        )
-    kmax = min(E, MAX_TOPK)
-    if not 1 <= k <= kmax:
-        raise RuntimeError(
-            f"k must be in [1, min(E, {MAX_TOPK})] = [1, {kmax}], got k = {k} for logits {_describe(logits)}"
-        )
-    if scoring not in ("softmax", "sigmoid"):
-        raise RuntimeError(f'scoring must be "softmax" or "sigmoid", got "{scoring}"')
-    if order not in ("softmax_then_topk", "topk_then_softmax"):
-        raise RuntimeError(f'order must be "softmax_then_topk" or "topk_then_softmax", got "{order}"')
-    if n_group < 1 or E % n_group != 0:
-        raise RuntimeError(f"n_group must be >= 1 and divide E = {E}, got n_group = {n_group}")
-    if not 1 <= topk_group <= n_group:
-        raise RuntimeError(f"topk_group must be in [1, n_group = {n_group}], got {topk_group}")
-    if k > topk_group * (E // n_group):
-        raise RuntimeError(
-            f"k = {k} cannot exceed the experts in the chosen groups, "
-            f"topk_group * E / n_group = {topk_group * (E // n_group)}"
-        )
-    if not math.isfinite(scale):
-        raise RuntimeError(f"scale must be finite, got {scale}")
-    for name, t, dtypes in (("bias", bias, _LOGIT_DTYPES), ("expert_mask", expert_mask, (torch.bool,))):
-        if t is None:
-            continue
-        if t.dim() != 1:
-            raise RuntimeError(f"{name} must be a 1-D tensor, got {_describe(t)}")
-        if t.dtype not in dtypes:
-            raise RuntimeError(f"{name} must have dtype in {dtypes}, got {_describe(t)}")
-        if t.shape[0] != E:
-            raise RuntimeError(
-                f"{name}.size(0) must equal the number of experts logits.size(1) = {E}, got {_describe(t)}"
-            )
-        if t.device != logits.device:
-            raise RuntimeError(f"{name} must be on the same device as logits ({logits.device}), got {_describe(t)}")
-
-
-def _check_route_metadata(ids: torch.Tensor, num_experts: int, block_m: int, check_values: bool) -> None:
-    if ids.dim() != 2:
-        raise RuntimeError(f"ids must be a 2-D tensor, got {_describe(ids)}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise RuntimeError(f"ids must have dtype in (torch.int32, torch.int64), got {_describe(ids)}")
-    if not 1 <= num_experts <= MAX_EXPERTS:
-        raise RuntimeError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
-    if not 0 <= block_m <= 65536:
-        raise RuntimeError(f"block_m must be in [0, 65536], got {block_m}")
-    n = ids.numel()
-    if max(n, _padded_rows(n, num_experts, block_m)) > _INT32_MAX:
-        raise RuntimeError(
-            f"route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids {_describe(ids)}"
-        )
-    if check_values and n > 0 and bool(((ids < -1) | (ids >= num_experts)).any()):
-        raise RuntimeError(
-            f"ids must hold expert indices in [0, num_experts = {num_experts}) or -1 for a dropped slot, "
-            f"got a value outside that range in ids {_describe(ids)}"
-        )
-
-
 def _padded_rows(n, num_experts: int, block_m: int):
+    # The Python twin of padded_route_rows (csrc/include/sparseops/routing.h), SymInt-friendly.
     return (n + num_experts * (block_m - 1)) // block_m * block_m if block_m > 0 else 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake implementations: output shapes and strides of every backend, SymInt-friendly.
+# Fake implementations: output shapes and strides of every backend, SymInt-friendly. They also
+# catch what the dispatcher would otherwise route here silently: a tensor on another device
+# (a meta bias with CPU logits selects the Meta kernel, which is this function).
+
+
+def _check_same_device(like: torch.Tensor, like_name: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise RuntimeError(f"{name} must be on the same device as {like_name} ({like.device}), got {_describe(t)}")
 
 
 def _topk_route_fake(
@@ -141,13 +103,15 @@ def _topk_route_fake(
     scale=1.0,
     expert_mask=None,
     group_scoring="top2_sum",
+    backend="auto",
 ):
-    acc = ref.accumulate_dtype(logits.dtype)
+    _check_same_device(logits, "logits", bias=bias, expert_mask=expert_mask)
     T = logits.shape[0]
+    acc = _accumulate_dtype(logits.dtype)
     return logits.new_empty((T, k), dtype=acc), logits.new_empty((T, k), dtype=torch.int32)
 
 
-def _route_metadata_fake(ids, num_experts, block_m=0):
+def _route_metadata_fake(ids, num_experts, block_m=0, backend="auto"):
     n = ids.numel()
     P = _padded_rows(n, num_experts, block_m)
     new = lambda *shape: ids.new_empty(shape, dtype=torch.int32)
@@ -169,85 +133,61 @@ if _backend.HAS_C:
     torch.library.register_fake("sparseops::route_metadata")(_route_metadata_fake)
     _topk_route_op = torch.ops.sparseops.topk_route.default
     _route_metadata_op = torch.ops.sparseops.route_metadata.default
-    _topk_route_backward_op = torch.ops.sparseops.topk_route_backward.default
     _route_op = torch.ops.sparseops.route.default
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton ops. The kernels module is imported on first use: importing triton costs ~1 s.
+# Python kernels: what the C++ op runs for the Triton and reference backends, on the inputs it
+# prepared (contiguous; bias in the accumulate dtype) and the outputs it allocated. The Triton
+# kernels module is imported on first use: importing triton costs ~1 s.
 
 
-@torch.library.custom_op("sparseops::topk_route_triton", mutates_args=())
-def _topk_route_triton(
-    logits: torch.Tensor,
-    k: int,
-    scoring: str,
-    order: str,
-    renormalize: bool,
-    bias: torch.Tensor | None,
-    n_group: int,
-    topk_group: int,
-    scale: float,
-    expert_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_route_reference(logits, opts: TopkRouteOptions, bias=None, expert_mask=None):
+    return ref.topk_route_ref(logits, bias=bias, expert_mask=expert_mask, **opts._asdict())
+
+
+def _topk_route_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.routing import topk_route_triton
 
-    acc = ref.accumulate_dtype(logits.dtype)
-    if logits.shape[0] == 0:
-        return _topk_route_fake(logits, k)
-    return topk_route_triton(
-        logits.contiguous(),
-        k,
-        scoring=scoring,
-        order=order,
-        renormalize=renormalize,
-        bias=None if bias is None else bias.to(acc).contiguous(),
-        n_group=n_group,
-        topk_group=topk_group,
-        scale=scale,
-        expert_mask=None if expert_mask is None else expert_mask.contiguous(),
-    )
+    logits, bias, expert_mask = inputs
+    topk_route_triton(logits, bias, expert_mask, *outputs, TopkRouteOptions(**options))
 
 
-@torch.library.custom_op("sparseops::route_metadata_triton", mutates_args=())
-def _route_metadata_triton(
-    ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
+def _topk_route_reference_kernel(inputs, outputs, options) -> None:
+    logits, bias, expert_mask = inputs
+    for out, value in zip(outputs, _topk_route_reference(logits, TopkRouteOptions(**options), bias, expert_mask)):
+        out.copy_(value)
+
+
+def _route_metadata_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.routing import route_metadata_triton
 
-    return tuple(route_metadata_triton(ids.to(torch.int32).contiguous(), num_experts, block_m))
+    route_metadata_triton(inputs[0], options["num_experts"], options["block_m"], outputs)
 
 
-_topk_route_triton.register_fake(_topk_route_fake)
-_route_metadata_triton.register_fake(_route_metadata_fake)
+def _route_metadata_reference_kernel(inputs, outputs, options) -> None:
+    ids, E = inputs[0], options["num_experts"]
+    if ids.is_cuda:
+        # As the CUDA and Triton kernels (which cannot raise without a host sync): an id
+        # outside [-1, E) is a dropped slot. On CPU the op layer has already raised.
+        ids = torch.where((ids >= -1) & (ids < E), ids, -1)
+    for out, value in zip(outputs, ref.route_metadata_ref(ids, E, options["block_m"])):
+        out.copy_(value)
 
 
-def _topk_route_triton_setup(ctx, inputs, output):
-    logits, _k, scoring, order, renormalize, _bias, _ng, _tg, scale, expert_mask = inputs
-    ctx.save_for_backward(logits, output[1], expert_mask)
-    ctx.args = (scoring, order, renormalize, scale)
-
-
-def _topk_route_triton_backward(ctx, grad_weights, _grad_ids):
-    logits, ids, expert_mask = ctx.saved_tensors
-    return (_route_weights_grad(grad_weights, logits, ids, *ctx.args, expert_mask),) + (None,) * 9
-
-
-_topk_route_triton.register_autograd(_topk_route_triton_backward, setup_context=_topk_route_triton_setup)
-
-
-def _route_weights_grad(grad_weights, logits, ids, scoring, order, renormalize, scale, expert_mask):
-    """d(weights)/d(logits): the fused C++ formula when built, else autograd through the reference."""
-    if _backend.HAS_C:
-        return _topk_route_backward_op(grad_weights, logits, ids, scoring, order, renormalize, scale, expert_mask)
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(True)
-        w = ref.route_weights_ref(
-            x, ids, scoring=scoring, order=order, renormalize=renormalize, scale=scale, expert_mask=expert_mask
-        )
-        return torch.autograd.grad(w, x, grad_weights)[0]
+_TOPK_ROUTE = _backend.Op("topk_route", _backend.tensor_facts("logits"))
+_ROUTE_METADATA = _backend.Op("route_metadata", _backend.tensor_facts("ids"))
+for _op, _triton_kernel, _reference_kernel in (
+    (_TOPK_ROUTE, _topk_route_triton_kernel, _topk_route_reference_kernel),
+    (_ROUTE_METADATA, _route_metadata_triton_kernel, _route_metadata_reference_kernel),
+):
+    # Why C++ before Triton on CUDA: measured on an H100 host (torch 2.11, 2026-11) a C++ op
+    # costs ~9.5 us per call and a Triton launch from Python ~19 us more, and these kernels
+    # run for a few us. Re-rank from benchmarks/results once GPU numbers exist for large T.
+    _op.register("cuda", rank=0, unsupported_reason=_backend.native_cuda)
+    _op.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+    _op.register("triton", rank=1, unsupported_reason=_backend.triton_kernels, kernel=_triton_kernel)
+    _op.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,47 +221,36 @@ def topk_route(
             and gpt-oss's formulation). Ignored for sigmoid.
         renormalize: divide the k weights by their sum (always true for topk_then_softmax).
         bias: [E] selection-only bias (DeepSeek-V3's auxiliary-loss-free balancing): added to
-            the scores used to *choose* experts, never to the returned weights.
+            the scores used to *choose* experts, never to the returned weights. Same device
+            as logits.
         n_group, topk_group: restrict each token to its best ``topk_group`` of ``n_group``
             equal groups of experts, each group scored as ``group_scoring`` says.
         scale: multiplies the final weights (DeepSeek-V3: 2.5).
         expert_mask: [E] bool, False = disabled (pruned or remote) expert: never selected and
-            excluded from the softmax denominator.
+            excluded from the softmax denominator. Same device as logits.
         group_scoring: "top2_sum" (the sum of a group's two best biased scores: DeepSeek-V3)
             or "max" (its best biased score: DeepSeek-V2's group_limited_greedy).
         backend: None/"auto", "cuda", "triton", "cpu" or "reference".
 
     Returns:
-        weights: [T, k] fp32 (fp64 for fp64 logits), contiguous; differentiable in logits.
+        weights: [T, k] fp32 (fp64 for fp64 logits), contiguous; differentiable in logits
+            (twice: the backward is differentiable too).
         ids: [T, k] int32, contiguous. Row t lists its experts by descending selection score,
             ties going to the lower expert index; a slot no enabled expert can fill holds -1
             (weight 0), which ``route_metadata`` treats as dropped.
 
     Selection ranks by the logit when there is no bias (exactly the order of the
     probabilities) and by fp32(score computed in fp64) + bias otherwise, so the ids are the
-    same on every backend (see ``sparseops.reference.routing.selection_scores_ref``).
+    same on every backend (see ``sparseops.reference.routing.selection_scores_ref``). A NaN
+    logit ranks as -inf; its weights follow the reference formulas exactly.
     """
-    name = _backend.choose("topk_route", logits.device.type, backend)
-    if name in ("cpu", "cuda"):
+    name = _TOPK_ROUTE.choose(backend, logits)
+    if _backend.HAS_C:
         return _topk_route_op(
-            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring
+            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring, name
         )
-    _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask)
-    if name == "triton":
-        return _topk_route_triton(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
-    return ref.topk_route_ref(
-        logits,
-        k,
-        scoring=scoring,
-        order=order,
-        renormalize=renormalize,
-        bias=bias,
-        n_group=n_group,
-        topk_group=topk_group,
-        scale=scale,
-        expert_mask=expert_mask,
-        group_scoring=group_scoring,
-    )
+    opts = TopkRouteOptions(k, scoring, order, renormalize, n_group, topk_group, group_scoring, scale)
+    return _topk_route_reference(logits, opts, bias, expert_mask)
 
 
 def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, backend: str | None = None) -> RouteMeta:
@@ -346,22 +275,15 @@ def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, bac
         last used block; padded_offs [E], cumulative padded ends.
 
     Deterministic (no atomics decide an order), no host synchronisation, every size a static
-    bound: the call can be captured in a CUDA graph. Out-of-range ids raise on CPU (and on
-    the reference backend); the CUDA and Triton kernels cannot check without a host sync, so
-    they treat them as dropped and never touch memory out of bounds.
+    bound: the call can be captured in a CUDA graph. An id outside [-1, E) raises on CPU
+    tensors, whatever the backend (int64 ids are checked before they are narrowed to
+    int32); on CUDA tensors the kernels cannot check without a host sync, so every backend
+    treats such an id as dropped and never touches memory out of bounds.
     """
-    name = _backend.choose("route_metadata", ids.device.type, backend)
-    if name in ("cpu", "cuda"):
-        out = _route_metadata_op(ids, num_experts, block_m)
-    else:
-        _check_route_metadata(ids, num_experts, block_m, check_values=name == "reference")
-        if name == "triton":
-            out = _route_metadata_triton(ids, num_experts, block_m)
-        else:
-            out = ref.route_metadata_ref(ids, num_experts, block_m)
-    if block_m > 0:
-        return RouteMeta(*out)
-    return RouteMeta(*out[:5])
+    name = _ROUTE_METADATA.choose(backend, ids)
+    if _backend.HAS_C:
+        return RouteMeta.from_outputs(_route_metadata_op(ids, num_experts, block_m, name), block_m)
+    return RouteMeta.from_outputs(ref.route_metadata_ref(ids, num_experts, block_m), block_m)
 
 
 def route(
@@ -386,13 +308,10 @@ def route(
     the C++ backends the pair crosses from Python into C++ once instead of twice, which is
     what a decode step (T <= 64, kernels of a few microseconds) mostly pays for.
     """
-    name = _backend.choose("topk_route", logits.device.type, backend)
-    if name in ("cpu", "cuda"):
-        out = _route_op(
-            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring, block_m
-        )
-        weights, ids, meta = out[0], out[1], out[2:]
-    else:
+    name = _TOPK_ROUTE.choose(backend, logits)
+    if torch.compiler.is_compiling():
+        # Traced as its two parts: tracing through the C++ composite specialises on T (a
+        # new graph per token count), the two Python fakes keep T symbolic.
         weights, ids = topk_route(
             logits,
             k,
@@ -407,8 +326,28 @@ def route(
             group_scoring=group_scoring,
             backend=name,
         )
-        meta = route_metadata(ids, logits.shape[1], block_m=block_m, backend=name)
-    return weights, ids, RouteMeta(*meta) if block_m > 0 else RouteMeta(*meta[:5])
+        return weights, ids, route_metadata(ids, logits.shape[1], block_m=block_m, backend=name)
+    if _backend.HAS_C:
+        out = _route_op(
+            logits,
+            k,
+            scoring,
+            order,
+            renormalize,
+            bias,
+            n_group,
+            topk_group,
+            scale,
+            expert_mask,
+            group_scoring,
+            block_m,
+            name,
+        )
+    else:
+        opts = TopkRouteOptions(k, scoring, order, renormalize, n_group, topk_group, group_scoring, scale)
+        weights, ids = _topk_route_reference(logits, opts, bias, expert_mask)
+        out = (weights, ids, *ref.route_metadata_ref(ids, logits.shape[1], block_m))
+    return out[0], out[1], RouteMeta.from_outputs(out[2:], block_m)
 
 
 def expert_choice_route(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,49 +361,73 @@ def expert_choice_route(logits: torch.Tensor, capacity: int) -> tuple[torch.Tens
         weights [E, C]: softmax-over-experts probabilities of the chosen tokens (fp32, fp64
             for fp64 logits), differentiable in logits.
         token_ids [E, C] int32: each expert's tokens by descending probability, lower token
-            index first on ties.
+            index first on ties. A NaN probability (a row of NaN logits) ranks above every
+            number, as ``torch.sort`` orders it.
 
     One device-generic implementation: the probability's bits and the reversed token index
     are packed into one int64 key, so ``torch.topk`` over unique keys is exact, tie-stable
     and deterministic on every device (a selection, not a full sort).
     """
-    if logits.dim() != 2 or logits.dtype not in _LOGIT_DTYPES:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _LOGIT_DTYPES:
         raise RuntimeError(f"logits must be a 2-D float tensor, got {_describe(logits)}")
     T = logits.shape[0]
-    if not 0 <= capacity <= T:
-        raise RuntimeError(f"capacity must be in [0, T = {T}], got {capacity}")
-    probs = torch.softmax(logits.to(ref.accumulate_dtype(logits.dtype)), dim=-1)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 0 <= capacity <= T:
+        raise RuntimeError(f"capacity must be in [0, T = {T}] (an int), got {capacity!r}")
+    probs = torch.softmax(logits.to(_accumulate_dtype(logits.dtype)), dim=-1)
     probs_t = probs.t()
     if probs.dtype == torch.float64:
         order = probs_t.detach().sort(dim=-1, descending=True, stable=True).indices[:, :capacity]
     else:
-        # Non-negative fp32 bits order like the values; T-1-t makes the lower token win ties.
-        bits = probs_t.detach().contiguous().view(torch.int32).to(torch.int64)
+        # Non-negative fp32 bits order like the values; every NaN (whatever its sign bit) is
+        # given the canonical positive NaN's bits, which order above +inf as sort puts NaN
+        # first; T-1-t makes the lower token win ties.
+        p = probs_t.detach().contiguous()
+        bits = torch.where(p.isnan(), 0x7FC00000, p.view(torch.int32)).to(torch.int64)
         rev = (T - 1) - torch.arange(T, device=logits.device, dtype=torch.int64)
         keys = (bits << 32) | rev
         order = (T - 1) - keys.topk(capacity, dim=-1, sorted=True).values.bitwise_and(0xFFFFFFFF)
     return probs_t.gather(1, order), order.to(torch.int32)
 
 
-def load_balancing_loss(router_probs: torch.Tensor, expert_counts: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(
+    router_probs: torch.Tensor, expert_counts: torch.Tensor, top_k: int, *, normalize: str = "slots"
+) -> torch.Tensor:
     """Switch / GShard auxiliary load-balancing loss, E * sum_e f_e * P_e.
 
     Args:
         router_probs: [T, E] router probabilities (softmax or sigmoid scores), differentiable.
         expert_counts: [E] slots routed to each expert (``RouteMeta.counts``), any int dtype.
-        top_k: experts per token, so that f_e = expert_counts[e] / (T * top_k).
+        top_k: experts per token.
+        normalize: "slots" (default): f_e = expert_counts[e] / (T * top_k), the fraction of
+            routed slots, so uniform routing gives 1.0 and all tokens on one expert E.
+            "tokens": f_e = expert_counts[e] / T, Hugging Face transformers'
+            ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE ...), which is top_k times
+            the "slots" value.
 
-    Returns a 0-dim tensor in router_probs' dtype: 1.0 for perfectly uniform routing, E for
-    all tokens on one expert; 0 for T = 0. Gradients flow through router_probs only.
+    To reproduce a transformers model's ``router_aux_loss_coef * aux_loss``, use
+    ``normalize="tokens"`` with the model's coefficient, or the default with
+    ``router_aux_loss_coef * top_k``.
+
+    Returns a 0-dim tensor in router_probs' dtype; 0 for T = 0. Gradients flow through
+    router_probs only.
     """
-    if router_probs.dim() != 2 or expert_counts.dim() != 1 or expert_counts.shape[0] != router_probs.shape[1]:
+    if (
+        not isinstance(router_probs, torch.Tensor)
+        or not isinstance(expert_counts, torch.Tensor)
+        or router_probs.dim() != 2
+        or expert_counts.dim() != 1
+        or expert_counts.shape[0] != router_probs.shape[1]
+    ):
         raise RuntimeError(
             f"load_balancing_loss needs router_probs [T, E] and expert_counts [E], got "
             f"{_describe(router_probs)} and {_describe(expert_counts)}"
         )
-    if top_k < 1:
-        raise RuntimeError(f"top_k must be >= 1, got {top_k}")
-    return ref.load_balancing_loss_ref(router_probs, expert_counts, top_k)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise RuntimeError(f"top_k must be >= 1 (an int), got {top_k!r}")
+    if normalize not in ("slots", "tokens"):
+        raise RuntimeError(f'normalize must be "slots" or "tokens", got {normalize!r}')
+    loss = ref.load_balancing_loss_ref(router_probs, expert_counts, top_k)
+    return loss * top_k if normalize == "tokens" else loss
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -473,6 +436,6 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     logits: [T, E] router logits. Penalises large logits, which keeps the router's softmax
     numerically stable in low precision.
     """
-    if logits.dim() != 2:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise RuntimeError(f"logits must be a 2-D tensor [T, E], got {_describe(logits)}")
     return ref.router_z_loss_ref(logits)

@@ -194,7 +194,7 @@ def route_weights_ref(
 def route_metadata_ref(ids: torch.Tensor, num_experts: int, block_m: int = 0) -> tuple[torch.Tensor, ...]:
     """Reference for ``sparseops.route_metadata``: a stable counting sort of slots by expert.
 
-    ids [T, k] int32 with values in [-1, E); -1 marks a dropped slot. Returns int32 tensors
+    ids [T, k] int32 with values in [-1, E) (anything else raises); -1 marks a dropped slot. Returns int32 tensors
     (counts [E], offs [E], sorted_slots [T*k], inverse [T*k], tokens [T*k], padded_slots [P],
     block_expert [P / block_m], padded_offs [E]), the last three empty when block_m == 0.
 
@@ -210,6 +210,11 @@ def route_metadata_ref(ids: torch.Tensor, num_experts: int, block_m: int = 0) ->
     n = T * k
     dev = ids.device
     flat = ids.reshape(-1).long()
+    if n > 0 and bool(((flat < -1) | (flat >= E)).any()):
+        raise RuntimeError(
+            f"ids must hold expert indices in [0, num_experts = {E}) or -1 for a dropped slot, "
+            f"got values in [{int(flat.min())}, {int(flat.max())}]"
+        )
     kept = flat >= 0
     counts = torch.bincount(flat[kept], minlength=E)[:E]
     offs = counts.cumsum(0)
