@@ -14,6 +14,7 @@ atol 1e-6 / rtol 1e-5 in fp32 (the weights of fp16 / bf16 logits are fp32 too) a
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -63,6 +64,7 @@ DEFAULTS = dict(
     topk_group=1,
     scale=1.0,
     expert_mask=None,
+    group_scoring="top2_sum",
 )
 STT = "softmax_then_topk"
 TTS = "topk_then_softmax"
@@ -85,9 +87,22 @@ def _mask(E: int, frac: float = 0.5, seed: int = 2) -> torch.Tensor:
     return (torch.rand(E, generator=_gen(seed)) < frac).to(DEVICE)
 
 
+def _topk_triton(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher under its contract: preallocated outputs, options as attributes."""
+    args = {**DEFAULTS, **kw}
+    bias, mask = args.pop("bias"), args.pop("expert_mask")
+    acc = FP64 if logits.dtype == FP64 else FP32
+    T = logits.shape[0]
+    # Filled with garbage: the launcher must write every element.
+    w = torch.full((T, k), float("nan"), dtype=acc, device=logits.device)
+    ids = torch.full((T, k), -7, dtype=torch.int32, device=logits.device)
+    kr.topk_route_triton(logits, bias, mask, w, ids, SimpleNamespace(k=k, **args))
+    return w, ids
+
+
 def _check_topk(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     args = {**DEFAULTS, **kw}
-    w, ids = kr.topk_route_triton(logits, k, **args)
+    w, ids = _topk_triton(logits, k, **kw)
     w_ref, ids_ref = topk_route_ref(logits, k, **args)
     assert ids.dtype == torch.int32 and ids.shape == ids_ref.shape
     assert torch.equal(ids, ids_ref), f"ids differ\n{ids}\n{ids_ref}"
@@ -258,18 +273,24 @@ def test_topk_launch_config() -> None:
             for on_gpu in (False, True):
                 block_t, num_warps = kr._topk_launch_config(T, e_pad, on_gpu)
                 assert 1 <= block_t <= max(1, 2048 // e_pad) and block_t & (block_t - 1) == 0
-                assert 1 <= num_warps <= 8 and block_t <= _next_pow2(T)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+                assert 1 <= num_warps <= 8 and block_t <= kr.next_pow2(T)
 
 
 # ------------------------------------------------------------------ route_metadata
 
 
+def _metadata_triton(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The launcher under its contract: 8 preallocated outputs, filled with garbage first."""
+    n = ids.numel()
+    P = (n + E * (block_m - 1)) // block_m * block_m if block_m > 0 else 0
+    sizes = (E, E, n, n, n, P, P // block_m if block_m > 0 else 0, E if block_m > 0 else 0)
+    out = tuple(torch.full((size,), -7, dtype=torch.int32, device=ids.device) for size in sizes)
+    kr.route_metadata_triton(ids, E, block_m, out)
+    return out
+
+
 def _check_metadata(ids: torch.Tensor, E: int, block_m: int, ref_ids: torch.Tensor | None = None) -> tuple:
-    out = kr.route_metadata_triton(ids, E, block_m)
+    out = _metadata_triton(ids, E, block_m)
     ref = route_metadata_ref(ids if ref_ids is None else ref_ids, E, block_m)
     assert len(out) == 8
     for name, a, b in zip(RouteMeta._fields, out, ref, strict=True):
@@ -380,13 +401,13 @@ def test_cuda_graph_capture() -> None:
     bias = _bias(256)
     ids = _ids(64, 8, 256)
     kw = {**DEFAULTS, "scoring": "sigmoid", "bias": bias, "n_group": 8, "topk_group": 4}
-    kr.topk_route_triton(logits, 8, **kw)  # compile outside the capture
-    kr.route_metadata_triton(ids, 256, 16)
+    _topk_triton(logits, 8, **kw)  # compile outside the capture
+    _metadata_triton(ids, 256, 16)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        w, top = kr.topk_route_triton(logits, 8, **kw)
-        meta = kr.route_metadata_triton(ids, 256, 16)
+        w, top = _topk_triton(logits, 8, **kw)
+        meta = _metadata_triton(ids, 256, 16)
     logits.copy_(_logits(64, 256, seed=99))
     ids.copy_(_ids(64, 8, 256, seed=99))
     graph.replay()

@@ -14,6 +14,7 @@ choice and the public functions. The semantics are specified by
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -189,24 +190,33 @@ def _topk_route_triton(
     topk_group: int,
     scale: float,
     expert_mask: torch.Tensor | None,
+    group_scoring: str = "top2_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.routing import topk_route_triton
 
-    acc = ref.accumulate_dtype(logits.dtype)
+    weights, ids = _topk_route_fake(logits, k)
     if logits.shape[0] == 0:
-        return _topk_route_fake(logits, k)
-    return topk_route_triton(
-        logits.contiguous(),
-        k,
+        return weights, ids
+    acc = ref.accumulate_dtype(logits.dtype)
+    opts = SimpleNamespace(
+        k=k,
         scoring=scoring,
         order=order,
         renormalize=renormalize,
-        bias=None if bias is None else bias.to(acc).contiguous(),
         n_group=n_group,
         topk_group=topk_group,
+        group_scoring=group_scoring,
         scale=scale,
-        expert_mask=None if expert_mask is None else expert_mask.contiguous(),
     )
+    topk_route_triton(
+        logits.contiguous(),
+        None if bias is None else bias.to(acc).contiguous(),
+        None if expert_mask is None else expert_mask.contiguous(),
+        weights,
+        ids,
+        opts,
+    )
+    return weights, ids
 
 
 @torch.library.custom_op("sparseops::route_metadata_triton", mutates_args=())
@@ -217,7 +227,9 @@ def _route_metadata_triton(
 ]:
     from ..kernels.routing import route_metadata_triton
 
-    return tuple(route_metadata_triton(ids.to(torch.int32).contiguous(), num_experts, block_m))
+    out = _route_metadata_fake(ids, num_experts, block_m)
+    route_metadata_triton(ids.to(torch.int32).contiguous(), num_experts, block_m, out)
+    return out
 
 
 _topk_route_triton.register_fake(_topk_route_fake)
@@ -225,14 +237,16 @@ _route_metadata_triton.register_fake(_route_metadata_fake)
 
 
 def _topk_route_triton_setup(ctx, inputs, output):
-    logits, _k, scoring, order, renormalize, _bias, _ng, _tg, scale, expert_mask = inputs
+    logits, _k, scoring, order, renormalize, _bias, _ng, _tg, scale, expert_mask = inputs[:10]
     ctx.save_for_backward(logits, output[1], expert_mask)
     ctx.args = (scoring, order, renormalize, scale)
+    ctx.num_inputs = len(inputs)
 
 
 def _topk_route_triton_backward(ctx, grad_weights, _grad_ids):
     logits, ids, expert_mask = ctx.saved_tensors
-    return (_route_weights_grad(grad_weights, logits, ids, *ctx.args, expert_mask),) + (None,) * 9
+    grad = _route_weights_grad(grad_weights, logits, ids, *ctx.args, expert_mask)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 _topk_route_triton.register_autograd(_topk_route_triton_backward, setup_context=_topk_route_triton_setup)
@@ -308,7 +322,9 @@ def topk_route(
         )
     _check_topk_route(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask)
     if name == "triton":
-        return _topk_route_triton(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask)
+        return _topk_route_triton(
+            logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring
+        )
     return ref.topk_route_ref(
         logits,
         k,
