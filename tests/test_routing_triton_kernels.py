@@ -6,9 +6,9 @@ The interpreter runs programs one after another and is slow, so shapes stay smal
 whole file takes well under two minutes on two CPU cores. With a GPU the same tests run on
 CUDA tensors, plus a few GPU-only ones (large shapes, CUDA-graph capture).
 
-Integer outputs (ids, every metadata tensor) must match exactly; weights within
-atol 1e-6 / rtol 1e-5 in fp32 (the weights of fp16 / bf16 logits are fp32 too) and
-1e-12 in fp64.
+Integer outputs (ids, every metadata tensor) must match exactly; weights within the
+``sparseops.testing`` tolerances of their (accumulate) dtype: fp32, also for fp16 / bf16
+logits, and fp64.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ except ModuleNotFoundError as err:  # a source checkout run with PYTHONPATH=pyth
         raise
     from kernels import routing as kr  # noqa: E402
 
+import sparseops  # noqa: E402
 from sparseops import RouteMeta  # noqa: E402
 from sparseops.reference.routing import route_metadata_ref, topk_route_ref  # noqa: E402
+from sparseops.testing import assert_close, router_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -74,8 +76,8 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _logits(T: int, E: int, dtype: torch.dtype = FP32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(T, E, generator=_gen(seed), dtype=FP64).to(dtype).to(DEVICE)
+def _logits(T: int, E: int, dtype: torch.dtype = FP32, seed: int = 0, ties: bool = False) -> torch.Tensor:
+    return router_logits(T, E, dtype=dtype, device=DEVICE, seed=seed, ties=ties)
 
 
 def _bias(E: int, dtype: torch.dtype = FP32, seed: int = 1) -> torch.Tensor:
@@ -107,10 +109,7 @@ def _check_topk(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch
     assert ids.dtype == torch.int32 and ids.shape == ids_ref.shape
     assert torch.equal(ids, ids_ref), f"ids differ\n{ids}\n{ids_ref}"
     assert w.dtype == w_ref.dtype and w.shape == w_ref.shape
-    if w.dtype == FP64:
-        torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12, equal_nan=True)
-    else:
-        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    assert_close(w, w_ref)
     return w, ids
 
 
@@ -212,6 +211,83 @@ def test_topk_groups_misc() -> None:
         expert_mask=mask,
     )
     _check_topk(_logits(7, 60, seed=15), 8, n_group=6, topk_group=2, expert_mask=mask)
+
+
+# ------------------------------------------------------------------ group_scoring="max"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_group_scoring_max(scoring: str, order: str, with_bias: bool) -> None:
+    # DeepSeek-V2 group_limited_greedy: a group scores its best biased score. E = 60 in 4
+    # groups of 15 (a loop over non-power-of-two groups); fp64 scores are not rounded.
+    for dtype in (FP32, FP64):
+        bias = _bias(60, dtype, seed=30) if with_bias else None
+        _check_topk(
+            _logits(7, 60, dtype, seed=31),
+            6,
+            scoring=scoring,
+            order=order,
+            bias=bias,
+            n_group=4,
+            topk_group=2,
+            group_scoring="max",
+        )
+
+
+def test_topk_group_scoring_max_differs_from_top2_sum() -> None:
+    # Group 0 holds the single best expert, group 1 the best pair: "max" keeps group 0,
+    # "top2_sum" keeps group 1, so the flag must reach the kernel.
+    x = torch.tensor([[3.0, -2.0, 2.0, 1.9], [-1.0, 1.0, 2.5, 2.4]], device=DEVICE)
+    _, ids_max = _check_topk(x, 2, scoring="sigmoid", n_group=2, topk_group=1, group_scoring="max")
+    _, ids_sum = _check_topk(x, 2, scoring="sigmoid", n_group=2, topk_group=1, group_scoring="top2_sum")
+    assert ids_max.tolist() == [[0, 1], [2, 3]] and ids_sum.tolist() == [[2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_group_scoring_max_ties(scoring: str, order: str) -> None:
+    # Logits and bias on a coarse grid: equal group maxima, broken by the lower group index,
+    # then equal experts, broken by the lower expert index.
+    coarse = _logits(7, 64, ties=True, seed=32)
+    coarse_bias = (torch.randint(-1, 2, (64,), generator=_gen(33)).float() * 0.25).to(DEVICE)
+    kw = dict(scoring=scoring, order=order, n_group=8, topk_group=3, group_scoring="max")
+    _check_topk(coarse, 8, **kw)
+    _check_topk(coarse, 8, bias=coarse_bias, **kw)
+    _check_topk(coarse.to(torch.bfloat16), 8, bias=coarse_bias, **kw)
+    # All-equal rows: every group ties, groups 0..2 and then experts 0..7 win.
+    equal = torch.full((3, 64), 0.25, device=DEVICE)
+    _, ids = _check_topk(equal, 8, bias=torch.zeros(64, device=DEVICE), **kw)
+    assert (ids == torch.arange(8, dtype=torch.int32, device=DEVICE)).all()
+
+
+def test_topk_group_scoring_max_masks_and_small_groups() -> None:
+    # A group with a single enabled expert scores that expert under "max" (-inf under
+    # top2_sum); a group with none scores -inf; groups of one expert.
+    mask = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    mask[[1, 2, 3, 8, 9, 10, 11]] = False  # group 0 keeps expert 0 only, group 2 has none
+    x = _logits(7, 16, seed=34)
+    x[:, 0] = 4.0  # expert 0 is everyone's best
+    for k, topk_group in ((2, 2), (5, 3)):
+        _check_topk(x, k, scoring="sigmoid", bias=_bias(16), n_group=4, topk_group=topk_group,
+                    expert_mask=mask, group_scoring="max")  # fmt: skip
+    for k in (3, 5):
+        _check_topk(_logits(7, 8, seed=35), k, n_group=8, topk_group=5, group_scoring="max")
+    # Non-finite scores: NaN counts as -inf, +inf as the largest finite value.
+    x = _logits(4, 16, seed=36)
+    x[0, 3], x[1, 9], x[2, :4], x[3, 12] = float("nan"), float("inf"), float("-inf"), float("nan")
+    _check_topk(x, 4, scoring="sigmoid", bias=_bias(16), n_group=4, topk_group=2, group_scoring="max")
+
+
+def test_topk_group_scoring_max_public_api() -> None:
+    # sparseops.topk_route(..., backend="triton") passes group_scoring through its custom op.
+    x = _logits(7, 64, seed=37)
+    bias = _bias(64, seed=38)
+    kw = dict(scoring="sigmoid", bias=bias, n_group=8, topk_group=3, scale=2.5)
+    for group_scoring in ("max", "top2_sum"):
+        w, ids = sparseops.topk_route(x, 4, group_scoring=group_scoring, backend="triton", **kw)
+        w_ref, ids_ref = topk_route_ref(x, 4, group_scoring=group_scoring, **kw)
+        assert torch.equal(ids, ids_ref), group_scoring
+        assert_close(w, w_ref)
 
 
 # ------------------------------------------------------------------ expert_mask
