@@ -5,56 +5,51 @@ metadata bit for bit, weights to accumulate-dtype rounding. The kernels are plai
 (no autotune, one config per shape from the launch tables below) so that they also run
 under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the CPU-only test suite runs them.
 
-Host functions (called by ``sparseops.ops.routing``, which validates the arguments):
+Host functions (called by ``sparseops.ops.routing`` or the C++ op's Python hook, which
+validate the arguments and preallocate the outputs; the launchers only assert the contract):
 
 * ``topk_route_triton``: one launch, ``cdiv(T, BLOCK_T)`` programs of BLOCK_T tokens each.
 * ``route_metadata_triton``: three launches (four with ``block_m > 0``), no host sync,
   every output sized from static bounds (CUDA-graph capturable), no atomics deciding order.
 
-Interpreter note: ``for i in range(x)`` with ``x`` a runtime kernel argument fails under
-``TRITON_INTERPRET=1`` with numpy >= 2.3 (the interpreter turns scalar arguments into
-1-element arrays, and ``int()`` of those is an error there). Loop bounds are therefore
-constexpr (k, n_group, topk_group: a recompile per routing config, not per batch) or a
-``while`` loop on a runtime scalar, which both backends accept.
+Interpreter notes (see ``kernels/_common.py``): loop bounds are constexpr (k, n_group,
+topk_group: a recompile per routing config, not per batch) or a ``while`` loop on a runtime
+scalar, because ``for i in range(x)`` with a runtime ``x`` fails under numpy >= 2.3; masks
+never combine a tensor with a scalar boolean, which the triton 3.9 interpreter turns into
+an int32 mask that loads and stores reject.
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import (
+    argmax_lowest_index,
+    cdiv,
+    exclusive_cumsum,
+    f64_bits,
+    f64_from_bits,
+    first_program_bound,
+    histogram,
+    masked_softmax,
+    nan_to_neg_inf,
+    next_pow2,
+    on_gpu,
+    segment_score,
+    take_where,
+)
+
 __all__ = ["topk_route_triton", "route_metadata_triton"]
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------
 # topk_route
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _masked_softmax(x, en):
-    """Row softmax of ``x`` [R, C] over the columns where ``en`` [1, C] is true, in x's dtype.
-
-    Disabled columns get 0. A row whose softmax is NaN (no enabled column, a NaN or a +inf
-    logit, all logits -inf) gives all zeros, as ``torch.softmax(...).nan_to_num(0)`` does:
-    the same max-subtract-exp-sum arithmetic produces the same NaNs.
-    """
-    xm = tl.where(en, x, float("-inf"))
-    mx = tl.max(xm, axis=1)
-    e = tl.where(en, tl.exp(xm - mx[:, None]), 0.0)
-    p = e / tl.sum(e, axis=1)[:, None]
-    return tl.where(p == p, p, 0.0)
 
 
 @triton.jit(do_not_specialize=["scale_bits"])
@@ -68,7 +63,7 @@ def _topk_route_kernel(
     E,
     group_size,  # E // N_GROUP
     scale_bits,  # the fp64 bit pattern of ``scale`` (a Python float would arrive as fp32)
-    K: tl.constexpr,  # experts per token (loop bounds are constexpr: see the note below)
+    K: tl.constexpr,  # experts per token (loop bounds are constexpr: see the module note)
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for fp64 logits
@@ -83,7 +78,7 @@ def _topk_route_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GROUPED: tl.constexpr,  # N_GROUP > 1
-    GROUP_TOP2: tl.constexpr,  # group_size >= 2: a group scores its two best experts
+    GROUP_TOP2: tl.constexpr,  # a group scores the sum of its two best (else its best) experts
     NEED_SCORE: tl.constexpr,  # HAS_BIAS or GROUPED: rank by the fp64-computed score
 ):
     pid = tl.program_id(0)
@@ -92,6 +87,9 @@ def _topk_route_kernel(
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
+    # [BLOCK_T, 1] all true: broadcasts a per-expert mask to the tile as a tensor, never
+    # through a scalar boolean (see the module note).
+    all_rows = (rows >= 0)[:, None]
 
     raw = tl.load(
         logits_ptr + rows64[:, None] * E + cols[None, :],
@@ -116,7 +114,7 @@ def _topk_route_kernel(
         elif TOPK_THEN_SOFTMAX:
             s64 = x64
         else:
-            s64 = _masked_softmax(x64, en2)
+            s64 = masked_softmax(x64, en2)
         biased = s64.to(ACC)
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC)
@@ -125,49 +123,36 @@ def _topk_route_kernel(
         rank = biased
     else:
         rank = x
-    rank = tl.where(rank != rank, float("-inf"), rank)
-    rank = tl.where(en2, rank, float("-inf"))
+    rank = tl.where(en2, nan_to_neg_inf(rank), float("-inf"))
 
     # Candidates: enabled experts, restricted to the topk_group best groups when grouped.
     if GROUPED:
-        # As the reference's nan_to_num(nan=-inf): NaN counts as -inf, an infinite score as
-        # the largest finite value, a disabled expert as -inf.
+        # As the reference's nan_to_num(nan=-inf): an infinite score counts as the largest
+        # finite value, NaN and a disabled expert as -inf (the select, not the clamp, maps
+        # NaN: min / max treat NaN differently compiled and interpreted). So no group value
+        # is NaN or +inf, and no group score is NaN (a top-2 sum may overflow to +inf).
         big = tl.full([1, 1], ACC_MAX, ACC)
-        pg = tl.where(biased != biased, float("-inf"), tl.minimum(tl.maximum(biased, -big), big))
-        pg = tl.where(en2, pg, float("-inf"))
+        pg = tl.minimum(tl.maximum(biased, -big), big)
+        pg = tl.where(en2 & (biased == biased), pg, float("-inf"))
         gcols = tl.arange(0, G_PAD)
         gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), ACC)
         # A loop (not unrolled) over groups with column masks, so any group size works.
-        # Group score = best + second best, the best's first index excluded so that a
-        # duplicated maximum counts twice, like torch.topk.
         for g in range(N_GROUP):
             lo = g * group_size
             in_g = (cols[None, :] >= lo) & (cols[None, :] < lo + group_size)
-            v = tl.where(in_g, pg, float("-inf"))
-            m1 = tl.max(v, axis=1)
-            i1 = tl.min(tl.where(in_g & (v == m1[:, None]), cols[None, :], E_PAD), axis=1)
-            if GROUP_TOP2:
-                m2 = tl.max(tl.where(in_g & (cols[None, :] != i1[:, None]), v, float("-inf")), axis=1)
-                s = m1 + m2
-            else:
-                s = m1
+            s = segment_score(pg, in_g, cols[None, :], E_PAD, GROUP_TOP2)
             gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
-        # TOPK_GROUP rounds of argmax over groups, lower group first on ties. A NaN group
-        # score (+inf + -inf) sorts first, as in torch's descending sort.
-        gavail = (gcols[None, :] < N_GROUP) & (rows[:, None] >= 0)  # [BLOCK_T, G_PAD]
-        gnan = gscore != gscore
-        chosen = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
+        # TOPK_GROUP rounds of argmax over the groups, lower group first on ties.
+        gavail = (gcols[None, :] < N_GROUP) & all_rows  # [BLOCK_T, G_PAD]
+        chosen = (cols[None, :] < 0) & all_rows  # [BLOCK_T, E_PAD] all false
         for _ in range(TOPK_GROUP):
-            any_nan = tl.max(tl.where(gavail & gnan, 1, 0), axis=1)
-            gm = tl.max(tl.where(gavail & (gscore == gscore), gscore, float("-inf")), axis=1)
-            ghit = gavail & tl.where(any_nan[:, None] > 0, gnan, gscore == gm[:, None])
-            gsel = tl.min(tl.where(ghit, gcols[None, :], G_PAD), axis=1)
+            _gm, gsel = argmax_lowest_index(gscore, gavail, gcols[None, :], G_PAD)
             gavail = gavail & (gcols[None, :] != gsel[:, None])
             glo = gsel * group_size
             chosen = chosen | ((cols[None, :] >= glo[:, None]) & (cols[None, :] < glo[:, None] + group_size))
         cand = chosen & en2
     else:
-        cand = (rows[:, None] >= 0) & en2
+        cand = all_rows & en2
 
     # What the weights are made of, per expert: the logit (softmax over the chosen ones
     # later), sigmoid(logit), or the softmax over enabled experts.
@@ -176,38 +161,33 @@ def _topk_route_kernel(
     elif SIGMOID:
         wsrc = 1.0 / (1.0 + tl.exp(-x))
     else:
-        wsrc = _masked_softmax(x, en2)
+        wsrc = masked_softmax(x, en2)
 
-    # K rounds of argmax among candidates, lower index on ties. A candidate with rank -inf
-    # still wins over "no candidate" because the candidate mask is separate from the rank.
+    # K rounds of argmax among candidates, lower index on ties.
     kcols = tl.arange(0, K_PAD)
     ids_t = tl.full([BLOCK_T, K_PAD], -1, tl.int32)
     val_t = tl.zeros([BLOCK_T, K_PAD], ACC)
     for r in range(K):
-        m = tl.max(tl.where(cand, rank, float("-inf")), axis=1)
-        sel = tl.min(tl.where(cand & (rank == m[:, None]), cols[None, :], E_PAD), axis=1)
+        _m, sel = argmax_lowest_index(rank, cand, cols[None, :], E_PAD)
         hit = cols[None, :] == sel[:, None]  # nowhere when no candidate is left (sel == E_PAD)
         cand = cand & (cols[None, :] != sel[:, None])
-        v = tl.sum(tl.where(hit, wsrc, 0.0), axis=1)
+        v = take_where(wsrc, hit)
         slot = kcols[None, :] == r
         ids_t = tl.where(slot, tl.where(sel < E_PAD, sel, -1)[:, None], ids_t)
         val_t = tl.where(slot, v[:, None], val_t)
 
     valid = ids_t >= 0
     if TOPK_THEN_SOFTMAX:
-        sv = tl.where(valid, val_t, float("-inf"))
-        mx = tl.max(sv, axis=1)
-        e = tl.where(kcols[None, :] < K, tl.exp(sv - mx[:, None]), 0.0)
-        w = e / tl.sum(e, axis=1)[:, None]
-        w = tl.where(w == w, w, 0.0)
+        # The slot tile as a masked softmax over the valid slots: a NaN or +inf selected
+        # logit, or no valid slot, makes the row NaN -> zeros, as softmax(...).nan_to_num(0).
+        w = masked_softmax(tl.where(valid, val_t, float("-inf")), (kcols < K)[None, :])
     else:
         w = tl.where(valid, val_t, 0.0)
         if RENORMALIZE:
             tot = tl.sum(w, axis=1)
             pos = tot > 0
             w = tl.where(pos[:, None], w / tl.where(pos, tot, 1.0)[:, None], 0.0)
-    scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    w = w * scale
+    w = w * f64_from_bits(scale_bits).to(ACC)
 
     out = rows64[:, None] * K + kcols[None, :]
     omask = row_ok[:, None] & (kcols[None, :] < K)
@@ -241,97 +221,96 @@ _TOPK_MIN_PROGRAMS = 128
 
 def _topk_launch_config(T: int, E_PAD: int, on_gpu: bool) -> tuple[int, int]:
     block_t, num_warps = _TOPK_LAUNCH[E_PAD]
-    block_t = min(block_t, _next_pow2(T))
+    block_t = min(block_t, next_pow2(T))
     if on_gpu:
         # Not under the interpreter, which runs programs one after another: there fewer,
         # bigger programs are faster, and T = 1 still covers one-token programs.
-        block_t = min(block_t, _next_pow2(_cdiv(T, _TOPK_MIN_PROGRAMS)))
+        block_t = min(block_t, next_pow2(cdiv(T, _TOPK_MIN_PROGRAMS)))
     # ~8-16 tile values per thread once the tile shrinks.
     num_warps = max(1, min(num_warps, block_t * E_PAD // 256))
     return block_t, num_warps
 
 
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+_GROUP_SCORINGS = ("top2_sum", "max")
 
 
 def topk_route_triton(
     logits: torch.Tensor,
-    k: int,
-    *,
-    scoring: str = "softmax",
-    order: str = "softmax_then_topk",
-    renormalize: bool = True,
-    bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    scale: float = 1.0,
-    expert_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing, one Triton launch; the semantics of ``topk_route_ref``.
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    opts: Any,
+) -> None:
+    """Top-k routing into preallocated outputs, one Triton launch; the semantics of ``topk_route_ref``.
 
-    Args (validated by the caller):
+    Args (validated by the caller; only the contract is asserted here):
         logits: [T, E] contiguous, fp32 / fp16 / bf16 / fp64; T >= 1, 1 <= E <= 1024.
-        k: experts per token, 1 <= k <= min(E, 32).
-        scoring: "softmax" or "sigmoid". order: "softmax_then_topk" or "topk_then_softmax"
-            (only matters for softmax scoring).
-        renormalize: divide the selected weights by their sum (when > 0); ignored by
-            topk_then_softmax, whose weights already sum to 1.
-        bias: None or [E] contiguous in the accumulate dtype; shifts the ranking only.
-        n_group, topk_group: keep the topk_group best of n_group equal groups (n_group
-            divides E) by the sum of each group's two best biased scores.
-        scale: multiplies the weights.
-        expert_mask: None or [E] bool, True = enabled.
+        bias: None or [E] contiguous in the accumulate dtype (fp64 for fp64 logits, else
+            fp32); shifts the ranking only.
+        mask: None or [E] contiguous bool, True = enabled expert.
+        weights: [T, k] contiguous, accumulate dtype; written in full.
+        ids: [T, k] contiguous int32; written in full.
+        opts: any object with the plain-Python attributes
+            k: experts per token, 1 <= k <= min(E, 32);
+            scoring: "softmax" or "sigmoid";
+            order: "softmax_then_topk" or "topk_then_softmax" (softmax scoring only);
+            renormalize: divide the selected weights by their sum (when > 0); ignored by
+                topk_then_softmax, whose weights already sum to 1;
+            n_group, topk_group: keep the topk_group best of n_group equal groups (n_group
+                divides E), each scored as group_scoring says;
+            group_scoring: "top2_sum" (the sum of a group's two best biased scores) or
+                "max" (its best biased score);
+            scale: multiplies the weights.
 
-    Returns:
-        weights [T, k] in the accumulate dtype (fp64 for fp64 logits, else fp32) and ids
-        [T, k] int32 in selection order (best first, lower expert index on ties); slots no
-        candidate can fill get id -1 and weight 0.
+    Writes ids in selection order (best first, lower expert index on ties; slots no
+    candidate can fill get -1) and their weights (0 for -1 slots).
     """
     T, E = logits.shape
+    k, n_group = int(opts.k), int(opts.n_group)
     fp64 = logits.dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
-    weights = torch.empty((T, k), dtype=acc, device=logits.device)
-    ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
-    if T == 0 or k == 0:
-        return weights, ids
-    E_PAD = _next_pow2(E)
-    block_t, num_warps = _topk_launch_config(T, E_PAD, logits.is_cuda)
-    sigmoid = scoring == "sigmoid"
-    has_bias = bias is not None
+    assert T >= 1 and logits.is_contiguous(), "topk_route_triton: logits [T >= 1, E] contiguous"
+    assert weights.shape == (T, k) and weights.dtype == acc and weights.is_contiguous(), "weights [T, k] acc"
+    assert ids.shape == (T, k) and ids.dtype == torch.int32 and ids.is_contiguous(), "ids [T, k] int32"
+    assert bias is None or (bias.shape == (E,) and bias.dtype == acc and bias.is_contiguous()), "bias [E] acc"
+    assert mask is None or (mask.shape == (E,) and mask.dtype == torch.bool and mask.is_contiguous()), "mask [E]"
+    assert opts.group_scoring in _GROUP_SCORINGS, opts.group_scoring
+    E_PAD = next_pow2(E)
+    block_t, num_warps = _topk_launch_config(T, E_PAD, on_gpu(logits))
+    sigmoid = opts.scoring == "sigmoid"
     grouped = n_group > 1
     group_size = E // n_group
-    mask_arg = expert_mask.contiguous().view(torch.uint8) if expert_mask is not None else logits
-    _topk_route_kernel[(_cdiv(T, block_t),)](
+    _topk_route_kernel[(cdiv(T, block_t),)](
         logits,
-        bias if has_bias else logits,
-        mask_arg,
+        logits if bias is None else bias,  # never read without HAS_BIAS / HAS_MASK
+        logits if mask is None else mask.view(torch.uint8),
         weights,
         ids,
         T,
         E,
         group_size,
-        _f64_bits(scale),
+        f64_bits(opts.scale),
         K=k,
         N_GROUP=n_group,
-        TOPK_GROUP=topk_group,
+        TOPK_GROUP=int(opts.topk_group),
         ACC=tl.float64 if fp64 else tl.float32,
-        ACC_MAX=torch.finfo(torch.float64 if fp64 else torch.float32).max,
+        ACC_MAX=torch.finfo(acc).max,
         E_PAD=E_PAD,
-        K_PAD=_next_pow2(k),
-        G_PAD=_next_pow2(n_group),
+        K_PAD=next_pow2(k),
+        G_PAD=next_pow2(n_group),
         BLOCK_T=block_t,
         SIGMOID=sigmoid,
-        TOPK_THEN_SOFTMAX=(not sigmoid) and order == "topk_then_softmax",
-        RENORMALIZE=bool(renormalize),
-        HAS_BIAS=has_bias,
-        HAS_MASK=expert_mask is not None,
+        TOPK_THEN_SOFTMAX=(not sigmoid) and opts.order == "topk_then_softmax",
+        RENORMALIZE=bool(opts.renormalize),
+        HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
         GROUPED=grouped,
-        GROUP_TOP2=group_size >= 2,
-        NEED_SCORE=has_bias or grouped,
+        # A group of one expert scores that expert under either rule.
+        GROUP_TOP2=opts.group_scoring == "top2_sum" and group_size >= 2,
+        NEED_SCORE=bias is not None or grouped,
         num_warps=num_warps,
     )
-    return weights, ids
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +333,8 @@ def topk_route_triton(
 #                            its expert by binary search over padded_offs, copies its slot
 #                            from sorted_slots or writes the sentinel n; block starts write
 #                            block_expert.
-# n == 0 still launches (a)-(c) with one (fully masked) tile so counts and offs are written.
+# n == 0 (outside the caller contract, accepted all the same) still launches (a)-(c) with
+# one fully masked tile, so counts and offs are written.
 
 _META_BLOCK = 256  # slots per tile in (a) and (c)
 _META_JB = 32  # columns per compare chunk in (c): a [256, 32] tile, 32 values per thread at 8 warps
@@ -369,9 +349,7 @@ def _route_hist_kernel(ids_ptr, hist_ptr, n, E, num_tiles, dropped_row, BLOCK: t
     valid = s < n
     idv = tl.load(ids_ptr + s, mask=valid, other=-1)
     kept = valid & (idv >= 0) & (idv < E)
-    # Every value reaching the histogram is inside [0, NBINS) (the GPU lowering would
-    # alias out-of-range values onto low bins).
-    h = tl.histogram(tl.where(kept, idv, 0), NBINS, mask=kept)
+    h = histogram(tl.where(kept, idv, 0), NBINS, kept)  # every value in range
     bins = tl.arange(0, NBINS)
     tl.store(hist_ptr + bins.to(tl.int64) * num_tiles + t, h, mask=bins < E)
     dropped = tl.sum(valid.to(tl.int32), axis=0) - tl.sum(kept.to(tl.int32), axis=0)
@@ -384,12 +362,12 @@ def _route_scan_kernel(hist_ptr, counts_ptr, E, num_tiles, EB: tl.constexpr, CHU
     row = hist_ptr + e.to(tl.int64)[:, None] * num_tiles
     carry = tl.zeros([EB], tl.int32)
     c0 = tl.program_id(0) * 0
-    while c0 < num_tiles:  # a runtime bound: see the interpreter note at the top
+    while c0 < num_tiles:  # a runtime bound: see the module note
         o = c0 + tl.arange(0, CHUNK)
         m = (e[:, None] <= E) & (o[None, :] < num_tiles)
         h = tl.load(row + o[None, :], mask=m, other=0)
         # In place: the value stored at o depends on the value loaded from o.
-        tl.store(row + o[None, :], carry[:, None] + tl.cumsum(h, axis=1) - h, mask=m)
+        tl.store(row + o[None, :], carry[:, None] + exclusive_cumsum(h, 1), mask=m)
         carry += tl.sum(h, axis=1)
         c0 += CHUNK
     tl.store(counts_ptr + e, carry, mask=e < E)
@@ -418,13 +396,14 @@ def _route_place_kernel(
     t = tl.program_id(0)
     ev = tl.arange(0, E1_PAD)
     cnt = tl.load(counts_ptr + ev, mask=ev < E, other=0)
-    incl = tl.cumsum(cnt, axis=0)
-    starts = incl - cnt  # starts[E] = number of kept slots: dropped slots go last
-    first = t == 0
-    tl.store(offs_ptr + ev, incl, mask=(ev < E) & first)
+    starts = exclusive_cumsum(cnt, 0)  # starts[E] = number of kept slots: dropped slots go last
+    # Program 0 writes offs and padded_offs. The program test is folded into the bound, not
+    # and-ed into the mask as a scalar boolean (see the module note).
+    lim = first_program_bound(E)
+    tl.store(offs_ptr + ev, starts + cnt, mask=ev < lim)
     if HAS_PAD:
         pc = (cnt + block_m - 1) // block_m * block_m
-        tl.store(padded_offs_ptr + ev, tl.cumsum(pc, axis=0), mask=(ev < E) & first)
+        tl.store(padded_offs_ptr + ev, tl.cumsum(pc, axis=0), mask=ev < lim)
 
     i = tl.arange(0, BLOCK)
     s = t * BLOCK + i
@@ -488,42 +467,37 @@ def _route_pad_kernel(
     tl.store(block_expert_ptr + p // block_m, tl.where(lo < E, lo, -1), mask=valid & (p % block_m == 0))
 
 
-def route_metadata_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """Group the routed slots by expert; the semantics of ``route_metadata_ref``.
+def route_metadata_triton(ids: torch.Tensor, num_experts: int, block_m: int, out: Sequence[torch.Tensor]) -> None:
+    """Group the routed slots by expert into preallocated outputs; the semantics of ``route_metadata_ref``.
 
-    Args (validated by the caller):
-        ids: [T, k] contiguous int32, values in [-1, E); -1 (or any value outside [0, E))
-            marks a dropped slot. n = T*k >= 0.
-        num_experts: E <= 1024.
+    Args (validated by the caller; only the contract is asserted here):
+        ids: [T, k] contiguous int32 with n = T*k >= 1 (n = 0 works too); values in
+            [-1, E): -1 marks a dropped slot, and so does any value outside [0, E), which
+            is never used as an index.
+        num_experts: E, 1 <= E <= 1024.
         block_m: 0, or the row-block size each expert's rows are padded to.
+        out: the 8 contiguous int32 outputs, each written in full: counts [E], offs [E],
+            sorted_slots [n], inverse [n], tokens [n], padded_slots [P], block_expert
+            [P // block_m], padded_offs [E], where P = (n + E*(block_m - 1)) // block_m *
+            block_m; with block_m == 0 the last three are empty (P = 0).
 
-    Returns int32 tensors (counts [E], offs [E], sorted_slots [n], inverse [n], tokens [n],
-    padded_slots [P], block_expert [P // block_m], padded_offs [E]), the last three empty
-    when block_m == 0, with P = (n + E*(block_m - 1)) // block_m * block_m. sorted_slots
-    lists the slots expert by expert, ascending within an expert, dropped slots last;
-    padded_slots holds the sentinel n in padding rows; block_expert is -1 past the last
-    used block. Three launches (four with block_m > 0); no host synchronisation.
+    sorted_slots lists the slots expert by expert, ascending within an expert, dropped
+    slots last; padded_slots holds the sentinel n in padding rows; block_expert is -1 past
+    the last used block. Three launches (four with block_m > 0), a small int32 workspace
+    from the caching allocator, no host synchronisation.
     """
     T, k = ids.shape
     E = int(num_experts)
     n = T * k
+    P = (n + E * (block_m - 1)) // block_m * block_m if block_m > 0 else 0
+    counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs = out
+    assert ids.dtype == torch.int32 and ids.is_contiguous(), "route_metadata_triton: ids [T, k] contiguous int32"
+    sizes = (E, E, n, n, n, P, P // block_m if block_m > 0 else 0, E if block_m > 0 else 0)
+    for t, size in zip(out, sizes, strict=True):
+        assert t.dtype == torch.int32 and t.shape == (size,) and t.is_contiguous(), (t.shape, size)
     dev = ids.device
-    i32 = torch.int32
-    counts = torch.empty(E, dtype=i32, device=dev)
-    offs = torch.empty(E, dtype=i32, device=dev)
-    sorted_slots = torch.empty(n, dtype=i32, device=dev)
-    inverse = torch.empty(n, dtype=i32, device=dev)
-    tokens = torch.empty(n, dtype=i32, device=dev)
-    num_tiles = max(1, _cdiv(n, _META_BLOCK))
-    hist = torch.empty((E + 1) * num_tiles, dtype=i32, device=dev)
-    if block_m > 0:
-        P = (n + E * (block_m - 1)) // block_m * block_m
-        padded_slots = torch.empty(P, dtype=i32, device=dev)
-        block_expert = torch.empty(P // block_m, dtype=i32, device=dev)
-        padded_offs = torch.empty(E, dtype=i32, device=dev)
-    else:
-        P = 0  # three distinct empty tensors: a custom op's outputs may not alias each other
-        padded_slots, block_expert, padded_offs = (torch.empty(0, dtype=i32, device=dev) for _ in range(3))
+    num_tiles = max(1, cdiv(n, _META_BLOCK))
+    hist = torch.empty((E + 1) * num_tiles, dtype=torch.int32, device=dev)
 
     def ptr(t: torch.Tensor) -> torch.Tensor:
         # Empty tensors are never dereferenced (every access is masked off), but hand the
@@ -539,17 +513,17 @@ def route_metadata_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> 
         num_tiles,
         E * num_tiles,
         BLOCK=_META_BLOCK,
-        NBINS=max(32, _next_pow2(E)),
+        NBINS=max(32, next_pow2(E)),
         num_warps=4,
     )
-    chunk = min(_META_SCAN_CHUNK, _next_pow2(num_tiles))
-    eb = min(_next_pow2(E + 1), max(1, 2048 // chunk))
-    _route_scan_kernel[(_cdiv(E + 1, eb),)](hist, ptr(counts), E, num_tiles, EB=eb, CHUNK=chunk, num_warps=4)
+    chunk = min(_META_SCAN_CHUNK, next_pow2(num_tiles))
+    eb = min(next_pow2(E + 1), max(1, 2048 // chunk))
+    _route_scan_kernel[(cdiv(E + 1, eb),)](hist, counts, E, num_tiles, EB=eb, CHUNK=chunk, num_warps=4)
     _route_place_kernel[(num_tiles,)](
         ids_flat,
         hist,
-        ptr(counts),
-        ptr(offs),
+        counts,
+        offs,
         ptr(padded_offs),
         ptr(sorted_slots),
         ptr(inverse),
@@ -561,15 +535,15 @@ def route_metadata_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> 
         max(block_m, 1),
         BLOCK=_META_BLOCK,
         JB=_META_JB,
-        E1_PAD=_next_pow2(E + 1),
+        E1_PAD=next_pow2(E + 1),
         HAS_PAD=block_m > 0,
         num_warps=8,
     )
     if P > 0:
-        _route_pad_kernel[(_cdiv(P, _META_PB),)](
-            ptr(counts),
-            ptr(offs),
-            ptr(padded_offs),
+        _route_pad_kernel[(cdiv(P, _META_PB),)](
+            counts,
+            offs,
+            padded_offs,
             ptr(sorted_slots),
             padded_slots,
             block_expert,
@@ -581,4 +555,3 @@ def route_metadata_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> 
             SEARCH_ITERS=E.bit_length(),
             num_warps=4,
         )
-    return counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs

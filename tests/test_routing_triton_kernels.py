@@ -6,14 +6,15 @@ The interpreter runs programs one after another and is slow, so shapes stay smal
 whole file takes well under two minutes on two CPU cores. With a GPU the same tests run on
 CUDA tensors, plus a few GPU-only ones (large shapes, CUDA-graph capture).
 
-Integer outputs (ids, every metadata tensor) must match exactly; weights within
-atol 1e-6 / rtol 1e-5 in fp32 (the weights of fp16 / bf16 logits are fp32 too) and
-1e-12 in fp64.
+Integer outputs (ids, every metadata tensor) must match exactly; weights within the
+``sparseops.testing`` tolerances of their (accumulate) dtype: fp32, also for fp16 / bf16
+logits, and fp64.
 """
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -31,8 +32,10 @@ except ModuleNotFoundError as err:  # a source checkout run with PYTHONPATH=pyth
         raise
     from kernels import routing as kr  # noqa: E402
 
+import sparseops  # noqa: E402
 from sparseops import RouteMeta  # noqa: E402
 from sparseops.reference.routing import route_metadata_ref, topk_route_ref  # noqa: E402
+from sparseops.testing import assert_close, router_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -63,6 +66,7 @@ DEFAULTS = dict(
     topk_group=1,
     scale=1.0,
     expert_mask=None,
+    group_scoring="top2_sum",
 )
 STT = "softmax_then_topk"
 TTS = "topk_then_softmax"
@@ -72,8 +76,8 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _logits(T: int, E: int, dtype: torch.dtype = FP32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(T, E, generator=_gen(seed), dtype=FP64).to(dtype).to(DEVICE)
+def _logits(T: int, E: int, dtype: torch.dtype = FP32, seed: int = 0, ties: bool = False) -> torch.Tensor:
+    return router_logits(T, E, dtype=dtype, device=DEVICE, seed=seed, ties=ties)
 
 
 def _bias(E: int, dtype: torch.dtype = FP32, seed: int = 1) -> torch.Tensor:
@@ -85,17 +89,27 @@ def _mask(E: int, frac: float = 0.5, seed: int = 2) -> torch.Tensor:
     return (torch.rand(E, generator=_gen(seed)) < frac).to(DEVICE)
 
 
+def _topk_triton(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher under its contract: preallocated outputs, options as attributes."""
+    args = {**DEFAULTS, **kw}
+    bias, mask = args.pop("bias"), args.pop("expert_mask")
+    acc = FP64 if logits.dtype == FP64 else FP32
+    T = logits.shape[0]
+    # Filled with garbage: the launcher must write every element.
+    w = torch.full((T, k), float("nan"), dtype=acc, device=logits.device)
+    ids = torch.full((T, k), -7, dtype=torch.int32, device=logits.device)
+    kr.topk_route_triton(logits, bias, mask, w, ids, SimpleNamespace(k=k, **args))
+    return w, ids
+
+
 def _check_topk(logits: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     args = {**DEFAULTS, **kw}
-    w, ids = kr.topk_route_triton(logits, k, **args)
+    w, ids = _topk_triton(logits, k, **kw)
     w_ref, ids_ref = topk_route_ref(logits, k, **args)
     assert ids.dtype == torch.int32 and ids.shape == ids_ref.shape
     assert torch.equal(ids, ids_ref), f"ids differ\n{ids}\n{ids_ref}"
     assert w.dtype == w_ref.dtype and w.shape == w_ref.shape
-    if w.dtype == FP64:
-        torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12, equal_nan=True)
-    else:
-        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    assert_close(w, w_ref)
     return w, ids
 
 
@@ -199,6 +213,83 @@ def test_topk_groups_misc() -> None:
     _check_topk(_logits(7, 60, seed=15), 8, n_group=6, topk_group=2, expert_mask=mask)
 
 
+# ------------------------------------------------------------------ group_scoring="max"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_group_scoring_max(scoring: str, order: str, with_bias: bool) -> None:
+    # DeepSeek-V2 group_limited_greedy: a group scores its best biased score. E = 60 in 4
+    # groups of 15 (a loop over non-power-of-two groups); fp64 scores are not rounded.
+    for dtype in (FP32, FP64):
+        bias = _bias(60, dtype, seed=30) if with_bias else None
+        _check_topk(
+            _logits(7, 60, dtype, seed=31),
+            6,
+            scoring=scoring,
+            order=order,
+            bias=bias,
+            n_group=4,
+            topk_group=2,
+            group_scoring="max",
+        )
+
+
+def test_topk_group_scoring_max_differs_from_top2_sum() -> None:
+    # Group 0 holds the single best expert, group 1 the best pair: "max" keeps group 0,
+    # "top2_sum" keeps group 1, so the flag must reach the kernel.
+    x = torch.tensor([[3.0, -2.0, 2.0, 1.9], [-1.0, 1.0, 2.5, 2.4]], device=DEVICE)
+    _, ids_max = _check_topk(x, 2, scoring="sigmoid", n_group=2, topk_group=1, group_scoring="max")
+    _, ids_sum = _check_topk(x, 2, scoring="sigmoid", n_group=2, topk_group=1, group_scoring="top2_sum")
+    assert ids_max.tolist() == [[0, 1], [2, 3]] and ids_sum.tolist() == [[2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize(("scoring", "order"), SCORINGS)
+def test_topk_group_scoring_max_ties(scoring: str, order: str) -> None:
+    # Logits and bias on a coarse grid: equal group maxima, broken by the lower group index,
+    # then equal experts, broken by the lower expert index.
+    coarse = _logits(7, 64, ties=True, seed=32)
+    coarse_bias = (torch.randint(-1, 2, (64,), generator=_gen(33)).float() * 0.25).to(DEVICE)
+    kw = dict(scoring=scoring, order=order, n_group=8, topk_group=3, group_scoring="max")
+    _check_topk(coarse, 8, **kw)
+    _check_topk(coarse, 8, bias=coarse_bias, **kw)
+    _check_topk(coarse.to(torch.bfloat16), 8, bias=coarse_bias, **kw)
+    # All-equal rows: every group ties, groups 0..2 and then experts 0..7 win.
+    equal = torch.full((3, 64), 0.25, device=DEVICE)
+    _, ids = _check_topk(equal, 8, bias=torch.zeros(64, device=DEVICE), **kw)
+    assert (ids == torch.arange(8, dtype=torch.int32, device=DEVICE)).all()
+
+
+def test_topk_group_scoring_max_masks_and_small_groups() -> None:
+    # A group with a single enabled expert scores that expert under "max" (-inf under
+    # top2_sum); a group with none scores -inf; groups of one expert.
+    mask = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    mask[[1, 2, 3, 8, 9, 10, 11]] = False  # group 0 keeps expert 0 only, group 2 has none
+    x = _logits(7, 16, seed=34)
+    x[:, 0] = 4.0  # expert 0 is everyone's best
+    for k, topk_group in ((2, 2), (5, 3)):
+        _check_topk(x, k, scoring="sigmoid", bias=_bias(16), n_group=4, topk_group=topk_group,
+                    expert_mask=mask, group_scoring="max")  # fmt: skip
+    for k in (3, 5):
+        _check_topk(_logits(7, 8, seed=35), k, n_group=8, topk_group=5, group_scoring="max")
+    # Non-finite scores: NaN counts as -inf, +inf as the largest finite value.
+    x = _logits(4, 16, seed=36)
+    x[0, 3], x[1, 9], x[2, :4], x[3, 12] = float("nan"), float("inf"), float("-inf"), float("nan")
+    _check_topk(x, 4, scoring="sigmoid", bias=_bias(16), n_group=4, topk_group=2, group_scoring="max")
+
+
+def test_topk_group_scoring_max_public_api() -> None:
+    # sparseops.topk_route(..., backend="triton") passes group_scoring through its custom op.
+    x = _logits(7, 64, seed=37)
+    bias = _bias(64, seed=38)
+    kw = dict(scoring="sigmoid", bias=bias, n_group=8, topk_group=3, scale=2.5)
+    for group_scoring in ("max", "top2_sum"):
+        w, ids = sparseops.topk_route(x, 4, group_scoring=group_scoring, backend="triton", **kw)
+        w_ref, ids_ref = topk_route_ref(x, 4, group_scoring=group_scoring, **kw)
+        assert torch.equal(ids, ids_ref), group_scoring
+        assert_close(w, w_ref)
+
+
 # ------------------------------------------------------------------ expert_mask
 
 
@@ -258,18 +349,24 @@ def test_topk_launch_config() -> None:
             for on_gpu in (False, True):
                 block_t, num_warps = kr._topk_launch_config(T, e_pad, on_gpu)
                 assert 1 <= block_t <= max(1, 2048 // e_pad) and block_t & (block_t - 1) == 0
-                assert 1 <= num_warps <= 8 and block_t <= _next_pow2(T)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+                assert 1 <= num_warps <= 8 and block_t <= kr.next_pow2(T)
 
 
 # ------------------------------------------------------------------ route_metadata
 
 
+def _metadata_triton(ids: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The launcher under its contract: 8 preallocated outputs, filled with garbage first."""
+    n = ids.numel()
+    P = (n + E * (block_m - 1)) // block_m * block_m if block_m > 0 else 0
+    sizes = (E, E, n, n, n, P, P // block_m if block_m > 0 else 0, E if block_m > 0 else 0)
+    out = tuple(torch.full((size,), -7, dtype=torch.int32, device=ids.device) for size in sizes)
+    kr.route_metadata_triton(ids, E, block_m, out)
+    return out
+
+
 def _check_metadata(ids: torch.Tensor, E: int, block_m: int, ref_ids: torch.Tensor | None = None) -> tuple:
-    out = kr.route_metadata_triton(ids, E, block_m)
+    out = _metadata_triton(ids, E, block_m)
     ref = route_metadata_ref(ids if ref_ids is None else ref_ids, E, block_m)
     assert len(out) == 8
     for name, a, b in zip(RouteMeta._fields, out, ref, strict=True):
@@ -380,13 +477,13 @@ def test_cuda_graph_capture() -> None:
     bias = _bias(256)
     ids = _ids(64, 8, 256)
     kw = {**DEFAULTS, "scoring": "sigmoid", "bias": bias, "n_group": 8, "topk_group": 4}
-    kr.topk_route_triton(logits, 8, **kw)  # compile outside the capture
-    kr.route_metadata_triton(ids, 256, 16)
+    _topk_triton(logits, 8, **kw)  # compile outside the capture
+    _metadata_triton(ids, 256, 16)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        w, top = kr.topk_route_triton(logits, 8, **kw)
-        meta = kr.route_metadata_triton(ids, 256, 16)
+        w, top = _topk_triton(logits, 8, **kw)
+        meta = _metadata_triton(ids, 256, 16)
     logits.copy_(_logits(64, 256, seed=99))
     ids.copy_(_ids(64, 8, 256, seed=99))
     graph.replay()
