@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES, backend_params
 from torch._dynamo.testing import CompileCounter
 
 import sparseops
+from conftest import DEVICES, backend_params
 from sparseops.reference.routing import expert_choice_route_ref, route_metadata_ref, topk_route_ref
 from sparseops.testing import assert_close, random_ids, router_logits
 
@@ -102,6 +102,17 @@ def test_int32_ids_out_of_range_raise_on_cpu_for_every_backend(device, backend):
     ids[2, 0] = 8
     with pytest.raises(RuntimeError, match="ids must hold expert indices in"):
         sparseops.route_metadata(ids, 8, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in META if p.values[0] == "cuda"])
+def test_int64_ids_out_of_range_are_dropped_on_cuda(device, backend):
+    """CUDA cannot raise without a host sync: every backend drops the slot, none wraps it."""
+    ids = random_ids(64, 4, 16, seed=3).to(torch.int64)
+    ids[3, 1], ids[7, 0], ids[9, 2] = 2**32 + 1, -(2**32), 16
+    expected = route_metadata_ref(torch.where((ids >= -1) & (ids < 16), ids, -1), 16, 8)
+    got = sparseops.route_metadata(ids.to(device), 16, block_m=8, backend=backend)
+    for g, e in zip(got, expected):
+        assert torch.equal(g.cpu(), e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,6 +369,6 @@ def test_route_is_the_pair_in_one_call(device, backend, block_m):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_route(device):
     logits = router_logits(7, 12, device=device, seed=8).requires_grad_(True)
-    args = (logits, 3, "sigmoid", "softmax_then_topk", True, torch.randn(12, device=device), 4, 2, 2.5, None, "top2_sum", 4,
-            "auto")
+    bias = torch.randn(12, device=device)
+    args = (logits, 3, "sigmoid", "softmax_then_topk", True, bias, 4, 2, 2.5, None, "top2_sum", 4, "auto")
     torch.library.opcheck(torch.ops.sparseops.route.default, args)

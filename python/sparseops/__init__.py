@@ -6,7 +6,10 @@ pure-PyTorch reference (``sparseops.reference``); see ``build_info()`` for what 
 installation can run.
 """
 
-from . import _backend
+from . import (
+    _backend,
+    nn,  # noqa: E402  (after the ops it builds on)
+)
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
 from .ops.routing import (
     RouteMeta,
@@ -18,8 +21,6 @@ from .ops.routing import (
     router_z_loss,
     topk_route,
 )
-
-from . import nn  # noqa: E402  (after the ops it builds on)
 
 __version__ = "0.1.0"
 

@@ -203,6 +203,7 @@ if HAS_C:
 def build_info() -> dict:
     """What this installation can run: compiled arches, CUDA/torch versions, backends per op."""
     info = dict(_C.build_info()) if HAS_C else {"cuda": False, "cuda_version": None, "cuda_arches": ""}
+    info["limits"] = dict(_C.limits()) if HAS_C else {}
     info["extension"] = HAS_C
     info["extension_error"] = _C_ERROR or None
     info["torch_version"] = torch.__version__
