@@ -6,10 +6,7 @@ pure-PyTorch reference (``sparseops.reference``); see ``build_info()`` for what 
 installation can run.
 """
 
-from . import (
-    _backend,
-    nn,  # noqa: E402  (after the ops it builds on)
-)
+from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
 from .ops.routing import (
     RouteMeta,
