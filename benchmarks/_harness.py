@@ -100,6 +100,19 @@ def import_sparseops() -> Any:
     return mod
 
 
+THREADS_HELP = (
+    "torch CPU threads (default: torch's choice). On a small CPU shared with other work, --threads 1 "
+    "avoids the ~10 ms stalls of a parallel region whose second thread is descheduled; the results "
+    "folder name carries the count (-1t)"
+)
+
+
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is given (before any timing, before the slug is taken)."""
+    if n:
+        torch.set_num_threads(n)
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """``name`` ("cpu", "cuda", "cuda:1") or, when None, cuda if available else cpu."""
     if name is None:

@@ -460,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", choices=OPS, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--compile", action="store_true", help="time torch.compile baselines even with --quick")
+    p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     return p
 
 
@@ -468,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import report
 
     args = build_parser().parse_args(argv)
+    H.set_threads(args.threads)
     device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))

@@ -97,18 +97,18 @@ def _impls(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def _best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """Fastest sparseops row by ``metric``, judged on steady rows only.
+    """Fastest sparseops row by ``metric`` (the table marks it when it is noisy).
 
     ``auto`` counts only when nothing else was timed; rows whose check failed never win.
-    Noisy rows (p80/p20 above the target) cannot be "best": the minimum of several noisy
-    measurements picks noise, not a backend. Only when every candidate is noisy is the
-    fastest of them returned (the table marks it noisy).
+    The rows of a group were timed interleaved, so a burst of load hit them all alike and
+    their medians stay comparable; preferring steady rows instead would crown a slow but
+    steady backend (the reference) over a fast one that shared a noisy group. The verdicts
+    do not use "best" at all (see ``_subject``).
     """
     ours = [r for r in rows if r["kind"] == "sparseops" and r.get(metric)]
     ours = [r for r in ours if r.get("check") in ("", "ok", None)] or ours
     explicit = [r for r in ours if not r["impl"].endswith(":auto")] or ours
-    steady = [r for r in explicit if not r.get("noisy")] or explicit
-    return min(steady, key=lambda r: r[metric]) if steady else None
+    return min(explicit, key=lambda r: r[metric]) if explicit else None
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -158,7 +158,8 @@ def _mark(v: float | None, row: dict[str, Any] | None) -> Any:
 
 NOISY_NOTE = (
     "`*` = noisy: p80/p20 above the spread target after the whole time budget (other processes "
-    "were using the CPU); such rows are never picked as best, and the verdicts count them only "
+    "were using the CPU). Implementations of one group are timed interleaved, so their medians stay "
+    "comparable; the verdicts count a noisy row only "
     "where the per-round ratio band (p20-p80 of the paired ratios) lies wholly on one side of 1."
 )
 
@@ -193,7 +194,7 @@ def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
             if best.get("check") not in ("", "ok", None):
                 name += " (CHECK FAILED)"  # a fast wrong answer is not a result
             elif best.get("noisy"):
-                name += " (all noisy)"
+                name += " (noisy)"
             line += [name, _mark(best[metric], best), _ratio(best[metric], best["floor_us"])]
             line += [_speedup(best, by_impl.get(b), metric) for b in baselines]
         table.append(line)
@@ -254,8 +255,8 @@ def _subject(group: list[dict[str, Any]]) -> dict[str, Any] | None:
     return ours[0] if len(ours) == 1 else _best(group, "median_us")
 
 
-def _where(r: dict[str, Any]) -> str:
-    return f"{r['shape']} {r['size_name']}={r['size']} {r['dtype']}"
+def _where(r: dict[str, Any], with_op: bool = False) -> str:
+    return (f"{r['op']} " if with_op else "") + f"{r['shape']} {r['size_name']}={r['size']} {r['dtype']}"
 
 
 def family_verdict(family: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -296,10 +297,10 @@ def family_verdict(family: str, rows: list[dict[str, Any]]) -> list[str]:
         if not ratios:
             continue
         worst = min(ratios, key=lambda t: t[0])
-        text = f"  vs {b}: faster at {len(faster)} of {len(ratios)} shapes, slower at {len(slower)}"
+        text = f"  vs {b}: faster at {len(faster)} of {len(ratios)} cases, slower at {len(slower)}"
         if unsure:
             text += f", undecided at {len(unsure)} (ratio band straddles 1)"
-        text += f"; worst {worst[0]:.2f}x ({_where(worst[1])}), best {max(x for x, _ in ratios):.3g}x"
+        text += f"; worst {worst[0]:.2f}x ({_where(worst[1], len(ops) > 1)}), best {max(x for x, _ in ratios):.3g}x"
         if from_noisy:
             text += f"; {from_noisy} decided from noisy rows by the per-round ratio band"
         if b.startswith("before") and family == "percall":
@@ -332,12 +333,78 @@ def family_verdict(family: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def verdict_text(folder: Path) -> str:
-    """Every family's verdict lines (see ``family_verdict``)."""
+    """Every family's verdict lines (see ``family_verdict``), then the per-call line."""
     out = []
     for family, rows in load_results(Path(folder)).items():
         if rows:
             out.extend(family_verdict(family, rows))
+    out.extend(percall_verdict(Path(folder)))
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- per-call JSON
+
+
+def load_percall(folder: Path) -> list[dict[str, Any]]:
+    """Rows of ``percall.json`` (pytest-benchmark): op, shape, T, mode, median/IQR/min µs, rounds."""
+    import json
+
+    path = Path(folder) / "percall.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        info, st = b.get("extra_info", {}), b.get("stats", {})
+        rows.append({
+            "op": info.get("op", b.get("name")), "shape": info.get("shape", ""), "E": info.get("E"),
+            "k": info.get("k"), "T": info.get("T"), "mode": info.get("mode", ""), "backend": info.get("backend", ""),
+            "median_us": st.get("median", 0) * 1e6, "iqr_us": st.get("iqr", 0) * 1e6,
+            "min_us": st.get("min", 0) * 1e6, "rounds": st.get("rounds", 0),
+            "date": data.get("datetime", ""), "commit": (data.get("commit_info") or {}).get("id", "")[:12],
+        })  # fmt: skip
+    return rows
+
+
+def percall_table(folder: Path) -> str:
+    """Markdown table of ``percall.json``: per-call medians, and as multiples of torch.mul."""
+    rows = load_percall(folder)
+    if not rows:
+        return ""
+    mul = {r["mode"]: r["median_us"] for r in rows if r["op"] == "torch.mul"}
+    table = []
+    for r in sorted(rows, key=lambda r: (r["mode"], r["op"] == "torch.mul", r["op"], r["E"] or 0, r["T"] or 0)):
+        yard = mul.get(r["mode"])
+        table.append([
+            r["mode"], r["op"], f"E={r['E']} k={r['k']}" if r["E"] else "16 elements", r["T"] or 0,
+            r["backend"] or "–", r["median_us"], r["iqr_us"], r["min_us"],
+            _ratio(r["median_us"], yard), r["rounds"],
+        ])  # fmt: skip
+    headers = ["mode", "op", "shape", "T", "backend", "median µs", "IQR µs", "min µs", "× torch.mul", "rounds"]
+    return md_table(headers, table)
+
+
+def percall_text(folder: Path) -> str:
+    """The per-call table for printing (empty without percall.json)."""
+    table = percall_table(folder)
+    return f"per-call (pytest-benchmark, host overhead at tiny sizes)\n{table}" if table else ""
+
+
+def percall_verdict(folder: Path) -> list[str]:
+    """One line per mode: the per-call medians at T=1 next to torch.mul's."""
+    rows = load_percall(folder)
+    out = []
+    for mode in _ordered(r["mode"] for r in rows):
+        mul = next((r["median_us"] for r in rows if r["mode"] == mode and r["op"] == "torch.mul"), None)
+        parts = [
+            f"{r['op']} {r['median_us']:.2f}"
+            for r in rows
+            if r["mode"] == mode and r["T"] == 1 and r["E"] == 8 and r["op"] != "torch.mul"
+        ]
+        if parts:
+            yard = f" (torch.mul {mul:.2f} µs)" if mul else ""
+            out.append(f"per-call, T=1 E=8, {mode}: " + ", ".join(parts) + f" µs{yard}")
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -519,6 +586,16 @@ def write_report(folder: Path) -> Path:
     for family, rows in families.items():
         if rows:
             parts.append(family_section(family, rows, folder))
+    table = percall_table(folder)
+    if table:
+        parts.append("## per-call micro-benchmarks (pytest-benchmark)\n")
+        parts.append(
+            "From `percall.json` (`python -m pytest benchmarks/test_percall.py --benchmark-json=...`): "
+            "host overhead of one call at tiny sizes; `inference` = under `torch.inference_mode()`, "
+            "`plain` = autograd enabled, no input requires grad; × torch.mul = multiples of one tiny "
+            "ATen call's cost in the same run.\n"
+        )
+        parts.append(table + "\n")
     path = folder / "README.md"
     path.write_text("\n".join(parts))
     return path
