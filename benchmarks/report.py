@@ -525,7 +525,16 @@ def plot_family(family: str, rows: list[dict[str, Any]], folder: Path) -> list[P
                             pts.append((size, ratio, bool(best.get("noisy") or base.get("noisy"))))
                     return pts
 
-                series[f"best sparseops vs {b}"] = (speedup, "-o")
+                def band(cell: list[dict[str, Any]], b: str = b, metric: str = metric) -> list[tuple]:
+                    out = []
+                    for size in _ordered(r["size"] for r in cell):
+                        best = _best([r for r in cell if r["size"] == size], metric)
+                        lo_hi = speedup_bands(best).get(b) if best and metric == "median_us" else None
+                        if lo_hi:
+                            out.append((size, *lo_hi))
+                    return out
+
+                series[f"best sparseops vs {b}"] = (speedup, "-o", band)
             series["1x"] = (lambda cell: [(r["size"], 1.0) for r in cell], "k:")
             path = folder / f"{family}_speedup_{metric.removesuffix('_us')}.png"
             title = f"{family} headline speedup ({label}) — {device}"
