@@ -7,7 +7,15 @@ so the rest still loads on other GPUs. If no compiler works at all, the package 
 without _C and every op falls back to its pure-PyTorch reference, with a one-time warning.
 
 Environment: SPARSEOPS_NO_CUDA=1 skips CUDA; TORCH_CUDA_ARCH_LIST (default "8.0;9.0") sets
-the portable arches; MAX_JOBS bounds ninja's parallelism.
+the portable arches; MAX_JOBS bounds ninja's parallelism; SPARSEOPS_BUILD_TEMP moves the
+object-file folder (default build/temp-<platform>-py<X.Y>-torch<version>-<cpu|cuda>).
+
+Object files persist between builds: ``pip install -e .`` (PEP 660) hands build_ext a fresh
+temporary build folder each time, so every reinstall recompiled every source (minutes on a
+2-core machine). build_ext here always uses the stable folder above instead; ninja then
+recompiles only the sources (or headers) that changed, and an unchanged tree only relinks.
+The folder name carries the Python, torch and CUDA/CPU flavour, so objects built against
+another torch are never reused.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import sysconfig
 import warnings
 
 from setuptools import setup
@@ -53,7 +62,7 @@ def _extensions():
     )
     if not with_cuda:
         ext = CppExtension("sparseops._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
-        return [ext], {"build_ext": _optional(BuildExtension)}
+        return [ext], {"build_ext": _optional(BuildExtension, _build_temp(torch.__version__, "cpu"))}
 
     arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";")
     gencode = []
@@ -85,13 +94,25 @@ def _extensions():
                 },
             )
         )
-    return exts, {"build_ext": _optional(BuildExtension)}
+    return exts, {"build_ext": _optional(BuildExtension, _build_temp(torch.__version__, "cuda"))}
 
 
-def _optional(build_ext_cls):
+def _build_temp(torch_version: str, flavour: str) -> str:
+    """The persistent object-file folder (see the module docstring)."""
+    if os.environ.get("SPARSEOPS_BUILD_TEMP"):
+        return os.path.abspath(os.environ["SPARSEOPS_BUILD_TEMP"])
+    tag = f"{sysconfig.get_platform()}-py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch_version}-{flavour}"
+    return os.path.join(ROOT, "build", "temp-" + tag.replace("+", "_"))
+
+
+def _optional(build_ext_cls, build_temp: str):
     """A build_ext whose failure leaves a working pure-PyTorch package instead of no package."""
 
     class OptionalBuildExt(build_ext_cls.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = build_temp  # stable across pip's temporary editable builds
+
         def run(self):
             try:
                 super().run()

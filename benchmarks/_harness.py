@@ -23,8 +23,19 @@ GPU, three numbers per measurement:
     replayed back to back, timed with events, divided by the call count: device time with
     launch overhead removed, what a CUDA-graph-captured decode step pays. Only for
     callables declared capturable; a capture that fails leaves the column empty.
-CPU: a loop of ``time.perf_counter`` around single calls after warm-up, median and 20th/80th
-percentiles, under a per-measurement time budget.
+CPU (``time_cpu_interleaved``): the implementations being compared are timed in
+alternation, one ``time.perf_counter``-timed call of each per round (the order rotating
+from round to round), so a burst of load from other processes lands on all of them alike.
+After the base budget the spread of every implementation is checked over the latest window
+of rounds; while some p80/p20 exceeds ``SPREAD_TARGET`` rounds continue (the window slides)
+up to the maximum budget. The window reported is the first tight one, or, when the budget
+ran out, the tightest one seen, and its rows are flagged ``noisy`` (p80/p20 >
+``SPREAD_TARGET``). Ratios between two implementations are the median over the window's
+rounds of the per-round ratio (both calls ran within microseconds of each other), which a
+burst of load shifts far less than a ratio of medians.
+Implementations in another interpreter (a peer pinned to another torch, the "before" build
+of sparseops) are timed by a worker process (``benchmarks/_worker.py``) in chunks that
+alternate with the in-process rounds; their ratios are medians of per-chunk ratios.
 
 Everything is timed under ``torch.inference_mode()``: the serving setting in which small
 calls matter, and it is applied to every implementation alike.
@@ -60,6 +71,11 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 # of host time) rather than the op; ten amortise it to well under a microsecond per call.
 GRAPH_CALLS = 10
 
+# p80/p20 above which a measurement is called noisy. CPU timing repeats (up to its maximum
+# budget) until every implementation of a group is at or below it. Override with
+# SPARSEOPS_BENCH_SPREAD. A 2-core CPU next to a compiler gives 1.5-10 at first.
+SPREAD_TARGET = float(os.environ.get("SPARSEOPS_BENCH_SPREAD", "1.2"))
+
 
 # --------------------------------------------------------------------------- environment
 
@@ -82,6 +98,19 @@ def import_sparseops() -> Any:
     if first:
         print(f"sparseops {getattr(mod, '__version__', '?')} from {Path(mod.__file__).parent}", flush=True)
     return mod
+
+
+THREADS_HELP = (
+    "torch CPU threads (default: torch's choice). On a small CPU shared with other work, --threads 1 "
+    "avoids the ~10 ms stalls of a parallel region whose second thread is descheduled; the results "
+    "folder name carries the count (-1t)"
+)
+
+
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` when ``n`` is given (before any timing, before the slug is taken)."""
+    if n:
+        torch.set_num_threads(n)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -192,6 +221,18 @@ class Timing:
     eager_us: float | None = None
     graph_us: float | None = None
     note: str = ""
+    rounds: int = 0  # interleaved rounds in the reported window (CPU)
+    budget_s: float = 0.0  # wall time spent timing (CPU, the whole group)
+
+    @property
+    def spread(self) -> float:
+        """p80 / p20: 1.0 is perfectly steady."""
+        return self.p80_us / self.p20_us if self.p20_us > 0 else math.inf
+
+    @property
+    def noisy(self) -> bool:
+        """True when p80/p20 exceeds SPREAD_TARGET."""
+        return self.spread > SPREAD_TARGET
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -244,6 +285,196 @@ def time_cpu(fn: Callable[[], Any], budget_s: float = 0.25, min_samples: int = 5
     samples.sort()
     us = [s * 1e6 for s in samples]
     return Timing(_quantile(us, 0.5), _quantile(us, 0.2), _quantile(us, 0.8), samples=len(us))
+
+
+class External:
+    """An implementation timed in another process (see ``benchmarks/_worker.py``).
+
+    ``chunk(seconds)`` times single calls in that process for about ``seconds`` and returns
+    the per-call times in seconds. While it runs, this process only waits on the pipe, so
+    the two never compete for the CPU.
+    """
+
+    def chunk(self, seconds: float) -> list[float]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Interleaved:
+    """What ``time_cpu_interleaved`` measured: one Timing per implementation plus pair ratios.
+
+    ``ratios[(i, j)]`` = (median, p20, p80) over the window's rounds of time_j / time_i
+    (> 1: i is faster). A p20 above 1 means i was faster in at least 80 % of the rounds,
+    which decides "faster" even when both times are noisy.
+    """
+
+    timings: list[Timing]
+    ratios: dict[tuple[int, int], tuple[float, float, float]]
+    converged: bool
+    spent_s: float
+
+
+def _ratio_stats(values: Iterable[float]) -> tuple[float, float, float]:
+    v = sorted(values)
+    return _quantile(v, 0.5), _quantile(v, 0.2), _quantile(v, 0.8)
+
+
+def _stats(samples_s: Sequence[float]) -> tuple[float, float, float]:
+    us = sorted(x * 1e6 for x in samples_s)
+    return _quantile(us, 0.5), _quantile(us, 0.2), _quantile(us, 0.8)
+
+
+def _window_spread(cols: Sequence[Sequence[float]], start: int, end: int) -> float:
+    worst = 1.0
+    for col in cols:
+        w = sorted(col[start:end])
+        lo = _quantile(w, 0.2)
+        worst = max(worst, _quantile(w, 0.8) / lo if lo > 0 else math.inf)
+    return worst
+
+
+def time_cpu_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    budget_s: float = 0.25,
+    max_budget_s: float = 1.0,
+    min_rounds: int = 7,
+    target: float | None = None,
+    externals: Sequence[External] = (),
+) -> Interleaved:
+    """Time ``fns`` (and ``externals``) in alternation until steady or ``max_budget_s`` runs out.
+
+    Warm-up: two rounds and 10 % of ``budget_s`` (the caller made the first call of each,
+    which may compile). Then rounds, each calling every fn once (the starting fn rotates,
+    so none always runs right after another's cache damage), each call timed alone with
+    ``perf_counter``; the garbage collector is paused. From ``budget_s`` on, the latest
+    window of rounds (as many as the base budget held, at least ``min_rounds``) is checked
+    every quarter budget: when every fn's p80/p20 in it is <= ``target`` it is the result;
+    otherwise rounds go on, and at ``max_budget_s`` the tightest window seen is reported
+    (``converged`` False). Externals get their own chunks, alternating with blocks of
+    in-process rounds, and are only run for the base budget (a chunk of a foreign process
+    cannot be paired call by call).
+    """
+    target = SPREAD_TARGET if target is None else target
+    n = len(fns)
+    if externals:
+        return _time_with_externals(fns, externals, budget_s, min_rounds)
+    warm_end = time.perf_counter() + 0.1 * budget_s
+    rounds = 0
+    while rounds < 2 or time.perf_counter() < warm_end:
+        for fn in fns:
+            fn()
+        rounds += 1
+    cols: list[list[float]] = [[] for _ in fns]
+    clock = time.perf_counter
+    gc_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    start = clock()
+    window = 0
+    best: tuple[float, int, int] | None = None  # (spread, start, end)
+    converged = False
+    try:
+        next_check = start + budget_s
+        r = 0
+        while True:
+            for j in range(n):
+                i = (r + j) % n
+                t0 = clock()
+                fns[i]()
+                cols[i].append(clock() - t0)
+            r += 1
+            now = clock()
+            if (now >= next_check and r >= min_rounds) or r >= 1_000_000:
+                if not window:
+                    window = r
+                lo, hi = r - window, r
+                spread = _window_spread(cols, lo, hi)
+                if best is None or spread < best[0]:
+                    best = (spread, lo, hi)
+                if spread <= target:
+                    converged = True
+                    break
+                if now - start >= max_budget_s or r >= 1_000_000:
+                    break
+                next_check = now + budget_s / 4
+    finally:
+        if gc_enabled:
+            gc.enable()
+    spent = clock() - start
+    assert best is not None
+    _, lo, hi = best
+    timings = []
+    for col in cols:
+        med, p20, p80 = _stats(col[lo:hi])
+        timings.append(Timing(med, p20, p80, samples=hi - lo, rounds=hi - lo, budget_s=spent))
+    ratios = {}
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ratios[(i, j)] = _ratio_stats(cols[j][k] / cols[i][k] for k in range(lo, hi))
+    return Interleaved(timings, ratios, converged, spent)
+
+
+def _time_with_externals(
+    fns: Sequence[Callable[[], Any]], externals: Sequence[External], budget_s: float, min_rounds: int
+) -> Interleaved:
+    """Alternate blocks of in-process rounds with one chunk per external, ``CHUNKS`` times."""
+    chunks = 4
+    n, m = len(fns), len(externals)
+    per = budget_s / chunks / (1 + m)  # seconds per block / per external chunk
+    for _ in range(2):
+        for fn in fns:
+            fn()
+    local: list[list[float]] = [[] for _ in fns]
+    ext: list[list[float]] = [[] for _ in externals]
+    # chunk medians: [chunk][impl index over fns + externals]
+    chunk_meds: list[list[float]] = []
+    clock = time.perf_counter
+    start = clock()
+    r = 0
+    gc_enabled = gc.isenabled()
+    for _c in range(chunks):
+        gc.collect()
+        gc.disable()
+        try:
+            block_start = len(local[0]) if n else 0
+            end = clock() + per
+            while n and (clock() < end or len(local[0]) - block_start < max(2, min_rounds // chunks)):
+                for j in range(n):
+                    i = (r + j) % n
+                    t0 = clock()
+                    fns[i]()
+                    local[i].append(clock() - t0)
+                r += 1
+        finally:
+            if gc_enabled:
+                gc.enable()
+        meds = [statistics.median(col[block_start:]) for col in local]
+        for e, x in enumerate(externals):
+            got = x.chunk(per)
+            ext[e].extend(got)
+            meds.append(statistics.median(got) if got else math.nan)
+        chunk_meds.append(meds)
+    spent = clock() - start
+    cols = local + ext
+    timings = []
+    for col in cols:
+        med, p20, p80 = _stats(col) if col else (math.nan, math.nan, math.nan)
+        timings.append(Timing(med, p20, p80, samples=len(col), rounds=chunks, budget_s=spent))
+    ratios: dict[tuple[int, int], tuple[float, float, float]] = {}
+    for i in range(n + m):
+        for j in range(n + m):
+            if i == j:
+                continue
+            if i < n and j < n:
+                ratios[(i, j)] = _ratio_stats(local[j][k] / local[i][k] for k in range(len(local[0])))
+            else:
+                per_chunk = [c[j] / c[i] for c in chunk_meds if c[i] > 0 and math.isfinite(c[j] / c[i])]
+                if per_chunk:
+                    ratios[(i, j)] = _ratio_stats(per_chunk)
+    converged = all(math.isfinite(t.spread) and not t.noisy for t in timings)
+    return Interleaved(timings, ratios, converged, spent)
 
 
 def _cuda_eager_us(fn: Callable[[], Any], budget_s: float, repeats: int = 5) -> float:
@@ -403,7 +634,10 @@ class Result:
     ``kind`` is "sparseops" or "baseline"; ``speedups`` holds "baseline=x" pairs
     (baseline median / this median, >1 means faster), ``headline`` marks the rows the
     summary table shows. Times are microseconds; floor_us = max(bytes / copy bandwidth,
-    flops / GEMM peak); x_floor = median_us / floor_us.
+    flops / GEMM peak); x_floor = median_us / floor_us. ``spread`` = p80/p20 and ``noisy``
+    = spread > SPREAD_TARGET; on CPU the speedups are medians of per-round ratios of the
+    interleaved calls (see ``time_cpu_interleaved``), ``rounds`` how many, and
+    ``speedup_bands`` "baseline=p20:p80" of those per-round ratios.
     """
 
     family: str
@@ -420,6 +654,9 @@ class Result:
     p20_us: float | None = None
     p80_us: float | None = None
     samples: int = 0
+    spread: float | None = None
+    noisy: bool = False
+    rounds: int = 0
     eager_us: float | None = None
     graph_us: float | None = None
     bytes: int = 0
@@ -431,6 +668,7 @@ class Result:
     floor_us: float | None = None
     x_floor: float | None = None
     speedups: str = ""
+    speedup_bands: str = ""
     check: str = ""
     note: str = ""
 
@@ -475,7 +713,10 @@ def fmt_num(v: float | None, digits: int = 4) -> str:
 
 
 def fill_speedups(results: Iterable[Result]) -> None:
-    """Set every row's ``speedups`` to baseline median / its median, for each other baseline."""
+    """Where a row has no ``speedups`` yet: baseline median / its median, for each other baseline.
+
+    The interleaved CPU timer sets paired ratios itself; this fills the rest (GPU rows).
+    """
     results = list(results)
     groups: dict[tuple, list[Result]] = {}
     for r in results:
@@ -483,7 +724,7 @@ def fill_speedups(results: Iterable[Result]) -> None:
     for rows in groups.values():
         baselines = [b for b in rows if b.kind == "baseline" and b.median_us]
         for r in rows:
-            if not r.median_us:
+            if not r.median_us or r.speedups:
                 continue
             others = [b for b in baselines if b is not r]
             r.speedups = ";".join(f"{b.impl}={b.median_us / r.median_us:.3f}" for b in others)
@@ -506,7 +747,7 @@ def write_csv(results: Sequence[Result], path: Path, env: dict[str, str]) -> Pat
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
     """Rows of a results CSV with numeric columns converted (None where empty)."""
-    ints = {"size", "samples", "bytes", "flops"}
+    ints = {"size", "samples", "bytes", "flops", "rounds"}
     floats = {f.name for f in dataclasses.fields(Result) if "float" in str(f.type)}
     rows = []
     with Path(path).open(newline="") as f:
@@ -517,6 +758,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
             for k in floats:
                 row[k] = float(raw[k]) if raw.get(k) else None
             row["headline"] = raw.get("headline") == "True"
+            row["noisy"] = raw.get("noisy") == "True"
             rows.append(row)
     return rows
 
@@ -525,16 +767,36 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
+class Case:
+    """One implementation of a problem for ``Session.measure_group``.
+
+    ``fn`` is called with no arguments (in-process), or ``external`` times it in another
+    process. ``graph``: may ``fn`` be captured in a CUDA graph (False for callables with host
+    syncs). ``check(output)`` returns "ok" or what is wrong.
+    """
+
+    impl: str
+    kind: str
+    fn: Callable[[], Any] | None = None
+    graph: bool = True
+    check: Callable[[Any], str] | None = None
+    external: External | None = None
+    note: str = ""
+
+
+@dataclass
 class Session:
     """One benchmark run on one device, shared by every family a demo runs.
 
-    Families call ``plan`` with their measurement count (for the progress counter),
-    ``measure`` once per (op, shape, implementation) and ``write_csv`` as they go.
+    Families call ``plan`` with their number of problems (for the progress counter and its
+    time estimate), ``measure_group`` once per problem (op, shape, dtype, size) with all its
+    implementations, and ``write_csv`` as they go.
     """
 
     device: torch.device
     quick: bool = False
-    cpu_budget_s: float | None = None
+    cpu_budget_s: float | None = None  # base CPU timing budget per implementation of a group
+    cpu_max_factor: float | None = None  # a group may run to this many times its base budget
     sparseops_version: str = ""
     results: list[Result] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -542,16 +804,22 @@ class Session:
     _planned: int = 0
     _done: int = 0
     _t0: float = field(default_factory=time.perf_counter)
+    _first_group_t: float = 0.0
 
     def __post_init__(self) -> None:
         if self.cpu_budget_s is None:
-            self.cpu_budget_s = 0.08 if self.quick else 0.25
+            self.cpu_budget_s = 0.03 if self.quick else 0.1
+        if self.cpu_max_factor is None:
+            self.cpu_max_factor = 3.0 if self.quick else 5.0
         self.env = environment(self.device, self.sparseops_version)
         self.env["quick"] = str(self.quick)
         self.env["timer"] = (
             "do_bench median (L2 flushed) + eager wall + CUDA-graph replay; inference_mode"
             if self.device.type == "cuda"
-            else f"perf_counter per call, {self.cpu_budget_s:g} s budget; inference_mode"
+            else (
+                f"perf_counter per call, implementations interleaved; {self.cpu_budget_s:g} s per implementation, "
+                f"up to {self.cpu_max_factor:g}x until p80/p20 <= {SPREAD_TARGET:g}; inference_mode"
+            )
         )
 
     # ---- ceilings and header
@@ -604,9 +872,9 @@ class Session:
 
     # ---- measuring
 
-    def measure(
+    def measure_group(
         self,
-        fn: Callable[[], Any],
+        cases: Sequence[Case],
         *,
         family: str,
         op: str,
@@ -614,74 +882,167 @@ class Session:
         params: str,
         size: int,
         dtype: str,
-        impl: str,
-        kind: str,
         bytes: int,
         flops: int = 0,
         size_name: str = "T",
         headline: bool = False,
-        graph: bool = True,
-        check: Callable[[Any], str] | None = None,
-    ) -> Result | None:
-        """Time ``fn`` and record a Result; None (and a row noting why) when it fails.
+    ) -> list[Result]:
+        """Time every implementation of one problem together; one Result per case.
 
-        The first call is made here, outside the timer: it may compile (its duration is
-        noted when above a second) and its output goes to ``check``, which returns "ok" or
-        what is wrong. ``graph`` says whether ``fn`` may be captured in a CUDA graph (False
-        for callables with host syncs, which cannot be captured).
+        Each case's first call is made here, outside the timer: it may compile (its duration
+        is noted when above a second) and its output goes to ``check``, which returns "ok"
+        or what is wrong. A case whose first call raises gets a row noting why and is left
+        out of the timing. The rest are timed together: on CPU interleaved (see
+        ``time_cpu_interleaved``; speedups are paired per-round ratios), on GPU one after
+        another with ``time_cuda`` (speedups from the medians).
         """
-        assert kind in ("sparseops", "baseline"), kind
-        self._done += 1
         ceil = self.ceilings
-        res = Result(family, op, shape, params, size_name, size, dtype, impl, kind, headline)
-        res.bytes, res.flops = bytes, flops
-        label = f"{op:<15} {shape:<14} {size_name}={size:<6} {dtype:<5} {impl:<24}"
-        counter = f"{family} {self._done:>3}/{max(self._planned, self._done)}"
-        stage = "first call"
+        eta = ""
+        if self._done == 0:
+            self._first_group_t = time.perf_counter()
+        elif self._planned > self._done:
+            per = (time.perf_counter() - self._first_group_t) / self._done
+            eta = f", ~{per * (self._planned - self._done):.0f} s left"
+        self._done += 1
+        counter = f"{family} {self._done:>3}/{max(self._planned, self._done)}{eta}"
+        what = f"{op} {shape} {size_name}={size} {dtype}"
+        rows: list[Result] = []
+        live: list[tuple[Case, Result]] = []
+        for case in cases:
+            assert case.kind in ("sparseops", "baseline"), case.kind
+            res = Result(family, op, shape, params, size_name, size, dtype, case.impl, case.kind, headline)
+            res.bytes, res.flops = bytes, flops
+            rows.append(res)
+            if case.external is not None:
+                if self.device.type == "cuda":
+                    res.note = "skipped: out-of-process implementations are CPU-only"
+                    continue
+                res.note = case.note
+                live.append((case, res))
+                continue
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    out = case.fn()
+                    synchronize(self.device)
+                    first_s = time.perf_counter() - t0
+                    if case.check is not None:
+                        try:
+                            res.check = case.check(out)
+                        except Exception as exc:  # a broken checker must not stop the run
+                            res.check = f"check error: {type(exc).__name__}: {exc}"[:200]
+                    del out
+            except Exception as exc:  # a failing implementation is reported, not fatal
+                first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+                res.note = f"skipped (first call failed): {type(exc).__name__}: {first_line}"
+                continue
+            notes = [case.note] if case.note else []
+            if first_s > 1.0:
+                notes.append(f"first call {first_s:.1f} s")
+            res.note = "; ".join(notes)
+            live.append((case, res))
+
+        timings: list[Timing | None] = [None] * len(live)
+        ratios: dict[tuple[int, int], tuple[float, float, float]] = {}
+        steady = ""
         try:
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                out = fn()
-                synchronize(self.device)
-                first_s = time.perf_counter() - t0
-                if check is not None:
-                    try:
-                        res.check = check(out)
-                    except Exception as exc:  # a broken checker must not stop the run
-                        res.check = f"check error: {type(exc).__name__}: {exc}"[:200]
-                del out
-                stage = "timing"
                 if self.device.type == "cuda":
-                    t = time_cuda(fn, quick=self.quick, graph=graph)
-                else:
-                    t = time_cpu(fn, self.cpu_budget_s)
-        except Exception as exc:  # a failing implementation is reported, not fatal
-            first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-            res.note = f"skipped ({stage} failed): {type(exc).__name__}: {first_line}"
-            self.results.append(res)
-            self.log(f"{counter} {label} {res.note}")
-            return None
-        notes = [t.note] if t.note else []
-        if first_s > 1.0:
-            notes.append(f"first call {first_s:.1f} s")
-        res.note = "; ".join(notes)
-        res.median_us, res.p20_us, res.p80_us, res.samples = t.median_us, t.p20_us, t.p80_us, t.samples
-        res.eager_us, res.graph_us = t.eager_us, t.graph_us
-        secs = t.median_us * 1e-6
-        res.gbps = bytes / secs / 1e9
-        res.pct_bw = 100 * res.gbps / ceil.copy_gbps
-        if flops:
-            res.tflops = flops / secs / 1e12
-            res.pct_gemm = 100 * res.tflops / ceil.gemm_tflops
-        res.floor_us = max(bytes / (ceil.copy_gbps * 1e9), flops / (ceil.gemm_tflops * 1e12)) * 1e6
-        res.x_floor = t.median_us / res.floor_us if res.floor_us > 0 else None
-        self.results.append(res)
-        fill_speedups(r for r in self.results if r.group() == res.group())
-        self.log(f"{counter} {label} {self._progress_text(res)}")
-        return res
+                    for n, (case, res) in enumerate(live):
+                        try:
+                            timings[n] = time_cuda(case.fn, quick=self.quick, graph=case.graph)
+                        except Exception as exc:
+                            res.note = f"skipped (timing failed): {type(exc).__name__}: {str(exc)[:160]}"
+                elif live:
+                    local = [n for n, (c, _) in enumerate(live) if c.external is None]
+                    ext = [n for n, (c, _) in enumerate(live) if c.external is not None]
+                    order = local + ext
+                    base = self.cpu_budget_s * len(live)
+                    got = time_cpu_interleaved(
+                        [live[n][0].fn for n in local],
+                        budget_s=base,
+                        max_budget_s=base * self.cpu_max_factor,
+                        min_rounds=5 if self.quick else 7,
+                        externals=[live[n][0].external for n in ext],
+                    )
+                    for pos, n in enumerate(order):
+                        timings[n] = got.timings[pos]
+                    for (a, b), v in got.ratios.items():
+                        ratios[(order[a], order[b])] = v
+                    if not got.converged:
+                        worst = max(t.spread for t in got.timings)
+                        steady = (
+                            f"NOT STEADY after {got.spent_s:.1f} s: worst p80/p20 {worst:.2f} > "
+                            f"{SPREAD_TARGET:g} (rows flagged noisy)"
+                        )
+        except Exception as exc:  # e.g. a call that worked once and fails later
+            for _, res in live:
+                res.note = f"skipped (timing failed): {type(exc).__name__}: {str(exc)[:160]}"
+            timings = [None] * len(live)
+
+        timed: list[tuple[int, Result]] = []
+        for n, ((_, res), t) in enumerate(zip(live, timings, strict=True)):
+            if t is None or not math.isfinite(t.median_us) or t.median_us <= 0:
+                if t is not None:
+                    res.note = "; ".join(filter(None, [res.note, "no samples"]))
+                continue
+            notes = [res.note] if res.note else []
+            if t.note:
+                notes.append(t.note)
+            res.note = "; ".join(notes)
+            res.median_us, res.p20_us, res.p80_us, res.samples = t.median_us, t.p20_us, t.p80_us, t.samples
+            res.spread, res.noisy, res.rounds = t.spread, t.noisy, t.rounds
+            res.eager_us, res.graph_us = t.eager_us, t.graph_us
+            secs = t.median_us * 1e-6
+            res.gbps = bytes / secs / 1e9
+            res.pct_bw = 100 * res.gbps / ceil.copy_gbps
+            if flops:
+                res.tflops = flops / secs / 1e12
+                res.pct_gemm = 100 * res.tflops / ceil.gemm_tflops
+            res.floor_us = max(bytes / (ceil.copy_gbps * 1e9), flops / (ceil.gemm_tflops * 1e12)) * 1e6
+            res.x_floor = t.median_us / res.floor_us if res.floor_us > 0 else None
+            timed.append((n, res))
+        for n, res in timed:
+            pairs, bands = [], []
+            for m, base in timed:
+                if m == n or base.kind != "baseline":
+                    continue
+                if ratios:
+                    v = ratios.get((n, m))
+                else:  # GPU: ratio of medians, band from the crossed quantiles (conservative)
+                    v = (base.median_us / res.median_us, base.p20_us / res.p80_us, base.p80_us / res.p20_us)
+                if v is not None:
+                    pairs.append(f"{base.impl}={v[0]:.3f}")
+                    bands.append(f"{base.impl}={v[1]:.3f}:{v[2]:.3f}")
+            res.speedups, res.speedup_bands = ";".join(pairs), ";".join(bands)
+        self.results.extend(rows)
+        self.log(f"{counter} {what}: {len(timed)} of {len(rows)} timed" + (f"  {steady}" if steady else ""))
+        for res in rows:
+            label = f"    {res.impl:<26}"
+            if res.median_us is None:
+                self.log(f"{label} {res.note}")
+            else:
+                self.log(f"{label} {self._progress_text(res)}")
+        return rows
+
+    def measure(
+        self,
+        fn: Callable[[], Any],
+        *,
+        impl: str,
+        kind: str,
+        graph: bool = True,
+        check: Callable[[Any], str] | None = None,
+        **problem: Any,
+    ) -> Result | None:
+        """One implementation alone (a group of one); None when it could not be timed."""
+        (res,) = self.measure_group([Case(impl, kind, fn, graph=graph, check=check)], **problem)
+        return res if res.median_us is not None else None
 
     def _progress_text(self, r: Result) -> str:
         parts = [f"{r.median_us:9.2f} µs [{r.p20_us:.2f}-{r.p80_us:.2f}]"]
+        if r.spread is not None:
+            parts.append(f"p80/p20 {r.spread:.2f}{' NOISY' if r.noisy else ''}")
         if r.eager_us is not None:
             parts.append(f"eager {r.eager_us:8.2f}")
         if self.device.type == "cuda":

@@ -1,22 +1,40 @@
 """MoE routing: sparseops.topk_route + sparseops.route_metadata against what users write today.
 
+Shapes (``sparseops.testing.ROUTER_SHAPES``, DESIGN.md): Mixtral-8x7B (E 8, k 2),
+Qwen3-30B-A3B (128, 8), DeepSeek-V3 (256, 8, sigmoid + selection bias, 8 groups, top-4
+groups, scale 2.5), gpt-oss-120b (128, 4, top-k then softmax); T = 1, 16, 64 (decode) and
+1024, 4096, 16384; fp32 and bf16 logits.
+
 Baselines (kind "baseline"):
   torch:composite     the torch code a user writes now. Softmax routers (Mixtral, Qwen3):
-                      softmax(fp32) -> topk -> renormalise. DeepSeek-V3: sigmoid, + bias,
-                      group score = sum of the two best biased scores per group, keep the
-                      top-4 groups, top-k inside them, weights from the unbiased sigmoid,
+                      softmax(fp32) -> topk -> renormalise. gpt-oss: topk of the logits ->
+                      softmax(fp32) of the k picked. DeepSeek-V3: sigmoid, + bias, group
+                      score = sum of the two best biased scores per group, keep the top-4
+                      groups, top-k inside them, weights from the unbiased sigmoid,
                       renormalise, x 2.5 (HF transformers / vLLM grouped_topk style). Then
                       the metadata: stable argsort of the flat ids, bincount, cumsum,
                       inverse permutation, token of every sorted slot.
+  compile(composite)  torch.compile of the composite above (the pair compiled as one function).
   compile(reference)  torch.compile of sparseops.reference.routing's topk_route_ref and
-                      route_metadata_ref (skipped where compiling fails).
+                      route_metadata_ref.
+  ipex                intel-extension-for-pytorch's CPU ``torch_ipex::topk_softmax`` /
+                      ``torch_ipex::grouped_topk`` (top-k only; bf16 logits only: ANCHORS
+                      records garbage from fp32). Optional: ipex pins torch 2.8, so it lives
+                      in its own venv, named by SPARSEOPS_IPEX_PYTHON=<venv>/bin/python, and
+                      runs in a worker process whose timing chunks alternate with this
+                      process's rounds. Skipped with a note when the variable is unset.
+  SGLang's CPU kernels have no wheel: benchmarks/results/README.md records the issue's
+  measured ratios as a bar instead of a measured row.
 sparseops rows: every backend ``available_backends`` lists for the device, each op alone
-and the pair, plus ``auto`` (backend=None) for the pair.
+and the pair (``sparseops.route``), plus ``auto`` (backend=None) for the pair.
+torch.compile rows are skipped where compiling fails (once per shape group, not retried).
 
 Floor bytes: read logits (and bias) once, write weights (fp32) and ids (int32), read ids,
-write counts, offs, sorted_slots, inverse and tokens (int32). The pair is the headline.
+write counts, offs, sorted_slots, inverse and tokens (int32). floor_us = bytes / measured
+copy bandwidth; x_floor = time / floor. The pair is the headline.
 
 CLI: python -m benchmarks.bench_routing [--device cpu|cuda] [--quick] [--out DIR]
+     [--tokens T ...] [--dtypes fp32 bf16] [--models NAME ...] [--ops OP ...] [--no-compile]
 """
 
 from __future__ import annotations
@@ -33,47 +51,21 @@ import torch
 from benchmarks import _harness as H
 
 FAMILY = "routing"
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """A model's router: E experts, top-k, and its scoring rule (the team's standard MoE shapes)."""
-
-    name: str
-    num_experts: int
-    k: int
-    scoring: str = "softmax"
-    bias: bool = False
-    n_group: int = 1
-    topk_group: int = 1
-    scale: float = 1.0
-
-    def params(self) -> str:
-        """Short description for the CSV ``params`` column."""
-        p = f"E={self.num_experts} k={self.k} {self.scoring}"
-        if self.bias:
-            p += "+bias"
-        if self.n_group > 1:
-            p += f" groups={self.n_group}/top{self.topk_group}"
-        if self.scale != 1.0:
-            p += f" scale={self.scale:g}"
-        return p
-
-
-MODELS = (
-    RouterConfig("Mixtral-8x7B", 8, 2),
-    RouterConfig("Qwen3-30B-A3B", 128, 8),
-    RouterConfig("DeepSeek-V3", 256, 8, scoring="sigmoid", bias=True, n_group=8, topk_group=4, scale=2.5),
-)
-TOKENS = (1, 16, 64, 1024, 4096, 16384)
-QUICK_TOKENS = (1, 64, 4096)
 OPS = ("topk_route", "route_metadata", "pair")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUICK_TOKENS = (1, 64, 4096)
+
+
+def _testing() -> Any:
+    H.import_sparseops()
+    import sparseops.testing as testing
+
+    return testing
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """One dtype's slice of the run: which token counts, and whether to compile the reference."""
+    """One dtype's slice of the run: which token counts, and whether to time torch.compile."""
 
     dtype: str
     tokens: tuple[int, ...]
@@ -81,18 +73,17 @@ class Sweep:
 
 
 def default_sweeps(device: torch.device, quick: bool) -> list[Sweep]:
-    """GPU: bf16 logits (what models produce). CPU: fp32 in full; bf16 on a few sizes.
+    """Full: fp32 and bf16 logits at every standard T, torch.compile included (GPU: bf16 only).
 
-    CPU default must finish in a few minutes on 2 cores: the bf16 slice checks the bf16
-    load path at decode / prefill sizes without repeating the whole fp32 sweep, and skips
-    torch.compile (it costs seconds of compilation per shape there). --quick drops bf16
-    and torch.compile and keeps three token counts.
+    --quick: fp32 at T = 1, 64, 4096 and no torch.compile (it costs seconds of compilation
+    per shape on a 2-core CPU); the full run has it.
     """
+    tokens = _testing().ROUTER_TOKENS
     if device.type == "cuda":
-        return [Sweep("bf16", QUICK_TOKENS if quick else TOKENS, True)]
+        return [Sweep("bf16", QUICK_TOKENS if quick else tokens, not quick)]
     if quick:
         return [Sweep("fp32", QUICK_TOKENS, False)]
-    return [Sweep("fp32", TOKENS, True), Sweep("bf16", (1, 64, 4096), False)]
+    return [Sweep("fp32", tokens, True), Sweep("bf16", tokens, True)]
 
 
 # --------------------------------------------------------------------------- baselines
@@ -103,6 +94,12 @@ def composite_topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def composite_topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss router as written in HF transformers: topk of the logits -> softmax(fp32) of the k."""
+    values, ids = torch.topk(logits, k, dim=-1)
+    return torch.softmax(values, dim=-1, dtype=torch.float32), ids
 
 
 def composite_topk_grouped(
@@ -135,10 +132,19 @@ def composite_metadata(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     return counts, offs, sorted_slots, inverse, tokens
 
 
+def composite_topk(cfg: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The composite top-k for ``cfg``, as fn(logits, bias) -> (weights, ids)."""
+    if cfg.scoring == "sigmoid" or cfg.bias or cfg.n_group > 1:
+        return lambda logits, bias: composite_topk_grouped(logits, cfg.k, bias, cfg.n_group, cfg.topk_group, cfg.scale)
+    if cfg.order == "topk_then_softmax":
+        return lambda logits, bias: composite_topk_then_softmax(logits, cfg.k)
+    return lambda logits, bias: composite_topk_softmax(logits, cfg.k)
+
+
 # --------------------------------------------------------------------------- checks
 
 
-def _bytes(cfg: RouterConfig, T: int, elt: int) -> dict[str, int]:
+def _bytes(cfg: Any, T: int, elt: int) -> dict[str, int]:
     E, k = cfg.num_experts, cfg.k
     topk = T * E * elt + (E * 4 if cfg.bias else 0) + T * k * (4 + 4)
     meta = T * k * 4 + 2 * E * 4 + 3 * T * k * 4
@@ -176,19 +182,58 @@ def _check_pair(ref_w: torch.Tensor, ref_ids: torch.Tensor, ref_meta: Sequence[t
     return msg if msg != "ok" else _check_meta(ref_meta, out[2])
 
 
+# --------------------------------------------------------------------------- ipex (optional)
+
+
+IPEX_ENV = "SPARSEOPS_IPEX_PYTHON"
+
+
+def ipex_worker(log: Callable[[str], None]) -> Any | None:
+    """A worker process running the ipex venv's python, or None (with a printed note)."""
+    py = os.environ.get(IPEX_ENV)
+    if not py:
+        log(
+            f"note: ipex baseline skipped: set {IPEX_ENV}=<venv>/bin/python of a venv with "
+            "intel-extension-for-pytorch (it pins torch 2.8, so it cannot share this one)"
+        )
+        return None
+    from benchmarks import _worker
+
+    try:
+        w = _worker.Worker(py, imports=["intel_extension_for_pytorch"])
+    except Exception as exc:
+        log(f"note: ipex baseline skipped: {py} did not start a worker: {exc}")
+        return None
+    log(f"ipex worker: {w.info}")
+    return w
+
+
+def _ipex_case(worker: Any, cfg: Any, T: int, dtype: str) -> H.Case | None:
+    if worker is None or dtype != "bf16" or cfg.order != "softmax_then_topk":
+        return None  # fp32 logits give garbage in ipex 2.8 (ANCHORS); no top-k-then-softmax kernel
+    spec = {
+        "op": "ipex.grouped_topk" if cfg.n_group > 1 else "ipex.topk_softmax",
+        "E": cfg.num_experts, "k": cfg.k, "T": T, "dtype": dtype, "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group, "scale": cfg.scale, "bias": cfg.bias,
+    }  # fmt: skip
+    try:
+        ext = worker.case(spec)
+    except Exception as exc:
+        print(f"note: ipex {spec['op']} E={cfg.num_experts} T={T}: {exc}", flush=True)
+        return None
+    return H.Case("ipex", "baseline", external=ext, note=f"out of process, torch {worker.info.get('torch', '?')}")
+
+
 # --------------------------------------------------------------------------- run
 
 
-def _compiled_refs() -> tuple[Callable, Callable]:
-    from sparseops.reference.routing import route_metadata_ref, topk_route_ref
-
-    # Three routers x six token counts x dtypes recompile more than the default limit of 8,
+def _raise_recompile_limit() -> None:
+    # Four routers x six token counts x two dtypes recompile more than the default limit of 8,
     # past which dynamo silently runs eager: the row would time eager code under the
     # compile label.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    return torch.compile(topk_route_ref), torch.compile(route_metadata_ref)
 
 
 def sparseops_backends(so: Any, device: torch.device) -> tuple[list[str], list[str]]:
@@ -197,9 +242,10 @@ def sparseops_backends(so: Any, device: torch.device) -> tuple[list[str], list[s
     for op in ("topk_route", "route_metadata"):
         names = list(so.available_backends(op, device))
         if device.type == "cpu" and "triton" in names:
-            print("note: not timing backend 'triton' on CPU (TRITON_INTERPRET is for tests)", flush=True)
             names.remove("triton")
         out.append(names)
+    if device.type == "cpu":
+        print("note: not timing backend 'triton' on CPU (TRITON_INTERPRET is for tests)", flush=True)
     return out[0], out[1]
 
 
@@ -208,140 +254,98 @@ def _auto_choice(so: Any, device: torch.device) -> str:
     return ", ".join(f"{op} -> {so.resolve_backend(op, device)}" for op in ("topk_route", "route_metadata"))
 
 
+class _Compiled:
+    """torch.compile'd baselines of one router shape, built lazily; failures remembered."""
+
+    def __init__(self, cfg: Any) -> None:
+        from sparseops.reference.routing import route_metadata_ref, topk_route_ref
+
+        comp = composite_topk(cfg)
+
+        def comp_pair(logits: torch.Tensor, bias: torch.Tensor | None) -> Any:
+            w, ids = comp(logits, bias)
+            return w, ids, composite_metadata(ids, cfg.num_experts)
+
+        self.fns = {
+            ("composite", "topk_route"): torch.compile(comp),
+            ("composite", "route_metadata"): torch.compile(composite_metadata),
+            ("composite", "pair"): torch.compile(comp_pair),
+            ("reference", "topk_route"): torch.compile(topk_route_ref),
+            ("reference", "route_metadata"): torch.compile(route_metadata_ref),
+        }
+        self.broken: set[tuple[str, str]] = set()
+
+
 def run(
     session: H.Session,
     *,
     out_dir: Path,
     sweeps: Sequence[Sweep] | None = None,
-    models: Sequence[RouterConfig] = MODELS,
+    models: Sequence[Any] | None = None,
+    ops: Sequence[str] = OPS,
     use_compile: bool = True,
 ) -> list[H.Result]:
-    """Time every routing implementation for every (model, dtype, tokens); write routing.csv."""
+    """Time every routing implementation for every (model, dtype, tokens, op); write routing.csv."""
     so = H.import_sparseops()
-    from sparseops.reference.routing import route_metadata_ref, topk_route_ref
-
+    testing = _testing()
+    models = list(models) if models is not None else list(testing.ROUTER_SHAPES)
     dev = session.device
     sweeps = list(sweeps) if sweeps is not None else default_sweeps(dev, session.quick)
+    if not use_compile:
+        sweeps = [Sweep(s.dtype, s.tokens, False) for s in sweeps]
     topk_backends, meta_backends = sparseops_backends(so, dev)
-    pair_backends = [b for b in topk_backends if b in meta_backends]
     if os.environ.get("SPARSEOPS_BACKEND"):
         session.log(f"note: SPARSEOPS_BACKEND={os.environ['SPARSEOPS_BACKEND']} forces what 'auto' picks")
     session.log(f"routing backends: topk_route {topk_backends}, route_metadata {meta_backends}")
     session.log(f"auto picks: {_auto_choice(so, dev)}")
-    compiled = _compiled_refs() if use_compile and any(s.compile for s in sweeps) else None
-
-    per_shape = 3 + len(topk_backends) + len(meta_backends) + len(pair_backends) + 1
-    session.plan(sum(len(s.tokens) * len(models) * (per_shape + (3 if s.compile and compiled else 0)) for s in sweeps))
-
-    for sweep in sweeps:
-        dtype = DTYPES[sweep.dtype]
-        for cfg in models:
-            compile_broken: set[str] = set()
-            for T in sweep.tokens:
-                _run_shape(
-                    session, so, cfg, T, sweep, dtype, topk_backends, meta_backends, pair_backends,
-                    compiled if sweep.compile else None, compile_broken, topk_route_ref, route_metadata_ref,
-                )  # fmt: skip
-            session.write_csv(FAMILY, out_dir)  # keep what is done if a later shape dies
+    if not any(s.compile for s in sweeps):
+        session.log("note: torch.compile baselines off in this run (--quick / --no-compile); the full run has them")
+    else:
+        _raise_recompile_limit()
+    worker = ipex_worker(session.log) if dev.type == "cpu" else None
+    session.plan(sum(len(s.tokens) * len(models) * len(ops) for s in sweeps))
+    try:
+        for sweep in sweeps:
+            for cfg in models:
+                compiled = _Compiled(cfg) if sweep.compile else None
+                for T in sweep.tokens:
+                    _run_shape(session, so, cfg, T, sweep, topk_backends, meta_backends, ops, compiled, worker)
+                session.write_csv(FAMILY, out_dir)  # keep what is done if a later shape dies
+    finally:
+        if worker is not None:
+            worker.close()
     return session.family_results(FAMILY)
 
 
 def _run_shape(
     session: H.Session,
     so: Any,
-    cfg: RouterConfig,
+    cfg: Any,
     T: int,
     sweep: Sweep,
-    dtype: torch.dtype,
     topk_backends: list[str],
     meta_backends: list[str],
-    pair_backends: list[str],
-    compiled: tuple[Callable, Callable] | None,
-    compile_broken: set[str],
-    topk_route_ref: Callable,
-    route_metadata_ref: Callable,
+    ops: Sequence[str],
+    compiled: _Compiled | None,
+    worker: Any | None,
 ) -> None:
+    from sparseops.reference.routing import route_metadata_ref, topk_route_ref
+
+    testing = _testing()
     dev = session.device
     E, k = cfg.num_experts, cfg.k
-    gen = torch.Generator().manual_seed(1000 * E + T)
-    # Unit-scale random logits: random (roughly balanced) routing, as in ANCHORS' baselines.
-    logits = torch.randn(T, E, generator=gen).to(device=dev, dtype=dtype)
-    bias = (0.1 * torch.randn(E, generator=gen)).to(dev) if cfg.bias else None
-    kw: dict[str, Any] = {"scoring": cfg.scoring}
-    if cfg.bias:
-        kw["bias"] = bias
-    if cfg.n_group > 1:
-        kw.update(n_group=cfg.n_group, topk_group=cfg.topk_group)
-    if cfg.scale != 1.0:
-        kw["scale"] = cfg.scale
-
+    logits, kw = testing.router_inputs(cfg, T, dtype=DTYPES[sweep.dtype], device=dev)
+    bias = kw.get("bias")
     with torch.inference_mode():
         ref_w, ref_ids = topk_route_ref(logits, k, **kw)
         ref_meta = route_metadata_ref(ref_ids, E)
     ids32, ids64 = ref_ids.contiguous(), ref_ids.long()
     nbytes = _bytes(cfg, T, logits.element_size())
-
-    def measure(
-        op: str, impl: str, kind: str, fn: Callable[[], Any], graph: bool, check: Callable | None = None
-    ) -> H.Result | None:
-        return session.measure(
-            fn, family=FAMILY, op=op, shape=cfg.name, params=cfg.params(), size=T, dtype=sweep.dtype,
-            impl=impl, kind=kind, bytes=nbytes[op], headline=op == "pair", graph=graph, check=check,
-        )  # fmt: skip
-
-    # torch composite. The metadata half syncs (bincount reads the max on CUDA): no graph.
-    if cfg.n_group > 1 or cfg.bias or cfg.scoring != "softmax":
-
-        def comp_topk() -> Any:
-            return composite_topk_grouped(logits, k, bias, cfg.n_group, cfg.topk_group, cfg.scale)
-    else:
-
-        def comp_topk() -> Any:
-            return composite_topk_softmax(logits, k)
+    comp = composite_topk(cfg)
 
     def comp_pair() -> Any:
-        w, ids = comp_topk()
+        w, ids = comp(logits, bias)
         return w, ids, composite_metadata(ids, E)
-
-    measure("topk_route", "torch:composite", "baseline", comp_topk, graph=True)
-    comp_meta = lambda: composite_metadata(ids64, E)
-    measure("route_metadata", "torch:composite", "baseline", comp_meta, graph=False)
-    measure("pair", "torch:composite", "baseline", comp_pair, graph=False)
-
-    # torch.compile of the reference. route_metadata_ref has data-dependent shapes (a host
-    # sync), so only the top-k half may be captured in a graph.
-    if compiled is not None:
-        c_topk, c_meta = compiled
-
-        def cc_pair() -> Any:
-            w, ids = c_topk(logits, k, **kw)
-            return w, ids, c_meta(ids, E)
-
-        cases = [
-            ("topk_route", lambda: c_topk(logits, k, **kw), True),
-            ("route_metadata", lambda: c_meta(ids32, E), False),
-            ("pair", cc_pair, False),
-        ]
-        for op, fn, graph in cases:
-            if op in compile_broken or (op == "pair" and compile_broken):
-                session.measure(
-                    _raise_compile_broken, family=FAMILY, op=op, shape=cfg.name, params=cfg.params(), size=T,
-                    dtype=sweep.dtype, impl="compile(reference)", kind="baseline", bytes=nbytes[op],
-                )  # fmt: skip
-                continue
-            if measure(op, "compile(reference)", "baseline", fn, graph) is None:
-                compile_broken.add(op)
-
-    # sparseops, each backend, each op alone and the pair; then auto for the pair.
-    def so_topk(b: str | None) -> Callable[[], Any]:
-        return lambda: so.topk_route(logits, k, **kw, backend=b)
-
-    def so_meta(b: str | None) -> Callable[[], Any]:
-        return lambda: so.route_metadata(ids32, E, backend=b)
-
-    def so_pair(b: str | None) -> Callable[[], Any]:
-        # sparseops.route is the pair in one call (one Python-to-C++ crossing on the C++ backends).
-        return lambda: so.route(logits, k, **kw, backend=b)
 
     def check_topk(out: Any) -> str:
         return _check_topk(ref_w, ref_ids, out)
@@ -352,16 +356,88 @@ def _run_shape(
     def check_pair(out: Any) -> str:
         return _check_pair(ref_w, ref_ids, ref_meta, out)
 
-    for b in dict.fromkeys(topk_backends + meta_backends):
-        # The reference metadata uses boolean indexing (a host sync): not capturable.
-        meta_graph = b != "reference"
-        if b in topk_backends:
-            measure("topk_route", f"sparseops:{b}", "sparseops", so_topk(b), True, check_topk)
-        if b in meta_backends:
-            measure("route_metadata", f"sparseops:{b}", "sparseops", so_meta(b), meta_graph, check_meta)
-        if b in pair_backends:
-            measure("pair", f"sparseops:{b}", "sparseops", so_pair(b), meta_graph, check_pair)
-    measure("pair", "sparseops:auto", "sparseops", so_pair(None), True, check_pair)
+    for op in ops:
+        # Baselines. The composite metadata syncs (bincount reads the max on CUDA): no graph.
+        cases = []
+        if op == "topk_route":
+            cases.append(H.Case("torch:composite", "baseline", lambda: comp(logits, bias)))
+        elif op == "route_metadata":
+            cases.append(H.Case("torch:composite", "baseline", lambda: composite_metadata(ids64, E), graph=False))
+        else:
+            cases.append(H.Case("torch:composite", "baseline", comp_pair, graph=False))
+        if compiled is not None:
+            cases += _compiled_cases(compiled, op, logits, bias, ids64, ids32, k, E, kw)
+        if op == "topk_route":
+            ipex = _ipex_case(worker, cfg, T, sweep.dtype)
+            if ipex is not None:
+                cases.append(ipex)
+        # sparseops: each backend, then auto for the pair (sparseops.route: the pair in one call).
+        backends = topk_backends if op == "topk_route" else meta_backends
+        if op == "pair":
+            backends = [b for b in topk_backends if b in meta_backends]
+        for b in backends:
+            # The reference metadata uses boolean indexing (a host sync): not capturable.
+            graph = op == "topk_route" or b != "reference"
+            if op == "topk_route":
+                fn, check = (lambda b=b: so.topk_route(logits, k, **kw, backend=b)), check_topk
+            elif op == "route_metadata":
+                fn, check = (lambda b=b: so.route_metadata(ids32, E, backend=b)), check_meta
+            else:
+                fn, check = (lambda b=b: so.route(logits, k, **kw, backend=b)), check_pair
+            cases.append(H.Case(f"sparseops:{b}", "sparseops", fn, graph=graph, check=check))
+        if op == "pair":
+            cases.append(H.Case("sparseops:auto", "sparseops", lambda: so.route(logits, k, **kw), check=check_pair))
+        rows = session.measure_group(
+            cases, family=FAMILY, op=op, shape=cfg.name, params=cfg.params(), size=T, dtype=sweep.dtype,
+            bytes=nbytes[op], headline=op == "pair",
+        )  # fmt: skip
+        if compiled is not None:
+            for r in rows:
+                if r.impl.startswith("compile(") and r.median_us is None:
+                    which = r.impl[len("compile(") : -1]
+                    compiled.broken.add((which, op))
+
+
+def _compiled_cases(
+    compiled: _Compiled, op: str, logits: torch.Tensor, bias: Any, ids64: Any, ids32: Any, k: int, E: int, kw: dict
+) -> list[H.Case]:
+    f = compiled.fns
+    cases = []
+    for which in ("composite", "reference"):
+        impl = f"compile({which})"
+        parts = {(which, "topk_route"), (which, "route_metadata")}
+        broken = (which, op) in compiled.broken or (op == "pair" and which == "reference" and compiled.broken & parts)
+        if broken:
+            cases.append(H.Case(impl, "baseline", _raise_compile_broken))
+            continue
+        if which == "composite":
+            if op == "topk_route":
+                fn = lambda fc=f[(which, op)]: fc(logits, bias)
+            elif op == "route_metadata":
+                fn = lambda fc=f[(which, op)]: fc(ids64, E)
+            else:
+                fn = lambda fc=f[(which, op)]: fc(logits, bias)
+        else:
+            fn = _compiled_ref_fn(f[(which, "topk_route")], f[(which, "route_metadata")], op, logits, ids32, k, E, kw)
+
+        # route_metadata (both styles) has data-dependent shapes (a host sync): no graph.
+        cases.append(H.Case(impl, "baseline", fn, graph=op == "topk_route"))
+    return cases
+
+
+def _compiled_ref_fn(
+    c_topk: Callable, c_meta: Callable, op: str, logits: torch.Tensor, ids32: torch.Tensor, k: int, E: int, kw: dict
+) -> Callable[[], Any]:
+    if op == "topk_route":
+        return lambda: c_topk(logits, k, **kw)
+    if op == "route_metadata":
+        return lambda: c_meta(ids32, E)
+
+    def pair() -> Any:
+        w, ids = c_topk(logits, k, **kw)
+        return w, ids, c_meta(ids, E)
+
+    return pair
 
 
 def _raise_compile_broken() -> None:
@@ -373,14 +449,18 @@ def _raise_compile_broken() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m benchmarks.bench_routing``."""
+    names = [s.name for s in _testing().ROUTER_SHAPES]
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_routing", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing, no torch.compile")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help=f"token counts (default {TOKENS})")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default: the standard ones)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None, help="logit dtypes")
-    p.add_argument("--models", nargs="+", choices=[m.name for m in MODELS], default=None)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--models", nargs="+", choices=names, default=None)
+    p.add_argument("--ops", nargs="+", choices=OPS, default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--compile", action="store_true", help="time torch.compile baselines even with --quick")
+    p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     return p
 
 
@@ -389,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import report
 
     args = build_parser().parse_args(argv)
+    H.set_threads(args.threads)
     device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
@@ -397,14 +478,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweeps = default_sweeps(device, args.quick)
     if args.tokens or args.dtypes:
         sweeps = [
-            Sweep(d, tuple(args.tokens) if args.tokens else s.tokens, s.compile)
-            for s in sweeps[:1]
-            for d in (args.dtypes or [s.dtype])
+            Sweep(d, tuple(args.tokens) if args.tokens else sweeps[0].tokens, sweeps[0].compile)
+            for d in (args.dtypes or [s.dtype for s in sweeps])
         ]
-    models = [m for m in MODELS if args.models is None or m.name in args.models]
-    run(session, out_dir=out_dir, sweeps=sweeps, models=models, use_compile=not args.no_compile)
+    if args.compile:
+        sweeps = [Sweep(s.dtype, s.tokens, True) for s in sweeps]
+    models = [m for m in _testing().ROUTER_SHAPES if args.models is None or m.name in args.models]
+    run(session, out_dir=out_dir, sweeps=sweeps, models=models, ops=args.ops or OPS, use_compile=not args.no_compile)
     path = report.write_report(out_dir)
     print(report.summary_text(out_dir), flush=True)
+    print(report.verdict_text(out_dir), flush=True)
     session.log(f"wrote {out_dir / (FAMILY + '.csv')} and {path}")
     return 0
 

@@ -66,7 +66,12 @@ def fmt_cell(v: Any) -> str:
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; numbers right-aligned."""
     cells = [[fmt_cell(c) for c in row] for row in rows]
-    align = ["---:" if rows and not isinstance(rows[0][i], str) else "---" for i in range(len(headers))]
+
+    def numeric(i: int) -> bool:
+        vals = [row[i] for row in rows if row[i] is not None and row[i] != ""]
+        return bool(vals) and all(not isinstance(v, str) or v.endswith("*") for v in vals)
+
+    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
     out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     out += ["| " + " | ".join(c or "–" for c in row) + " |" for row in cells]
     return "\n".join(out)
@@ -92,14 +97,71 @@ def _impls(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 
 def _best(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """Fastest sparseops row by ``metric``; ``auto`` counts only when nothing else was timed."""
+    """Fastest sparseops row by ``metric`` (the table marks it when it is noisy).
+
+    ``auto`` counts only when nothing else was timed; rows whose check failed never win.
+    The rows of a group were timed interleaved, so a burst of load hit them all alike and
+    their medians stay comparable; preferring steady rows instead would crown a slow but
+    steady backend (the reference) over a fast one that shared a noisy group. The verdicts
+    do not use "best" at all (see ``_subject``).
+    """
     ours = [r for r in rows if r["kind"] == "sparseops" and r.get(metric)]
+    ours = [r for r in ours if r.get("check") in ("", "ok", None)] or ours
     explicit = [r for r in ours if not r["impl"].endswith(":auto")] or ours
     return min(explicit, key=lambda r: r[metric]) if explicit else None
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num and den else None
+
+
+def speedups(row: dict[str, Any]) -> dict[str, float]:
+    """{baseline: speedup} from a row's ``speedups`` column (paired ratios on CPU)."""
+    out = {}
+    for part in filter(None, (row.get("speedups") or "").split(";")):
+        name, _, value = part.rpartition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def speedup_bands(row: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{baseline: (p20, p80)} of the per-round speedups, from the ``speedup_bands`` column."""
+    out = {}
+    for part in filter(None, (row.get("speedup_bands") or "").split(";")):
+        name, _, value = part.rpartition("=")
+        lo, _, hi = value.partition(":")
+        try:
+            out[name] = (float(lo), float(hi))
+        except ValueError:
+            continue
+    return out
+
+
+def _speedup(row: dict[str, Any], base: dict[str, Any] | None, metric: str) -> float | None:
+    """``base`` time over ``row`` time: the recorded (paired) ratio for the median, else medians."""
+    if base is None:
+        return None
+    if metric == "median_us" and base["impl"] in speedups(row):
+        return speedups(row)[base["impl"]]
+    return _ratio(base.get(metric), row.get(metric))
+
+
+def _mark(v: float | None, row: dict[str, Any] | None) -> Any:
+    """A time for a table cell, with '*' when its row is noisy."""
+    if v is None or row is None:
+        return v
+    return f"{fmt_cell(v)}*" if row.get("noisy") else v
+
+
+NOISY_NOTE = (
+    "`*` = noisy: p80/p20 above the spread target after the whole time budget (other processes "
+    "were using the CPU). Implementations of one group are timed interleaved, so their medians stay "
+    "comparable; the verdicts count a noisy row only "
+    "where the per-round ratio band (p20-p80 of the paired ratios) lies wholly on one side of 1."
+)
 
 
 # --------------------------------------------------------------------------- tables
@@ -124,15 +186,17 @@ def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
         best = _best(group, metric)
         line: list[Any] = [key[0]] if len(ops) > 1 else []
         line += [key[1], key[2], key[3], group[0]["floor_us"]]
-        line += [by_impl.get(b, {}).get(metric) for b in baselines + auto]
+        line += [_mark(by_impl.get(b, {}).get(metric), by_impl.get(b)) for b in baselines + auto]
         if best is None:
             line += ["", None, None] + [None] * len(baselines)
         else:
             name = best["impl"].split(":", 1)[-1]
             if best.get("check") not in ("", "ok", None):
                 name += " (CHECK FAILED)"  # a fast wrong answer is not a result
-            line += [name, best[metric], _ratio(best[metric], best["floor_us"])]
-            line += [_ratio(by_impl.get(b, {}).get(metric), best[metric]) for b in baselines]
+            elif best.get("noisy"):
+                name += " (noisy)"
+            line += [name, _mark(best[metric], best), _ratio(best[metric], best["floor_us"])]
+            line += [_speedup(best, by_impl.get(b), metric) for b in baselines]
         table.append(line)
     return md_table(headers, table)
 
@@ -153,7 +217,7 @@ def detail_tables(rows: list[dict[str, Any]], metric: str) -> str:
             for size in _ordered(r["size"] for r in group):
                 by_impl = {r["impl"]: r for r in group if r["size"] == size}
                 floor = next(iter(by_impl.values()))["floor_us"]
-                table.append([size, floor] + [by_impl.get(i, {}).get(metric) for i in impls])
+                table.append([size, floor] + [_mark(by_impl.get(i, {}).get(metric), by_impl.get(i)) for i in impls])
             parts.append(f"**{op} — {shape} ({group[0]['params']}), {dtype}**, µs\n")
             parts.append(md_table([size_name, "floor"] + impls, table) + "\n")
     return "\n".join(parts)
@@ -172,13 +236,186 @@ def _problems(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- verdicts
+
+# The issue's bound for the per-call "after" build against the "before" one (percall family).
+PERCALL_LIMIT = 1.2
+
+
+def _subject(group: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The sparseops row a verdict judges: ``auto`` (what a user's call runs) when timed.
+
+    Not the fastest backend: picking the minimum of several measurements favours whichever
+    was lucky. Else the only sparseops row, else the best steady one.
+    """
+    ours = [r for r in group if r["kind"] == "sparseops" and r.get("median_us")]
+    auto = [r for r in ours if r["impl"].endswith(":auto")]
+    if auto:
+        return auto[0]
+    return ours[0] if len(ours) == 1 else _best(group, "median_us")
+
+
+def _where(r: dict[str, Any], with_op: bool = False) -> str:
+    return (f"{r['op']} " if with_op else "") + f"{r['shape']} {r['size_name']}={r['size']} {r['dtype']}"
+
+
+def family_verdict(family: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A few lines: per baseline, at how many steady shapes sparseops is faster, the worst
+    ratio, the noisy shapes left out; then how far from the byte floor the largest sizes are."""
+    head = [r for r in _timed(rows) if r["headline"]]
+    if not head:
+        return [f"{family}: nothing timed"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in head:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["size"]), []).append(r)
+    subjects = {key: _subject(g) for key, g in groups.items()}
+    names = _ordered(s["impl"] for s in subjects.values() if s)
+    ops = _ordered(r["op"] for r in head)
+    lines = [f"{family} ({'/'.join(ops)}; judged: {', '.join(names)}; ratio = baseline / sparseops, >1 = faster):"]
+    baselines, _ = _impls(head)
+    for b in baselines:
+        faster, slower, unsure, ratios, from_noisy = [], [], [], [], 0
+        for key, group in groups.items():
+            subj = subjects[key]
+            base = next((r for r in group if r["impl"] == b), None)
+            ratio = _speedup(subj, base, "median_us") if subj and base else None
+            if ratio is None:
+                continue
+            ratios.append((ratio, subj))
+            noisy = bool(subj.get("noisy") or base.get("noisy"))
+            band = speedup_bands(subj).get(b)
+            # Decided by the per-round ratio band when there is one: p20 > 1 means sparseops
+            # won at least 80 % of the paired rounds, however noisy the times were. Without a
+            # band (old CSVs) only steady rows decide.
+            if band is not None:
+                verdict = "faster" if band[0] > 1 else "slower" if band[1] < 1 else "unsure"
+            else:
+                verdict = "unsure" if noisy else "faster" if ratio > 1 else "slower"
+            if verdict != "unsure" and noisy:
+                from_noisy += 1
+            {"faster": faster, "slower": slower, "unsure": unsure}[verdict].append((ratio, subj))
+        if not ratios:
+            continue
+        worst = min(ratios, key=lambda t: t[0])
+        text = f"  vs {b}: faster at {len(faster)} of {len(ratios)} cases, slower at {len(slower)}"
+        if unsure:
+            text += f", undecided at {len(unsure)} (ratio band straddles 1)"
+        text += f"; worst {worst[0]:.2f}x ({_where(worst[1], len(ops) > 1)}), best {max(x for x, _ in ratios):.3g}x"
+        if from_noisy:
+            text += f"; {from_noisy} decided from noisy rows by the per-round ratio band"
+        if b.startswith("before") and family == "percall":
+            over = [x for x, _ in ratios if 1 / x > PERCALL_LIMIT]
+            text += f"; after/before <= {PERCALL_LIMIT:g} at {len(ratios) - len(over)} of {len(ratios)}"
+        lines.append(text)
+    # Distance to the byte floor where it means something: the largest size of each shape
+    # (decode sizes sit on host overhead, thousands of times above a sub-microsecond floor).
+    far = []
+    for shape in _ordered(k[1] for k in groups):
+        for dtype in _ordered(k[2] for k in groups if k[1] == shape):
+            keys = [k for k in groups if k[1] == shape and k[2] == dtype and subjects[k]]
+            if not keys:
+                continue
+            key = max(keys, key=lambda k: k[3])
+            subj = subjects[key]
+            if subj.get("x_floor"):
+                far.append(f"{shape} {dtype} {subj['size_name']}={key[3]}: {subj['x_floor']:.3g}x"
+                           + ("*" if subj.get("noisy") else ""))  # fmt: skip
+    if far:
+        lines.append("  byte floor (largest size per shape): " + ", ".join(far))
+    n_noisy = sum(1 for r in head if r.get("noisy"))
+    if n_noisy:
+        load = head[0].get("load_1m") or "?"
+        lines.append(
+            f"  {n_noisy} of {len(head)} headline rows noisy (load average {load} before the run): their "
+            "times are uncertain; rerun on a quieter machine for steady numbers"
+        )
+    return lines
+
+
+def verdict_text(folder: Path) -> str:
+    """Every family's verdict lines (see ``family_verdict``), then the per-call line."""
+    out = []
+    for family, rows in load_results(Path(folder)).items():
+        if rows:
+            out.extend(family_verdict(family, rows))
+    out.extend(percall_verdict(Path(folder)))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- per-call JSON
+
+
+def load_percall(folder: Path) -> list[dict[str, Any]]:
+    """Rows of ``percall.json`` (pytest-benchmark): op, shape, T, mode, median/IQR/min µs, rounds."""
+    import json
+
+    path = Path(folder) / "percall.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        info, st = b.get("extra_info", {}), b.get("stats", {})
+        rows.append({
+            "op": info.get("op", b.get("name")), "shape": info.get("shape", ""), "E": info.get("E"),
+            "k": info.get("k"), "T": info.get("T"), "mode": info.get("mode", ""), "backend": info.get("backend", ""),
+            "median_us": st.get("median", 0) * 1e6, "iqr_us": st.get("iqr", 0) * 1e6,
+            "min_us": st.get("min", 0) * 1e6, "rounds": st.get("rounds", 0),
+            "date": data.get("datetime", ""), "commit": (data.get("commit_info") or {}).get("id", "")[:12],
+        })  # fmt: skip
+    return rows
+
+
+def percall_table(folder: Path) -> str:
+    """Markdown table of ``percall.json``: per-call medians, and as multiples of torch.mul."""
+    rows = load_percall(folder)
+    if not rows:
+        return ""
+    mul = {r["mode"]: r["median_us"] for r in rows if r["op"] == "torch.mul"}
+    table = []
+    for r in sorted(rows, key=lambda r: (r["mode"], r["op"] == "torch.mul", r["op"], r["E"] or 0, r["T"] or 0)):
+        yard = mul.get(r["mode"])
+        table.append([
+            r["mode"], r["op"], f"E={r['E']} k={r['k']}" if r["E"] else "16 elements", r["T"] or 0,
+            r["backend"] or "–", r["median_us"], r["iqr_us"], r["min_us"],
+            _ratio(r["median_us"], yard), r["rounds"],
+        ])  # fmt: skip
+    headers = ["mode", "op", "shape", "T", "backend", "median µs", "IQR µs", "min µs", "× torch.mul", "rounds"]
+    return md_table(headers, table)
+
+
+def percall_text(folder: Path) -> str:
+    """The per-call table for printing (empty without percall.json)."""
+    table = percall_table(folder)
+    return f"per-call (pytest-benchmark, host overhead at tiny sizes)\n{table}" if table else ""
+
+
+def percall_verdict(folder: Path) -> list[str]:
+    """One line per mode: the per-call medians at T=1 next to torch.mul's."""
+    rows = load_percall(folder)
+    out = []
+    for mode in _ordered(r["mode"] for r in rows):
+        mul = next((r["median_us"] for r in rows if r["mode"] == mode and r["op"] == "torch.mul"), None)
+        parts = [
+            f"{r['op']} {r['median_us']:.2f}"
+            for r in rows
+            if r["mode"] == mode and r["T"] == 1 and r["E"] == 8 and r["op"] != "torch.mul"
+        ]
+        if parts:
+            yard = f" (torch.mul {mul:.2f} µs)" if mul else ""
+            out.append(f"per-call, T=1 E=8, {mode}: " + ", ".join(parts) + f" µs{yard}")
+    return out
+
+
 # --------------------------------------------------------------------------- plots
 
 
 def _plot_grid(rows: list[dict[str, Any]], path: Path, title: str, series: dict[str, Any], ylabel: str) -> Path:
     """Log-log axes, one per (dtype row, shape column).
 
-    ``series`` maps a legend label to (fn(rows of one cell) -> [(x, y)], matplotlib style).
+    ``series`` maps a legend label to (fn(rows of one cell) -> [(x, y)] or [(x, y, noisy)],
+    matplotlib style[, band fn(rows) -> [(x, low, high)]]). Bands are drawn shaded in the
+    series' colour (the p20-p80 range); noisy points are drawn hollow.
     """
     import matplotlib
 
@@ -194,7 +431,7 @@ def _plot_grid(rows: list[dict[str, Any]], path: Path, title: str, series: dict[
         for j, shape in enumerate(shapes):
             ax = axes[i][j]
             cell = [r for r in rows if r["dtype"] == dtype and r["shape"] == shape]
-            for label, (fn, style) in series.items():
+            for label, (fn, style, *band) in series.items():
                 pts = sorted(fn(cell))
                 if pts:
                     # A fixed colour per series: panels lacking a series must not shift the rest.
@@ -203,6 +440,14 @@ def _plot_grid(rows: list[dict[str, Any]], path: Path, title: str, series: dict[
                         [p[0] for p in pts], [p[1] for p in pts], style.lstrip("k"),
                         color=color, label=label, markersize=4,
                     )  # fmt: skip
+                    noisy = [p for p in pts if len(p) > 2 and p[2]]
+                    if noisy:
+                        ax.plot([p[0] for p in noisy], [p[1] for p in noisy], "o", color=color,
+                                markerfacecolor="white", markersize=6, zorder=3)  # fmt: skip
+                    spans = sorted(band[0](cell)) if band else []
+                    if spans:
+                        ax.fill_between([b[0] for b in spans], [b[1] for b in spans], [b[2] for b in spans],
+                                        color=color, alpha=0.18, linewidth=0)  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             sizes = sorted({r["size"] for r in cell})
@@ -225,7 +470,7 @@ def _plot_grid(rows: list[dict[str, Any]], path: Path, title: str, series: dict[
                     handles.append(h)
                     labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + "\nshaded: p20-p80; hollow markers: noisy (p80/p20 above target)", fontsize=9)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -248,8 +493,16 @@ def plot_family(family: str, rows: list[dict[str, Any]], folder: Path) -> list[P
                 # Baselines dashed; auto thin over the backend it picks, so both stay visible.
                 style = "--o" if impl in baselines else "-.^" if impl.endswith(":auto") else "-s"
                 series[impl] = (
-                    lambda cell, impl=impl, m=metric: [(r["size"], r[m]) for r in cell if r["impl"] == impl],
+                    lambda cell, impl=impl, m=metric: [
+                        (r["size"], r[m], r.get("noisy")) for r in cell if r["impl"] == impl
+                    ],
                     style,
+                    # The p20-p80 band exists for the median only (eager/graph are batch means).
+                    lambda cell, impl=impl, m=metric: [
+                        (r["size"], r["p20_us"], r["p80_us"])
+                        for r in cell
+                        if r["impl"] == impl and m == "median_us" and r.get("p20_us") and r.get("p80_us")
+                    ],
                 )
             series["floor"] = (lambda cell: sorted({(r["size"], r["floor_us"]) for r in cell}), "k:")
             path = folder / f"{family}_{op}_{metric.removesuffix('_us')}.png"
@@ -266,12 +519,22 @@ def plot_family(family: str, rows: list[dict[str, Any]], folder: Path) -> list[P
                     for size in _ordered(r["size"] for r in cell):
                         group = [r for r in cell if r["size"] == size]
                         best = _best(group, metric)
-                        base = next((r[metric] for r in group if r["impl"] == b), None)
-                        if best and base:
-                            pts.append((size, base / best[metric]))
+                        base = next((r for r in group if r["impl"] == b and r.get(metric)), None)
+                        ratio = _speedup(best, base, metric) if best else None
+                        if ratio:
+                            pts.append((size, ratio, bool(best.get("noisy") or base.get("noisy"))))
                     return pts
 
-                series[f"best sparseops vs {b}"] = (speedup, "-o")
+                def band(cell: list[dict[str, Any]], b: str = b, metric: str = metric) -> list[tuple]:
+                    out = []
+                    for size in _ordered(r["size"] for r in cell):
+                        best = _best([r for r in cell if r["size"] == size], metric)
+                        lo_hi = speedup_bands(best).get(b) if best and metric == "median_us" else None
+                        if lo_hi:
+                            out.append((size, *lo_hi))
+                    return out
+
+                series[f"best sparseops vs {b}"] = (speedup, "-o", band)
             series["1x"] = (lambda cell: [(r["size"], 1.0) for r in cell], "k:")
             path = folder / f"{family}_speedup_{metric.removesuffix('_us')}.png"
             title = f"{family} headline speedup ({label}) — {device}"
@@ -291,14 +554,18 @@ def env_table(rows: list[dict[str, Any]]) -> str:
 def family_section(family: str, rows: list[dict[str, Any]], folder: Path, plots: bool = True) -> str:
     """Markdown for one family: environment, headline summary, plots, detail tables, problems."""
     parts = [f"## {family}\n", env_table(rows) + "\n"]
+    if _timed(rows):
+        parts.append("### Verdict\n")
+        parts.append("```\n" + "\n".join(family_verdict(family, rows)) + "\n```\n")
     metrics = present_metrics(_timed(rows))
     for metric, label in metrics:
         table = summary_table(rows, metric)
         if table:
             parts.append(f"### Headline — {label}\n")
             parts.append(
-                "Speedup = baseline time / best sparseops time; × floor = time / max(bytes / copy "
-                "bandwidth, flops / GEMM peak).\n"
+                "Speedup = baseline time / best sparseops time (on CPU the median of per-round "
+                "ratios of interleaved calls); × floor = time / max(bytes / copy bandwidth, flops / "
+                "GEMM peak). Best = fastest steady sparseops backend. " + NOISY_NOTE + "\n"
             )
             parts.append(table + "\n")
     if plots and _timed(rows):
@@ -306,6 +573,7 @@ def family_section(family: str, rows: list[dict[str, Any]], folder: Path, plots:
             parts.append(f"![{path.stem}]({path.name})\n")
     for metric, label in metrics:
         parts.append(f"### All measurements — {label}\n")
+        parts.append(NOISY_NOTE + "\n")
         parts.append(detail_tables(rows, metric))
     problems = _problems(rows)
     if problems:
@@ -327,6 +595,16 @@ def write_report(folder: Path) -> Path:
     for family, rows in families.items():
         if rows:
             parts.append(family_section(family, rows, folder))
+    table = percall_table(folder)
+    if table:
+        parts.append("## per-call micro-benchmarks (pytest-benchmark)\n")
+        parts.append(
+            "From `percall.json` (`python -m pytest benchmarks/test_percall.py --benchmark-json=...`): "
+            "host overhead of one call at tiny sizes; `inference` = under `torch.inference_mode()`, "
+            "`plain` = autograd enabled, no input requires grad; × torch.mul = multiples of one tiny "
+            "ATen call's cost in the same run.\n"
+        )
+        parts.append(table + "\n")
     path = folder / "README.md"
     path.write_text("\n".join(parts))
     return path

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The README's test command: install what the tests need, build sparseops, run the suite.
-# Works on a fresh CPU machine (torch 2.13.0 CPU build from the local wheel cache).
+# Works on a fresh CPU machine (torch 2.13.0 CPU build from the local wheel cache). Extra
+# arguments go to pytest. The per-call micro-benchmarks are not tests: see benchmarks/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -r requirements-dev.txt
-python -m pip install -q --no-build-isolation -e .
+start=$(date +%s)
+source scripts/_install.sh
 python -c "import sparseops, json; print(json.dumps(sparseops.build_info(), indent=1))"
+echo "== pytest $*"
 python -m pytest -q "$@"
+echo "== scripts/test.sh finished in $(( $(date +%s) - start )) s"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 # (rtol, atol) for outputs computed in the accumulate dtype from inputs of each dtype. The
@@ -53,3 +56,97 @@ def random_ids(T: int, k: int, E: int, *, device="cpu", seed: int = 0, drop: flo
     if drop > 0:
         ids[torch.rand(T, k, generator=g) < drop] = -1
     return ids.to(device)
+
+
+# --------------------------------------------------------------------------- standard shapes
+# The team's standard MoE router shapes (DESIGN.md, Benchmarks): tests and benchmarks take
+# them from here so both exercise the same configurations.
+
+
+@dataclass(frozen=True)
+class RouterShape:
+    """A model's router: E experts, top-k and its scoring rule, as ``topk_route`` takes them."""
+
+    name: str
+    num_experts: int
+    k: int
+    scoring: str = "softmax"
+    order: str = "softmax_then_topk"
+    bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+
+    def params(self) -> str:
+        """Short description, e.g. ``E=256 k=8 sigmoid+bias groups=8/top4 scale=2.5``."""
+        p = f"E={self.num_experts} k={self.k} {self.scoring}"
+        if self.order != "softmax_then_topk":
+            p += f" {self.order}"
+        if self.bias:
+            p += "+bias"
+        if self.n_group > 1:
+            p += f" groups={self.n_group}/top{self.topk_group}"
+        if self.scale != 1.0:
+            p += f" scale={self.scale:g}"
+        return p
+
+    def route_kwargs(self, bias: torch.Tensor | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``topk_route`` / ``route`` / ``topk_route_ref`` (defaults left out)."""
+        kw: dict[str, Any] = {"scoring": self.scoring}
+        if self.order != "softmax_then_topk":
+            kw["order"] = self.order
+        if self.bias:
+            if bias is None:
+                raise ValueError(f"{self.name} routes with a selection bias: pass one (router_bias)")
+            kw["bias"] = bias
+        if self.n_group > 1:
+            kw.update(n_group=self.n_group, topk_group=self.topk_group)
+        if self.scale != 1.0:
+            kw["scale"] = self.scale
+        return kw
+
+
+ROUTER_SHAPES: tuple[RouterShape, ...] = (
+    RouterShape("Mixtral-8x7B", 8, 2),
+    RouterShape("Qwen3-30B-A3B", 128, 8),
+    RouterShape("DeepSeek-V3", 256, 8, scoring="sigmoid", bias=True, n_group=8, topk_group=4, scale=2.5),
+    RouterShape("gpt-oss-120b", 128, 4, order="topk_then_softmax"),
+)
+# Tokens per routing call: decode steps (CUDA-graph replay on GPU) and prefill / training.
+DECODE_TOKENS: tuple[int, ...] = (1, 16, 64)
+PREFILL_TOKENS: tuple[int, ...] = (1024, 4096, 16384)
+ROUTER_TOKENS: tuple[int, ...] = DECODE_TOKENS + PREFILL_TOKENS
+
+
+def router_shape(name: str) -> RouterShape:
+    """The standard shape called ``name`` (KeyError listing the names otherwise)."""
+    for s in ROUTER_SHAPES:
+        if s.name == name:
+            return s
+    raise KeyError(f"no router shape {name!r}; have {[s.name for s in ROUTER_SHAPES]}")
+
+
+def router_bias(E: int, *, device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
+    """[E] fp32 selection bias of DeepSeek-V3's scale (0.1 * randn)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    return (0.1 * torch.randn(E, generator=g)).to(device)
+
+
+def router_inputs(
+    shape: RouterShape,
+    T: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(logits [T, E], keyword arguments) for one routing call at a standard shape.
+
+    Unit-scale random logits (roughly balanced random routing, as in ANCHORS' baselines);
+    a bias where the shape has one. ``seed`` defaults to one derived from (E, T), so every
+    caller of the same shape and T sees the same inputs.
+    """
+    seed = 1000 * shape.num_experts + T if seed is None else seed
+    logits = router_logits(T, shape.num_experts, dtype=dtype, device=device, seed=seed)
+    bias = router_bias(shape.num_experts, device=device, seed=seed) if shape.bias else None
+    return logits, shape.route_kwargs(bias)

@@ -1,0 +1,251 @@
+"""Time calls in another Python interpreter, in chunks that alternate with the caller's.
+
+Two halves in one file:
+
+- ``Worker`` (the caller's side, stdlib only): starts ``<python> benchmarks/_worker.py
+  --serve`` and talks to it over pipes, one JSON object per line. ``Worker.case(spec)``
+  builds an input and a callable there and makes its first call; the returned
+  ``WorkerCase.chunk(seconds)`` times single calls there for about ``seconds`` and returns
+  the per-call times. While a chunk runs the caller only waits on the pipe, so the two
+  processes take turns on the CPU instead of competing for it.
+- the server (``--serve``): needs only torch, plus whatever a spec names (sparseops of
+  *that* interpreter's installation, intel_extension_for_pytorch ...). It is started as a
+  script, so ``sys.path[0]`` is this folder and ``import sparseops`` finds the package
+  installed in that interpreter, not this checkout's.
+
+Uses: an optional peer pinned to another torch (intel-extension-for-pytorch needs torch
+2.8: ``SPARSEOPS_IPEX_PYTHON``), and the per-call "before" vs "after" comparison of two
+sparseops builds (``benchmarks/percall_before_after.py``).
+
+Specs (dicts): ``op`` is one of
+  sparseops.topk_route | sparseops.route_metadata | sparseops.route
+      E, k, T, dtype ("fp32"/"bf16"), optional scoring, order, bias (bool), n_group,
+      topk_group, scale, backend (default "cpu": the C++ path)
+  torch.mul          numel (default 16): the dispatcher-cost yardstick
+  ipex.topk_softmax  E, k, T, dtype (torch_ipex::topk_softmax, renormalised)
+  ipex.grouped_topk  E, k, T, dtype, n_group, topk_group, scale, bias
+Inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same seeds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+
+
+class WorkerError(RuntimeError):
+    """The worker reported an error or died."""
+
+
+class Worker:
+    """A timing server in interpreter ``python``; ``imports`` are imported at start (must work)."""
+
+    def __init__(self, python: str, *, imports: tuple[str, ...] | list[str] = (), threads: int | None = None) -> None:
+        if threads is None:
+            try:
+                import torch
+
+                threads = torch.get_num_threads()
+            except ImportError:
+                threads = os.cpu_count() or 1
+        self.python = python
+        self.proc = subprocess.Popen(
+            [python, "-u", str(HERE), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the worker's warnings show up in the caller's log
+            text=True,
+            cwd=tempfile.gettempdir(),  # nothing from the caller's folder on its sys.path
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.info: dict[str, Any] = self._ask({"cmd": "hello", "imports": list(imports), "threads": threads})
+
+    def _ask(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.proc.poll() is not None:
+            raise WorkerError(f"worker {self.python} exited with {self.proc.returncode}")
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(f"worker {self.python} died (exit {self.proc.wait()})")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise WorkerError(reply.get("error", "unknown error"))
+        return reply
+
+    def case(self, spec: dict[str, Any]) -> WorkerCase:
+        """Build ``spec`` in the worker and make its first call; raises WorkerError if it fails."""
+        reply = self._ask({"cmd": "case", "spec": spec})
+        return WorkerCase(self, reply["id"], spec, reply.get("first_s", 0.0), reply.get("note", ""))
+
+    def close(self) -> None:
+        """Stop the worker (idempotent)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(WorkerError, OSError, ValueError):
+                self._ask({"cmd": "quit"})
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WorkerCase:
+    """One callable living in a worker (an ``External`` for the harness)."""
+
+    def __init__(self, worker: Worker, case_id: int, spec: dict[str, Any], first_s: float, note: str) -> None:
+        self.worker, self.id, self.spec, self.first_s, self.note = worker, case_id, spec, first_s, note
+
+    def chunk(self, seconds: float) -> list[float]:
+        """Per-call times (seconds) of single calls made for about ``seconds`` (at least 3 calls)."""
+        return self.worker._ask({"cmd": "time", "id": self.id, "seconds": seconds})["samples"]
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _serve() -> int:  # pragma: no cover - runs in the other interpreter
+    import gc
+    import importlib
+    import platform
+    import time
+    import traceback
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    import torch
+
+    cases: dict[int, Any] = {}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def logits_for(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        E, T = spec["E"], spec["T"]
+        seed = 1000 * E + T
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(T, E, generator=g, dtype=torch.float64).to(dtypes[spec.get("dtype", "fp32")])
+        bias = None
+        if spec.get("bias"):
+            gb = torch.Generator().manual_seed(seed + 7919)
+            bias = 0.1 * torch.randn(E, generator=gb)
+        return x, bias
+
+    def build(spec: dict[str, Any]) -> tuple[Any, str]:
+        op = spec["op"]
+        if op == "torch.mul":
+            x = torch.ones(spec.get("numel", 16))
+            return (lambda: torch.mul(x, x)), ""
+        if op.startswith("sparseops."):
+            import sparseops
+
+            logits, bias = logits_for(spec)
+            E, k = spec["E"], spec["k"]
+            kw: dict[str, Any] = {"backend": spec.get("backend", "cpu")}
+            for name in ("scoring", "order", "n_group", "topk_group", "scale"):
+                if name in spec:
+                    kw[name] = spec[name]
+            if bias is not None:
+                kw["bias"] = bias
+            if op == "sparseops.topk_route":
+                return (lambda: sparseops.topk_route(logits, k, **kw)), ""
+            if op == "sparseops.route":
+                return (lambda: sparseops.route(logits, k, **kw)), ""
+            if op == "sparseops.route_metadata":
+                ids = sparseops.topk_route(logits, k, **{n: v for n, v in kw.items() if n != "backend"})[1]
+                return (lambda: sparseops.route_metadata(ids, E, backend=kw["backend"])), ""
+        if op.startswith("ipex."):
+            import intel_extension_for_pytorch  # noqa: F401  (registers torch.ops.torch_ipex)
+
+            logits, bias = logits_for(spec)
+            T, k = logits.shape[0], spec["k"]
+            hidden = torch.empty(T, 1, dtype=logits.dtype)  # only its row count is read
+            if op == "ipex.topk_softmax":
+                # CPU signature: topk_softmax(gating_output, topk, renormalize) -> (weights, ids, ...).
+                return (lambda: torch.ops.torch_ipex.topk_softmax(logits, k, True)), "renormalize=True"
+            if op == "ipex.grouped_topk":
+                b = bias.unsqueeze(0) if bias is not None else None
+                # CPU signature (ipex 2.8 tests): grouped_topk(hidden, gating_output, topk, renormalize,
+                # num_expert_group, topk_group, e_score_correction_bias [1, E], routed_scaling_factor).
+                fn = lambda: torch.ops.torch_ipex.grouped_topk(
+                    hidden, logits, k, True, spec["n_group"], spec["topk_group"], b, spec.get("scale", 1.0)
+                )
+                return fn, ""
+        raise ValueError(f"unknown spec op {op!r}")
+
+    def reply(msg: dict[str, Any]) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    for line in sys.stdin:
+        try:
+            msg = json.loads(line)
+            cmd = msg["cmd"]
+            if cmd == "quit":
+                reply({"ok": True})
+                return 0
+            if cmd == "hello":
+                if msg.get("threads"):
+                    torch.set_num_threads(int(msg["threads"]))
+                for name in msg.get("imports", []):
+                    importlib.import_module(name)
+                info = {"ok": True, "torch": torch.__version__, "python": platform.python_version()}
+                info["threads"] = torch.get_num_threads()
+                try:
+                    import sparseops
+
+                    info["sparseops"] = getattr(sparseops, "__version__", "?")
+                    info["sparseops_path"] = str(Path(sparseops.__file__).resolve().parent)
+                except ImportError:
+                    pass
+                reply(info)
+            elif cmd == "case":
+                with torch.inference_mode():
+                    fn, note = build(msg["spec"])
+                    t0 = time.perf_counter()
+                    fn()
+                    first = time.perf_counter() - t0
+                    for _ in range(2):
+                        fn()
+                cases[len(cases)] = fn
+                reply({"ok": True, "id": len(cases) - 1, "first_s": first, "note": note})
+            elif cmd == "time":
+                fn = cases[msg["id"]]
+                samples = []
+                clock = time.perf_counter
+                with torch.inference_mode():
+                    gc.collect()
+                    gc.disable()
+                    try:
+                        end = clock() + float(msg["seconds"])
+                        while clock() < end or len(samples) < 3:
+                            t0 = clock()
+                            fn()
+                            samples.append(clock() - t0)
+                    finally:
+                        gc.enable()
+                reply({"ok": True, "samples": samples})
+            else:
+                reply({"ok": False, "error": f"unknown command {cmd!r}"})
+        except Exception as exc:
+            traceback.print_exc()
+            reply({"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        raise SystemExit(_serve())
+    raise SystemExit("usage: python benchmarks/_worker.py --serve (started by benchmarks._worker.Worker)")
