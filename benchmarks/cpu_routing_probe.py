@@ -20,6 +20,7 @@ import time
 import torch
 
 import sparseops
+from sparseops.testing import router_logits
 
 ROUTERS = {
     "mixtral": dict(E=8, k=2, kw={}),
@@ -107,7 +108,7 @@ def main():
         for dt in args.dtypes.split(","):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
             for T in [int(t) for t in args.T.split(",")]:
-                x = sparseops.testing.router_logits(T, E, dtype=dtype, seed=T)
+                x = router_logits(T, E, dtype=dtype, seed=T)
                 ckw = {kk: v for kk, v in kw.items() if kk != "bias"}
                 t_comp, t_ours, t_cpair, t_pair = interleaved(
                     [
