@@ -922,27 +922,33 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
   const int64_t E = num_experts;
   const int64_t n = ids.numel();
   const int64_t k = ids.size(1);
+  const int64_t T = n / k;
   const int32_t* id = ids.const_data_ptr<int32_t>();
-  // Bucket E collects dropped slots (id -1) so they land after every expert.
-  auto bucket = [&](int32_t v) -> int64_t { return v < 0 ? E : v; };
+  const uint32_t ue = static_cast<uint32_t>(E);
+  // Bucket E collects dropped slots (id -1) so they land after every expert: as unsigned, -1
+  // is the largest value, so min(v, E) maps it there without a branch.
+  auto bucket = [ue](int32_t v) -> uint32_t { return std::min(static_cast<uint32_t>(v), ue); };
 
-  // Chunks of at least 32K slots: below that one thread sorts faster than two can split it.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 32768));
-  const int64_t chunk_len = (n + chunks - 1) / chunks;
-  std::vector<int64_t> hist(chunks * (E + 1), 0);
+  // Chunks of whole rows (about 64K slots) fixed by the shape alone, never by the thread
+  // count; each thread runs whole chunks. Whole rows keep token = row without a division
+  // per slot, and int32 counters halve the histogram traffic.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, 65536 / k);
+  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<int32_t> hist(chunks * (E + 1), 0);
   std::atomic<bool> bad{false};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    bool local_bad = false;
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t* h = hist.data() + c * (E + 1);
-      for (int64_t i = c * chunk_len; i < std::min(n, (c + 1) * chunk_len); ++i) {
+      int32_t* h = hist.data() + c * (E + 1);
+      const int64_t i1 = std::min(T, (c + 1) * rows_per_chunk) * k;
+      for (int64_t i = c * rows_per_chunk * k; i < i1; ++i) {
         const int32_t v = id[i];
-        if (v < -1 || v >= E) {
-          bad = true;
-          continue;
-        }
-        ++h[bucket(v)];
+        // One unsigned compare checks v in [-1, E): v + 1 in [0, E].
+        local_bad |= static_cast<uint32_t>(v + 1) > ue;
+        ++h[bucket(v)];  // out-of-range values land in bucket E; the check below throws
       }
     }
+    if (local_bad) bad = true;
   });
   TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
               ") or -1 for a dropped slot, got a value outside that range in ids ", describe(ids));
@@ -950,17 +956,17 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
   // Exclusive scan in (bucket, chunk) order gives each chunk's first position per bucket.
   int32_t* counts = out.counts.mutable_data_ptr<int32_t>();
   int32_t* offs = out.offs.mutable_data_ptr<int32_t>();
-  int64_t running = 0;
+  int32_t running = 0;
   for (int64_t e = 0; e <= E; ++e) {
-    const int64_t start = running;
+    const int32_t start = running;
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t h = hist[c * (E + 1) + e];
+      const int32_t h = hist[c * (E + 1) + e];
       hist[c * (E + 1) + e] = running;
       running += h;
     }
     if (e < E) {
-      counts[e] = static_cast<int32_t>(running - start);
-      offs[e] = static_cast<int32_t>(running);
+      counts[e] = running - start;
+      offs[e] = running;
     }
   }
 
@@ -969,12 +975,16 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
   int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t* next = hist.data() + c * (E + 1);
-      for (int64_t i = c * chunk_len; i < std::min(n, (c + 1) * chunk_len); ++i) {
-        const int64_t pos = next[bucket(id[i])]++;
-        sorted_slots[pos] = static_cast<int32_t>(i);
-        inverse[i] = static_cast<int32_t>(pos);
-        tokens[pos] = static_cast<int32_t>(i / k);
+      int32_t* next = hist.data() + c * (E + 1);
+      const int64_t t1 = std::min(T, (c + 1) * rows_per_chunk);
+      for (int64_t t = c * rows_per_chunk; t < t1; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t i = t * k + j;
+          const int32_t pos = next[bucket(id[i])]++;
+          sorted_slots[pos] = static_cast<int32_t>(i);
+          inverse[i] = pos;
+          tokens[pos] = static_cast<int32_t>(t);
+        }
       }
     }
   });
