@@ -5,6 +5,9 @@ order x scoring x bias x groups x mask, lengths around the vector widths)."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -295,3 +298,22 @@ def test_row_bits_do_not_depend_on_batch(E, k, kw, dtype):
         w1, i1 = sparseops.topk_route(x[t : t + 1], k, backend="cpu", **kw)
         assert torch.equal(i1[0], ids[t]), t
         assert torch.equal(w1[0].view(torch.int32), w[t].view(torch.int32)), (t, w1[0], w[t])
+
+
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the scalar path")
+def test_scalar_fallback_path():
+    """Machines without AVX-512 run the portable scalar path; force it in a subprocess
+    (the choice is made once per process) and rerun the reference comparisons there."""
+    env = dict(os.environ, SPARSEOPS_CPU_NO_AVX512="1")
+    selection = (
+        "test_subnormal_total or test_nan_selected or test_group_scoring_max_differs"
+        " or (test_many_seeds_bitwise_ids and float32) or (test_nan_and_inf_rows and dtype1)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
