@@ -111,8 +111,9 @@ def row_max(x, valid):
     """Per row of ``x`` [R, C], the max over the columns where ``valid`` (broadcastable to
     [R, C]) holds, NaNs ignored; -inf for a row with no valid, non-NaN entry.
 
-    NaN is excluded explicitly because ``tl.max`` treats it differently compiled (hardware
-    max ignores it) and interpreted (numpy propagates it).
+    NaN is excluded explicitly rather than left to ``tl.max``, whose NaN handling is not
+    the same everywhere (the interpreter's numpy max propagates NaN; compiled code need
+    not), so every backend and release gets the same answer.
     """
     return tl.max(tl.where(valid & (x == x), x, float("-inf")), axis=1)
 

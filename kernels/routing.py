@@ -129,7 +129,7 @@ def _topk_route_kernel(
     if GROUPED:
         # As the reference's nan_to_num(nan=-inf): an infinite score counts as the largest
         # finite value, NaN and a disabled expert as -inf (the select, not the clamp, maps
-        # NaN: min / max treat NaN differently compiled and interpreted). So no group value
+        # NaN: the NaN handling of min / max differs between numpy and GPU code). So no group value
         # is NaN or +inf, and no group score is NaN (a top-2 sum may overflow to +inf).
         big = tl.full([1, 1], ACC_MAX, ACC)
         pg = tl.minimum(tl.maximum(biased, -big), big)

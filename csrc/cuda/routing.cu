@@ -25,13 +25,13 @@
 #include <type_traits>
 
 #include "sparseops/checks.h"
+#include "sparseops/cuda_reduce.cuh"
+#include "sparseops/ranking.h"
 #include "sparseops/routing.h"
 
 namespace sparseops {
 namespace {
 
-constexpr unsigned kFullWarp = 0xffffffffu;
-constexpr int kWarpSize = 32;
 // Index of "no candidate" in warp argmax reductions: larger than any expert or group index,
 // so a real candidate (even one ranked -inf) always wins a tie against it.
 constexpr int kNoIndex = INT_MAX;
@@ -59,51 +59,6 @@ struct AccLimits<double> {
 // -use_fast_math): its error would move weights beyond fp32 rounding.
 __device__ __forceinline__ float accurate_exp(float x) { return expf(x); }
 __device__ __forceinline__ double accurate_exp(double x) { return exp(x); }
-
-// NaN-ignoring max: every lane of a butterfly ends with the same value, even with NaNs.
-__device__ __forceinline__ float nan_ignoring_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double nan_ignoring_max(double a, double b) { return fmax(a, b); }
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = nan_ignoring_max(v, __shfl_xor_sync(kFullWarp, v, offset));
-  }
-  return v;
-}
-
-// Butterfly sum: a + b == b + a bitwise, so every lane ends with the identical total.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(kFullWarp, v, offset);
-  }
-  return v;
-}
-
-// True when (va, a) ranks before (vb, b): larger value first, lower index on ties. Values
-// are never NaN here (NaN ranks become -inf first), so this is a strict total order.
-template <typename T>
-__device__ __forceinline__ bool ranks_before(T va, int a, T vb, int b) {
-  return va > vb || (va == vb && a < b);
-}
-
-// Every lane ends with the best (value, index) of the warp. Because ranks_before is a strict
-// total order on distinct indices, all lanes agree on the winner.
-template <typename T>
-__device__ __forceinline__ void warp_argmax(T& value, int& index) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const T other_value = __shfl_xor_sync(kFullWarp, value, offset);
-    const int other_index = __shfl_xor_sync(kFullWarp, index, offset);
-    if (ranks_before(other_value, other_index, value, index)) {
-      value = other_value;
-      index = other_index;
-    }
-  }
-}
 
 // The reference's per_group = biased.nan_to_num(nan=-inf): torch.nan_to_num also maps +-inf
 // to the largest finite magnitude when posinf/neginf are not given, so we do the same.
@@ -135,6 +90,7 @@ struct TopkRouteParams {
   int topk_group;
   int group_size;       // E / n_group
   int lanes_per_group;  // power of two: lanes that scan one group's experts together
+  bool group_top2;      // a group scores the sum of its two best values (else its best)
   bool sigmoid;
   bool topk_then_softmax;  // softmax scoring with order topk_then_softmax
   bool renormalize;
@@ -147,7 +103,8 @@ struct TopkRouteParams {
 //   2. softmax statistics in acc_t for the weights (softmax_then_topk);
 //   3. ranks: the logit, or with a bias the fp64 score rounded to acc_t plus the bias;
 //      with groups also each expert's group value, into this warp's shared memory;
-//   4. group scores (sum of the best two values) and the topk_group best groups;
+//   4. group scores (sum of the best two values, or the best one: group_scoring) and the
+//      topk_group best groups;
 //   5. k rounds of warp argmax over candidates; lane j keeps the expert of slot j;
 //   6. weights on lanes j < k, coalesced stores of ids and weights.
 template <typename scalar_t, typename acc_t, int VPT>
@@ -257,8 +214,9 @@ __global__ void __launch_bounds__(kTopkMaxThreads)
     if (isnan(val[j])) val[j] = -inf;
   }
 
-  // 4. Groups: score each group by the sum of its two best values, keep the topk_group
-  //    best groups (larger first, lower group index on ties).
+  // 4. Groups: score each group by the sum of its two best values (or by its best value
+  //    with group_top2 off), keep the topk_group best groups (larger first, lower group
+  //    index on ties).
   if (grouped) {
     __syncwarp();  // group_value written by every lane above
     const int G = p.n_group;
@@ -284,8 +242,8 @@ __global__ void __launch_bounds__(kTopkMaxThreads)
         }
       }
       for (int offset = lpg / 2; offset > 0; offset /= 2) {  // stays inside the lpg lanes
-        const acc_t other0 = __shfl_xor_sync(kFullWarp, top0, offset);
-        const acc_t other1 = __shfl_xor_sync(kFullWarp, top1, offset);
+        const acc_t other0 = __shfl_xor_sync(kFullWarpMask, top0, offset);
+        const acc_t other1 = __shfl_xor_sync(kFullWarpMask, top1, offset);
         if (other0 > top0) {
           top1 = other1 > top0 ? other1 : top0;
           top0 = other0;
@@ -293,7 +251,7 @@ __global__ void __launch_bounds__(kTopkMaxThreads)
           top1 = other0 > top1 ? other0 : top1;
         }
       }
-      if (sub == 0 && g < G) group_score[g] = gs >= 2 ? top0 + top1 : top0;
+      if (sub == 0 && g < G) group_score[g] = p.group_top2 ? top0 + top1 : top0;
     }
     __syncwarp();  // group_score complete before any lane reads it
 
@@ -399,6 +357,10 @@ void launch_topk_route(const at::Tensor& logits, const at::Tensor& bias, const a
   p.n_group = static_cast<int>(cfg.n_group);
   p.topk_group = static_cast<int>(cfg.topk_group);
   p.group_size = static_cast<int>(cfg.group_size());
+  // kMax (DeepSeek-V2 group_limited_greedy) scores a group by its best value; so does
+  // kTop2Sum for groups of one expert. The top-2 scan below runs either way (it is the
+  // group's max plus a runner-up that kMax simply ignores).
+  p.group_top2 = cfg.group_scoring == GroupScoring::kTop2Sum && p.group_size >= 2;
   p.lanes_per_group = 1;
   if (p.n_group <= kWarpSize) {
     while (p.lanes_per_group * 2 * p.n_group <= kWarpSize) p.lanes_per_group *= 2;
@@ -482,7 +444,7 @@ constexpr int64_t kSmallPathMaxSlots = 4096;
 constexpr int64_t kPaddedBlocksPerWarp = 4;
 constexpr int64_t kSmallPathMaxBlocks = 32;
 // Exclusive-scan scratch: one int per warp of a block (<= 32) plus the total.
-constexpr int kScanScratchInts = kWarpSize + 1;
+constexpr int kScanScratchInts = kBlockScanScratch;
 
 struct RouteMetadataParams {
   const int32_t* ids;  // [n]
@@ -526,7 +488,7 @@ __device__ void rank_warp_slots(const RouteMetadataParams& p, int begin, int end
     const bool live = slot64 < end;
     const int slot = static_cast<int>(slot64);
     const int bucket = live ? slot_bucket(p.ids[slot], p.num_experts) : -1;
-    const unsigned peers = __match_any_sync(kFullWarp, bucket);
+    const unsigned peers = __match_any_sync(kFullWarpMask, bucket);
     const int rank_in_step = __popc(peers & lanes_below);
     if (kPlace && live) {
       const int pos = cursor[bucket] + rank_in_step;
@@ -541,50 +503,6 @@ __device__ void rank_warp_slots(const RouteMetadataParams& p, int begin, int end
     if (live && rank_in_step == 0) cursor[bucket] += __popc(peers);
     __syncwarp();  // the bumps are visible to the next step
   }
-}
-
-// In-place exclusive scan of data[0, len) in shared memory by the whole block; returns the
-// total. Each thread scans a contiguous chunk, warps scan the chunk sums with shuffles,
-// warp 0 scans the warp sums. Ends with __syncthreads, so data is ready for everyone.
-__device__ int block_exclusive_scan(int* data, int len, int* scratch) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-  const int per_thread = (len + blockDim.x - 1) / blockDim.x;
-  const int begin = min(len, static_cast<int>(threadIdx.x) * per_thread);
-  const int end = min(len, begin + per_thread);
-  int local = 0;
-  for (int i = begin; i < end; ++i) local += data[i];
-  int inclusive = local;
-#pragma unroll
-  for (int offset = 1; offset < kWarpSize; offset *= 2) {
-    const int v = __shfl_up_sync(kFullWarp, inclusive, offset);
-    if (lane >= offset) inclusive += v;
-  }
-  if (lane == kWarpSize - 1) scratch[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    const int warp_total = lane < num_warps ? scratch[lane] : 0;
-    int warp_inclusive = warp_total;
-#pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset *= 2) {
-      const int v = __shfl_up_sync(kFullWarp, warp_inclusive, offset);
-      if (lane >= offset) warp_inclusive += v;
-    }
-    __syncwarp();  // all of warp 0 read scratch before it is overwritten
-    if (lane < num_warps) scratch[lane] = warp_inclusive - warp_total;
-    if (lane == kWarpSize - 1) scratch[kWarpSize] = warp_inclusive;
-  }
-  __syncthreads();
-  int running = scratch[warp] + inclusive - local;
-  for (int i = begin; i < end; ++i) {
-    const int v = data[i];
-    data[i] = running;
-    running += v;
-  }
-  const int total = scratch[kWarpSize];
-  __syncthreads();  // data complete; scratch free for the next scan
-  return total;
 }
 
 __device__ __forceinline__ int round_up_to(int count, int multiple) {
@@ -603,8 +521,8 @@ __device__ void scan_expert_layout(const RouteMetadataParams& p, int* expert_sta
     }
   }
   __syncthreads();
-  block_exclusive_scan(expert_start, cols, scratch);
-  if (p.block_m > 0) block_exclusive_scan(padded_start, cols, scratch);
+  block_exclusive_scan_inplace(expert_start, cols, scratch);
+  if (p.block_m > 0) block_exclusive_scan_inplace(padded_start, cols, scratch);
 }
 
 // counts, offs and padded_offs: written by one block only.
