@@ -31,8 +31,9 @@ def _backends():
         (16384, 8, 2, {"order": "topk_then_softmax"}),
         (3000, 1024, 32, {"scoring": "sigmoid"}),
         (70000, 60, 4, {}),
+        (4096, 160, 6, {"n_group": 8, "topk_group": 3, "group_scoring": "max", "renormalize": False}),
     ],
-    ids=["qwen3-16k", "deepseek-4k", "mixtral-16k", "E1024-k32", "T70000-E60"],
+    ids=["qwen3-16k", "deepseek-4k", "mixtral-16k", "E1024-k32", "T70000-E60", "deepseek-v2-4k"],
 )
 def test_production_sizes(backend, T, E, k, kw):
     if backend not in _backends():
@@ -59,13 +60,15 @@ def test_metadata_millions_of_slots(backend):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_cuda_and_triton_agree_bitwise():
+@pytest.mark.parametrize("group_scoring", ["top2_sum", "max"])
+def test_cuda_and_triton_agree_bitwise(group_scoring):
     if len(_backends()) < 2:
         pytest.skip("needs both GPU backends")
     logits = router_logits(5000, 256, dtype=torch.float32, device="cuda", seed=3)
     bias = 0.05 * torch.randn(256, device="cuda")
-    a = sparseops.topk_route(logits, 8, bias=bias, backend="cuda", **DEEPSEEK)
-    b = sparseops.topk_route(logits, 8, bias=bias, backend="triton", **DEEPSEEK)
+    kw = dict(DEEPSEEK, group_scoring=group_scoring)
+    a = sparseops.topk_route(logits, 8, bias=bias, backend="cuda", **kw)
+    b = sparseops.topk_route(logits, 8, bias=bias, backend="triton", **kw)
     assert torch.equal(a[1], b[1])
     assert_close(a[0], b[0])
     ma = sparseops.route_metadata(a[1], 256, block_m=16, backend="cuda")
