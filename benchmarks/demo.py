@@ -43,13 +43,17 @@ EXPECTED = {
 }
 
 
-def run_percall(out_dir: Path, quick: bool, log) -> Path | None:
-    """``pytest benchmarks/test_percall.py --benchmark-json=out_dir/percall.json``; None if unavailable."""
+def run_percall(out_dir: Path, quick: bool, log) -> Path | None | bool:
+    """``pytest benchmarks/test_percall.py --benchmark-json=out_dir/percall.json``.
+
+    Returns the JSON path, None when the run failed, False when pytest-benchmark is missing
+    (a note, not a failure).
+    """
     try:
         import pytest_benchmark  # noqa: F401
     except ImportError:
         log("note: per-call micro-benchmarks skipped: pytest-benchmark is not installed (requirements-dev.txt)")
-        return None
+        return False
     path = out_dir / "percall.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
