@@ -240,7 +240,8 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
             else:
                 reply({"ok": False, "error": f"unknown command {cmd!r}"})
         except Exception as exc:
-            traceback.print_exc()
+            if not isinstance(exc, ImportError):  # a missing peer is reported by the caller
+                traceback.print_exc()
             reply({"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
     return 0
 

@@ -16,7 +16,7 @@ Cases (backend "cpu", the C++ path, under ``torch.inference_mode()``): ``topk_ro
 dispatcher-cost yardstick: a change there is the machine or torch, not sparseops).
 
 Writes ``percall.csv`` (family ``percall``: impl ``before:<commit>`` as the baseline,
-``after:<commit>``; headline rows = T 1) into the results folder and regenerates its
+``after:<commit>``; headline rows = the sparseops ops at T 1) into the results folder and regenerates its
 README, whose verdict says at how many cases after/before <= 1.2.
 """
 
@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             builds[tag] = (w, f"{tag}:{commit}")
             print(f"{tag}: {w.python}  torch {w.info['torch']}  sparseops from {w.info.get('sparseops_path')}  "
                   f"commit {commit}", flush=True)  # fmt: skip
+        env["sparseops"] = str(after.info.get("sparseops", ""))
         specs = cases()
         rows: list[H.Result] = []
         for n, spec in enumerate(specs, 1):
@@ -129,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for tag in ("before", "after"):
                 impl = builds[tag][1]
                 res = H.Result(FAMILY, op, shape, "backend=cpu inference_mode", "T", size, "fp32", impl,
-                               "baseline" if tag == "before" else "sparseops", headline=size == 1)  # fmt: skip
+                               "baseline" if tag == "before" else "sparseops",
+                               headline=size == 1 and op != "torch.mul")  # fmt: skip
                 res.note = f"{builds[tag][0].python}, torch {builds[tag][0].info['torch']}"
                 if tag in skipped:
                     res.note = f"skipped: {skipped[tag]}"

@@ -565,7 +565,7 @@ def family_section(family: str, rows: list[dict[str, Any]], folder: Path, plots:
             parts.append(
                 "Speedup = baseline time / best sparseops time (on CPU the median of per-round "
                 "ratios of interleaved calls); × floor = time / max(bytes / copy bandwidth, flops / "
-                "GEMM peak). Best = fastest steady sparseops backend. " + NOISY_NOTE + "\n"
+                "GEMM peak). Best = fastest sparseops backend of the group (auto aside). " + NOISY_NOTE + "\n"
             )
             parts.append(table + "\n")
     if plots and _timed(rows):
