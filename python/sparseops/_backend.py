@@ -92,13 +92,13 @@ class Op:
             key = (self.facts(*inputs), backend if backend is not None else _default)
         except TypeError as exc:
             raise TypeError(f"sparseops.{self.name}: {exc}") from None
-        if torch.compiler.is_compiling():
-            # Traced once per graph: a cache lookup would make torch.compile guard on the
-            # cache's contents, and the entry this trace adds would force a recompile.
-            return self._resolve(*key)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._cache[key] = self._resolve(*key)
+            hit = self._resolve(*key)
+            # Not while torch.compile traces: the entry it added would change the cache that
+            # the graph's guards read, and force a recompile on the next call.
+            if not torch.compiler.is_compiling():
+                self._cache[key] = hit
         return hit
 
     def _resolve(self, facts: Facts, name: str | None) -> str:
@@ -141,7 +141,10 @@ def tensor_facts(arg: str) -> Callable[..., Facts]:
 
     def facts(x: Any, *_: Any) -> Facts:
         if isinstance(x, torch.Tensor):
-            return (x.device.type, x.dtype)
+            # x.device.type builds a torch.device (~0.7 us, measured 2026-12-02 on the 2-core
+            # EPYC); the two flags cost ~0.05 us each and answer for nearly every call.
+            device = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
+            return (device, x.dtype)
         if isinstance(x, (str, torch.device)):
             return (torch.device(x).type, None)
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
