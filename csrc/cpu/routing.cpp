@@ -409,6 +409,30 @@ SPARSEOPS_AVX512 inline __m512d exp8d(__m512d x) {
   return _mm512_mask_mov_pd(y, _mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q), x);
 }
 
+// fp32(sigmoid(x)) computed in fp64, as selection_scores_ref: s[0, round_up(n, 8)).
+SPARSEOPS_AVX512 inline void sigmoid_scores(const float* x, float* s, int64_t n) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  for (int64_t e = 0; e < n; e += 8) {
+    const __m512d xd = _mm512_cvtps_pd(_mm256_loadu_ps(x + e));
+    const __m512d sd = _mm512_div_pd(one, _mm512_add_pd(one, exp8d(_mm512_sub_pd(_mm512_setzero_pd(), xd))));
+    _mm256_storeu_ps(s + e, _mm512_cvtpd_ps(sd));
+  }
+}
+
+// sigmoid_scores of every bf16 / fp16 bit pattern (256 KB, built on first use, ~0.1 ms).
+template <typename scalar_t>
+SPARSEOPS_AVX512 const float* sigmoid_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> x(65536), t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) {
+      x[i] = static_cast<float>(scalar_t(static_cast<uint16_t>(i), scalar_t::from_bits()));
+    }
+    sigmoid_scores(x.data(), t.data(), 65536);
+    return t;
+  }();
+  return table.data();
+}
+
 // rank_key for 16 lanes; lanes outside `candidate` get INT32_MIN.
 SPARSEOPS_AVX512 inline __m512i key16(__m512 r, __mmask16 candidate) {
   const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
@@ -666,11 +690,18 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
   if (need_score) {
     float* s = ws.score;
     if (cfg.scoring == Scoring::kSigmoid) {
-      const __m512d one = _mm512_set1_pd(1.0);
-      for (int64_t e = 0; e < E; e += 8) {
-        const __m512d xd = _mm512_cvtps_pd(_mm256_load_ps(xf + e));
-        const __m512d sd = _mm512_div_pd(one, _mm512_add_pd(one, exp8d(_mm512_sub_pd(_mm512_setzero_pd(), xd))));
-        _mm256_store_ps(s + e, _mm512_cvtpd_ps(sd));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        sigmoid_scores(xf, s, E);
+      } else {
+        // 16-bit logits take only 65536 values: their fp32 scores come from a table built
+        // once with sigmoid_scores itself (same bits, one gather instead of an fp64 exp
+        // and divide per expert).
+        const float* table = sigmoid_table<scalar_t>();
+        for (int64_t e = 0; e < E; e += 16) {
+          const __mmask16 lanes = lanes_below(E - e);
+          const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, xr + e));
+          _mm512_store_ps(s + e, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, bits, table, 4));
+        }
       }
     } else if (cfg.order == Order::kSoftmaxThenTopk) {
       if (zero_softmax) {
