@@ -1063,10 +1063,12 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
   // is the largest value, so min(v, E) maps it there without a branch.
   auto bucket = [ue](int32_t v) -> uint32_t { return std::min(static_cast<uint32_t>(v), ue); };
 
-  // Chunks of whole rows (about 64K slots) fixed by the shape alone, never by the thread
-  // count; each thread runs whole chunks. Whole rows keep token = row without a division
-  // per slot, and int32 counters halve the histogram traffic.
-  const int64_t rows_per_chunk = std::max<int64_t>(1, 65536 / k);
+  // Chunks of whole rows fixed by the shape alone, never by the thread count: n / 16 slots,
+  // at least 16K (so two threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long
+  // runs per bucket keep the scattered writes in whole cache lines). Whole rows keep token =
+  // row without a division per slot; int32 counters halve the histogram traffic.
+  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
   const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<int32_t> hist(chunks * (E + 1), 0);
   std::atomic<bool> bad{false};
