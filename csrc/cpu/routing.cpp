@@ -672,6 +672,31 @@ SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const 
     _mm512_mask_storeu_ps(w_out + 16 * c, lanes[c], _mm512_mul_ps(w[c], scale));
 }
 
+// choose_groups for G <= 16 without a branch on the data: each group's rank (larger key
+// first, then lower group) from 16 broadcast compares; the insertion version mispredicted
+// and took 13% of a DeepSeek-V3 row (perf, Zen 4).
+SPARSEOPS_AVX512 inline void choose_groups16(const int32_t* gkey, int64_t G, int64_t topk_group,
+                                             char* chosen) {
+  if (G > 16) {
+    choose_groups(gkey, G, topk_group, chosen);
+    return;
+  }
+  const __mmask16 real = lanes_below(G);
+  const __m512i K =
+      _mm512_mask_loadu_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::min()), real, gkey);
+  __m512i rank = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int j = 0; j < 16; ++j) {
+    const __m512i b = _mm512_permutexvar_epi32(_mm512_set1_epi32(j), K);
+    const __mmask16 before = _mm512_cmpgt_epi32_mask(b, K) |
+                             (_mm512_cmpeq_epi32_mask(b, K) & static_cast<__mmask16>(0xfffeu << j));
+    rank = _mm512_mask_add_epi32(rank, before, rank, one);
+  }
+  const __mmask16 pick =
+      _mm512_mask_cmplt_epi32_mask(real, rank, _mm512_set1_epi32(static_cast<int32_t>(topk_group)));
+  for (int64_t g = 0; g < G; ++g) chosen[g] = (pick >> g) & 1;
+}
+
 // Top-2 (or max) of one group's clamped biased scores in 16-lane vectors: lane-wise best and
 // second, then the best lane's second stands in for it in a second reduction.
 SPARSEOPS_AVX512 inline float group_score16(const float* s, const bool* en, int64_t begin,
@@ -784,7 +809,7 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
       for (int64_t g = 0; g < G; ++g) {
         ws.gkey[g] = rank_key(group_score16(s, en, g * gs, (g + 1) * gs, top2));
       }
-      choose_groups(ws.gkey, G, cfg.topk_group, ws.chosen);
+      choose_groups16(ws.gkey, G, cfg.topk_group, ws.chosen);
       for (int64_t g = 0; g < G; ++g) {
         if (!ws.chosen[g]) {
           std::fill(ws.key + g * gs, ws.key + (g + 1) * gs, std::numeric_limits<int32_t>::min());
