@@ -32,9 +32,8 @@
 //     T = 1024 0.121 -> 0.070.
 // Result, 2 threads, load 2.2, bf16 (fp32): Mixtral 0.074-0.075 (0.081-0.087) at T >= 4096,
 // Qwen3 0.14-0.17 (0.15-0.16), DeepSeek-V3 (T >= 128) 0.057-0.113 (0.072-0.126); T = 1-16
-// 0.18-0.74,
-// where a torch.ops call alone (3.5 us) exceeds what the ratio asks for. T = 2M, E = 128,
-// k = 8 route: 0.24-0.26 s (was 3.5 s).
+// 0.18-0.74, where a torch.ops call alone (3.5 us) exceeds what the ratio asks for. T = 2M,
+// E = 128, k = 8 route: 0.24-0.26 s (was 3.5 s).
 // Ids match the reference bitwise: the fp64 scores round to the same fp32 as torch's except
 // within an fp64 ulp of an fp32 rounding boundary (selection_scores_ref's note).
 //
