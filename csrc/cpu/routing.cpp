@@ -1,30 +1,47 @@
 // MoE routing CPU kernels. Semantics: python/sparseops/reference/routing.py.
 //
 // topk_route: one fused pass per row (load the row once, score, select, write), rows split
-// over threads by at::parallel_for. Every row is computed by the same code whatever the
-// split, so the bits never depend on the thread count (the old per-block choice between a
-// scalar and an ATen path did: 1-ulp weight differences between 1 and 2 threads).
-//   * Selection keys are order-preserving int32 images of the fp32 rank (NaN -> -inf, -0 ->
-//     +0; INT32_MIN for experts that cannot be chosen), so a top-k is a threshold insertion
-//     over one integer compare per expert, 16 experts per AVX-512 compare; ties go to the
-//     lower index because experts are visited in index order and only a strictly larger key
-//     displaces the k-th best.
-//   * The fp64 selection scores (needed only with a bias or groups) use a vectorised fp64
-//     exp (Cody-Waite reduction, degree-13 Taylor, scalef; within about 1 ulp of glibc and
-//     Sleef), rounded to fp32 as selection_scores_ref does; ids then match the reference
-//     except where an fp64 value lies within an ulp of an fp32 rounding boundary.
-//   * The AVX-512 code is compiled with function-level target attributes and chosen at run
-//     time (__builtin_cpu_supports), so the extension keeps the default ISA elsewhere;
-//     without AVX-512 (or with SPARSEOPS_CPU_NO_AVX512=1) a scalar path with std::exp runs
-//     the same algorithm.
-//   * No ATen calls, heap allocations or parallel regions for small T: per-thread buffers
-//     live on the stack and T below one grain runs on the calling thread.
+// over threads by at::parallel_for at multiples of 16 rows. Every row is computed by code
+// that depends on the row alone, so the bits never depend on the thread count (the old
+// per-block choice between a scalar and an ATen path did: 1-ulp weight differences between
+// 1 and 2 threads at small T). What each choice bought, as the ratio of our time to the
+// torch composite (softmax -> topk -> renormalise; DeepSeek-V3 as vLLM's plain-torch
+// grouped_topk), bf16 logits, 1 thread, AMD EPYC Zen 4 KVM guest, torch 2.13.0+cpu,
+// 2026-12-02, load 3-7 (shared machine; interleaved medians, ratios only):
+//   * Order-preserving int32 keys of the fp32 rank (NaN -> -inf, -0 -> +0, INT32_MIN for
+//     experts that cannot be chosen), one threshold compare per 16 experts, and a vectorised
+//     fp64 exp (Cody-Waite, degree-13 Taylor, scalef; ~1 ulp) for the exact scores: first
+//     fused version 0.40 (Mixtral, Qwen3) and 0.13 (DeepSeek-V3) at T = 16384, from the ATen
+//     per-block version's 0.68-0.70 and 0.20-0.71 (2 threads, 2026-12-01).
+//   * E <= 16 without bias/groups (Mixtral): 16 rows at once, a lane per row, no horizontal
+//     reductions, arithmetic mirrored bit for bit with the row path: 0.40 -> 0.074.
+//   * A floor for the top-k from the k-th largest lane-wise maximum (bitonic sort of 16
+//     lanes), then a branch-free rank-and-scatter of the <= 16 keys above it (insertions
+//     mispredicted about once each and were 60% of a Qwen3 row): Qwen3 0.40 -> 0.17.
+//   * softmax_then_topk + renormalise ranked by logits: the softmax denominator cancels, so
+//     its E exps are skipped: Qwen3 row -10%.
+//   * bf16/fp16 sigmoid scores from a 65536-entry table built with the fp64 path (same bits):
+//     DeepSeek-V3 T = 1024 905 -> 542 us (fp32 vs bf16 logits, same run).
+//   * No ATen calls, heap allocations or parallel regions for small T; T below one grain
+//     (16384 logits) runs on the calling thread. At T = 1 the call (4-5 us) is the op layer
+//     and dispatcher, not this kernel (< 0.2 us).
+//   * The AVX-512 code is compiled with function target attributes and chosen once per
+//     process (__builtin_cpu_supports); without AVX-512 (or with SPARSEOPS_CPU_NO_AVX512=1)
+//     a scalar path with std::exp runs the same algorithm; fp64 logits always take it.
+//   * Branch-free group choice (ranks by broadcast compares) for n_group <= 16: DeepSeek-V3
+//     T = 1024 0.121 -> 0.070.
+// Result, 2 threads, load 2.2, bf16 (fp32): Mixtral 0.074-0.075 (0.081-0.087) at T >= 4096,
+// Qwen3 0.14-0.17 (0.15-0.16), DeepSeek-V3 (T >= 128) 0.057-0.113 (0.072-0.126); T = 1-16
+// 0.18-0.74, where a torch.ops call alone (3.5 us) exceeds what the ratio asks for. T = 2M,
+// E = 128, k = 8 route: 0.24-0.26 s (was 3.5 s).
+// Ids match the reference bitwise: the fp64 scores round to the same fp32 as torch's except
+// within an fp64 ulp of an fp32 rounding boundary (selection_scores_ref's note).
 //
 // route_metadata: a parallel stable counting sort (per-chunk histograms, a scan, then
-// per-chunk placement in slot order), so the output never depends on thread timing.
-//
-// Measured (AMD EPYC Zen 4, 2 cores, torch 2.13.0+cpu, 2026-12-02): see the report table in
-// benchmarks/cpu_routing_probe.py's docstring for the ratios each choice bought.
+// per-chunk placement in slot order) over chunks of whole rows fixed by the shape, so the
+// output never depends on the thread count or timing; int32 counters and no division per
+// slot. MADV_HUGEPAGE on the fresh outputs: T*k = 16M, E = 128 went from 314 to 106 ms
+// (1 thread, same machine), most of it first-touch page faults.
 #include "sparseops/routing.h"
 
 #include <ATen/ATen.h>
@@ -44,6 +61,10 @@
 #include "sparseops/checks.h"
 #include "sparseops/ranking.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*()
@@ -60,6 +81,23 @@ namespace sparseops {
 namespace {
 
 using at::Tensor;
+
+// Fresh large outputs come from mmap and fault in 4 KB at a time on first write: on this
+// KVM guest 64 MB took 46 ms to fill that way and 9 ms after MADV_HUGEPAGE (THP is in
+// "madvise" mode), which was most of route_metadata at T*k = 16M. A hint on the 2 MB-aligned
+// interior of a buffer this kernel is about to write in full; errors are ignored.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 // Whether the AVX-512 path runs: decided once per process, so the bits of an answer depend
 // on the machine only, never on the call.
@@ -156,9 +194,8 @@ void choose_groups(const Key* gkey, int64_t G, int64_t topk_group, char* chosen)
   }
   int32_t order[kMaxExperts];
   for (int64_t g = 0; g < G; ++g) order[g] = static_cast<int32_t>(g);
-  std::nth_element(order, order + topk_group - 1, order + G, [&](int32_t a, int32_t b) {
-    return ranks_before(gkey[a], a, gkey[b], b);
-  });
+  std::nth_element(order, order + topk_group - 1, order + G,
+                   [&](int32_t a, int32_t b) { return ranks_before(gkey[a], a, gkey[b], b); });
   for (int64_t j = 0; j < topk_group; ++j) chosen[order[j]] = 1;
 }
 
@@ -185,8 +222,8 @@ inline bool softmax_sum_cancels(const TopkRouteConfig& cfg) {
 template <typename scalar_t, typename acc_t>
 struct RouteArgs {
   const scalar_t* x;
-  const acc_t* bias;     // nullptr without a bias
-  const bool* enabled;   // nullptr without a mask
+  const acc_t* bias;    // nullptr without a bias
+  const bool* enabled;  // nullptr without a mask
   acc_t* w;
   int32_t* ids;
   const TopkRouteConfig* cfg;
@@ -254,7 +291,8 @@ void route_row_scalar(const RouteArgs<scalar_t, acc_t>& a, int64_t t, Workspace<
   const bool* en = a.enabled;
   auto on = [&](int64_t e) { return en == nullptr || en[e]; };
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const bool softmax_first = cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
+  const bool softmax_first =
+      cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
 
   acc_t* xf = ws.xf;
   acc_t row_max = kNegInf;
@@ -299,7 +337,8 @@ void route_row_scalar(const RouteArgs<scalar_t, acc_t>& a, int64_t t, Workspace<
   }
   const acc_t* rank = a.bias != nullptr ? score : xf;
   Key* key = ws.key;
-  for (int64_t e = 0; e < E; ++e) key[e] = on(e) ? rank_key(rank[e]) : std::numeric_limits<Key>::min();
+  for (int64_t e = 0; e < E; ++e)
+    key[e] = on(e) ? rank_key(rank[e]) : std::numeric_limits<Key>::min();
 
   if (G > 1) {
     constexpr acc_t kLowest = std::numeric_limits<acc_t>::lowest();
@@ -310,7 +349,8 @@ void route_row_scalar(const RouteArgs<scalar_t, acc_t>& a, int64_t t, Workspace<
       for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
         // As the reference's nan_to_num(nan=-inf): NaN counts as -inf, an infinite score as
         // the largest finite value, a disabled expert as -inf.
-        const acc_t v = !on(e) || std::isnan(score[e]) ? kNegInf : std::clamp(score[e], kLowest, kMax);
+        const acc_t v =
+            !on(e) || std::isnan(score[e]) ? kNegInf : std::clamp(score[e], kLowest, kMax);
         if (v > best) {
           second = best;
           best = v;
@@ -322,7 +362,8 @@ void route_row_scalar(const RouteArgs<scalar_t, acc_t>& a, int64_t t, Workspace<
     }
     choose_groups(ws.gkey, G, cfg.topk_group, ws.chosen);
     for (int64_t g = 0; g < G; ++g) {
-      if (!ws.chosen[g]) std::fill(key + g * gs, key + (g + 1) * gs, std::numeric_limits<Key>::min());
+      if (!ws.chosen[g])
+        std::fill(key + g * gs, key + (g + 1) * gs, std::numeric_limits<Key>::min());
     }
   }
 
@@ -409,6 +450,31 @@ SPARSEOPS_AVX512 inline __m512d exp8d(__m512d x) {
   return _mm512_mask_mov_pd(y, _mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q), x);
 }
 
+// fp32(sigmoid(x)) computed in fp64, as selection_scores_ref: s[0, round_up(n, 8)).
+SPARSEOPS_AVX512 inline void sigmoid_scores(const float* x, float* s, int64_t n) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  for (int64_t e = 0; e < n; e += 8) {
+    const __m512d xd = _mm512_cvtps_pd(_mm256_loadu_ps(x + e));
+    const __m512d sd =
+        _mm512_div_pd(one, _mm512_add_pd(one, exp8d(_mm512_sub_pd(_mm512_setzero_pd(), xd))));
+    _mm256_storeu_ps(s + e, _mm512_cvtpd_ps(sd));
+  }
+}
+
+// sigmoid_scores of every bf16 / fp16 bit pattern (256 KB, built on first use, ~0.1 ms).
+template <typename scalar_t>
+SPARSEOPS_AVX512 const float* sigmoid_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> x(65536), t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) {
+      x[i] = static_cast<float>(scalar_t(static_cast<uint16_t>(i), scalar_t::from_bits()));
+    }
+    sigmoid_scores(x.data(), t.data(), 65536);
+    return t;
+  }();
+  return table.data();
+}
+
 // rank_key for 16 lanes; lanes outside `candidate` get INT32_MIN.
 SPARSEOPS_AVX512 inline __m512i key16(__m512 r, __mmask16 candidate) {
   const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
@@ -416,7 +482,8 @@ SPARSEOPS_AVX512 inline __m512i key16(__m512 r, __mmask16 candidate) {
   r = _mm512_add_ps(r, _mm512_setzero_ps());  // -0 -> +0
   const __m512i b = _mm512_castps_si512(r);
   const __m512i k = _mm512_xor_si512(b, _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 1));
-  return _mm512_mask_mov_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::min()), candidate, k);
+  return _mm512_mask_mov_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::min()), candidate,
+                               k);
 }
 
 SPARSEOPS_AVX512 inline __mmask16 enabled16(const bool* en, int64_t e, __mmask16 lanes) {
@@ -452,7 +519,8 @@ SPARSEOPS_AVX512 inline int32_t kth_largest16(__m512i v, int k) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #define SPARSEOPS_BITONIC_STAGE(size, stride)                                                 \
   {                                                                                           \
-    const __m512i p = _mm512_permutexvar_epi32(_mm512_xor_si512(lane, _mm512_set1_epi32(stride)), v); \
+    const __m512i p =                                                                         \
+        _mm512_permutexvar_epi32(_mm512_xor_si512(lane, _mm512_set1_epi32(stride)), v);       \
     v = _mm512_mask_max_epi32(_mm512_min_epi32(v, p), bitonic_max_lanes(size, stride), v, p); \
   }
   SPARSEOPS_BITONIC_STAGE(2, 1)
@@ -499,8 +567,9 @@ SPARSEOPS_AVX512 inline void scan_topk16(const int32_t* key, int64_t E, TopK<int
         const __m512i v = _mm512_maskz_loadu_epi32(lanes, key + e);
         const __mmask16 m = _mm512_mask_cmpge_epi32_mask(lanes, v, vfloor);
         _mm512_storeu_si512(ck + n, _mm512_maskz_compress_epi32(m, v));
-        _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(
-                                        m, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(e)))));
+        _mm512_storeu_si512(
+            ci + n, _mm512_maskz_compress_epi32(
+                        m, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(e)))));
         n += __builtin_popcount(m);
       }
       if (n <= 16) {
@@ -511,8 +580,9 @@ SPARSEOPS_AVX512 inline void scan_topk16(const int32_t* key, int64_t E, TopK<int
         const __m512i one = _mm512_set1_epi32(1);
         for (int j = 0; j < 16; ++j) {
           const __m512i b = _mm512_permutexvar_epi32(_mm512_set1_epi32(j), K);
-          const __mmask16 before = _mm512_cmpgt_epi32_mask(b, K) |
-                                   (_mm512_cmpeq_epi32_mask(b, K) & static_cast<__mmask16>(0xfffeu << j));
+          const __mmask16 before =
+              _mm512_cmpgt_epi32_mask(b, K) |
+              (_mm512_cmpeq_epi32_mask(b, K) & static_cast<__mmask16>(0xfffeu << j));
           rank = _mm512_mask_add_epi32(rank, before, rank, one);
         }
         const __mmask16 chosen = _mm512_mask_cmplt_epi32_mask(real, rank, _mm512_set1_epi32(top.k));
@@ -540,8 +610,8 @@ SPARSEOPS_AVX512 inline void scan_topk16(const int32_t* key, int64_t E, TopK<int
 
 // finish_weights_scalar for k <= 32 in two 16-lane vectors.
 SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const float* xf,
-                                              const int32_t* sel, bool zero_softmax,
-                                              float row_max, float row_sum, float* w_out) {
+                                              const int32_t* sel, bool zero_softmax, float row_max,
+                                              float row_sum, float* w_out) {
   const int64_t k = cfg.k;
   const int chunks = k > 16 ? 2 : 1;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -576,7 +646,8 @@ SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const 
     }
     const __m512 total = _mm512_set1_ps(hsum16(sum));
     for (int c = 0; c < chunks; ++c) {
-      _mm512_mask_storeu_ps(w_out + 16 * c, lanes[c], _mm512_mul_ps(_mm512_div_ps(w[c], total), scale));
+      _mm512_mask_storeu_ps(w_out + 16 * c, lanes[c],
+                            _mm512_mul_ps(_mm512_div_ps(w[c], total), scale));
     }
     return;
   }
@@ -589,7 +660,8 @@ SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const 
     } else if (zero_softmax) {
       p = _mm512_setzero_ps();
     } else {
-      p = _mm512_div_ps(exp16(_mm512_sub_ps(xs[c], _mm512_set1_ps(row_max))), _mm512_set1_ps(row_sum));
+      p = _mm512_div_ps(exp16(_mm512_sub_ps(xs[c], _mm512_set1_ps(row_max))),
+                        _mm512_set1_ps(row_sum));
     }
     w[c] = _mm512_maskz_mov_ps(valid[c], p);
     sum = _mm512_add_ps(sum, w[c]);
@@ -602,7 +674,33 @@ SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const 
       for (int c = 0; c < chunks; ++c) w[c] = _mm512_setzero_ps();
     }
   }
-  for (int c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(w_out + 16 * c, lanes[c], _mm512_mul_ps(w[c], scale));
+  for (int c = 0; c < chunks; ++c)
+    _mm512_mask_storeu_ps(w_out + 16 * c, lanes[c], _mm512_mul_ps(w[c], scale));
+}
+
+// choose_groups for G <= 16 without a branch on the data: each group's rank (larger key
+// first, then lower group) from 16 broadcast compares; the insertion version mispredicted
+// and took 13% of a DeepSeek-V3 row (perf, Zen 4).
+SPARSEOPS_AVX512 inline void choose_groups16(const int32_t* gkey, int64_t G, int64_t topk_group,
+                                             char* chosen) {
+  if (G > 16) {
+    choose_groups(gkey, G, topk_group, chosen);
+    return;
+  }
+  const __mmask16 real = lanes_below(G);
+  const __m512i K =
+      _mm512_mask_loadu_epi32(_mm512_set1_epi32(std::numeric_limits<int32_t>::min()), real, gkey);
+  __m512i rank = _mm512_setzero_si512();
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int j = 0; j < 16; ++j) {
+    const __m512i b = _mm512_permutexvar_epi32(_mm512_set1_epi32(j), K);
+    const __mmask16 before = _mm512_cmpgt_epi32_mask(b, K) |
+                             (_mm512_cmpeq_epi32_mask(b, K) & static_cast<__mmask16>(0xfffeu << j));
+    rank = _mm512_mask_add_epi32(rank, before, rank, one);
+  }
+  const __mmask16 pick =
+      _mm512_mask_cmplt_epi32_mask(real, rank, _mm512_set1_epi32(static_cast<int32_t>(topk_group)));
+  for (int64_t g = 0; g < G; ++g) chosen[g] = (pick >> g) & 1;
 }
 
 // Top-2 (or max) of one group's clamped biased scores in 16-lane vectors: lane-wise best and
@@ -636,11 +734,21 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
   const int64_t E = cfg.num_experts, G = cfg.n_group, gs = cfg.group_size();
   const scalar_t* xr = a.x + t * E;
   const bool* en = a.enabled;
-  const bool softmax_first = cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
+  const bool softmax_first =
+      cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
   const bool need_score = cfg.needs_score();
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   float* xf = ws.xf;
 
+  // The row two ahead into L1: a row's work (hundreds of cycles) hides the miss, where the
+  // first load of each row stalled for 30% of a Qwen3 row at T = 16384 (perf, Zen 4); rows
+  // 4-10% faster in alternating runs (noisy, shared machine).
+  if (t + 2 < cfg.num_tokens) {
+    const char* next = reinterpret_cast<const char*>(xr + 2 * E);
+    for (int64_t b = 0; b < E * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+      _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+  }
   // Pass 1: the row in fp32; without a score to compute, its keys and softmax max too.
   __m512 vmax = ninf;
   __mmask16 nan = 0;
@@ -666,11 +774,19 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
   if (need_score) {
     float* s = ws.score;
     if (cfg.scoring == Scoring::kSigmoid) {
-      const __m512d one = _mm512_set1_pd(1.0);
-      for (int64_t e = 0; e < E; e += 8) {
-        const __m512d xd = _mm512_cvtps_pd(_mm256_load_ps(xf + e));
-        const __m512d sd = _mm512_div_pd(one, _mm512_add_pd(one, exp8d(_mm512_sub_pd(_mm512_setzero_pd(), xd))));
-        _mm256_store_ps(s + e, _mm512_cvtpd_ps(sd));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        sigmoid_scores(xf, s, E);
+      } else {
+        // 16-bit logits take only 65536 values: their fp32 scores come from a table built
+        // once with sigmoid_scores itself (same bits, one gather instead of an fp64 exp
+        // and divide per expert).
+        const float* table = sigmoid_table<scalar_t>();
+        for (int64_t e = 0; e < E; e += 16) {
+          const __mmask16 lanes = lanes_below(E - e);
+          const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, xr + e));
+          _mm512_store_ps(s + e,
+                          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, bits, table, 4));
+        }
       }
     } else if (cfg.order == Order::kSoftmaxThenTopk) {
       if (zero_softmax) {
@@ -679,7 +795,8 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
         const __m512d m = _mm512_set1_pd(static_cast<double>(row_max));
         __m512d sum = _mm512_setzero_pd();
         for (int64_t e = 0; e < E; e += 8) {
-          const __mmask8 on = static_cast<__mmask8>(enabled16(en, e, lanes_below(std::min<int64_t>(E - e, 8))));
+          const __mmask8 on =
+              static_cast<__mmask8>(enabled16(en, e, lanes_below(std::min<int64_t>(E - e, 8))));
           const __m512d xd = _mm512_cvtps_pd(_mm256_load_ps(xf + e));
           const __m512d ex = _mm512_maskz_mov_pd(on, exp8d(_mm512_sub_pd(xd, m)));
           _mm512_store_pd(ws.tmp + e, ex);
@@ -696,7 +813,8 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
     if (a.bias != nullptr) {
       for (int64_t e = 0; e < E; e += 16) {
         const __mmask16 lanes = lanes_below(E - e);
-        const __m512 v = _mm512_add_ps(_mm512_load_ps(s + e), _mm512_maskz_loadu_ps(lanes, a.bias + e));
+        const __m512 v =
+            _mm512_add_ps(_mm512_load_ps(s + e), _mm512_maskz_loadu_ps(lanes, a.bias + e));
         _mm512_store_ps(s + e, v);
         _mm512_store_si512(ws.key + e, key16(v, enabled16(en, e, lanes)));
       }
@@ -706,7 +824,7 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
       for (int64_t g = 0; g < G; ++g) {
         ws.gkey[g] = rank_key(group_score16(s, en, g * gs, (g + 1) * gs, top2));
       }
-      choose_groups(ws.gkey, G, cfg.topk_group, ws.chosen);
+      choose_groups16(ws.gkey, G, cfg.topk_group, ws.chosen);
       for (int64_t g = 0; g < G; ++g) {
         if (!ws.chosen[g]) {
           std::fill(ws.key + g * gs, ws.key + (g + 1) * gs, std::numeric_limits<int32_t>::min());
@@ -725,7 +843,8 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
     const __m512 m = _mm512_set1_ps(row_max);
     for (int64_t e = 0; e < E; e += 16) {
       const __mmask16 on = enabled16(en, e, lanes_below(E - e));
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(on, exp16(_mm512_sub_ps(_mm512_load_ps(xf + e), m))));
+      sum = _mm512_add_ps(sum,
+                          _mm512_maskz_mov_ps(on, exp16(_mm512_sub_ps(_mm512_load_ps(xf + e), m))));
     }
     row_sum = hsum16(sum);
   }
@@ -748,8 +867,8 @@ SPARSEOPS_AVX512 inline __m512 gather_rows16(const c10::Half* x, __m512i offs) {
 // Stores slot j of 16 rows (one lane per row) to out[r * k + j].
 SPARSEOPS_AVX512 inline void scatter_slots16(int32_t* out, int64_t k, int j, __m512i v) {
   const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i offs = _mm512_add_epi32(_mm512_mullo_epi32(rows, _mm512_set1_epi32(static_cast<int32_t>(k))),
-                                        _mm512_set1_epi32(j));
+  const __m512i offs = _mm512_add_epi32(
+      _mm512_mullo_epi32(rows, _mm512_set1_epi32(static_cast<int32_t>(k))), _mm512_set1_epi32(j));
   _mm512_i32scatter_epi32(out, offs, v, 4);
 }
 
@@ -765,18 +884,19 @@ SPARSEOPS_AVX512 inline __m512 tree_sum16(const __m512* t) {
 // 16 rows at once, one lane per row, for E <= 16 without a bias or groups (Mixtral): no
 // horizontal reductions, a branch-free insertion top-k over the E experts, and the same
 // arithmetic in the same order as route_row_avx512 (so which path a row takes never shows
-// in its bits). Measured at E = 8, k = 2: 0.?? of the per-row path's time.
+// in its bits).
 template <typename scalar_t>
 SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, int64_t row0) {
   const TopkRouteConfig& cfg = *a.cfg;
   const int64_t E = cfg.num_experts, k = cfg.k;
   const scalar_t* xb = a.x + row0 * E;
-  const bool softmax_first = cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
+  const bool softmax_first =
+      cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i row_offs = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(E)));
+  const __m512i row_offs =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(E)));
 
   __m512 x[16];
   __m512 m = ninf;
@@ -803,8 +923,9 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
     for (int j = 0; j < k; ++j) {
       // ranks_before: a larger key, or an equal key of a lower expert (a displaced entry
       // moving down can tie with a later expert below it).
-      const __mmask16 gt = _mm512_cmpgt_epi32_mask(ck, top_key[j]) |
-                           (_mm512_cmpeq_epi32_mask(ck, top_key[j]) & _mm512_cmplt_epi32_mask(ci, top_id[j]));
+      const __mmask16 gt =
+          _mm512_cmpgt_epi32_mask(ck, top_key[j]) |
+          (_mm512_cmpeq_epi32_mask(ck, top_key[j]) & _mm512_cmplt_epi32_mask(ci, top_id[j]));
       const __m512i nk = _mm512_mask_mov_epi32(top_key[j], gt, ck);
       const __m512i ni = _mm512_mask_mov_epi32(top_id[j], gt, ci);
       const __m512 nx = _mm512_mask_mov_ps(top_x[j], gt, cx);
@@ -820,7 +941,8 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
     _mm512_storeu_si512(a.ids + row0, top_id[0]);
   } else if (k == 2) {
     const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i hi =
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     _mm512_storeu_si512(a.ids + row0 * 2, _mm512_permutex2var_epi32(top_id[0], lo, top_id[1]));
     _mm512_storeu_si512(a.ids + row0 * 2 + 16, _mm512_permutex2var_epi32(top_id[0], hi, top_id[1]));
   } else {
@@ -841,20 +963,22 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
       mx = _mm512_max_ps(mx, xs);
     }
     bad |= _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q) |
-           _mm512_cmp_ps_mask(_mm512_abs_ps(mx), _mm512_set1_ps(std::numeric_limits<float>::infinity()),
-                              _CMP_EQ_OQ);
+           _mm512_cmp_ps_mask(_mm512_abs_ps(mx),
+                              _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
     for (int j = 0; j < 16; ++j) {
       t[j] = j < k ? _mm512_maskz_mov_ps(valid[j], exp16(_mm512_sub_ps(top_x[j], mx))) : zero;
       w[j] = t[j];
     }
     const __m512 total = tree_sum16(t);
-    for (int j = 0; j < k; ++j) w[j] = _mm512_maskz_mov_ps(static_cast<__mmask16>(~bad), _mm512_div_ps(w[j], total));
+    for (int j = 0; j < k; ++j)
+      w[j] = _mm512_maskz_mov_ps(static_cast<__mmask16>(~bad), _mm512_div_ps(w[j], total));
   } else {
     __m512 sum = _mm512_set1_ps(1.0f);
     __mmask16 zero_softmax = 0;
     if (softmax_first) {
-      zero_softmax = nan | _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(std::numeric_limits<float>::infinity()),
-                                              _CMP_EQ_OQ);
+      zero_softmax = nan | _mm512_cmp_ps_mask(
+                               _mm512_abs_ps(m),
+                               _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
     }
     if (softmax_first && !softmax_sum_cancels(cfg)) {
       for (int e = 0; e < 16; ++e) {
@@ -892,7 +1016,8 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
     _mm512_storeu_ps(wo, w[0]);
   } else if (k == 2) {
     const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i hi =
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     _mm512_storeu_ps(wo, _mm512_permutex2var_ps(w[0], lo, w[1]));
     _mm512_storeu_ps(wo + 16, _mm512_permutex2var_ps(w[0], hi, w[1]));
   } else {
@@ -937,6 +1062,8 @@ void route_rows(const RouteArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end)
 
 void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
                            const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
+  advise_huge_pages(weights);
+  advise_huge_pages(ids);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -976,10 +1103,12 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
   // is the largest value, so min(v, E) maps it there without a branch.
   auto bucket = [ue](int32_t v) -> uint32_t { return std::min(static_cast<uint32_t>(v), ue); };
 
-  // Chunks of whole rows (about 64K slots) fixed by the shape alone, never by the thread
-  // count; each thread runs whole chunks. Whole rows keep token = row without a division
-  // per slot, and int32 counters halve the histogram traffic.
-  const int64_t rows_per_chunk = std::max<int64_t>(1, 65536 / k);
+  // Chunks of whole rows fixed by the shape alone, never by the thread count: n / 16 slots,
+  // at least 16K (so two threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long
+  // runs per bucket keep the scattered writes in whole cache lines). Whole rows keep token =
+  // row without a division per slot; int32 counters halve the histogram traffic.
+  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
   const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<int32_t> hist(chunks * (E + 1), 0);
   std::atomic<bool> bad{false};
@@ -1017,6 +1146,9 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
     }
   }
 
+  for (const Tensor* t : {&out.sorted_slots, &out.inverse, &out.tokens, &out.padded_slots}) {
+    if (t->defined()) advise_huge_pages(*t);
+  }
   int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
   int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
   int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
