@@ -165,8 +165,9 @@ def test_thread_count_does_not_change_bits(E, k, kw, dtype):
         if T < 1:
             continue
         x = router_logits(T, E, dtype=dtype, seed=T)
-        w1, i1 = _with_threads(1, lambda: sparseops.topk_route(x, k, backend="cpu", **kw))
-        w2, i2 = _with_threads(2, lambda: sparseops.topk_route(x, k, backend="cpu", **kw))
+        run = lambda x=x: sparseops.topk_route(x, k, backend="cpu", **kw)
+        w1, i1 = _with_threads(1, run)
+        w2, i2 = _with_threads(2, run)
         assert torch.equal(i1, i2), f"T={T}"
         assert torch.equal(w1.view(torch.int32), w2.view(torch.int32)), f"T={T}: weights differ in bits"
 
