@@ -3,6 +3,10 @@ masking semantics, backward, opcheck, gradcheck, torch.compile and bad-input err
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -414,3 +418,41 @@ def test_mask_on_another_device_and_cuda_backend_raise():
         torch.ops.sparseops.maxsim(q, d, None, None, "sum", "cuda")
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         sparseops.maxsim([[1.0]], d)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's paths: thread count and ISA do not change the bits / the answer.
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+def test_cpu_bits_do_not_depend_on_threads():
+    q, d = maxsim_inputs(9, 32, 33, 97, 96, dtype=torch.bfloat16, seed=17)
+    d_mask = maxsim_lengths(33, 97, device="cpu", seed=17)
+    old = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(torch.ops.sparseops.maxsim(q, d, None, d_mask, "mean", "cpu"))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0][0].view(torch.int32), out[1][0].view(torch.int32))
+    assert torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the portable path")
+def test_cpu_portable_path():
+    """Machines without AVX-512 run the portable at::vec path; force it in a subprocess (the
+    choice is made once per process) and rerun the reference comparisons there."""
+    env = dict(os.environ, SPARSEOPS_CPU_NO_AVX512="1")
+    selection = "cpu-cpu and (matches_reference or masks or negative or ties or empty or gradcheck)"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " 0 passed" not in r.stdout
