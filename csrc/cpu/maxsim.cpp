@@ -63,19 +63,19 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kQueryTile = 4;    // query tokens per register tile
+constexpr int kQueryTile = 4;       // query tokens per register tile
 constexpr int64_t kQueryBlock = 8;  // queries per work item (the packed document is reused)
 
 template <typename acc_t>
 struct Problem {
-  const acc_t* q;     // [Nq, Lq, dim] widened to acc_t
-  const void* d;      // [Nd, Ld, dim] scalar_t
-  const bool* q_bool;  // [Nq, Lq] or null
+  const acc_t* q;        // [Nq, Lq, dim] widened to acc_t
+  const void* d;         // [Nd, Ld, dim] scalar_t
+  const bool* q_bool;    // [Nq, Lq] or null
   const int32_t* q_len;  // [Nq] or null
   const bool* d_bool;
   const int32_t* d_len;
-  acc_t* scores;      // [Nq, Nd]
-  int32_t* argmax;    // [Nq, Nd, Lq]
+  acc_t* scores;    // [Nq, Nd]
+  int32_t* argmax;  // [Nq, Nd, Lq]
   int64_t nq, lq, nd, ld, dim;
   bool mean;
 };
@@ -179,8 +179,8 @@ SPARSEOPS_ALWAYS_INLINE void query_tile(const acc_t* q, int64_t dim, const acc_t
 // update order as query_tile, so the answers are the same bits.
 template <int TQ>
 SPARSEOPS_TARGET_AVX512 void query_tile_avx512(const float* q, int64_t dim, const float* packed,
-                                               const float* valid, const float* index,
-                                               int64_t lpad, int64_t first_real, float* best_out,
+                                               const float* valid, const float* index, int64_t lpad,
+                                               int64_t first_real, float* best_out,
                                                int32_t* arg_out) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 best[TQ], idx[TQ];
@@ -393,7 +393,8 @@ void launch(const Tensor& q, const Tensor& d, const Tensor& q_mask, const Tensor
   const int64_t items = cfg.nd * ((cfg.nq + kQueryBlock - 1) / kQueryBlock);
   // One item is Lq x Ld x dim multiply-adds per query (~1.2 M at 32 x 300 x 128); split
   // only when there is at least ~256 K of them per thread's share.
-  const int64_t per_item = std::max<int64_t>(1, std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
+  const int64_t per_item =
+      std::max<int64_t>(1, std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / per_item);
   const int level = isa_level();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {

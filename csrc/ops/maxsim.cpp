@@ -8,6 +8,8 @@
 // torch.library.register_autograd): the forward kernel runs for hundreds of microseconds or
 // more at the shapes MaxSim is used at, so the ~9 us of a Python autograd wrapper (H100 host,
 // torch 2.11, 2026-11) is noise, and the backward is plain torch ops for every backend.
+#include "sparseops/maxsim.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,7 +20,6 @@
 
 #include "sparseops/backend.h"
 #include "sparseops/checks.h"
-#include "sparseops/maxsim.h"
 
 namespace sparseops {
 namespace {
@@ -40,16 +41,16 @@ const char* mask_kind_name(TokenMask k) {
 // kind; `prepared` becomes what the kernels take (contiguous bool, or int32 lengths in
 // [0, L]). Lengths out of range are an error on CPU; on CUDA, where checking would need a
 // host synchronisation, they are clamped to [0, L] (documented in sparseops.maxsim).
-TokenMask parse_token_mask(const std::optional<Tensor>& mask, const char* name,
-                           const Tensor& x, const char* x_name, Tensor& prepared) {
+TokenMask parse_token_mask(const std::optional<Tensor>& mask, const char* name, const Tensor& x,
+                           const char* x_name, Tensor& prepared) {
   if (!mask.has_value()) return TokenMask::kNone;
   const Tensor& m = *mask;
   check_same_device(m, name, x, x_name);
   const int64_t n = x.size(0), L = x.size(1);
   if (m.scalar_type() == at::kBool) {
     TORCH_CHECK(m.dim() == 2 && m.size(0) == n && m.size(1) == L, name,
-                " as a bool mask must have shape [", n, ", ", L, "] (", x_name,
-                ".shape[:2]), got ", describe(m));
+                " as a bool mask must have shape [", n, ", ", L, "] (", x_name, ".shape[:2]), got ",
+                describe(m));
     prepared = m.contiguous();
     return TokenMask::kBool;
   }
@@ -74,13 +75,13 @@ TokenMask parse_token_mask(const std::optional<Tensor>& mask, const char* name,
 }
 
 MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
-                          const std::optional<Tensor>& d_mask, c10::string_view reduce,
-                          Tensor& qm, Tensor& dm) {
+                          const std::optional<Tensor>& d_mask, c10::string_view reduce, Tensor& qm,
+                          Tensor& dm) {
   check_dim(q, "q", 3);
   check_dim(d, "d", 3);
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(d.scalar_type() == q.scalar_type(), "d must have the dtype of q (",
-              q.scalar_type(), "), got ", describe(d));
+  TORCH_CHECK(d.scalar_type() == q.scalar_type(), "d must have the dtype of q (", q.scalar_type(),
+              "), got ", describe(d));
   check_same_device(d, "d", q, "q");
   check_size(d, "d", 2, q.size(2), "the embedding size q.size(2)");
   MaxSimConfig cfg;
@@ -92,8 +93,8 @@ MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<
   // The argmax holds token indices in int32 (and the CPU kernel carries them as fp32 lanes,
   // exact below 2^24); the Triton kernels use int32 program ids.
   TORCH_CHECK(cfg.ld < (int64_t(1) << 24) && cfg.nq * cfg.nd <= kInt32Max,
-              "maxsim needs Ld < 2^24 and Nq * Nd to fit in int32, got q ", describe(q),
-              " and d ", describe(d));
+              "maxsim needs Ld < 2^24 and Nq * Nd to fit in int32, got q ", describe(q), " and d ",
+              describe(d));
   if (reduce == "sum") {
     cfg.reduce = MaxSimReduce::kSum;
   } else if (reduce == "mean") {
@@ -130,10 +131,11 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   if (native) {
     maxsim_cpu_kernel(x, y, qm, dm, cfg, scores, argmax);
   } else {
-    call_python_kernel("maxsim", backend, {x, y, qm, dm}, {scores, argmax},
-                       {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
-                        {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
-                        {"reduce", std::string(cfg.reduce == MaxSimReduce::kMean ? "mean" : "sum")}});
+    call_python_kernel(
+        "maxsim", backend, {x, y, qm, dm}, {scores, argmax},
+        {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+         {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
+         {"reduce", std::string(cfg.reduce == MaxSimReduce::kMean ? "mean" : "sum")}});
   }
   return {scores, argmax};
 }
