@@ -37,6 +37,11 @@ TORCH_LIBRARY(sparseops, m) {
       "str backend=\"auto\") -> (Tensor weights, Tensor ids, Tensor counts, Tensor offs, "
       "Tensor sorted_slots, Tensor inverse, Tensor tokens, Tensor padded_slots, "
       "Tensor block_expert, Tensor padded_offs)");
+  // MaxSim late interaction: q [Nq, Lq, dim], d [Nd, Ld, dim] -> (scores [Nq, Nd] fp32/fp64,
+  // argmax [Nq, Nd, Lq] int32, -1 where nothing was taken); masks are bool [N, L] or lengths [N].
+  m.def(
+      "maxsim(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
+      "str reduce=\"sum\", str backend=\"auto\") -> (Tensor scores, Tensor argmax)");
 }
 
 namespace sparseops {

@@ -1,13 +1,14 @@
 """sparseops: sparse compute kernels for PyTorch.
 
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
-losses). Every op is a ``torch.library`` op with C++ CPU, CUDA and Triton backends and a
-pure-PyTorch reference (``sparseops.reference``); see ``build_info()`` for what this
-installation can run.
+losses) and MaxSim late interaction (``maxsim``). Every op is a ``torch.library`` op with
+C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
+see ``build_info()`` for what this installation can run.
 """
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .ops.maxsim import maxsim
 from .ops.routing import (
     RouteMeta,
     TopkRouteOptions,
@@ -28,6 +29,7 @@ __all__ = [
     "build_info",
     "expert_choice_route",
     "load_balancing_loss",
+    "maxsim",
     "resolve_backend",
     "route",
     "route_metadata",

@@ -150,3 +150,69 @@ def router_inputs(
     logits = router_logits(T, shape.num_experts, dtype=dtype, device=device, seed=seed)
     bias = router_bias(shape.num_experts, device=device, seed=seed) if shape.bias else None
     return logits, shape.route_kwargs(bias)
+
+
+# --------------------------------------------------------------------------- MaxSim
+# Standard MaxSim shapes (DESIGN.md): dim 128, 32 query tokens, ColBERT documents of 180 /
+# 300 tokens, ColPali pages of 1030.
+MAXSIM_DIM = 128
+MAXSIM_QUERY_TOKENS = 32
+MAXSIM_DOC_TOKENS: tuple[int, ...] = (180, 300, 1030)
+
+
+def maxsim_inputs(
+    Nq: int,
+    Lq: int,
+    Nd: int,
+    Ld: int,
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    ties: bool = False,
+    negative: bool = False,
+    noncontiguous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [Nq, Lq, dim], d [Nd, Ld, dim]) token embeddings of unit scale.
+
+    Entries are randn / sqrt(dim), so a similarity is O(1) whatever dim is (never zeros,
+    which would hide a broken max). ``ties`` puts them on a grid of 1/2 with few distinct
+    values, so dot products are exact in every dtype and documents repeat similarities (the
+    lowest index must win). ``negative`` makes every similarity negative (d = -|d|, q = |q|):
+    a max that starts at 0 instead of -inf shows up. ``noncontiguous`` returns strided views
+    of the same values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Nq, Lq, dim, generator=g, dtype=torch.float64)
+    d = torch.randn(Nd, Ld, dim, generator=g, dtype=torch.float64)
+    if ties:
+        q = (q.clamp(-1, 1) * 2).round() / 2
+        d = (d.clamp(-1, 1) * 2).round() / 2
+    else:
+        q, d = q / max(dim, 1) ** 0.5, d / max(dim, 1) ** 0.5
+    if negative:
+        q, d = q.abs() + 0.01, -d.abs() - 0.01
+    q, d = q.to(dtype).to(device), d.to(dtype).to(device)
+    if noncontiguous:
+        # Same values, strided views: every other row of a buffer twice as long in dim 1,
+        # and q transposed in memory ([Lq, Nq, dim] storage).
+        wide = torch.empty(Nd, 2 * Ld, dim, dtype=dtype, device=device)
+        wide[:, ::2] = d
+        d = wide[:, ::2]
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
+    return q, d
+
+
+def maxsim_lengths(N: int, L: int, *, low: int = 0, device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
+    """Ragged int64 lengths [N] in [low, L] (both ends included, so empty rows appear when low = 0)."""
+    g = torch.Generator().manual_seed(seed + 101)
+    return torch.randint(low, L + 1, (N,), generator=g).to(device)
+
+
+def maxsim_bool_mask(
+    N: int, L: int, *, p: float = 0.3, device: torch.device | str = "cpu", seed: int = 0
+) -> torch.Tensor:
+    """A non-prefix bool mask [N, L] (True = real token) with a fraction ``p`` of tokens masked."""
+    g = torch.Generator().manual_seed(seed + 202)
+    return (torch.rand(N, L, generator=g) >= p).to(device)

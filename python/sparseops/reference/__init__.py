@@ -1,5 +1,6 @@
 """Pure-PyTorch references: the test oracle and the benchmark baseline of every op."""
 
+from .maxsim import maxsim_ref
 from .routing import (
     expert_choice_route_ref,
     load_balancing_loss_ref,
@@ -13,6 +14,7 @@ from .routing import (
 __all__ = [
     "expert_choice_route_ref",
     "load_balancing_loss_ref",
+    "maxsim_ref",
     "route_metadata_ref",
     "route_weights_ref",
     "router_z_loss_ref",
