@@ -4,7 +4,7 @@
 //
 // Every op ends with `str backend="auto"`: "auto" runs the C++ kernel of the inputs' device,
 // "cpu"/"cuda" force it, "triton"/"reference" run the Python kernel (sparseops/backend.h).
-// sparseops' public functions choose the backend from the inputs (sparseops._dispatch).
+// sparseops' public functions choose the backend from the inputs (sparseops._backend).
 #include <torch/extension.h>
 
 #include <string>

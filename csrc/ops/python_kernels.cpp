@@ -1,5 +1,5 @@
 // The bridge from a C++ op to its Python kernels (see sparseops/backend.h). Python registers
-// one runner at import (sparseops._dispatch); the C++ op calls it with the GIL held. Only the
+// one runner at import (sparseops._backend); the C++ op calls it with the GIL held. Only the
 // Triton and reference backends come through here: the native kernels never touch Python.
 #include <torch/extension.h>
 
