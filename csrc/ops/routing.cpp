@@ -399,14 +399,18 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
                    int64_t n_group, int64_t topk_group, double scale,
                    const std::optional<Tensor>& expert_mask, c10::string_view group_scoring,
                    int64_t block_m, c10::string_view backend) {
-  static const auto metadata_op = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow("sparseops::route_metadata", "")
-                                      .typed<decltype(route_metadata)>();
+  // SymInt num_experts: logits.size(1) on a fake tensor would guard every dim of logits
+  // to a constant, so torch.ops.sparseops.route under torch.compile(dynamic=True)
+  // recompiled for every token count.
+  static const auto metadata_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparseops::route_metadata", "")
+          .typed<MetadataOutputs(const Tensor&, c10::SymInt, int64_t, c10::string_view)>();
   auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
                                                  n_group, topk_group, scale, expert_mask,
                                                  group_scoring, backend);
   auto [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
-      metadata_op.call(ids, logits.size(1), block_m, backend);
+      metadata_op.call(ids, logits.sym_size(1), block_m, backend);
   return {weights, ids,    counts,       offs,         sorted_slots,
           inverse, tokens, padded_slots, block_expert, padded_offs};
 }
