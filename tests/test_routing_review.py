@@ -274,3 +274,28 @@ def test_torch_func_grad_and_vjp(backend, kwargs):
     xr2 = x.clone().requires_grad_(True)
     hess_ref = torch.autograd.functional.hessian(lambda t: (topk_route_ref(t, 3, **kwargs)[0] * cot).sum(), xr2)
     assert_close(hess, hess_ref)
+
+
+# --------------------------------------------------------------------------- TopKRouter
+
+
+def test_topk_router_keeps_selection_bias_fp32_under_dtype_casts():
+    from sparseops.nn import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(32, 16, 4, scoring="sigmoid", n_group=4, topk_group=2, selection_bias=True)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(2)) * 1e-2 + 0.1234567
+    router.selection_bias.copy_(bias)
+    router = router.to(torch.bfloat16)
+    assert router.gate.weight.dtype == torch.bfloat16
+    # Exactly the fp32 values: a bf16 cast would round 0.1234567 + noise to ~3 digits.
+    assert router.selection_bias.dtype == torch.float32 and torch.equal(router.selection_bias, bias)
+    # A fp32 state dict loads without rounding either.
+    router.load_state_dict({**router.state_dict(), "selection_bias": bias + 1e-4})
+    assert torch.equal(router.selection_bias, bias + 1e-4)
+    x = torch.randn(7, 32, dtype=torch.bfloat16)
+    out = router(x)
+    _, ids_ref = topk_route_ref(router.gate(x), 4, scoring="sigmoid", n_group=4, topk_group=2, bias=bias + 1e-4)
+    assert torch.equal(out.ids, ids_ref)
+    # Moves still apply (meta stands in for another device).
+    assert router.to("meta").selection_bias.device.type == "meta"
