@@ -299,3 +299,21 @@ def test_topk_router_keeps_selection_bias_fp32_under_dtype_casts():
     assert torch.equal(out.ids, ids_ref)
     # Moves still apply (meta stands in for another device).
     assert router.to("meta").selection_bias.device.type == "meta"
+
+
+def test_fake_checks_do_not_specialise_the_expert_count():
+    # The fake's checks compare k with the symbolic E; they must not guard E to one side of
+    # a constant (min(E, 32) did), or a second router size recompiles under dynamic=True.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x: sparseops.topk_route(x, 2), fullgraph=True, dynamic=True, backend=counter)
+    first = None
+    for T, E in ((5, 8), (9, 64), (3, 17)):
+        x = router_logits(T, E, seed=E)
+        assert torch.equal(f(x)[1], topk_route_ref(x, 2)[1])
+        first = counter.frame_count if first is None else first
+    # Compared with the count after the first call (the first call also compiles an empty
+    # frame on this torch, so the absolute count is not 1): no recompile after it.
+    assert counter.frame_count == first

@@ -121,7 +121,9 @@ def _check_topk_route_args(logits, k, scoring, order, bias, n_group, topk_group,
         raise RuntimeError(
             f"logits.size(1) (the number of experts) must be in [1, {_MAX_EXPERTS}], got {_describe(logits)}"
         )
-    if not 1 <= k <= min(E, _MAX_TOPK):
+    # Two comparisons, not min(E, 32): min() on a symbolic E guards on E < 32, so a second
+    # expert count on the other side of 32 would recompile.
+    if not (1 <= k <= _MAX_TOPK and k <= E):
         raise RuntimeError(
             f"k must be in [1, min(E, {_MAX_TOPK})] = [1, {min(E, _MAX_TOPK)}], got k = {k} "
             f"for logits {_describe(logits)}"
