@@ -24,8 +24,10 @@ TORCH_LIBRARY(sparseops, m) {
       "float scale=1.0, Tensor? expert_mask=None, str group_scoring=\"top2_sum\", "
       "str backend=\"auto\") -> (Tensor weights, Tensor ids)");
   // Stable expert-major layout of the T*k routed slots, optionally padded to block_m rows.
+  // num_experts is a SymInt so route's composite can pass logits.sym_size(1) under
+  // torch.compile without specialising on the logits' shape (the kernels take it as int).
   m.def(
-      "route_metadata(Tensor ids, int num_experts, int block_m=0, str backend=\"auto\") -> "
+      "route_metadata(Tensor ids, SymInt num_experts, int block_m=0, str backend=\"auto\") -> "
       "(Tensor counts, Tensor offs, Tensor sorted_slots, Tensor inverse, Tensor tokens, "
       "Tensor padded_slots, Tensor block_expert, Tensor padded_offs)");
   // topk_route then route_metadata in one call from Python (one dispatcher crossing fewer

@@ -51,7 +51,9 @@ void call_python_kernel(const char* op, c10::string_view backend,
     for (const auto& [name, value] : options) py_options[name] = to_python(value);
     (*runner)(op, std::string(backend), py_inputs, py_outputs, py_options);
   } catch (pybind11::error_already_set& e) {
-    TORCH_CHECK(false, e.what());
+    // Name the op and the backend: the Python message alone ("ValueError: ...") does not say
+    // which of the package's kernels failed.
+    TORCH_CHECK(false, "sparseops.", op, " (backend \"", std::string(backend), "\"): ", e.what());
   }
 }
 

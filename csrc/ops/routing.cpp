@@ -7,6 +7,7 @@
 // Why C++ autograd instead of torch.library.register_autograd: a Python autograd wrapper
 // costs ~9 us per call on an H100 host (torch 2.11, 2026-11), a third of the decode budget.
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -301,6 +302,52 @@ class TopkRouteFunction : public torch::autograd::Function<TopkRouteFunction> {
   }
 };
 
+// The weights of chosen experts ``ids`` in plain ATen ops (route_weights_ref in the
+// reference): what torch.func transforms differentiate, since they refuse C++ autograd
+// Functions ("cannot use C++ torch::autograd::Function with functorch transforms").
+Tensor topk_route_weights_aten(const Tensor& logits, const Tensor& ids,
+                               const std::optional<Tensor>& expert_mask,
+                               const TopkRouteConfig& cfg) {
+  Tensor x = logits.to(accumulate_type(logits.scalar_type()));
+  const Tensor valid = ids.ge(0);
+  const Tensor idx = ids.clamp_min(0).to(at::kLong);
+  Tensor w;
+  if (cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kTopkThenSoftmax) {
+    const Tensor sel = x.gather(1, idx).masked_fill(valid.logical_not(), -INFINITY);
+    w = at::softmax(sel, -1).nan_to_num(0.0);
+  } else {
+    Tensor p;
+    if (cfg.scoring == Scoring::kSigmoid) {
+      p = at::sigmoid(x);
+    } else {
+      if (expert_mask.has_value()) x = x.masked_fill(expert_mask->logical_not(), -INFINITY);
+      p = at::softmax(x, -1).nan_to_num(0.0);
+    }
+    w = at::where(valid, p.gather(1, idx), 0.0);  // not gather * valid: NaN * 0 is NaN
+    if (cfg.renormalize) {
+      const Tensor total = w.sum(-1, /*keepdim=*/true);
+      const Tensor positive = total.gt(0);
+      w = at::where(positive, w / at::where(positive, total, 1.0), 0.0);
+    }
+  }
+  return w * cfg.scale;
+}
+
+// True inside torch.func.grad / vjp / jacrev ...: exactly the test that
+// torch::autograd::Function::apply makes before refusing to run (ATen/functorch/DynamicLayer.h,
+// which has a direct query, needs nlohmann/json headers that a torch install may lack). The
+// throw happens only under a transform; elsewhere this is one thread-local read.
+bool under_functorch_transform() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return false;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
 std::tuple<Tensor, Tensor> topk_route_autograd(const Tensor& logits, int64_t k,
                                                c10::string_view scoring, c10::string_view order,
                                                bool renormalize, const std::optional<Tensor>& bias,
@@ -314,6 +361,20 @@ std::tuple<Tensor, Tensor> topk_route_autograd(const Tensor& logits, int64_t k,
     at::AutoDispatchBelowADInplaceOrView guard;
     return topk_route_handle().call(logits, k, scoring, order, renormalize, bias, n_group,
                                     topk_group, scale, expert_mask, group_scoring, backend);
+  }
+  if (under_functorch_transform()) {
+    // Under torch.func (grad, vjp, jacrev ...): ids from the kernel, weights recomputed in
+    // ATen ops that functorch can differentiate (equal to the kernel's within tolerance).
+    Tensor ids;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      ids = std::get<1>(topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
+                                                 n_group, topk_group, scale, expert_mask,
+                                                 group_scoring, backend));
+    }
+    const TopkRouteConfig cfg = parse_topk_route_options(k, scoring, order, renormalize, n_group,
+                                                         topk_group, scale, group_scoring);
+    return {topk_route_weights_aten(logits, ids, expert_mask, cfg), ids};
   }
   auto out = TopkRouteFunction::apply(logits, k, scoring, order, renormalize, bias, n_group,
                                       topk_group, scale, expert_mask, group_scoring, backend);
@@ -399,14 +460,18 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
                    int64_t n_group, int64_t topk_group, double scale,
                    const std::optional<Tensor>& expert_mask, c10::string_view group_scoring,
                    int64_t block_m, c10::string_view backend) {
-  static const auto metadata_op = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow("sparseops::route_metadata", "")
-                                      .typed<decltype(route_metadata)>();
+  // SymInt num_experts: logits.size(1) on a fake tensor would guard every dim of logits
+  // to a constant, so torch.ops.sparseops.route under torch.compile(dynamic=True)
+  // recompiled for every token count.
+  static const auto metadata_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparseops::route_metadata", "")
+          .typed<MetadataOutputs(const Tensor&, c10::SymInt, int64_t, c10::string_view)>();
   auto [weights, ids] = topk_route_handle().call(logits, k, scoring, order, renormalize, bias,
                                                  n_group, topk_group, scale, expert_mask,
                                                  group_scoring, backend);
   auto [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
-      metadata_op.call(ids, logits.size(1), block_m, backend);
+      metadata_op.call(ids, logits.sym_size(1), block_m, backend);
   return {weights, ids,    counts,       offs,         sorted_slots,
           inverse, tokens, padded_slots, block_expert, padded_offs};
 }

@@ -43,6 +43,12 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _default: str | None = os.environ.get("SPARSEOPS_BACKEND") or None
+if _default == "auto":
+    _default = None
+if _default is not None and _default not in BACKENDS:
+    # Checked here: otherwise every later call failed with "unknown backend 'x'", naming
+    # neither the variable nor where the name came from (the caller passed no backend=).
+    raise ValueError(f"SPARSEOPS_BACKEND must be one of {BACKENDS} or 'auto' (or unset), got {_default!r}")
 _warned_no_c = False
 
 Facts = tuple
@@ -189,10 +195,16 @@ def always(*_: Any) -> str | None:
 
 def run_python_kernel(op: str, backend: str, inputs: list, outputs: list, options: dict) -> None:
     """Called by the C++ op (csrc/ops/python_kernels.cpp) for its Triton and reference backends."""
-    kernel = OPS[op].backends[backend].kernel
-    if kernel is None:
+    entry = OPS[op].backends[backend]
+    if entry.kernel is None:
         raise RuntimeError(f"sparseops.{op}: backend {backend!r} has no Python kernel")
-    kernel(inputs, outputs, options)
+    # torch.ops.sparseops.<op>(..., backend=...) comes here without choose(): check the
+    # backend's reason, or Triton on CPU tensors without TRITON_INTERPRET=1 fails deep inside
+    # the Triton launcher instead of saying why (~1 us; these kernels take far longer).
+    why = entry.unsupported_reason(*OPS[op].facts(inputs[0]))
+    if why is not None:
+        raise RuntimeError(f"sparseops.{op}: backend {backend!r} cannot take these inputs: {why}")
+    entry.kernel(inputs, outputs, options)
 
 
 if HAS_C:

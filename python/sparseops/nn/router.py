@@ -62,6 +62,17 @@ class TopKRouter(nn.Module):
         self.block_m = block_m
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
 
+    def _apply(self, fn, recurse=True):
+        # module.to(torch.bfloat16) / .half() cast every float buffer: the selection bias
+        # rounded to bf16 (about 3 significant digits) picks other experts than the fp32 bias
+        # it was trained as (DeepSeek-V3 keeps e_score_correction_bias in fp32), and a later
+        # load_state_dict of fp32 values was rounded again. Moves apply; dtype casts do not.
+        bias = self.selection_bias
+        out = super()._apply(fn, recurse)
+        if bias is not None and self.selection_bias.dtype != bias.dtype:
+            self.selection_bias = bias.to(device=self.selection_bias.device)
+        return out
+
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> RouterOutput:
         logits = self.gate(x.reshape(-1, x.shape[-1]))
         weights, ids, meta = route(

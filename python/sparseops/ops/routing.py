@@ -91,6 +91,87 @@ def _check_same_device(like: torch.Tensor, like_name: str, **tensors) -> None:
             raise RuntimeError(f"{name} must be on the same device as {like_name} ({like.device}), got {_describe(t)}")
 
 
+# The limits the C++ checks enforce (csrc/include/sparseops/routing.h), for the Python twins
+# of those checks below: the fakes and the no-extension fallback have no C++ to check.
+_MAX_EXPERTS, _MAX_TOPK = 1024, 32
+_CHOICES = {
+    "scoring": ("softmax", "sigmoid"),
+    "order": ("softmax_then_topk", "topk_then_softmax"),
+    "group_scoring": ("top2_sum", "max"),
+}
+
+
+def _check_topk_route_args(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask, group_scoring):
+    """The checks of parse_topk_route (csrc/ops/routing.cpp), with the same messages, for what
+    no C++ sees: meta tensors and torch.compile (the fake) and an install without _C. Without
+    them a meta call with k > E returned [T, k] outputs that the real call refuses. Only the
+    expert dim is compared (a guard on E, never on T, so the token count stays symbolic)."""
+    for arg, value in (("scoring", scoring), ("order", order), ("group_scoring", group_scoring)):
+        if value not in _CHOICES[arg]:
+            choices = " or ".join(f'"{c}"' for c in _CHOICES[arg])
+            raise RuntimeError(f'{arg} must be {choices}, got "{value}"')
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise RuntimeError(f"scale must be finite, got {scale}")
+    if logits.dim() != 2:
+        raise RuntimeError(f"logits must be a 2-D tensor, got {_describe(logits)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise RuntimeError(f"logits must have dtype in {_LOGIT_DTYPES}, got {_describe(logits)}")
+    E = logits.shape[1]
+    if not 1 <= E <= _MAX_EXPERTS:
+        raise RuntimeError(
+            f"logits.size(1) (the number of experts) must be in [1, {_MAX_EXPERTS}], got {_describe(logits)}"
+        )
+    # Two comparisons, not min(E, 32): min() on a symbolic E guards on E < 32, so a second
+    # expert count on the other side of 32 would recompile.
+    if not (1 <= k <= _MAX_TOPK and k <= E):
+        raise RuntimeError(
+            f"k must be in [1, min(E, {_MAX_TOPK})] = [1, {min(E, _MAX_TOPK)}], got k = {k} "
+            f"for logits {_describe(logits)}"
+        )
+    if n_group < 1 or E % n_group != 0:
+        raise RuntimeError(f"n_group must be >= 1 and divide E = {E}, got n_group = {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise RuntimeError(f"topk_group must be in [1, n_group = {n_group}], got {topk_group}")
+    if k > topk_group * (E // n_group):
+        raise RuntimeError(
+            f"k = {k} cannot exceed the experts in the chosen groups, topk_group * E / n_group = "
+            f"{topk_group * (E // n_group)}"
+        )
+    for name, t, dtypes in (("bias", bias, _LOGIT_DTYPES), ("expert_mask", expert_mask, (torch.bool,))):
+        if t is None:
+            continue
+        if t.dim() != 1:
+            raise RuntimeError(f"{name} must be a 1-D tensor, got {_describe(t)}")
+        if t.dtype not in dtypes:
+            raise RuntimeError(f"{name} must have dtype in {dtypes}, got {_describe(t)}")
+        if t.shape[0] != E:
+            raise RuntimeError(
+                f"{name}.size(0) must equal the number of experts logits.size(1) = {E}, got {_describe(t)}"
+            )
+    _check_same_device(logits, "logits", bias=bias, expert_mask=expert_mask)
+
+
+def _check_backend_name(op: str, backend: str) -> None:
+    """runs_native's name check (csrc/ops/python_kernels.cpp), for the fakes: a meta call or a
+    torch.compile trace of torch.ops.sparseops.<op> with a misspelt backend must fail too."""
+    if backend != "auto" and backend not in _backend.BACKENDS:
+        raise RuntimeError(
+            f'sparseops.{op}: backend must be one of auto, cuda, triton, cpu, reference, got "{backend}"'
+        )
+
+
+def _check_route_metadata_args(ids, num_experts, block_m):
+    """The checks of route_metadata (csrc/ops/routing.cpp) for the fake and the fallback."""
+    if ids.dim() != 2:
+        raise RuntimeError(f"ids must be a 2-D tensor, got {_describe(ids)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError(f"ids must have dtype in (torch.int32, torch.int64), got {_describe(ids)}")
+    if not 1 <= num_experts <= _MAX_EXPERTS:
+        raise RuntimeError(f"num_experts must be in [1, {_MAX_EXPERTS}], got {num_experts}")
+    if not 0 <= block_m <= 65536:
+        raise RuntimeError(f"block_m must be in [0, 65536], got {block_m}")
+
+
 def _topk_route_fake(
     logits,
     k,
@@ -105,13 +186,16 @@ def _topk_route_fake(
     group_scoring="top2_sum",
     backend="auto",
 ):
-    _check_same_device(logits, "logits", bias=bias, expert_mask=expert_mask)
+    _check_topk_route_args(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask, group_scoring)
+    _check_backend_name("topk_route", backend)
     T = logits.shape[0]
     acc = _accumulate_dtype(logits.dtype)
     return logits.new_empty((T, k), dtype=acc), logits.new_empty((T, k), dtype=torch.int32)
 
 
 def _route_metadata_fake(ids, num_experts, block_m=0, backend="auto"):
+    _check_route_metadata_args(ids, num_experts, block_m)
+    _check_backend_name("route_metadata", backend)
     n = ids.numel()
     P = _padded_rows(n, num_experts, block_m)
     new = lambda *shape: ids.new_empty(shape, dtype=torch.int32)
@@ -249,6 +333,7 @@ def topk_route(
         return _topk_route_op(
             logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, expert_mask, group_scoring, name
         )
+    _check_topk_route_args(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask, group_scoring)
     opts = TopkRouteOptions(k, scoring, order, renormalize, n_group, topk_group, group_scoring, scale)
     return _topk_route_reference(logits, opts, bias, expert_mask)
 
@@ -283,6 +368,7 @@ def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, bac
     name = _ROUTE_METADATA.choose(backend, ids)
     if _backend.HAS_C:
         return RouteMeta.from_outputs(_route_metadata_op(ids, num_experts, block_m, name), block_m)
+    _check_route_metadata_args(ids, num_experts, block_m)
     return RouteMeta.from_outputs(ref.route_metadata_ref(ids, num_experts, block_m), block_m)
 
 
@@ -344,6 +430,9 @@ def route(
             name,
         )
     else:
+        _check_topk_route_args(logits, k, scoring, order, bias, n_group, topk_group, scale, expert_mask, group_scoring)
+        if not 0 <= block_m <= 65536:
+            raise RuntimeError(f"block_m must be in [0, 65536], got {block_m}")
         opts = TopkRouteOptions(k, scoring, order, renormalize, n_group, topk_group, group_scoring, scale)
         weights, ids = _topk_route_reference(logits, opts, bias, expert_mask)
         out = (weights, ids, *ref.route_metadata_ref(ids, logits.shape[1], block_m))
@@ -422,6 +511,8 @@ def load_balancing_loss(
             f"load_balancing_loss needs router_probs [T, E] and expert_counts [E], got "
             f"{_describe(router_probs)} and {_describe(expert_counts)}"
         )
+    if not router_probs.dtype.is_floating_point:
+        raise RuntimeError(f"router_probs must be a floating-point tensor, got {_describe(router_probs)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise RuntimeError(f"top_k must be >= 1 (an int), got {top_k!r}")
     if normalize not in ("slots", "tokens"):

@@ -267,8 +267,12 @@ def load_balancing_loss_ref(router_probs: torch.Tensor, expert_counts: torch.Ten
     T, E = router_probs.shape
     if T == 0:
         return router_probs.sum() * 0
-    f = expert_counts.to(router_probs.dtype) / (T * top_k)
-    return E * (f * router_probs.mean(dim=0)).sum()
+    # In the accumulate dtype, returned in router_probs' dtype: a count above 65504 is inf in
+    # fp16 (T = 32768 tokens, k = 8, E = 4 gives 65536 slots per expert) and bf16 rounds
+    # counts above 256, so casting the counts to a half dtype made the loss inf or off.
+    acc = accumulate_dtype(router_probs.dtype)
+    f = expert_counts.to(acc) / (T * top_k)
+    return (E * (f * router_probs.to(acc).mean(dim=0)).sum()).to(router_probs.dtype)
 
 
 def router_z_loss_ref(logits: torch.Tensor) -> torch.Tensor:
