@@ -42,8 +42,13 @@ def flat_mm_maxsim(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return sims.view(q.shape[0], Nd, Ld).amax(dim=-1).float().sum(dim=0)
 
 
-def run(session: H.Session, *, out_dir: Path, docs: Sequence[int], dtypes: Sequence[str]) -> list[H.Result]:
+def run(
+    session: H.Session, *, out_dir: Path, docs: Sequence[int] | None = None, dtypes: Sequence[str] = ("fp32", "bf16")
+) -> list[H.Result]:
+    """Time sparseops.maxsim (the CPU kernel on CPU, what auto picks on GPU) against the flat GEMM."""
     so = H.import_sparseops()
+    docs = docs or (QUICK_DOCS if session.quick else DOCS)
+    backend = "cpu" if session.device.type == "cpu" else "auto"
     from sparseops.testing import MAXSIM_DIM, MAXSIM_QUERY_TOKENS, maxsim_inputs
 
     Lq, dim, Ld = MAXSIM_QUERY_TOKENS, MAXSIM_DIM, 300
@@ -53,7 +58,7 @@ def run(session: H.Session, *, out_dir: Path, docs: Sequence[int], dtypes: Seque
             q, d = maxsim_inputs(1, Lq, Nd, Ld, dim, dtype=DTYPES[dt], device=session.device, seed=Nd)
             q2 = q[0]
             with torch.inference_mode():
-                want = so.maxsim(q2.float(), d.float(), backend="cpu")
+                want = so.maxsim(q2.float(), d.float(), backend="reference")
 
             def check(out: Any, want=want, dt=dt) -> str:
                 err = (out.float() - want).abs().max().item()
@@ -63,7 +68,12 @@ def run(session: H.Session, *, out_dir: Path, docs: Sequence[int], dtypes: Seque
 
             cases = [
                 H.Case("torch:mm+amax+sum", "baseline", lambda q2=q2, d=d: flat_mm_maxsim(q2, d), check=check),
-                H.Case("sparseops:cpu", "sparseops", lambda q2=q2, d=d: so.maxsim(q2, d, backend="cpu"), check=check),
+                H.Case(
+                    f"sparseops:{backend}",
+                    "sparseops",
+                    lambda q2=q2, d=d: so.maxsim(q2, d, backend=backend),
+                    check=check,
+                ),
             ]
             session.measure_group(
                 cases, family=FAMILY, op="maxsim", shape=f"1x{Lq} vs Nd x {Ld}, dim {dim}",
@@ -88,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)
     print(session.header(), flush=True)
-    docs = args.docs or (QUICK_DOCS if args.quick else DOCS)
-    results = run(session, out_dir=out_dir, docs=docs, dtypes=args.dtypes)
+    results = run(session, out_dir=out_dir, docs=args.docs, dtypes=args.dtypes)
     for r in results:
         print(
             f"{r.dtype} Nd={r.size} {r.impl}: median {H.fmt_num(r.median_us)} us "

@@ -29,15 +29,17 @@ from benchmarks import report
 
 # One line per family. A family module defines FAMILY (the CSV name) and
 # run(session, *, out_dir) -> list[Result], which writes out_dir/<FAMILY>.csv.
-FAMILIES: tuple[str, ...] = ("benchmarks.bench_routing",)
+FAMILIES: tuple[str, ...] = ("benchmarks.bench_routing", "benchmarks.bench_maxsim")
 
 # Expected wall time, measured on the 2-core AMD EPYC CPU machine (torch 2.13, 2026-12-02,
 # next to three compilers: load 4-7): --quick 63 s, full 942 s; GPU times estimated. A busy
 # machine takes longer: groups that are not steady are repeated up to 5x (3x with --quick)
 # their budget.
 EXPECTED = {
-    ("cpu", True): "about 1-1.5 minutes on a 2-core CPU (4 router shapes x T 1, 64, 4096, fp32; no torch.compile)",
-    ("cpu", False): "about 15-20 minutes on a 2-core CPU (4 router shapes x 6 T x fp32/bf16, torch.compile included)",
+    ("cpu", True): "about 1-1.5 minutes on a 2-core CPU (4 router shapes x T 1, 64, 4096, fp32, no torch.compile; "
+    "MaxSim 1 x 100 documents)",
+    ("cpu", False): "about 15-20 minutes on a 2-core CPU (4 router shapes x 6 T x fp32/bf16, torch.compile included; "
+    "MaxSim 1 x 100 and 1,000 documents)",
     ("cuda", True): "about 2 minutes on one GPU",
     ("cuda", False): "about 10 minutes on one GPU (torch.compile included)",
 }
