@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -43,3 +45,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def rerun_in_subprocess(test_file: str, selection: str, **env: str) -> None:
+    """Run the tests of ``test_file`` selected by ``-k selection`` in a fresh Python with extra
+    environment variables (for choices a process makes once, such as the CPU kernels' ISA),
+    and assert that some ran and all passed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", selection],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " 0 passed" not in r.stdout

@@ -4,8 +4,6 @@ masking semantics, backward, opcheck, gradcheck, torch.compile and bad-input err
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseops
-from conftest import HAS_CUDA, backend_params, interpreted
+from conftest import HAS_CUDA, backend_params, interpreted, rerun_in_subprocess
 from sparseops.reference import maxsim_ref
 from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
 
@@ -445,14 +443,5 @@ def test_cpu_bits_do_not_depend_on_threads():
 def test_cpu_portable_path():
     """Machines without AVX-512 run the portable at::vec path; force it in a subprocess (the
     choice is made once per process) and rerun the reference comparisons there."""
-    env = dict(os.environ, SPARSEOPS_CPU_NO_AVX512="1")
     selection = "cpu-cpu and (matches_reference or masks or negative or ties or empty or gradcheck)"
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and " 0 passed" not in r.stdout
+    rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")

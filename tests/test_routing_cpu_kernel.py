@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import sparseops
+from conftest import rerun_in_subprocess
 from sparseops.reference import route_metadata_ref, topk_route_ref
 from sparseops.testing import assert_close, random_ids, router_logits
 
@@ -305,16 +304,8 @@ def test_row_bits_do_not_depend_on_batch(E, k, kw, dtype):
 def test_scalar_fallback_path():
     """Machines without AVX-512 run the portable scalar path; force it in a subprocess
     (the choice is made once per process) and rerun the reference comparisons there."""
-    env = dict(os.environ, SPARSEOPS_CPU_NO_AVX512="1")
     selection = (
         "test_subnormal_total or test_nan_selected or test_group_scoring_max_differs"
         " or (test_many_seeds_bitwise_ids and float32) or (test_nan_and_inf_rows and dtype1)"
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")

@@ -14,20 +14,12 @@ import torch
 
 from .. import _backend
 from ..reference import maxsim as ref
+from ._common import accumulate_dtype as _accumulate_dtype
+from ._common import describe as _describe
 
 __all__ = ["maxsim"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return f"a {type(t).__name__}"
-    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +36,7 @@ def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", backend="auto"):
         raise RuntimeError(f"q and d must be 3-D tensors, got q {_describe(q)} and d {_describe(d)}")
     Nq, Lq = q.shape[0], q.shape[1]
     Nd = d.shape[0]
-    scores = q.new_empty((Nq, Nd), dtype=_acc(q.dtype))
+    scores = q.new_empty((Nq, Nd), dtype=_accumulate_dtype(q.dtype))
     argmax = q.new_empty((Nq, Nd, Lq), dtype=torch.int32)
     return scores, argmax
 
@@ -79,7 +71,7 @@ def _backward(ctx, grad_scores, _grad_argmax):
     q, d, argmax, q_mask = ctx.saved_tensors
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
-    acc = _acc(q.dtype)
+    acc = _accumulate_dtype(q.dtype)
     g = grad_scores.to(acc)  # may be a stride-0 expand (out.sum().backward())
     if ctx.reduce == "mean":
         count = _query_counts(q_mask, Nq, Lq, g)

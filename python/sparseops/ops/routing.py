@@ -17,6 +17,8 @@ import torch
 
 from .. import _backend
 from ..reference import routing as ref
+from ._common import accumulate_dtype as _accumulate_dtype
+from ._common import describe as _describe
 
 __all__ = [
     "RouteMeta",
@@ -62,16 +64,6 @@ class RouteMeta(NamedTuple):
     def from_outputs(cls, out, block_m: int) -> RouteMeta:
         """The op's eight outputs; the padded three only when they were asked for."""
         return cls(*out) if block_m > 0 else cls(*out[:5])
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return f"a {type(t).__name__}"
-    return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 def _padded_rows(n, num_experts: int, block_m: int):
