@@ -104,15 +104,21 @@ CONFIGS = {
         limit=0.5,  # small so the clamps bite at unit scale
     ),
     "deepseek": dict(
-        scoring="sigmoid", selection_bias=True, n_group=2, topk_group=1, scale=2.5, num_shared_experts=2, shared_intermediate=5
+        scoring="sigmoid",
+        selection_bias=True,
+        n_group=2,
+        topk_group=1,
+        scale=2.5,
+        num_shared_experts=2,
+        shared_intermediate=5,
     ),
     "qwen2_shared_gate": dict(num_shared_experts=1, shared_intermediate=11, shared_gate=True, renormalize=False),
 }
 
 
-def _make(name, H=24, I=7, E=8, k=2, seed=0):
+def _make(name, H=24, inter=7, E=8, k=2, seed=0):
     torch.manual_seed(seed)
-    m = MoE(H, I, E, k, **CONFIGS[name])
+    m = MoE(H, inter, E, k, **CONFIGS[name])
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.5)
@@ -249,11 +255,11 @@ def test_from_dense_split_equals_dense():
 
 
 class _Dense(nn.Module):
-    def __init__(self, H, I):
+    def __init__(self, H, inter):
         super().__init__()
-        self.gate_proj = nn.Linear(H, I, bias=False)
-        self.up_proj = nn.Linear(H, I, bias=False)
-        self.down_proj = nn.Linear(I, H, bias=False)
+        self.gate_proj = nn.Linear(H, inter, bias=False)
+        self.up_proj = nn.Linear(H, inter, bias=False)
+        self.down_proj = nn.Linear(inter, H, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

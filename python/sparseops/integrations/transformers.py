@@ -79,7 +79,7 @@ def moe_from_hf_block(cls, block: nn.Module):
         )
     router, experts = _router_of(block), block.experts
     E, H = router.weight.shape
-    k = int(getattr(router, "top_k", None) or getattr(block, "top_k"))
+    k = int(getattr(router, "top_k", None) or block.top_k)
     gpt_oss = hasattr(experts, "gate_up_proj_bias") or hasattr(experts, "limit")
     kw: dict = {}
     if gpt_oss:

@@ -85,7 +85,15 @@ class GatedMLP(nn.Module):
     """
 
     def __init__(
-        self, hidden: int, intermediate: int, activation: str = "swiglu", *, alpha=1.702, limit=7.0, device=None, dtype=None
+        self,
+        hidden: int,
+        intermediate: int,
+        activation: str = "swiglu",
+        *,
+        alpha=1.702,
+        limit=7.0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
@@ -346,7 +354,14 @@ class MoE(nn.Module):
         act = activation or "swiglu"
         if mode == "copy":
             moe = cls(
-                hidden, inter, num_experts, top_k, activation=act, renormalize=True, device=gate.device, dtype=gate.dtype
+                hidden,
+                inter,
+                num_experts,
+                top_k,
+                activation=act,
+                renormalize=True,
+                device=gate.device,
+                dtype=gate.dtype,
             )
             with torch.no_grad():
                 moe.w13.copy_(torch.cat([gate, up], 0).expand(num_experts, -1, -1))
