@@ -172,6 +172,11 @@ class HFMoEBlock(nn.Module):
         self.moe = moe
         router = _router_of(original)
         self.router_probe = _probe_class(type(router))()
+        # transformers' _init_weights (model.init_weights()) matches the router class too:
+        # plain (unregistered) attributes lead it to the shared tensors, not to a crash.
+        for attr in ("weight", "bias", "e_score_correction_bias"):
+            if isinstance(getattr(router, attr, None), torch.Tensor):
+                object.__setattr__(self.router_probe, attr, getattr(router, attr))
         # Hooks already installed on the replaced router (transformers installs its recorder
         # hooks lazily, at the model's first forward) move to the probe.
         self.router_probe._forward_hooks.update(router._forward_hooks)
@@ -224,7 +229,12 @@ def unpatch(model: nn.Module) -> list[str]:
         if isinstance(mod, HFMoEBlock):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            mod._original.train(mod.training)
-            setattr(parent, child, mod._original)
+            orig = mod._original
+            orig.train(mod.training)
+            # .to(device) replaces buffers (parameters are moved in place): hand them back.
+            router = _router_of(orig)
+            if mod.moe.router.selection_bias is not None and hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias = mod.moe.router.selection_bias
+            setattr(parent, child, orig)
             replaced.append(name)
     return replaced
