@@ -54,7 +54,7 @@ def activation_ref(h: torch.Tensor, activation: str, layout: str = "concat", alp
             return F.relu(h)
         return F.relu(h).square()  # relu2
     if activation not in GATED:
-        raise RuntimeError(f"activation must be one of {', '.join(ACTIVATIONS)}, got \"{activation}\"")
+        raise RuntimeError(f'activation must be one of {", ".join(ACTIVATIONS)}, got "{activation}"')
     gate, up = split_gate_up(h, layout)
     if activation == "swiglu":
         return F.silu(gate) * up
@@ -89,7 +89,6 @@ def moe_mlp_ref(
     x's dtype, slot s = t*k + j, zero rows for dropped slots (what the op saves for backward)."""
     T, H = x.shape
     k = ids.shape[1]
-    E = w13.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xa = x.to(acc)
     flat_ids = ids.reshape(-1).long()
@@ -135,4 +134,3 @@ def moe_mlp_hf_loop(x, w13, w2, weights, ids, act=F.silu):
         current = current * weights[token_idx, top_k_pos, None].to(current.dtype)
         final.index_add_(0, token_idx, current.to(final.dtype))
     return final
-
