@@ -44,6 +44,15 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "maxsim(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
       "str reduce=\"sum\", str backend=\"auto\") -> (Tensor scores, Tensor argmax)");
+  // ---- moe: the routed expert MLPs of one MoE layer. x [T, H], w13 [E, 2I or I, H],
+  // w2 [E, H, I], weights / ids [T, k] (-1 = dropped) -> (y [T, H], pre [T*k, 2I or I], the
+  // slot-major pre-activation the backward reads), both in x's dtype.
+  m.def(
+      "moe_mlp(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor ids, "
+      "str activation=\"swiglu\", str gate_up_layout=\"concat\", Tensor? b13=None, "
+      "Tensor? b2=None, float alpha=1.702, float limit=7.0, str backend=\"auto\") -> "
+      "(Tensor y, Tensor pre)");
+  // ---- end moe
 }
 
 namespace sparseops {

@@ -9,6 +9,7 @@ see ``build_info()`` for what this installation can run.
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
 from .ops.maxsim import maxsim
+from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.routing import (
     RouteMeta,
     TopkRouteOptions,
@@ -23,6 +24,7 @@ from .ops.routing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MOE_ACTIVATIONS",
     "RouteMeta",
     "TopkRouteOptions",
     "available_backends",
@@ -30,6 +32,7 @@ __all__ = [
     "expert_choice_route",
     "load_balancing_loss",
     "maxsim",
+    "moe_mlp",
     "resolve_backend",
     "route",
     "route_metadata",
