@@ -211,14 +211,20 @@ def test_bias_update_balances_a_skewed_router():
     assert last.counts.float().std() < first.counts.float().std()
 
 
-def test_bias_update_compiles():
-    m = MoE(16, 4, 4, 2, bias_update_rate=0.01)
-    fn = torch.compile(m, fullgraph=True)
-    x = torch.randn(9, 16)
-    y, aux = fn(x)
-    ref = MoE(16, 4, 4, 2, bias_update_rate=0.01)
-    ref.load_state_dict({k: v for k, v in m.state_dict().items()})
-    assert y.shape == x.shape and m.router.selection_bias.abs().sum() > 0
+def test_compiles_fullgraph_with_the_bias_update():
+    torch.manual_seed(5)
+    eager = MoE(16, 4, 4, 2, bias_update_rate=0.01, num_shared_experts=1)
+    compiled_mod = copy.deepcopy(eager)
+    fn = torch.compile(compiled_mod, fullgraph=True, dynamic=True)
+    for T in (9, 13):
+        x = torch.randn(T, 16)
+        y, aux = fn(x)
+        ye, auxe = eager(x)
+        torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux.load_balancing_loss, auxe.load_balancing_loss)
+        torch.testing.assert_close(compiled_mod.router.selection_bias, eager.router.selection_bias)
+        assert torch.equal(compiled_mod.expert_counts, eager.expert_counts)
+    assert eager.router.selection_bias.abs().sum() > 0
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
