@@ -293,3 +293,59 @@ def test_empty_batch_and_dtype():
     mb = MoE(8, 4, 4, 2, dtype=torch.bfloat16)
     y, _ = mb(torch.randn(5, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+class _LegacyExpert(nn.Module):  # transformers 4.x MixtralBlockSparseTop2MLP
+    def __init__(self, H, inter):
+        super().__init__()
+        self.w1 = nn.Linear(H, inter, bias=False)
+        self.w2 = nn.Linear(inter, H, bias=False)
+        self.w3 = nn.Linear(H, inter, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class _LegacyMixtralBlock(nn.Module):  # transformers 4.x MixtralSparseMoeBlock: returns (hidden, router_logits)
+    def __init__(self, H=16, inter=12, E=4, k=2):
+        super().__init__()
+        self.top_k = k
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(_LegacyExpert(H, inter) for _ in range(E))
+
+    def forward(self, hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.view(-1, h)
+        logits = self.gate(x)
+        w = F.softmax(logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        w = (w / w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(sel == e)
+            out = out.index_add(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out.reshape(b, s, h), logits
+
+
+def test_patch_legacy_expert_list_block_copies_and_writes_back():
+    from sparseops.integrations.transformers import HFMoEBlock, patch, unpatch
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 16), _LegacyMixtralBlock())
+    ref = copy.deepcopy(model)
+    assert patch(model) == ["1"] and isinstance(model[1], HFMoEBlock)
+    x = torch.randn(2, 5, 16)
+    (y, logits), (yr, logits_r) = model(x), ref(x)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, logits_r)
+    (y.square().sum() + logits.sum()).backward()
+    (yr.square().sum() + logits_r.sum()).backward()
+    moe = model[1].moe
+    g = torch.stack([torch.cat([e.w1.weight.grad, e.w3.weight.grad]) for e in ref[1].experts])
+    torch.testing.assert_close(moe.w13.grad, g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(moe.router.gate.weight.grad, ref[1].gate.weight.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        moe.w13.mul_(2.0)  # "training" on the copy ...
+    unpatch(model)  # ... is written back to the Linears
+    torch.testing.assert_close(model[1].experts[2].w3.weight, 2 * ref[1].experts[2].w3.weight)

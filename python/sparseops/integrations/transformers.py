@@ -40,16 +40,38 @@ def _router_of(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def is_hf_moe_block(block: nn.Module) -> bool:
-    """True for a transformers sparse MoE block that ``MoE.from_hf`` understands."""
-    experts = getattr(block, "experts", None)
+# Per-expert module lists (transformers 4.x): (gate, up, down) attribute names of one expert.
+_LIST_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _list_names(experts: nn.Module):
+    if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
+        return None
+    for names in _LIST_NAMES:
+        if all(
+            all(isinstance(getattr(e, n, None), nn.Linear) and getattr(e, n).bias is None for n in names)
+            for e in experts
+        ):
+            return names
+    return None
+
+
+def _is_fused(experts) -> bool:
     return (
-        _router_of(block) is not None
-        and isinstance(experts, nn.Module)
+        isinstance(experts, nn.Module)
         and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
         and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
         and experts.gate_up_proj.dim() == 3
     )
+
+
+def is_hf_moe_block(block: nn.Module) -> bool:
+    """True for a transformers sparse MoE block that ``MoE.from_hf`` understands: a router
+    with a [E, H] weight and either fused experts (transformers 5.x: ``experts.gate_up_proj``
+    / ``experts.down_proj`` 3-D parameters) or a list of per-expert gated MLPs (4.x:
+    gate_proj / up_proj / down_proj or Mixtral's w1 / w3 / w2 ``nn.Linear`` layers)."""
+    experts = getattr(block, "experts", None)
+    return _router_of(block) is not None and (_is_fused(experts) or _list_names(experts) is not None)
 
 
 def _activation_name(act_fn: nn.Module | None) -> str:
@@ -80,9 +102,15 @@ def moe_from_hf_block(cls, block: nn.Module):
     router, experts = _router_of(block), block.experts
     E, H = router.weight.shape
     k = int(getattr(router, "top_k", None) or block.top_k)
-    gpt_oss = hasattr(experts, "gate_up_proj_bias") or hasattr(experts, "limit")
+    names = None if _is_fused(experts) else _list_names(experts)
+    gpt_oss = names is None and (hasattr(experts, "gate_up_proj_bias") or hasattr(experts, "limit"))
     kw: dict = {}
-    if gpt_oss:
+    if names is not None:
+        inter = getattr(experts[0], names[0]).weight.shape[0]
+        kw.update(activation=_activation_name(getattr(experts[0], "act_fn", None)))
+        if getattr(router, "bias", None) is not None:
+            kw["router_bias"] = True
+    elif gpt_oss:
         # gate_up_proj [E, H, 2I] with gate / up in alternating columns, down_proj [E, I, H].
         inter = experts.down_proj.shape[1]
         kw.update(
@@ -109,7 +137,7 @@ def moe_from_hf_block(cls, block: nn.Module):
             renormalize=bool(getattr(router, "norm_topk_prob", True)),
         )
     elif not gpt_oss:
-        kw["renormalize"] = bool(getattr(router, "norm_topk_prob", True))
+        kw["renormalize"] = bool(getattr(router, "norm_topk_prob", getattr(block, "norm_topk_prob", True)))
     shared = getattr(block, "shared_experts", None)
     if shared is None:
         shared = getattr(block, "shared_expert", None)
@@ -124,8 +152,16 @@ def moe_from_hf_block(cls, block: nn.Module):
         moe.router.gate.bias = router.bias
     if "selection_bias" in kw:
         moe.router.selection_bias = router.e_score_correction_bias
-    moe.w13, moe.w2 = experts.gate_up_proj, experts.down_proj
-    moe._w13_t = moe._w2_t = gpt_oss
+    if names is None:
+        moe.w13, moe.w2 = experts.gate_up_proj, experts.down_proj
+        moe._w13_t = moe._w2_t = gpt_oss
+    else:
+        # One [E, 2I, H] tensor cannot alias E separate nn.Linear weights: copied (see docstring).
+        g, u, d = names
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat([getattr(e, g).weight, getattr(e, u).weight], 0) for e in experts])
+            w2 = torch.stack([getattr(e, d).weight for e in experts])
+        moe.w13, moe.w2 = nn.Parameter(w13), nn.Parameter(w2)
     if kw.get("expert_bias"):
         moe.b13, moe.b2 = experts.gate_up_proj_bias, experts.down_proj_bias
     if shared is not None:
@@ -163,6 +199,24 @@ def _probe_class(router_cls: type) -> type:
     return _PROBE_CLASSES[router_cls]
 
 
+def _what_it_returns(block: nn.Module, moe) -> str:
+    """ "tensor", "scores" ((hidden, [T, k] routing weights): gpt-oss) or "logits" ((hidden,
+    [T, E] router logits): the 4.x blocks), found by running the block on one token."""
+    p = next(block.parameters())
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            out = block(torch.zeros(1, 1, moe.hidden, device=p.device, dtype=p.dtype))
+    finally:
+        block.train(was_training)
+    if not isinstance(out, tuple):
+        return "tensor"
+    if len(out) == 2 and isinstance(out[1], torch.Tensor) and out[1].shape[-1] in (moe.num_experts, moe.top_k):
+        return "logits" if out[1].shape[-1] == moe.num_experts and moe.num_experts != moe.top_k else "scores"
+    raise NotImplementedError(f"{type(block).__name__} returns {type(out).__name__} of {len(out)}: not understood")
+
+
 class HFMoEBlock(nn.Module):
     """A transformers sparse MoE block computed by ``sparseops.nn.MoE``; returns what the
     block it replaced returned. ``last_aux`` holds the latest ``MoEAux`` (losses, counts)."""
@@ -171,7 +225,17 @@ class HFMoEBlock(nn.Module):
         super().__init__()
         self.moe = moe
         router = _router_of(original)
-        self.router_probe = _probe_class(type(router))()
+        self.returns = _what_it_returns(original, moe)
+        self.jitter_noise = float(getattr(original, "jitter_noise", 0.0) or 0.0)
+        object.__setattr__(self, "_original", original)  # not a child: not in state_dict / parameters
+        # A plain nn.Linear gate (the 4.x blocks, which return their logits) needs no probe.
+        self.router_probe = None if type(router) is nn.Linear else _probe_class(type(router))()
+        self._init_probe(router)
+        self.last_aux = None
+
+    def _init_probe(self, router: nn.Module) -> None:
+        if self.router_probe is None:
+            return
         # transformers' _init_weights (model.init_weights()) matches the router class too:
         # plain (unregistered) attributes lead it to the shared tensors, not to a crash.
         for attr in ("weight", "bias", "e_score_correction_bias"):
@@ -180,10 +244,6 @@ class HFMoEBlock(nn.Module):
         # Hooks already installed on the replaced router (transformers installs its recorder
         # hooks lazily, at the model's first forward) move to the probe.
         self.router_probe._forward_hooks.update(router._forward_hooks)
-        self.returns_scores = hasattr(original.experts, "gate_up_proj_bias") or hasattr(original.experts, "limit")
-        self.jitter_noise = float(getattr(original, "jitter_noise", 0.0) or 0.0)
-        object.__setattr__(self, "_original", original)  # not a child: not in state_dict / parameters
-        self.last_aux = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.training and self.jitter_noise > 0:
@@ -192,9 +252,12 @@ class HFMoEBlock(nn.Module):
             )
         y, aux = self.moe(hidden_states)
         self.last_aux = aux
-        self.router_probe(aux.logits, aux.weights, aux.ids)
-        if self.returns_scores:
+        if self.router_probe is not None:
+            self.router_probe(aux.logits, aux.weights, aux.ids)
+        if self.returns == "scores":  # gpt-oss: (hidden, router_scores [T, k])
             return y, aux.weights.to(aux.logits.dtype)
+        if self.returns == "logits":  # transformers 4.x Mixtral / Qwen2-MoE / OLMoE: (hidden, router_logits)
+            return y, aux.logits
         return y
 
 
@@ -223,7 +286,8 @@ def patch(model: nn.Module) -> list[str]:
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Put the original transformers blocks back (they share the trained parameters)."""
+    """Put the original transformers blocks back (they share the trained parameters; a 4.x
+    expert list gets the copied expert weights written back)."""
     replaced = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, HFMoEBlock):
@@ -233,6 +297,16 @@ def unpatch(model: nn.Module) -> list[str]:
             orig.train(mod.training)
             # .to(device) replaces buffers (parameters are moved in place): hand them back.
             router = _router_of(orig)
+            names = None if _is_fused(orig.experts) else _list_names(orig.experts)
+            if names is not None:  # the copied 4.x expert weights go back to their Linears
+                g, u, d = names
+                w13, w2 = mod.moe.expert_weights
+                inter = getattr(orig.experts[0], g).weight.shape[0]
+                with torch.no_grad():
+                    for e, ex in enumerate(orig.experts):
+                        getattr(ex, g).weight.copy_(w13[e, :inter])
+                        getattr(ex, u).weight.copy_(w13[e, inter:])
+                        getattr(ex, d).weight.copy_(w2[e])
             if mod.moe.router.selection_bias is not None and hasattr(router, "e_score_correction_bias"):
                 router.e_score_correction_bias = mod.moe.router.selection_bias
             setattr(parent, child, orig)

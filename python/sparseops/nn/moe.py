@@ -317,9 +317,12 @@ class MoE(nn.Module):
         Recognised (transformers 5.x fused-expert blocks): Mixtral, Qwen2-MoE (shared expert +
         sigmoid gate), Qwen3-MoE, OLMoE, gpt-oss (router bias, expert biases, clamped swiglu,
         interleaved [E, H, 2I] gate_up), DeepSeek-V3 and GLM4-MoE (sigmoid, groups,
-        e_score_correction_bias, routed_scaling_factor, shared experts). The returned module
-        holds the *same* Parameter / buffer objects as the block (no copy): training either
-        trains both. Its forward returns (y, aux); use
+        e_score_correction_bias, routed_scaling_factor, shared experts), and the 4.x blocks
+        whose experts are a list of gated MLPs (gate_proj / up_proj / down_proj or Mixtral's
+        w1 / w3 / w2). The returned module holds the *same* Parameter / buffer objects as the
+        block (no copy): training either trains both. The one exception is a 4.x expert list,
+        whose E separate weights are copied once into w13 / w2 (the router and shared experts
+        are still shared). Its forward returns (y, aux); use
         ``sparseops.integrations.transformers.patch`` to swap it into a model with the
         block's own return convention.
         """
