@@ -109,7 +109,8 @@ def run(
                 cases = [
                     H.Case("torch:hf-loop", "baseline", lambda a=(x, w13, w2, weights, ids): moe_mlp_hf_loop(*a),
                            check=check, graph=False),
-                    H.Case("floor:dense-mm", "baseline", lambda: (torch.mm(xa, wa), torch.mm(xb, wb))),
+                    H.Case("floor:dense-mm", "baseline",
+                           lambda a=(xa, wa, xb, wb): (torch.mm(a[0], a[1]), torch.mm(a[2], a[3]))),
                     H.Case("sparseops:cpu", "sparseops",
                            lambda a=(x, w13, w2, weights, ids): so.moe_mlp(*a, backend="cpu"), check=check),
                 ]  # fmt: skip
