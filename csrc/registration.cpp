@@ -52,6 +52,13 @@ TORCH_LIBRARY(sparseops, m) {
       "str activation=\"swiglu\", str gate_up_layout=\"concat\", Tensor? b13=None, "
       "Tensor? b2=None, float alpha=1.702, float limit=7.0, str backend=\"auto\") -> "
       "(Tensor y, Tensor pre)");
+  // moe_mlp's backward from the forward's saved inputs and pre-activation; the bias grads
+  // are empty [0] tensors when the bias is None.
+  m.def(
+      "moe_mlp_backward(Tensor dy, Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor ids, "
+      "Tensor pre, Tensor? b13, Tensor? b2, str activation, str gate_up_layout, float alpha, "
+      "float limit, str backend=\"auto\") -> (Tensor dx, Tensor dw13, Tensor dw2, "
+      "Tensor dweights, Tensor db13, Tensor db2)");
   // ---- end moe
 }
 

@@ -249,3 +249,49 @@ def test_thread_count_bitwise(dtype):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y1, y2)
+
+
+def _backward_op_args(inp, dy, pre, activation="swiglu", layout="concat"):
+    return (dy, inp["x"], inp["w13"], inp["w2"], inp["weights"], inp["ids"], pre, inp["b13"], inp["b2"],
+            activation, layout, 1.702, 7.0)  # fmt: skip
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 97])
+def test_backward_kernel_vs_reference_kernel(dtype, T):
+    inp = _inputs(T, 40, 24, 13, 4, dtype=dtype, drop=0.2, bias=True, seed=T)
+    inp["ids"][inp["ids"] == 5] = 6  # expert 5 gets no token
+    _, pre = torch.ops.sparseops.moe_mlp(
+        inp["x"], inp["w13"], inp["w2"], inp["weights"], inp["ids"], "swiglu", "concat", inp["b13"], inp["b2"],
+        1.702, 7.0, "cpu",
+    )  # fmt: skip
+    dy = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    args = _backward_op_args(inp, dy, pre)
+    got = torch.ops.sparseops.moe_mlp_backward(*args, "cpu")
+    want = torch.ops.sparseops.moe_mlp_backward(*args, "reference")
+    rtol, atol = TOL[dtype]
+    for name, g, w in zip(("dx", "dw13", "dw2", "dweights", "db13", "db2"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol * 4, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(got[1][5], torch.zeros_like(got[1][5]))
+
+
+@needs_c
+def test_backward_thread_count_bitwise():
+    inp = _inputs(200, 48, 24, 8, 4, drop=0.1, bias=True)
+    _, pre = torch.ops.sparseops.moe_mlp(
+        inp["x"], inp["w13"], inp["w2"], inp["weights"], inp["ids"], "swiglu", "concat", inp["b13"], inp["b2"],
+        1.702, 7.0, "cpu",
+    )  # fmt: skip
+    args = _backward_op_args(inp, torch.randn(200, 48), pre)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        g1 = torch.ops.sparseops.moe_mlp_backward(*args, "cpu")
+        torch.set_num_threads(2)
+        g2 = torch.ops.sparseops.moe_mlp_backward(*args, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

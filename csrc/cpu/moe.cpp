@@ -78,6 +78,41 @@ inline acc_t act_gated(MoeActivation a, acc_t g, acc_t u, acc_t alpha, acc_t lim
   }
 }
 
+RouteMetadata route_meta(const Tensor& ids, int64_t E, int64_t n) {
+  RouteMetadata meta;
+  const auto iopts = ids.options();
+  meta.counts = at::empty({E}, iopts);
+  meta.offs = at::empty({E}, iopts);
+  meta.sorted_slots = at::empty({n}, iopts);
+  meta.inverse = at::empty({n}, iopts);
+  meta.tokens = at::empty({n}, iopts);
+  meta.padded_slots = at::empty({0}, iopts);
+  meta.block_expert = at::empty({0}, iopts);
+  meta.padded_offs = at::empty({0}, iopts);
+  route_metadata_cpu_kernel(ids, E, 0, meta);
+  return meta;
+}
+
+// out[t] = sum over the kept slots j of token t of slot_buf[t*K + j], in slot order, at acc_t.
+template <typename scalar_t, typename acc_t>
+void combine_slots(const acc_t* sbp, const int32_t* idp, int64_t T, int64_t K, int64_t H,
+                   scalar_t* yp) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * K));
+  at::parallel_for(0, T, grain, [&](int64_t b, int64_t end) {
+    std::vector<acc_t> acc(H);
+    for (int64_t t = b; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < K; ++j) {
+        if (idp[t * K + j] < 0) continue;
+        const acc_t* srow = sbp + (t * K + j) * H;
+        for (int64_t c = 0; c < H; ++c) acc[c] += srow[c];
+      }
+      scalar_t* yrow = yp + t * H;
+      for (int64_t c = 0; c < H; ++c) yrow[c] = scalar_t(acc[c]);
+    }
+  });
+}
+
 struct Tile {
   int64_t expert, begin, end;  // rows [begin, end) of the expert-sorted slots
 };
@@ -90,17 +125,7 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   const int64_t T = cfg.t, H = cfg.h, E = cfg.e, K = cfg.k, I = cfg.inter, P = cfg.p;
   const int64_t n = T * K;
 
-  RouteMetadata meta;
-  const auto iopts = ids.options();
-  meta.counts = at::empty({E}, iopts);
-  meta.offs = at::empty({E}, iopts);
-  meta.sorted_slots = at::empty({n}, iopts);
-  meta.inverse = at::empty({n}, iopts);
-  meta.tokens = at::empty({n}, iopts);
-  meta.padded_slots = at::empty({0}, iopts);
-  meta.block_expert = at::empty({0}, iopts);
-  meta.padded_offs = at::empty({0}, iopts);
-  route_metadata_cpu_kernel(ids, E, 0, meta);
+  RouteMetadata meta = route_meta(ids, E, n);
   const int32_t* offs = meta.offs.data_ptr<int32_t>();
   const int32_t* sorted = meta.sorted_slots.data_ptr<int32_t>();
 
@@ -192,22 +217,199 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
     });
   }
 
-  // Combine: y[t] = sum over the kept slots j of token t, in slot order, at acc_t.
-  scalar_t* yp = y.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * K));
-  at::parallel_for(0, T, grain, [&](int64_t b, int64_t end) {
-    std::vector<acc_t> acc(H);
-    for (int64_t t = b; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t j = 0; j < K; ++j) {
-        if (idp[t * K + j] < 0) continue;
-        const acc_t* srow = sbp + (t * K + j) * H;
-        for (int64_t c = 0; c < H; ++c) acc[c] += srow[c];
-      }
-      scalar_t* yrow = yp + t * H;
-      for (int64_t c = 0; c < H; ++c) yrow[c] = scalar_t(acc[c]);
+  combine_slots<scalar_t, acc_t>(sbp, idp, T, K, H, y.data_ptr<scalar_t>());
+}
+
+// d act / d (gate, up) for the gated activations, d act / d h for the others, at acc_t.
+template <typename acc_t>
+inline acc_t dact_plain(MoeActivation a, acc_t v) {
+  switch (a) {
+    case MoeActivation::kSilu: {
+      const acc_t s = sigmoid(v);
+      return s * (acc_t(1) + v * (acc_t(1) - s));
     }
-  });
+    case MoeActivation::kGelu: {
+      const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
+      const acc_t pdf = std::exp(acc_t(-0.5) * v * v) * acc_t(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+      return cdf + v * pdf;
+    }
+    case MoeActivation::kGeluTanh: {
+      const acc_t kBeta = acc_t(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = acc_t(0.044715);
+      const acc_t t = std::tanh(kBeta * (v + kKappa * v * v * v));
+      return acc_t(0.5) * (acc_t(1) + t) +
+             acc_t(0.5) * v * (acc_t(1) - t * t) * kBeta * (acc_t(1) + acc_t(3) * kKappa * v * v);
+    }
+    case MoeActivation::kRelu:
+      return v > acc_t(0) ? acc_t(1) : acc_t(0);
+    case MoeActivation::kRelu2:
+      return v > acc_t(0) ? acc_t(2) * v : acc_t(0);
+    default:
+      return acc_t(1);
+  }
+}
+
+// (d gate, d up) of act_gated for the incoming gradient da.
+template <typename acc_t>
+inline void dact_gated(MoeActivation a, acc_t g, acc_t u, acc_t da, acc_t alpha, acc_t limit,
+                       acc_t& dg, acc_t& du) {
+  switch (a) {
+    case MoeActivation::kSwiglu:
+      dg = da * u * dact_plain(MoeActivation::kSilu, g);
+      du = da * act_plain(MoeActivation::kSilu, g);
+      return;
+    case MoeActivation::kGeglu:
+      dg = da * u * dact_plain(MoeActivation::kGelu, g);
+      du = da * act_plain(MoeActivation::kGelu, g);
+      return;
+    case MoeActivation::kGegluTanh:
+      dg = da * u * dact_plain(MoeActivation::kGeluTanh, g);
+      du = da * act_plain(MoeActivation::kGeluTanh, g);
+      return;
+    case MoeActivation::kReglu:
+      dg = g > acc_t(0) ? da * u : acc_t(0);
+      du = g > acc_t(0) ? da * g : acc_t(0);
+      return;
+    default: {  // swiglu_oai; the clamps pass the gradient inside their bounds (as torch's)
+      const acc_t gc = std::min(g, limit);
+      const acc_t uc = std::max(std::min(u, limit), -limit);
+      const acc_t s = sigmoid(gc * alpha);
+      dg = g <= limit ? da * (uc + acc_t(1)) * (s + alpha * gc * s * (acc_t(1) - s)) : acc_t(0);
+      du = (u >= -limit && u <= limit) ? da * gc * s : acc_t(0);
+      return;
+    }
+  }
+}
+
+template <typename scalar_t>
+void moe_backward(const Tensor& dy, const Tensor& x, const Tensor& w13, const Tensor& w2,
+                  const Tensor& weights, const Tensor& ids, const Tensor& pre, const Tensor& b13,
+                  const Tensor& b2, const MoeConfig& cfg, Tensor& dx, Tensor& dw13, Tensor& dw2,
+                  Tensor& dweights, Tensor& db13, Tensor& db2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = cfg.t, H = cfg.h, E = cfg.e, K = cfg.k, I = cfg.inter, P = cfg.p;
+  const int64_t n = T * K;
+  RouteMetadata meta = route_meta(ids, E, n);
+  const int32_t* offs = meta.offs.data_ptr<int32_t>();
+  const int32_t* sorted = meta.sorted_slots.data_ptr<int32_t>();
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (offs[e] > (e ? offs[e - 1] : 0)) active.push_back(e);
+
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  Tensor dslot = at::empty({n, H}, x.options().dtype(acc_type));  // d x per slot
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.data_ptr<scalar_t>();
+  const scalar_t* prep = pre.data_ptr<scalar_t>();
+  const acc_t* wp = weights.data_ptr<acc_t>();
+  const int32_t* idp = ids.data_ptr<int32_t>();
+  acc_t* dsp = dslot.data_ptr<acc_t>();
+  acc_t* dwp = dweights.data_ptr<acc_t>();
+  const scalar_t* b2p = cfg.has_b2 ? b2.data_ptr<scalar_t>() : nullptr;
+  scalar_t* db13p = cfg.has_b13 ? db13.data_ptr<scalar_t>() : nullptr;
+  scalar_t* db2p = cfg.has_b2 ? db2.data_ptr<scalar_t>() : nullptr;
+  const acc_t alpha = acc_t(cfg.alpha), limit = acc_t(cfg.limit);
+  const bool gated = moe_gated(cfg.act);
+  const bool inter = cfg.interleaved;
+
+  // One expert at a time per thread: its weight gradients are GEMMs over all its rows
+  // (ragged K), written once, so no reduction across threads decides the order.
+  auto run_expert = [&](int64_t e) {
+    at::NoGradGuard no_grad;
+    const int64_t begin = e ? offs[e - 1] : 0, m = offs[e] - begin;
+    const auto opts = x.options();
+    Tensor xb = at::empty({m, H}, opts), dyb = at::empty({m, H}, opts);
+    Tensor ab = at::empty({m, I}, opts);
+    scalar_t* xbp = xb.data_ptr<scalar_t>();
+    scalar_t* dybp = dyb.data_ptr<scalar_t>();
+    scalar_t* ap = ab.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t slot = sorted[begin + r], tok = slot / K;
+      std::memcpy(xbp + r * H, xp + tok * H, H * sizeof(scalar_t));
+      std::memcpy(dybp + r * H, dyp + tok * H, H * sizeof(scalar_t));
+      const scalar_t* prow = prep + slot * P;
+      scalar_t* arow = ap + r * I;
+      if (gated) {
+        for (int64_t c = 0; c < I; ++c) {
+          const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
+          arow[c] = scalar_t(act_gated<acc_t>(cfg.act, acc_t(prow[gi]), acc_t(prow[ui]), alpha, limit));
+        }
+      } else {
+        for (int64_t c = 0; c < I; ++c) arow[c] = scalar_t(act_plain<acc_t>(cfg.act, acc_t(prow[c])));
+      }
+    }
+    // The expert output (recomputed) for the routing-weight gradient, and d out = dy * w.
+    const Tensor w2e = w2.select(0, e);
+    Tensor ob = at::mm(ab, w2e.t());
+    const scalar_t* op = ob.data_ptr<scalar_t>();
+    const scalar_t* bias2 = b2p ? b2p + e * H : nullptr;
+    std::vector<acc_t> dbias2(b2p ? H : 0, acc_t(0));
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t slot = sorted[begin + r];
+      const acc_t w = wp[slot];
+      scalar_t* drow = dybp + r * H;
+      const scalar_t* orow = op + r * H;
+      acc_t dot = 0;
+      for (int64_t c = 0; c < H; ++c) {
+        const acc_t g = acc_t(drow[c]);
+        dot += g * (acc_t(orow[c]) + (bias2 ? acc_t(bias2[c]) : acc_t(0)));
+        const acc_t d = g * w;
+        if (bias2) dbias2[c] += d;
+        drow[c] = scalar_t(d);  // dyb now holds d out
+      }
+      dwp[slot] = dot;
+    }
+    if (bias2)
+      for (int64_t c = 0; c < H; ++c) db2p[e * H + c] = scalar_t(dbias2[c]);
+    Tensor dw2e = dw2.select(0, e);
+    at::mm_out(dw2e, dyb.t(), ab);
+    Tensor dab = at::mm(dyb, w2e);  // d act [m, I]
+    const scalar_t* dap = dab.data_ptr<scalar_t>();
+    Tensor dpre = at::empty({m, P}, opts);
+    scalar_t* dpp = dpre.data_ptr<scalar_t>();
+    std::vector<acc_t> dbias1(db13p ? P : 0, acc_t(0));
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t slot = sorted[begin + r];
+      const scalar_t* prow = prep + slot * P;
+      const scalar_t* darow = dap + r * I;
+      scalar_t* dprow = dpp + r * P;
+      if (gated) {
+        for (int64_t c = 0; c < I; ++c) {
+          const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
+          acc_t dg, du;
+          dact_gated<acc_t>(cfg.act, acc_t(prow[gi]), acc_t(prow[ui]), acc_t(darow[c]), alpha, limit, dg, du);
+          dprow[gi] = scalar_t(dg);
+          dprow[ui] = scalar_t(du);
+        }
+      } else {
+        for (int64_t c = 0; c < I; ++c)
+          dprow[c] = scalar_t(acc_t(darow[c]) * dact_plain<acc_t>(cfg.act, acc_t(prow[c])));
+      }
+      if (db13p)
+        for (int64_t c = 0; c < P; ++c) dbias1[c] += acc_t(dprow[c]);
+    }
+    if (db13p)
+      for (int64_t c = 0; c < P; ++c) db13p[e * P + c] = scalar_t(dbias1[c]);
+    Tensor dw13e = dw13.select(0, e);
+    at::mm_out(dw13e, dpre.t(), xb);
+    Tensor dxb = at::mm(dpre, w13.select(0, e));  // [m, H]
+    const scalar_t* dxp = dxb.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t slot = sorted[begin + r];
+      acc_t* srow = dsp + slot * H;
+      const scalar_t* drow = dxp + r * H;
+      for (int64_t c = 0; c < H; ++c) srow[c] = acc_t(drow[c]);
+    }
+  };
+
+  const int64_t na = static_cast<int64_t>(active.size());
+  if (na == 1) {
+    run_expert(active[0]);  // the BLAS threads the GEMMs
+  } else if (na > 1) {
+    at::parallel_for(0, na, 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) run_expert(active[i]);
+    });
+  }
+  combine_slots<scalar_t, acc_t>(dsp, idp, T, K, H, dx.data_ptr<scalar_t>());
 }
 
 }  // namespace
@@ -217,6 +419,17 @@ void moe_mlp_cpu_kernel(const Tensor& x, const Tensor& w13, const Tensor& w2,
                         const Tensor& b2, const MoeConfig& cfg, Tensor& y, Tensor& pre) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_mlp_cpu", [&] {
     moe_forward<scalar_t>(x, w13, w2, weights, ids, b13, b2, cfg, y, pre);
+  });
+}
+
+void moe_mlp_backward_cpu_kernel(const Tensor& dy, const Tensor& x, const Tensor& w13,
+                                 const Tensor& w2, const Tensor& weights, const Tensor& ids,
+                                 const Tensor& pre, const Tensor& b13, const Tensor& b2,
+                                 const MoeConfig& cfg, Tensor& dx, Tensor& dw13, Tensor& dw2,
+                                 Tensor& dweights, Tensor& db13, Tensor& db2) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_mlp_cpu_bwd", [&] {
+    moe_backward<scalar_t>(dy, x, w13, w2, weights, ids, pre, b13, b2, cfg, dx, dw13, dw2,
+                           dweights, db13, db2);
   });
 }
 

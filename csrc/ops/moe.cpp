@@ -165,12 +165,66 @@ std::tuple<Tensor, Tensor> moe_mlp(const Tensor& x, const Tensor& w13, const Ten
   return {y, pre};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_mlp_backward(
+    const Tensor& dy, const Tensor& x, const Tensor& w13, const Tensor& w2, const Tensor& weights,
+    const Tensor& ids, const Tensor& pre, const std::optional<Tensor>& b13,
+    const std::optional<Tensor>& b2, c10::string_view activation, c10::string_view gate_up_layout,
+    double alpha, double limit, c10::string_view backend) {
+  const MoeConfig cfg =
+      parse_moe(x, w13, w2, weights, ids, activation, gate_up_layout, b13, b2, alpha, limit);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.dim() == 2 && dy.size(0) == cfg.t &&
+                  dy.size(1) == cfg.h,
+              "dy must match x (", describe(x), "), got ", describe(dy));
+  TORCH_CHECK(pre.scalar_type() == x.scalar_type() && pre.dim() == 2 &&
+                  pre.size(0) == cfg.t * cfg.k && pre.size(1) == cfg.p,
+              "pre must be the forward's pre-activation [", cfg.t * cfg.k, ", ", cfg.p, "], got ",
+              describe(pre));
+  const bool native = runs_native("moe_mlp_backward", backend, x);
+  TORCH_CHECK(!native || x.is_cpu(), "sparseops.moe_mlp_backward has no CUDA C++ kernel yet: ",
+              "use backend=\"reference\"");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto xo = x.options();
+  Tensor dx = at::zeros({cfg.t, cfg.h}, xo);
+  Tensor dw13 = at::zeros({cfg.e, cfg.p, cfg.h}, xo);
+  Tensor dw2 = at::zeros({cfg.e, cfg.h, cfg.inter}, xo);
+  Tensor dweights = at::zeros({cfg.t, cfg.k}, xo.dtype(acc));
+  Tensor db13 = cfg.has_b13 ? at::zeros({cfg.e, cfg.p}, xo) : at::empty({0}, xo);
+  Tensor db2 = cfg.has_b2 ? at::zeros({cfg.e, cfg.h}, xo) : at::empty({0}, xo);
+  if (cfg.t > 0) {
+    const Tensor wc = weights.to(acc).contiguous();
+    const Tensor ic = ids.to(at::kInt).contiguous();
+    const Tensor b13c = b13.has_value() ? b13->contiguous() : Tensor();
+    const Tensor b2c = b2.has_value() ? b2->contiguous() : Tensor();
+    if (native) {
+      moe_mlp_backward_cpu_kernel(dy.contiguous(), x.contiguous(), w13, w2, wc, ic,
+                                  pre.contiguous(), b13c, b2c, cfg, dx, dw13, dw2, dweights, db13,
+                                  db2);
+    } else {
+      call_python_kernel(
+          "moe_mlp_backward", backend,
+          {dy.contiguous(), x.contiguous(), w13, w2, wc, ic, pre.contiguous(), b13c, b2c},
+          {dx, dw13, dw2, dweights, db13, db2},
+          {{"activation", std::string(act_name(cfg.act))},
+           {"gate_up_layout", std::string(cfg.interleaved ? "interleaved" : "concat")},
+           {"alpha", cfg.alpha},
+           {"limit", cfg.limit}});
+    }
+  }
+  return {dx, dw13, dw2, dweights.to(weights.scalar_type()), db13, db2};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparseops, CPU, m) { m.impl("moe_mlp", &moe_mlp); }
+TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
+  m.impl("moe_mlp", &moe_mlp);
+  m.impl("moe_mlp_backward", &moe_mlp_backward);
+}
 
 #ifdef SPARSEOPS_WITH_CUDA
-TORCH_LIBRARY_IMPL(sparseops, CUDA, m) { m.impl("moe_mlp", &moe_mlp); }
+TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
+  m.impl("moe_mlp", &moe_mlp);
+  m.impl("moe_mlp_backward", &moe_mlp_backward);
+}
 #endif
 
 }  // namespace sparseops

@@ -51,4 +51,14 @@ void moe_mlp_cpu_kernel(const at::Tensor& x, const at::Tensor& w13, const at::Te
                         const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
                         const at::Tensor& b2, const MoeConfig& cfg, at::Tensor& y, at::Tensor& pre);
 
+// CPU backward. dy [T, H], x [T, H], pre [T*k, P] contiguous in x's dtype; the rest as the
+// forward. Writes dx [T, H], dw13 [E, P, H], dw2 [E, H, I] (x's dtype), dweights [T, k] at
+// the accumulation dtype, db13 [E, P] / db2 [E, H] (x's dtype) when the biases are defined.
+void moe_mlp_backward_cpu_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w13,
+                                 const at::Tensor& w2, const at::Tensor& weights,
+                                 const at::Tensor& ids, const at::Tensor& pre,
+                                 const at::Tensor& b13, const at::Tensor& b2, const MoeConfig& cfg,
+                                 at::Tensor& dx, at::Tensor& dw13, at::Tensor& dw2,
+                                 at::Tensor& dweights, at::Tensor& db13, at::Tensor& db2);
+
 }  // namespace sparseops

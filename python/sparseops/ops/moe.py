@@ -73,12 +73,13 @@ def _moe_mlp_fake(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd. The backward is its own op (sparseops::moe_mlp_backward, a Python custom op, so
-# torch.compile sees one opaque call): per expert, over the same expert-sorted slots as the
-# forward, it re-applies the activation to the saved pre-activation, recomputes the expert
-# output (for the routing-weight gradient d weights[t, j] = <dy[t], expert_out(t, j)>), and
-# forms dw2, db2, dA, the activation backward, dw13, db13 and dx (index_add_, sequential on
-# CPU: deterministic). All at the accumulation dtype.
+# Autograd. The backward is its own C++ op (sparseops::moe_mlp_backward: one opaque call for
+# torch.compile; CPU kernel in csrc/cpu/moe.cpp, reference below): per expert, over the same
+# expert-sorted slots as the forward, it re-applies the activation to the saved
+# pre-activation, recomputes the expert output (for the routing-weight gradient
+# d weights[t, j] = <dy[t], expert_out(t, j)>), and forms dw2, db2, dA, the activation
+# backward, dw13, db13 (ragged-K GEMMs over the expert's rows) and dx (per slot, then summed
+# over each token's k slots in slot order: deterministic).
 
 
 def _act_backward(pre, da, activation, layout, alpha, limit):
@@ -115,23 +116,9 @@ def _act_backward(pre, da, activation, layout, alpha, limit):
     return torch.cat([dg, du], dim=-1)
 
 
-@torch.library.custom_op("sparseops::moe_mlp_backward", mutates_args=())
-def _moe_mlp_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    weights: torch.Tensor,
-    ids: torch.Tensor,
-    pre: torch.Tensor,
-    b13: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    activation: str,
-    gate_up_layout: str,
-    alpha: float,
-    limit: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw13, dw2, dweights, db13, db2); the bias grads are empty [0] without biases."""
+def _moe_mlp_backward_ref(dy, x, w13, w2, weights, ids, pre, b13, b2, activation, gate_up_layout, alpha, limit):
+    """The backward as plain torch ops, one iteration per expert over the expert-sorted slots:
+    (dx, dw13, dw2, dweights at the accumulation dtype, db13 or None, db2 or None)."""
     T, H = x.shape
     k = ids.shape[1]
     E, P, _ = w13.shape
@@ -174,22 +161,27 @@ def _moe_mlp_backward(
             if db13 is not None:
                 db13[e] = dpre.sum(dim=0)
             dx.index_add_(0, tok, dpre @ w13[e].to(acc))
-    return (
-        dx.to(x.dtype),
-        dw13.to(w13.dtype),
-        dw2.to(w2.dtype),
-        dweights.view(T, k).to(weights.dtype),
-        db13.to(x.dtype) if db13 is not None else x.new_empty(0),
-        db2.to(x.dtype) if db2 is not None else x.new_empty(0),
-    )
+    return dx, dw13, dw2, dweights.view(T, k), db13, db2
 
 
-@_moe_mlp_backward.register_fake
-def _moe_mlp_backward_fake(dy, x, w13, w2, weights, ids, pre, b13, b2, activation, gate_up_layout, alpha, limit):
+def _backward_reference_kernel(inputs, outputs, options) -> None:
+    dy, x, w13, w2, weights, ids, pre, b13, b2 = inputs
+    grads = _moe_mlp_backward_ref(
+        dy, x, w13, w2, weights, ids, pre, b13, b2,
+        options["activation"], options["gate_up_layout"], options["alpha"], options["limit"],
+    )  # fmt: skip
+    for out, g in zip(outputs, grads):
+        if g is not None:
+            out.copy_(g)
+
+
+def _moe_mlp_backward_fake(
+    dy, x, w13, w2, weights, ids, pre, b13, b2, activation, gate_up_layout, alpha, limit, backend="auto"
+):
     return (
-        torch.empty_like(x),
-        torch.empty_like(w13, memory_format=torch.contiguous_format),
-        torch.empty_like(w2, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        w13.new_empty(w13.shape),
+        w2.new_empty(w2.shape),
         weights.new_empty(weights.shape),
         x.new_empty(b13.shape) if b13 is not None else x.new_empty(0),
         x.new_empty(b2.shape) if b2 is not None else x.new_empty(0),
@@ -197,9 +189,11 @@ def _moe_mlp_backward_fake(dy, x, w13, w2, weights, ids, pre, b13, b2, activatio
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w13, w2, weights, ids, activation, layout, b13, b2, alpha, limit, _backend_name = inputs
+    x, w13, w2, weights, ids, activation, layout, b13, b2, alpha, limit, backend = inputs
     _, pre = output
     ctx.options = (activation, layout, float(alpha), float(limit))
+    # The backward runs on the forward's backend where it has one, else what auto picks.
+    ctx.backend = backend if backend in _MOE_BWD.backends else "auto"
     ctx.has_bias = (b13 is not None, b2 is not None)
     ctx.save_for_backward(x, w13, w2, weights, ids, pre, b13, b2)
 
@@ -209,8 +203,9 @@ def _backward(ctx, dy, _dpre):
     activation, layout, alpha, limit = ctx.options
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dw13, dw2, dweights, db13, db2 = _moe_mlp_backward(
-        dy.contiguous(), x, w13, w2, weights, ids, pre, b13, b2, activation, layout, alpha, limit
+    backend = ctx.backend if ctx.backend != "auto" else _MOE_BWD.choose(None, x)
+    dx, dw13, dw2, dweights, db13, db2 = _moe_bwd_op(
+        dy, x, w13, w2, weights, ids, pre, b13, b2, activation, layout, alpha, limit, backend
     )
     need = ctx.needs_input_grad
     return (
@@ -231,8 +226,10 @@ def _backward(ctx, dy, _dpre):
 
 if _backend.HAS_C:
     torch.library.register_fake("sparseops::moe_mlp")(_moe_mlp_fake)
+    torch.library.register_fake("sparseops::moe_mlp_backward")(_moe_mlp_backward_fake)
     torch.library.register_autograd("sparseops::moe_mlp", _backward, setup_context=_setup_context)
     _moe_op = torch.ops.sparseops.moe_mlp.default
+    _moe_bwd_op = torch.ops.sparseops.moe_mlp_backward.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +260,9 @@ def _reference_kernel(inputs, outputs, options) -> None:
 _MOE = _backend.Op("moe_mlp", _backend.tensor_facts("x"))
 _MOE.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MOE.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
+_MOE_BWD = _backend.Op("moe_mlp_backward", _backend.tensor_facts("x"))
+_MOE_BWD.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_MOE_BWD.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_backward_reference_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
