@@ -9,10 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparseops
 from sparseops.nn import MoE
-
-pytestmark = pytest.mark.skipif(not hasattr(sparseops, "moe_mlp"), reason="sparseops.moe_mlp is not built in")
 
 ACT = {
     "swiglu": lambda g, u: F.silu(g) * u,

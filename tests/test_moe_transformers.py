@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 
-import sparseops
 from sparseops.integrations.transformers import HFMoEBlock, is_hf_moe_block, patch, unpatch
 from sparseops.nn import MoE
 
@@ -40,7 +39,6 @@ def _unshadow_hub_kernels() -> None:
 
 _unshadow_hub_kernels()
 tf = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
-pytestmark = pytest.mark.skipif(not hasattr(sparseops, "moe_mlp"), reason="sparseops.moe_mlp is not built in")
 
 COMMON = dict(
     vocab_size=97,

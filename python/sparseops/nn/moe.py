@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.moe import moe_mlp
 from ..ops.routing import load_balancing_loss, route, router_z_loss
 from .router import TopKRouter
 
@@ -107,13 +108,6 @@ class GatedMLP(nn.Module):
             return self.down_proj(_PLAIN[self.activation](self.up_proj(x)))
         h = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         return self.down_proj(_apply_activation(h, self.activation, "concat", self.alpha, self.limit))
-
-
-def _moe_mlp():
-    # Resolved at call time: sparseops/__init__ imports nn before the op modules' exports.
-    import sparseops
-
-    return sparseops.moe_mlp
 
 
 class MoE(nn.Module):
@@ -264,7 +258,7 @@ class MoE(nn.Module):
         r = self.router
         weights, ids, meta = route(logits, self.top_k, bias=r.selection_bias, **r.route_kwargs)
         w13, w2 = self.expert_weights
-        y = _moe_mlp()(
+        y = moe_mlp(
             x2,
             w13,
             w2,
