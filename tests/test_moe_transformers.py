@@ -280,3 +280,30 @@ def test_patch_on_cuda(name, dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _compare_on(name, "cuda", dtype, 1e-4 if dtype == torch.float32 else 0.05)
+
+
+def test_patch_leaves_an_unmodelled_router_variant_alone():
+    # ERNIE-4.5-MoE matches the structure (router weight, fused experts) but its router adds a
+    # statistics bias to the softmax probabilities: patch must notice and keep the original.
+    cfg_cls = getattr(tf, "Ernie4_5_MoeConfig", None)
+    if cfg_cls is None:
+        pytest.skip(f"transformers {tf.__version__} has no Ernie4_5_MoeConfig")
+    torch.manual_seed(0)
+    cfg = cfg_cls(
+        **{k: v for k, v in COMMON.items() if k != "router_aux_loss_coef"},
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_layer_start_index=0,
+    )
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    blocks = [n for n, m in model.named_modules() if is_hf_moe_block(m)]
+    assert blocks
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "moe_statics" in n or n.endswith("gate.weight"):
+                p.normal_(0, 0.5)
+    with pytest.warns(UserWarning, match="left as it is"):
+        assert patch(model) == []
+    assert not any(isinstance(m, HFMoEBlock) for m in model.modules())

@@ -261,12 +261,44 @@ class HFMoEBlock(nn.Module):
         return y
 
 
-def patch(model: nn.Module) -> list[str]:
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _agrees(block: nn.Module, wrapper: HFMoEBlock) -> tuple[bool, float]:
+    """Run the block and its replacement on 8 random tokens (eval mode, no grad)."""
+    w13 = wrapper.moe.w13
+    if w13.is_meta:
+        return True, 0.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, wrapper.moe.hidden, generator=g).to(device=w13.device, dtype=w13.dtype)
+    modes = block.training, wrapper.training
+    block.eval()
+    wrapper.eval()
+    try:
+        with torch.no_grad():
+            want, got = _first(block(x)).float(), _first(wrapper(x)).float()
+    finally:
+        block.train(modes[0])
+        wrapper.train(modes[1])
+        wrapper.moe.reset_expert_counts()
+        wrapper.last_aux = None
+    tol = 1e-3 if w13.dtype in (torch.float32, torch.float64) else 5e-2
+    err = float((got - want).abs().max()) / (float(want.abs().max()) + 1e-6)
+    return err <= tol, err
+
+
+def patch(model: nn.Module, *, verify: bool = True) -> list[str]:
     """Replace every recognised sparse MoE block of ``model`` in place; returns their names.
 
     The blocks share their parameters with the new modules (see the module docstring); an
-    already patched model is left as it is (an empty list).
+    already patched model is left as it is (an empty list). With ``verify`` (default) each
+    replacement is first run against the block on 8 random tokens: a block whose structure
+    matched but whose semantics differ (a router variant this module does not model, e.g.
+    ERNIE-4.5's moe_statics bias) is left in place with a warning and not listed.
     """
+    import warnings
+
     from ..nn.moe import MoE
 
     targets = [
@@ -278,8 +310,21 @@ def patch(model: nn.Module) -> list[str]:
     for name, block in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = HFMoEBlock(MoE.from_hf(block), block)
+        try:
+            wrapper = HFMoEBlock(MoE.from_hf(block), block)
+        except NotImplementedError as exc:
+            warnings.warn(f"sparseops patch: {name} ({type(block).__name__}) left as it is: {exc}", stacklevel=2)
+            continue
         wrapper.train(block.training)
+        if verify:
+            ok, err = _agrees(block, wrapper)
+            if not ok:
+                warnings.warn(
+                    f"sparseops patch: {name} ({type(block).__name__}) left as it is: the sparseops MoE differs "
+                    f"from it by {err:.2e} (relative) on random tokens",
+                    stacklevel=2,
+                )
+                continue
         setattr(parent, child, wrapper)
         replaced.append(name)
     return replaced
