@@ -281,6 +281,8 @@ def test_bad_arguments_name_the_argument():
         MoE(8, 4, 4, 2, bias_update_rate=0.1, selection_bias=False)
     with pytest.raises(ValueError, match="bias_update_rate"):
         MoE(8, 4, 4, 2, bias_update_rate=-1.0)
+    with pytest.raises(ValueError, match="hidden = 8"):
+        MoE(8, 4, 4, 2)(torch.randn(3, 7))
 
 
 def test_empty_batch_and_dtype():

@@ -282,9 +282,8 @@ def test_patch_on_cuda(name, dtype):
     _compare_on(name, "cuda", dtype, 1e-4 if dtype == torch.float32 else 0.05)
 
 
-def test_patch_leaves_an_unmodelled_router_variant_alone():
-    # ERNIE-4.5-MoE matches the structure (router weight, fused experts) but its router adds a
-    # statistics bias to the softmax probabilities: patch must notice and keep the original.
+def test_patch_ernie_selection_bias_on_softmax():
+    # ERNIE-4.5-MoE: a statistics bias added to the softmax probabilities chooses the experts.
     cfg_cls = getattr(tf, "Ernie4_5_MoeConfig", None)
     if cfg_cls is None:
         pytest.skip(f"transformers {tf.__version__} has no Ernie4_5_MoeConfig")
@@ -296,14 +295,43 @@ def test_patch_leaves_an_unmodelled_router_variant_alone():
         moe_num_experts=8,
         moe_k=2,
         moe_layer_start_index=0,
+        moe_num_shared_experts=1,
     )
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    blocks = [n for n, m in model.named_modules() if is_hf_moe_block(m)]
-    assert blocks
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "moe_statics" in n or n.endswith("gate.weight"):
-                p.normal_(0, 0.5)
+            if "moe_statics" in n:
+                p.normal_(0, 0.1)
+            elif ".mlp." in n:
+                p.normal_(0, 0.3 if p.dim() < 3 else 0.15)
+    ref = copy.deepcopy(model)
+    blocks = [n for n, m in model.named_modules() if is_hf_moe_block(m)]
+    assert patch(model) == blocks and blocks
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    # the selection bias is the model's own parameter (a view of it)
+    stat = ref.model.layers[0].mlp.gate.moe_statics.e_score_correction_bias
+    moe = model.get_submodule(blocks[0]).moe
+    assert moe.router.selection_bias.shape == (8,)
+    torch.testing.assert_close(moe.router.selection_bias, stat.view(-1))
+
+
+def test_patch_leaves_an_unmodelled_router_variant_alone():
+    # A router whose semantics this module does not model (here: a block whose router
+    # forward is replaced by one that ignores the top-k renormalisation): patch notices on
+    # random tokens and keeps the original.
+    model = _tiny("qwen3_moe")
+    for m in model.modules():
+        if is_hf_moe_block(m):
+            m.gate.norm_topk_prob = True  # what from_hf reads ...
+            orig = type(m.gate).forward
+
+            def forward(self, h, _orig=orig):
+                logits, w, i = _orig(self, h)
+                return logits, w * 0.5, i  # ... but the router does something else
+
+            m.gate.forward = forward.__get__(m.gate)
     with pytest.warns(UserWarning, match="left as it is"):
         assert patch(model) == []
     assert not any(isinstance(m, HFMoEBlock) for m in model.modules())

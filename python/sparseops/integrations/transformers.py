@@ -136,7 +136,11 @@ def moe_from_hf_block(cls, block: nn.Module):
             scale=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
             renormalize=bool(getattr(router, "norm_topk_prob", True)),
         )
-    elif not gpt_oss:
+    elif isinstance(getattr(getattr(router, "moe_statics", None), "e_score_correction_bias", None), torch.Tensor):
+        # ERNIE-4.5-MoE: softmax probabilities + a [1, E] statistics bias choose, the plain
+        # probabilities (renormalised) weigh.
+        kw.update(selection_bias=True, renormalize=True)
+    if not gpt_oss and "renormalize" not in kw:
         kw["renormalize"] = bool(getattr(router, "norm_topk_prob", getattr(block, "norm_topk_prob", True)))
     shared = getattr(block, "shared_experts", None)
     if shared is None:
@@ -151,7 +155,10 @@ def moe_from_hf_block(cls, block: nn.Module):
     if kw.get("router_bias"):
         moe.router.gate.bias = router.bias
     if "selection_bias" in kw:
-        moe.router.selection_bias = router.e_score_correction_bias
+        if hasattr(router, "e_score_correction_bias"):
+            moe.router.selection_bias = router.e_score_correction_bias
+        else:  # ERNIE's [1, E] parameter (requires_grad=False): its [E] view, shared
+            moe.router.selection_bias = router.moe_statics.e_score_correction_bias.detach().view(-1)
     if names is None:
         moe.w13, moe.w2 = experts.gate_up_proj, experts.down_proj
         moe._w13_t = moe._w2_t = gpt_oss

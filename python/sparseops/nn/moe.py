@@ -253,6 +253,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
+        if x.dim() < 1 or shape[-1] != self.hidden:
+            raise ValueError(f"x must be [..., hidden = {self.hidden}], got shape {tuple(shape)}")
         x2 = x.reshape(-1, shape[-1])
         logits = self.router_logits(x2)
         r = self.router
@@ -311,7 +313,8 @@ class MoE(nn.Module):
         Recognised (transformers 5.x fused-expert blocks): Mixtral, Qwen2-MoE (shared expert +
         sigmoid gate), Qwen3-MoE, OLMoE, gpt-oss (router bias, expert biases, clamped swiglu,
         interleaved [E, H, 2I] gate_up), DeepSeek-V3 and GLM4-MoE (sigmoid, groups,
-        e_score_correction_bias, routed_scaling_factor, shared experts), and the 4.x blocks
+        e_score_correction_bias, routed_scaling_factor, shared experts), ERNIE-4.5-MoE
+        (softmax with a selection bias), and the 4.x blocks
         whose experts are a list of gated MLPs (gate_proj / up_proj / down_proj or Mixtral's
         w1 / w3 / w2). The returned module holds the *same* Parameter / buffer objects as the
         block (no copy): training either trains both. The one exception is a 4.x expert list,
