@@ -335,3 +335,13 @@ def test_patch_leaves_an_unmodelled_router_variant_alone():
     with pytest.warns(UserWarning, match="left as it is"):
         assert patch(model) == []
     assert not any(isinstance(m, HFMoEBlock) for m in model.modules())
+
+
+def test_patched_model_compiles_in_one_graph():
+    model = _tiny("qwen3_moe")
+    ref = copy.deepcopy(model)
+    patch(model)
+    ids = torch.randint(0, 97, (2, 9))
+    fn = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
