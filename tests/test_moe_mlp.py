@@ -140,6 +140,8 @@ def test_reference_matches_hf_loop():
     ],
 )
 def test_bad_inputs(device, backend, change, match):
+    if device == "cuda" and "expert indices" in match:
+        pytest.skip("unchecked on CUDA tensors (a host synchronisation): treated as dropped")
     inp = _inputs(5, 12, 6, 8, 2, device=device)
     change(inp)
     with pytest.raises(RuntimeError, match=match):
@@ -295,3 +297,21 @@ def test_backward_thread_count_bitwise():
         torch.set_num_threads(before)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_cuda_decode_matches_cpu_and_captures(dtype, T):
+    inp = _inputs(T, 256, 96, 16, 4, dtype=dtype, drop=0.1, bias=True, seed=T)
+    want = _run(inp, "cpu")
+    gpu = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in inp.items()}
+    got = _run(gpu, "cuda")
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _run(gpu, "cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
