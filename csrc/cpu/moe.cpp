@@ -32,52 +32,6 @@ using at::Tensor;
 // small enough that a few experts with many rows still spread over every thread.
 constexpr int64_t kTileRows = 64;
 
-template <typename acc_t>
-inline acc_t sigmoid(acc_t v) {
-  return acc_t(1) / (acc_t(1) + std::exp(-v));
-}
-
-template <typename acc_t>
-inline acc_t act_plain(MoeActivation a, acc_t v) {
-  switch (a) {
-    case MoeActivation::kSilu:
-      return v * sigmoid(v);
-    case MoeActivation::kGelu:
-      return acc_t(0.5) * v * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-    case MoeActivation::kGeluTanh: {
-      const acc_t kBeta = acc_t(M_SQRT2 * M_2_SQRTPI * 0.5);  // sqrt(2 / pi)
-      return acc_t(0.5) * v * (acc_t(1) + std::tanh(kBeta * (v + acc_t(0.044715) * v * v * v)));
-    }
-    case MoeActivation::kRelu:
-      return v > acc_t(0) ? v : acc_t(0);
-    case MoeActivation::kRelu2:
-      return v > acc_t(0) ? v * v : acc_t(0);
-    default:
-      return v;
-  }
-}
-
-template <typename acc_t>
-inline acc_t act_gated(MoeActivation a, acc_t g, acc_t u, acc_t alpha, acc_t limit) {
-  switch (a) {
-    case MoeActivation::kSwiglu:
-      return act_plain(MoeActivation::kSilu, g) * u;
-    case MoeActivation::kGeglu:
-      return act_plain(MoeActivation::kGelu, g) * u;
-    case MoeActivation::kGegluTanh:
-      return act_plain(MoeActivation::kGeluTanh, g) * u;
-    case MoeActivation::kReglu:
-      return act_plain(MoeActivation::kRelu, g) * u;
-    case MoeActivation::kSwigluOai: {
-      g = std::min(g, limit);
-      u = std::max(std::min(u, limit), -limit);
-      return (u + acc_t(1)) * (g * sigmoid(g * alpha));
-    }
-    default:
-      return g * u;
-  }
-}
-
 RouteMetadata route_meta(const Tensor& ids, int64_t E, int64_t n) {
   RouteMetadata meta;
   const auto iopts = ids.options();
@@ -218,66 +172,6 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   }
 
   combine_slots<scalar_t, acc_t>(sbp, idp, T, K, H, y.data_ptr<scalar_t>());
-}
-
-// d act / d (gate, up) for the gated activations, d act / d h for the others, at acc_t.
-template <typename acc_t>
-inline acc_t dact_plain(MoeActivation a, acc_t v) {
-  switch (a) {
-    case MoeActivation::kSilu: {
-      const acc_t s = sigmoid(v);
-      return s * (acc_t(1) + v * (acc_t(1) - s));
-    }
-    case MoeActivation::kGelu: {
-      const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(v * acc_t(M_SQRT1_2)));
-      const acc_t pdf = std::exp(acc_t(-0.5) * v * v) * acc_t(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-      return cdf + v * pdf;
-    }
-    case MoeActivation::kGeluTanh: {
-      const acc_t kBeta = acc_t(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = acc_t(0.044715);
-      const acc_t t = std::tanh(kBeta * (v + kKappa * v * v * v));
-      return acc_t(0.5) * (acc_t(1) + t) +
-             acc_t(0.5) * v * (acc_t(1) - t * t) * kBeta * (acc_t(1) + acc_t(3) * kKappa * v * v);
-    }
-    case MoeActivation::kRelu:
-      return v > acc_t(0) ? acc_t(1) : acc_t(0);
-    case MoeActivation::kRelu2:
-      return v > acc_t(0) ? acc_t(2) * v : acc_t(0);
-    default:
-      return acc_t(1);
-  }
-}
-
-// (d gate, d up) of act_gated for the incoming gradient da.
-template <typename acc_t>
-inline void dact_gated(MoeActivation a, acc_t g, acc_t u, acc_t da, acc_t alpha, acc_t limit,
-                       acc_t& dg, acc_t& du) {
-  switch (a) {
-    case MoeActivation::kSwiglu:
-      dg = da * u * dact_plain(MoeActivation::kSilu, g);
-      du = da * act_plain(MoeActivation::kSilu, g);
-      return;
-    case MoeActivation::kGeglu:
-      dg = da * u * dact_plain(MoeActivation::kGelu, g);
-      du = da * act_plain(MoeActivation::kGelu, g);
-      return;
-    case MoeActivation::kGegluTanh:
-      dg = da * u * dact_plain(MoeActivation::kGeluTanh, g);
-      du = da * act_plain(MoeActivation::kGeluTanh, g);
-      return;
-    case MoeActivation::kReglu:
-      dg = g > acc_t(0) ? da * u : acc_t(0);
-      du = g > acc_t(0) ? da * g : acc_t(0);
-      return;
-    default: {  // swiglu_oai; the clamps pass the gradient inside their bounds (as torch's)
-      const acc_t gc = std::min(g, limit);
-      const acc_t uc = std::max(std::min(u, limit), -limit);
-      const acc_t s = sigmoid(gc * alpha);
-      dg = g <= limit ? da * (uc + acc_t(1)) * (s + alpha * gc * s * (acc_t(1) - s)) : acc_t(0);
-      du = (u >= -limit && u <= limit) ? da * gc * s : acc_t(0);
-      return;
-    }
-  }
 }
 
 template <typename scalar_t>

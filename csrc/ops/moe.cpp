@@ -16,6 +16,10 @@
 #include <string>
 #include <tuple>
 
+#ifdef SPARSEOPS_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 #include "sparseops/backend.h"
 #include "sparseops/checks.h"
 #include "sparseops/routing.h"
@@ -142,8 +146,10 @@ std::tuple<Tensor, Tensor> moe_mlp(const Tensor& x, const Tensor& w13, const Ten
   const MoeConfig cfg =
       parse_moe(x, w13, w2, weights, ids, activation, gate_up_layout, b13, b2, alpha, limit);
   const bool native = runs_native("moe_mlp", backend, x);
-  TORCH_CHECK(!native || x.is_cpu(), "sparseops.moe_mlp has no CUDA C++ kernel yet: use ",
-              "backend=\"triton\" or \"reference\"");
+#ifndef SPARSEOPS_WITH_CUDA
+  TORCH_CHECK(!native || x.is_cpu(), "this build of sparseops has no CUDA kernels: use ",
+              "backend=\"reference\"");
+#endif
   Tensor y = at::empty({cfg.t, cfg.h}, x.options());
   Tensor pre = at::empty({cfg.t * cfg.k, cfg.p}, x.options());
   if (cfg.t == 0) return {y, pre};
@@ -153,8 +159,16 @@ std::tuple<Tensor, Tensor> moe_mlp(const Tensor& x, const Tensor& w13, const Ten
   const Tensor ic = ids.to(at::kInt).contiguous();
   const Tensor b13c = b13.has_value() ? b13->contiguous() : Tensor();
   const Tensor b2c = b2.has_value() ? b2->contiguous() : Tensor();
-  if (native) {
+  if (native && x.is_cpu()) {
     moe_mlp_cpu_kernel(xc, w13, w2, wc, ic, b13c, b2c, cfg, y, pre);
+#ifdef SPARSEOPS_WITH_CUDA
+  } else if (native) {
+    c10::cuda::CUDAGuard guard(x.device());
+    // The kernel reads weight rows with unit stride: other layouts are copied first.
+    const Tensor w13c = w13.stride(2) == 1 ? w13 : w13.contiguous();
+    const Tensor w2c = w2.stride(2) == 1 ? w2 : w2.contiguous();
+    moe_mlp_cuda_kernel(xc, w13c, w2c, wc, ic, b13c, b2c, cfg, y, pre);
+#endif
   } else {
     call_python_kernel("moe_mlp", backend, {xc, w13, w2, wc, ic, b13c, b2c}, {y, pre},
                        {{"activation", std::string(act_name(cfg.act))},

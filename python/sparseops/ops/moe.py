@@ -233,8 +233,9 @@ if _backend.HAS_C:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. No Triton backend is registered yet (it awaits the shared grouped-GEMM kernel) and
-# no CUDA C++ one: on CUDA tensors auto picks the reference.
+# Backends. "cuda" is the decode / small-T CUDA kernel (csrc/cuda/moe.cu: three launches over
+# all routed slots). No Triton backend is registered yet (it awaits the shared grouped-GEMM
+# kernel). The backward has a CPU kernel and the reference (on CUDA tensors: the reference).
 
 
 def _reference_kernel(inputs, outputs, options) -> None:
@@ -258,6 +259,7 @@ def _reference_kernel(inputs, outputs, options) -> None:
 
 
 _MOE = _backend.Op("moe_mlp", _backend.tensor_facts("x"))
+_MOE.register("cuda", rank=0, unsupported_reason=_backend.native_cuda)
 _MOE.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MOE.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
 _MOE_BWD = _backend.Op("moe_mlp_backward", _backend.tensor_facts("x"))
@@ -306,7 +308,8 @@ def moe_mlp(
             "interleaved" (gate = even rows, up = odd rows, as gpt-oss stores them).
         b13: optional [E, 2I or I] bias of the first projection; b2: optional [E, H].
         alpha, limit: swiglu_oai's constants (gpt-oss: 1.702 and 7.0).
-        backend: None/"auto", "cpu" or "reference".
+        backend: None/"auto", "cpu", "cuda" (a decode / small-T kernel; on CUDA tensors ids
+            outside [-1, E) are treated as dropped, unchecked) or "reference".
 
     Each token's k slots are summed in slot order at fp32 (fp64 for fp64): deterministic, and
     bitwise identical for any CPU thread count. Differentiable in x, w13, w2, weights, b13, b2;
