@@ -4,11 +4,13 @@ torch.compile and thread-count determinism."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import sparseops
-from conftest import backend_params
+from conftest import backend_params, rerun_in_subprocess
 from sparseops.reference.moe import ACTIVATIONS, GATED, moe_mlp_hf_loop, moe_mlp_ref
 from sparseops.testing import moe_inputs
 
@@ -336,3 +338,11 @@ def test_backward_strided_inputs(device, backend):
     _close(y, y_ref)
     for n in names:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@needs_c
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the portable path")
+def test_portable_cpu_path():
+    """The scalar fallback of the AVX-512 elementwise paths, in a fresh process."""
+    selection = "(activations or shapes or dtypes or routing_edges or thread_count) and cpu"
+    rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")
