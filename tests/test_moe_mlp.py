@@ -242,8 +242,13 @@ def test_compile_dynamic_one_graph(device, backend):
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_thread_count_bitwise(dtype):
-    inp = _inputs(300, 64, 40, 8, 4, dtype=dtype, drop=0.1, bias=True)
+@pytest.mark.parametrize(
+    ("T", "H", "inter", "E", "k"),
+    # Layers of two or more tiles (a one-tile layer lets MKL thread its GEMMs: see moe_mlp's docs).
+    [(300, 64, 40, 8, 4), (300, 1024, 1024, 8, 2)],
+)
+def test_thread_count_bitwise(dtype, T, H, inter, E, k):
+    inp = _inputs(T, H, inter, E, k, dtype=dtype, drop=0.1 if k > 1 else 0.0, bias=True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -1,7 +1,9 @@
 // CPU forward of moe_mlp. The routing metadata (a stable counting sort of the T*k slots by
 // expert) comes from route_metadata's CPU kernel (csrc/cpu/routing.cpp, one owner). The work
 // is then cut into tiles of at most kTileRows rows of one expert, fixed by the routing alone
-// (never by the thread count, so results are bitwise identical for any thread count), and
+// (never by the thread count, so with two or more tiles results are bitwise identical for
+// any thread count; a one-tile layer lets MKL thread its GEMMs, whose fp32 bits then depend
+// on the thread count: MKL's torch.mm itself differs between 1 and 2 threads), and
 // at::parallel_for runs the tiles. A tile: gather its token rows of x into a local buffer,
 // GEMM1 through ATen's BLAS (at::mm_out on the buffer and the expert's w13 view; the BLAS runs
 // single-threaded inside the parallel region, and threaded when the layer is one tile), the
