@@ -317,7 +317,8 @@ def moe_mlp(
     one-tile layer (at most 64 routed rows, all on one expert) lets MKL thread its two GEMMs,
     and MKL's fp32 results then depend on the thread count in the last bits.
 
-    Differentiable in x, w13, w2, weights, b13, b2; the backward reads x, the saved [T*k, 2I or I] pre-activation and the routing.
+    Differentiable in x, w13, w2, weights, b13, b2; the backward reads x, the saved
+    [T*k, 2I or I] pre-activation and the routing.
     """
     name = _MOE.choose(backend, x)
     if _backend.HAS_C:
