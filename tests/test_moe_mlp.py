@@ -4,11 +4,13 @@ torch.compile and thread-count determinism."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import sparseops
-from conftest import backend_params
+from conftest import backend_params, rerun_in_subprocess
 from sparseops.reference.moe import ACTIVATIONS, GATED, moe_mlp_hf_loop, moe_mlp_ref
 from sparseops.testing import moe_inputs
 
@@ -240,8 +242,13 @@ def test_compile_dynamic_one_graph(device, backend):
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_thread_count_bitwise(dtype):
-    inp = _inputs(300, 64, 40, 8, 4, dtype=dtype, drop=0.1, bias=True)
+@pytest.mark.parametrize(
+    ("T", "H", "inter", "E", "k"),
+    # Layers of two or more tiles (a one-tile layer lets MKL thread its GEMMs: see moe_mlp's docs).
+    [(300, 64, 40, 8, 4), (300, 1024, 1024, 8, 2)],
+)
+def test_thread_count_bitwise(dtype, T, H, inter, E, k):
+    inp = _inputs(T, H, inter, E, k, dtype=dtype, drop=0.1 if k > 1 else 0.0, bias=True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -336,3 +343,11 @@ def test_backward_strided_inputs(device, backend):
     _close(y, y_ref)
     for n in names:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@needs_c
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the portable path")
+def test_portable_cpu_path():
+    """The scalar fallback of the AVX-512 elementwise paths, in a fresh process."""
+    selection = "(activations or shapes or dtypes or routing_edges or thread_count) and cpu"
+    rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")

@@ -311,9 +311,14 @@ def moe_mlp(
         backend: None/"auto", "cpu", "cuda" (a decode / small-T kernel; on CUDA tensors ids
             outside [-1, E) are treated as dropped, unchecked) or "reference".
 
-    Each token's k slots are summed in slot order at fp32 (fp64 for fp64): deterministic, and
-    bitwise identical for any CPU thread count. Differentiable in x, w13, w2, weights, b13, b2;
-    the backward reads x, the saved [T*k, 2I or I] pre-activation and the routing.
+    Each token's k slots are summed in slot order at fp32 (fp64 for fp64): deterministic. On
+    CPU the work is cut into tiles of at most 64 routed rows of one expert, fixed by the
+    routing; with two or more tiles the result is bitwise identical for any thread count. A
+    one-tile layer (at most 64 routed rows, all on one expert) lets MKL thread its two GEMMs,
+    and MKL's fp32 results then depend on the thread count in the last bits.
+
+    Differentiable in x, w13, w2, weights, b13, b2; the backward reads x, the saved
+    [T*k, 2I or I] pre-activation and the routing.
     """
     name = _MOE.choose(backend, x)
     if _backend.HAS_C:
