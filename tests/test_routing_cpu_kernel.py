@@ -158,10 +158,8 @@ def test_thread_count_does_not_change_bits(E, k, kw, dtype):
     thresholds (512 logits, 32768 / E rows) and the row grain (64)."""
     if kw.get("bias") is True:
         kw = {**kw, "bias": _bias(E)}
-    Ts = sorted(
-        {1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 66, 127, 128, 129, 130, 255, 257, 1000, 1025, 4099}
-        | {512 // E, 512 // E + 1, 1024 // E + 1, 32768 // E, 32768 // E + 1, 2 * (32768 // E) + 3}
-    )
+    Ts = sorted({1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 66, 127, 128, 129, 130, 255, 257, 1000, 1025, 4099}
+                | {512 // E, 512 // E + 1, 1024 // E + 1, 32768 // E, 32768 // E + 1, 2 * (32768 // E) + 3})
     for T in Ts:
         if T < 1:
             continue

@@ -205,34 +205,10 @@ def _opcheck_cases(device, backend):
     mask[3] = False
     return [
         (logits, 3, "softmax", "softmax_then_topk", True, None, 1, 1, 1.0, None, "top2_sum", backend),
-        (
-            logits.clone().requires_grad_(True),
-            3,
-            "sigmoid",
-            "softmax_then_topk",
-            True,
-            bias,
-            4,
-            2,
-            2.5,
-            mask,
-            "max",
-            backend,
-        ),
-        (
-            logits.clone().requires_grad_(True),
-            2,
-            "softmax",
-            "topk_then_softmax",
-            False,
-            None,
-            1,
-            1,
-            1.0,
-            mask,
-            "top2_sum",
-            backend,
-        ),
+        (logits.clone().requires_grad_(True), 3, "sigmoid", "softmax_then_topk", True, bias, 4, 2, 2.5, mask, "max",
+         backend),
+        (logits.clone().requires_grad_(True), 2, "softmax", "topk_then_softmax", False, None, 1, 1, 1.0, mask,
+         "top2_sum", backend),
     ]
 
 
