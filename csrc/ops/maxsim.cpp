@@ -436,6 +436,13 @@ TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
   m.impl("maxsim_backward", &maxsim_backward);
 }
 
+// Top-k ids and the backward op itself are not differentiable: no autograd formula, and no
+// warning when a loss happens to read the top-k scores.
+TORCH_LIBRARY_IMPL(sparseops, Autograd, m) {
+  m.impl("maxsim_topk", torch::CppFunction::makeFallthrough());
+  m.impl("maxsim_backward", torch::CppFunction::makeFallthrough());
+}
+
 #ifdef SPARSEOPS_WITH_CUDA
 // The same op body for CUDA tensors: it checks, allocates and hands the Triton and reference
 // backends their Python kernels.
