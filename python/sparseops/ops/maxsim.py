@@ -289,16 +289,43 @@ _MAXSIM.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MAXSIM.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_triton_kernel)
 _MAXSIM.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
 
+
+def _varlen_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_varlen_triton
+
+    maxsim_varlen_triton(*inputs, options["reduce"], *outputs)
+
+
+def _pairs_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_pairs_triton
+
+    q, d, q_mask, d_mask = inputs
+    maxsim_pairs_triton(
+        q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], options["pylate_mask"], *outputs
+    )
+
+
+def _topk_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_topk_triton
+
+    q, d, cu_d, q_mask, candidates = inputs
+    maxsim_topk_triton(q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs)
+
+
+# The pair-list ops: no CUDA C++ kernel yet, so on CUDA tensors auto picks Triton.
 _VARLEN = _backend.Op("maxsim_varlen", _facts)
 _VARLEN.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_VARLEN.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_varlen_triton_kernel)
 _VARLEN.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_varlen_reference_kernel)
 
 _PAIRS = _backend.Op("maxsim_pairs", _facts)
 _PAIRS.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_PAIRS.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_pairs_triton_kernel)
 _PAIRS.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_pairs_reference_kernel)
 
 _TOPK = _backend.Op("maxsim_topk", _facts)
 _TOPK.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_TOPK.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_topk_triton_kernel)
 _TOPK.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_topk_reference_kernel)
 
 # The shared backward: the C++ kernel on CPU, the torch index_add kernel elsewhere.
@@ -428,7 +455,7 @@ def maxsim_varlen(
             [m, cu_q[n]:cu_q[n + 1]]), flat [sum of the pairs' query lengths] with pairs.
 
     Empty queries and documents score 0. Differentiable in q and d (backward from the
-    argmax). Backends: "cpu" (C++), "reference".
+    argmax). Backends: "cpu" (C++), "triton", "reference".
     """
     name = _VARLEN.choose(backend, q)
     q, d = _similarity(similarity, q, d)
@@ -460,7 +487,7 @@ def maxsim_pairs(
         reduce, similarity, pylate_mask: as in ``maxsim``.
         return_argmax: also return the int32 argmax [B, Lq] / [B, K, Lq].
 
-    Differentiable in q and d. Backends: "cpu" (C++), "reference".
+    Differentiable in q and d. Backends: "cpu" (C++), "triton", "reference".
     """
     name = _PAIRS.choose(backend, q)
     three = isinstance(d, torch.Tensor) and d.dim() == 3
@@ -505,7 +532,9 @@ def maxsim_topk(
         scores go to the lower document id. Not differentiable (use maxsim_varlen with
         pairs=ids to train on the retrieved documents). The CPU kernel keeps per-thread
         heaps of k per query and merges them in a fixed order: the answer does not depend on
-        the thread count. Backends: "cpu" (C++), "reference".
+        the thread count. The Triton kernel scores a fixed chunk of documents at a time and
+        merges it into the running k best (memory bounded by k + chunk). Backends: "cpu"
+        (C++), "triton", "reference".
     """
     name = _TOPK.choose(backend, q)
     single = isinstance(q, torch.Tensor) and q.dim() == 2
