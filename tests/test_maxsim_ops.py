@@ -544,3 +544,14 @@ def test_masking_never_changes_an_unmasked_winner(lq, ld, seed, pylate):
         sims = torch.einsum("nid,mjd->nmij", q.double(), d.double())
         kept &= sims.gather(-1, a0.long()[..., None])[..., 0] > 0
     assert torch.equal(a1[kept], a0[kept])
+
+
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512BF16")), reason="already without vdpbf16ps")
+def test_cpu_bf16_without_vdpbf16ps():
+    """bf16 takes vdpbf16ps where the processor has AVX512_BF16; rerun the bf16 comparisons
+    with the widening fp32 path (the choice is made once per process)."""
+    rerun_in_subprocess(
+        __file__,
+        "(cpu-cpu and matches_reference) or cpu_backward_matches or bits_do_not_depend",
+        SPARSEOPS_CPU_NO_AVX512BF16="1",
+    )

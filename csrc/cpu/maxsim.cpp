@@ -47,6 +47,8 @@
 #define SPARSEOPS_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define SPARSEOPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define SPARSEOPS_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
 #else
 #define SPARSEOPS_MAXSIM_X86 0
 #endif
@@ -82,6 +84,7 @@ struct Scratch {
   std::vector<acc_t> packed;  // [dim][lpad]
   std::vector<acc_t> valid;   // [lpad]: all-ones bits where the token is real, else 0
   std::vector<acc_t> index;   // [lpad]: j as acc_t (exact: Ld < 2^24 is checked by the caller)
+  std::vector<uint32_t> packed_bf16;  // [dim / 2][lpad]: bf16 pairs (k even low, k odd high)
 };
 
 // The running max of one query token, kept per lane (value, index as acc_t, -1 = none),
@@ -213,6 +216,61 @@ SPARSEOPS_TARGET_AVX512 void query_tile_avx512(const float* q, int64_t dim, cons
     reduce_lanes(bv, iv, 16, first_real, best_out[t], arg_out[t]);
   }
 }
+
+// bf16 x bf16 with vdpbf16ps (AVX512_BF16): each 32-bit lane of the packed document holds the
+// bf16 pair (d[j][2k], d[j][2k + 1]) and one instruction adds both products to the fp32
+// accumulator, so a step covers two embedding coordinates of 16 tokens without widening.
+// The products of two bf16 values are exact in fp32; only the accumulation order differs from
+// the fp32 FMA path (the pair is summed before it joins the accumulator). Same max / argmax
+// update as query_tile_avx512.
+template <int TQ>
+SPARSEOPS_TARGET_AVX512BF16 void query_tile_bf16(const uint32_t* q, int64_t dim2,
+                                                 const uint32_t* packed, const float* valid,
+                                                 const float* index, int64_t lpad,
+                                                 int64_t first_real, float* best_out,
+                                                 int32_t* arg_out) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 best[TQ], idx[TQ];
+  for (int t = 0; t < TQ; ++t) {
+    best[t] = ninf;
+    idx[t] = _mm512_set1_ps(-1.0f);
+  }
+  for (int64_t j0 = 0; j0 < lpad; j0 += 32) {
+    __m512 acc0[TQ], acc1[TQ];
+    for (int t = 0; t < TQ; ++t) {
+      acc0[t] = _mm512_setzero_ps();
+      acc1[t] = _mm512_setzero_ps();
+    }
+    const uint32_t* col = packed + j0;
+    for (int64_t k = 0; k < dim2; ++k) {
+      const __m512i d0 = _mm512_loadu_si512(col + k * lpad);
+      const __m512i d1 = _mm512_loadu_si512(col + k * lpad + 16);
+      for (int t = 0; t < TQ; ++t) {
+        const __m512i qb = _mm512_set1_epi32(static_cast<int>(q[t * dim2 + k]));
+        acc0[t] = _mm512_dpbf16_ps(acc0[t], (__m512bh)qb, (__m512bh)d0);
+        acc1[t] = _mm512_dpbf16_ps(acc1[t], (__m512bh)qb, (__m512bh)d1);
+      }
+    }
+    const __mmask16 v0 = _mm512_movepi32_mask(_mm512_castps_si512(_mm512_loadu_ps(valid + j0)));
+    const __mmask16 v1 =
+        _mm512_movepi32_mask(_mm512_castps_si512(_mm512_loadu_ps(valid + j0 + 16)));
+    const __m512 i0 = _mm512_loadu_ps(index + j0), i1 = _mm512_loadu_ps(index + j0 + 16);
+    for (int t = 0; t < TQ; ++t) {
+      const __mmask16 g0 = _mm512_mask_cmp_ps_mask(v0, acc0[t], best[t], _CMP_GT_OQ);
+      best[t] = _mm512_mask_blend_ps(g0, best[t], acc0[t]);
+      idx[t] = _mm512_mask_blend_ps(g0, idx[t], i0);
+      const __mmask16 g1 = _mm512_mask_cmp_ps_mask(v1, acc1[t], best[t], _CMP_GT_OQ);
+      best[t] = _mm512_mask_blend_ps(g1, best[t], acc1[t]);
+      idx[t] = _mm512_mask_blend_ps(g1, idx[t], i1);
+    }
+  }
+  for (int t = 0; t < TQ; ++t) {
+    alignas(64) float bv[16], iv[16];
+    _mm512_store_ps(bv, best[t]);
+    _mm512_store_ps(iv, idx[t]);
+    reduce_lanes(bv, iv, 16, first_real, best_out[t], arg_out[t]);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -232,6 +290,8 @@ struct Rows {
   int64_t dim = 0;
   bool mean = false;
   bool pylate = false;  // masked document tokens score 0 and take part in the max
+  const uint32_t* q_bf16 = nullptr;  // [Rq, dim2] bf16 pairs of q (the vdpbf16ps path only)
+  int64_t dim2 = 0;                  // ceil(dim / 2)
 };
 
 struct DocRun {
@@ -249,7 +309,7 @@ struct QuerySlot {
 
 // Widen and pack document rows [start, start + len) dimension-major into s.packed; returns the
 // first row that takes part in the max (-1: none) and sets lpad.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int kIsa>
 SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc, Scratch<acc_t>& s,
                                          int64_t& lpad) {
   constexpr int64_t tile_j = 32;  // whole tiles of the widest path (2 x 16 lanes)
@@ -267,10 +327,36 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
   if (first_real < 0) return -1;
   lpad = (lp + tile_j - 1) / tile_j * tile_j;
   const acc_t ones = all_ones<acc_t>();
-  s.packed.assign(static_cast<size_t>(dim * lpad), acc_t(0));
   s.valid.resize(lpad);
   s.index.resize(lpad);
+  for (int64_t j = 0; j < lpad; ++j) {
+    const bool takes_part = j < lp && (r.pylate || dmask == nullptr || dmask[j]);
+    s.valid[j] = takes_part ? ones : acc_t(0);
+    s.index[j] = static_cast<acc_t>(j);
+  }
   const scalar_t* dm = static_cast<const scalar_t*>(r.d) + doc.start * dim;
+  if constexpr (kIsa == 3 && std::is_same_v<scalar_t, c10::BFloat16>) {
+    // bf16 pairs, no widening: [dim2][lpad] of (d[j][2k] | d[j][2k + 1] << 16).
+    const int64_t dim2 = r.dim2;
+    s.packed_bf16.assign(static_cast<size_t>(dim2 * lpad), 0u);
+    for (int64_t jb = 0; jb < lp; jb += tile_j) {
+      const int64_t je = std::min(lp, jb + tile_j);
+      for (int64_t j = jb; j < je; ++j) {
+        if (r.pylate && dmask != nullptr && !dmask[j]) continue;
+        const uint16_t* row = reinterpret_cast<const uint16_t*>(dm + j * dim);
+        uint32_t* dst = s.packed_bf16.data() + j;
+        // A bf16 pair (2k, 2k + 1) is the little-endian uint32 at 2k: a 32-bit transpose.
+        for (int64_t k = 0; k < dim / 2; ++k) {
+          uint32_t v;
+          std::memcpy(&v, row + 2 * k, sizeof(v));
+          dst[k * lpad] = v;
+        }
+        if (dim % 2) dst[(dim2 - 1) * lpad] = uint32_t(row[dim - 1]);
+      }
+    }
+    return first_real;
+  }
+  s.packed.assign(static_cast<size_t>(dim * lpad), acc_t(0));
   // Transposed 32 tokens at a time: the block's dim x 32 destination (16 KB at dim 128)
   // stays in L1, where a whole-document pass would miss on every strided store. Under
   // pylate a masked token's column stays 0, so its similarity is exactly 0.
@@ -282,11 +368,6 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
       acc_t* dst = s.packed.data() + j;
       for (int64_t k = 0; k < dim; ++k) dst[k * lpad] = static_cast<acc_t>(row[k]);
     }
-  }
-  for (int64_t j = 0; j < lpad; ++j) {
-    const bool takes_part = j < lp && (r.pylate || dmask == nullptr || dmask[j]);
-    s.valid[j] = takes_part ? ones : acc_t(0);
-    s.index[j] = static_cast<acc_t>(j);
   }
   return first_real;
 }
@@ -322,7 +403,7 @@ SPARSEOPS_ALWAYS_INLINE void tile_dispatch(int tq, const acc_t* qt, int64_t dim,
 }
 
 // Score one query slot against the packed document (first_real < 0: no token takes part).
-template <typename acc_t, bool kAvx512>
+template <typename acc_t, int kIsa, bool kBf16>
 SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
                                         const Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
                                         const QuerySlot<acc_t>& slot) {
@@ -342,8 +423,29 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
   int64_t count = 0;
   for (int64_t i0 = 0; i0 < slot.len; i0 += kQueryTile) {
     const int tq = static_cast<int>(std::min<int64_t>(kQueryTile, slot.len - i0));
-    tile_dispatch<acc_t, kAvx512>(tq, qn + i0 * dim, dim, s.packed.data(), s.valid.data(),
-                                  s.index.data(), lpad, first_real, best, arg);
+#if SPARSEOPS_MAXSIM_X86
+    if constexpr (kIsa == 3 && kBf16 && std::is_same_v<acc_t, float>) {
+      const uint32_t* qt = r.q_bf16 + (slot.start + i0) * r.dim2;
+      const uint32_t* pk = s.packed_bf16.data();
+      switch (tq) {
+        case 4:
+          query_tile_bf16<4>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        case 3:
+          query_tile_bf16<3>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        case 2:
+          query_tile_bf16<2>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        default:
+          query_tile_bf16<1>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+      }
+    } else
+#endif
+    {
+      tile_dispatch<acc_t, (kIsa >= 2)>(tq, qn + i0 * dim, dim, s.packed.data(), s.valid.data(),
+                                        s.index.data(), lpad, first_real, best, arg);
+    }
     for (int t = 0; t < tq; ++t) {
       const int64_t i = i0 + t;
       if (qmask != nullptr && !qmask[i]) {
@@ -363,7 +465,7 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
 
 // Items [begin, end) of an enumerator E (E::item(it, DocRun&), E::slot(it, k, QuerySlot&),
 // E::Local, E::done(it, slots, Local&), E::finish(Local&)).
-template <typename scalar_t, typename acc_t, bool kAvx512, typename E>
+template <typename scalar_t, typename acc_t, int kIsa, typename E>
 SPARSEOPS_ALWAYS_INLINE void run_range(const Rows<acc_t>& r, const E& en, int64_t begin,
                                        int64_t end) {
   Scratch<acc_t> s;
@@ -373,10 +475,11 @@ SPARSEOPS_ALWAYS_INLINE void run_range(const Rows<acc_t>& r, const E& en, int64_
     DocRun doc;
     en.item(it, doc);
     int64_t lpad = 0;
-    const int64_t first_real = pack_doc<scalar_t, acc_t>(r, doc, s, lpad);
+    const int64_t first_real = pack_doc<scalar_t, acc_t, kIsa>(r, doc, s, lpad);
+    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
     for (int64_t k = 0; k < doc.slots; ++k) {
       en.slot(it, k, slots[k], local);
-      score_slot<acc_t, kAvx512>(r, doc, s, lpad, first_real, slots[k]);
+      score_slot<acc_t, kIsa, kBf16>(r, doc, s, lpad, first_real, slots[k]);
     }
     en.done(it, doc, slots, local);
   }
@@ -385,21 +488,28 @@ SPARSEOPS_ALWAYS_INLINE void run_range(const Rows<acc_t>& r, const E& en, int64_
 
 template <typename scalar_t, typename acc_t, typename E>
 void range_default(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
-  run_range<scalar_t, acc_t, false>(r, en, b, e);
+  run_range<scalar_t, acc_t, 0>(r, en, b, e);
 }
 #if SPARSEOPS_MAXSIM_X86
 template <typename scalar_t, typename acc_t, typename E>
+SPARSEOPS_TARGET_AVX512BF16 void range_avx512bf16(const Rows<acc_t>& r, const E& en, int64_t b,
+                                                  int64_t e) {
+  run_range<scalar_t, acc_t, 3>(r, en, b, e);
+}
+template <typename scalar_t, typename acc_t, typename E>
 SPARSEOPS_TARGET_AVX512 void range_avx512(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
-  run_range<scalar_t, acc_t, true>(r, en, b, e);
+  run_range<scalar_t, acc_t, 2>(r, en, b, e);
 }
 template <typename scalar_t, typename acc_t, typename E>
 SPARSEOPS_TARGET_AVX2 void range_avx2(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
-  run_range<scalar_t, acc_t, false>(r, en, b, e);
+  run_range<scalar_t, acc_t, 1>(r, en, b, e);
 }
 #endif
 
-// 0: default ISA, 1: AVX2 + FMA, 2: AVX-512. Decided once per process (SPARSEOPS_CPU_NO_AVX512=1
-// forces at most AVX2), so the bits of an answer depend on the machine only.
+// 0: default ISA, 1: AVX2 + FMA, 2: AVX-512, 3: AVX-512 with AVX512_BF16 (bf16 inputs take
+// vdpbf16ps; every other dtype runs the level-2 code). Decided once per process
+// (SPARSEOPS_CPU_NO_AVX512=1 forces at most AVX2, SPARSEOPS_CPU_NO_AVX512BF16=1 at most level
+// 2), so the bits of an answer depend on the machine and those variables only.
 int isa_level() {
 #if SPARSEOPS_MAXSIM_X86
   static const int level = [] {
@@ -408,7 +518,9 @@ int isa_level() {
     const bool no512 = off != nullptr && *off != '\0' && *off != '0';
     if (!no512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      return 2;
+      const char* nobf = std::getenv("SPARSEOPS_CPU_NO_AVX512BF16");
+      const bool no_bf16 = nobf != nullptr && *nobf != '\0' && *nobf != '0';
+      return !no_bf16 && __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     }
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   }();
@@ -426,7 +538,10 @@ void run_all(const Rows<acc_t>& r, const E& en, int64_t items, int64_t work_per_
   const int level = isa_level();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
 #if SPARSEOPS_MAXSIM_X86
-    if (level == 2) return range_avx512<scalar_t, acc_t, E>(r, en, b, e);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (level == 3) return range_avx512bf16<scalar_t, acc_t, E>(r, en, b, e);
+    }
+    if (level >= 2) return range_avx512<scalar_t, acc_t, E>(r, en, b, e);
     if (level == 1) return range_avx2<scalar_t, acc_t, E>(r, en, b, e);
 #endif
     range_default<scalar_t, acc_t, E>(r, en, b, e);
@@ -658,6 +773,24 @@ Rows<acc_t> make_rows(const Tensor& qw, const Tensor& d, const Tensor& q_valid,
   return r;
 }
 
+// The bf16 pairs of the query rows for the vdpbf16ps path (an empty tensor otherwise); keep
+// the returned tensor alive while r is used.
+template <typename scalar_t, typename acc_t>
+Tensor attach_bf16_pairs(Rows<acc_t>& r, const Tensor& q) {
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+    return Tensor();
+  } else {
+    if (isa_level() != 3) return Tensor();
+    const int64_t dim = r.dim;
+    Tensor rows = q.reshape({-1, dim});
+    if (dim % 2) rows = at::constant_pad_nd(rows, {0, 1}, 0);
+    rows = rows.contiguous();
+    r.dim2 = (dim + 1) / 2;
+    r.q_bf16 = reinterpret_cast<const uint32_t*>(rows.data_ptr());
+    return rows;
+  }
+}
+
 template <typename acc_t>
 Tensor widen(const Tensor& q) {
   return q.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -696,8 +829,9 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask, c
     const Tensor qw = widen<acc_t>(q);
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
-    const Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
                                            cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
     PaddedAllPairs<acc_t> en;
     en.nq = cfg.nq;
     en.lq = cfg.lq;
@@ -720,8 +854,9 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
                         cu_d.is_contiguous() && scores.is_contiguous() && argmax.is_contiguous());
   dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
     const Tensor qw = widen<acc_t>(q);
-    const Rows<acc_t> r = make_rows<acc_t>(qw, d, Tensor(), Tensor(), cfg.dim,
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, Tensor(), Tensor(), cfg.dim,
                                            cfg.reduce == MaxSimReduce::kMean, false);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
     const int64_t avg_lq = std::max<int64_t>(1, cfg.total_q / std::max<int64_t>(1, cfg.nq));
     const int64_t avg_ld = std::max<int64_t>(1, cfg.total_d / std::max<int64_t>(1, cfg.nd));
     if (pairs.defined()) {
@@ -761,8 +896,9 @@ void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_m
     const Tensor qw = widen<acc_t>(q);
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
-    const Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
                                            cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
     AlignedPairs<acc_t> en;
     en.k_per = cfg.k;
     en.lq = cfg.lq;
@@ -784,8 +920,9 @@ void maxsim_topk_cpu_kernel(const Tensor& q, const Tensor& q_mask, const Tensor&
   dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
     const Tensor qw = widen<acc_t>(q);
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
-    const Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, Tensor(), cfg.dim,
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, Tensor(), cfg.dim,
                                            cfg.reduce == MaxSimReduce::kMean, false);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
     TopkState<acc_t> state;
     TopkEnum<acc_t> en;
     en.nq = cfg.nq;
@@ -918,7 +1055,7 @@ void maxsim_backward_cpu_kernel(const Tensor& grad, const Tensor& q, const Tenso
       const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
       at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
 #if SPARSEOPS_MAXSIM_X86
-        if (level == 2) {
+        if (level >= 2) {
           return backward_groups_avx512<scalar_t, acc_t>(g, qp, dp, ap, mt, off.data(),
                                                          order.data(), dim, pass == 0, o, g0, g1);
         }
