@@ -1,29 +1,39 @@
-// MaxSim CPU kernel. Semantics: python/sparseops/reference/maxsim.py.
+// MaxSim CPU kernels: maxsim, maxsim_varlen, maxsim_pairs, maxsim_topk and the shared
+// backward. Semantics: python/sparseops/reference/maxsim.py.
 //
-// Work items are (document, block of up to kQueryBlock queries), split over threads by
-// at::parallel_for. For each item the document's tokens are widened to the accumulate type
-// and packed dimension-major ([dim][Ld rounded up to kDocTile]) into a per-thread buffer: the
-// only pass over its bf16 / fp16 bytes, and the layout that lets the micro-kernel load
-// kDocTile consecutive document tokens per embedding coordinate. Each query's tokens are then
-// taken kQueryTile at a time: a register tile of kQueryTile x kDocTile dot products
-// (kQueryTile x 2 at::vec::Vectorized accumulators, one broadcast query coordinate times two
-// document vectors per step), and the running max and argmax of each query token live in
-// registers (one vector of lanes per query token) across the document's tiles, reduced to one
-// value and the lowest index at the end. The Lq x Ld similarities are never written.
+// One forward engine serves every op (run_range): a work item is one document (a run of
+// token rows) scored against up to kQueryBlock query "slots" (runs of query rows with where
+// their score and argmax go). The ops differ only in their enumerators (PaddedAllPairs,
+// VarlenAllPairs, VarlenPairs, AlignedPairs, TopkEnum), which say what the items and slots
+// are, and top-k keeps the scores in per-chunk bounded heaps instead of writing them out.
+// Items are split over threads by at::parallel_for.
 //
-// Measured (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch 2.13.0+cpu, 2026-12-02,
-// load 2.4-3, interleaved medians, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
-// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's
-// flat mm + amax + sum (100 docs: 84 %, 1.12x); bf16 0.63x of torch, whose bf16 GEMM uses
-// AVX512_BF16 dot products while this kernel widens to fp32 FMAs (vdpbf16ps: not yet).
+// For each item the document's tokens are widened to the accumulate type and packed
+// dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer (bf16 on AVX512_BF16
+// machines: packed as bf16 pairs, [dim / 2][Ld], no widening). Each query's tokens are then
+// taken kQueryTile at a time: a register tile of kQueryTile x 32 dot products (one broadcast
+// query coordinate times two document vectors per step; vdpbf16ps takes two coordinates per
+// step for bf16), and the running max and argmax of each query token live in registers
+// across the document's tiles, reduced to one value and the lowest index at the end. The
+// Lq x Ld similarities are never written. Under pylate_mask a masked token's packed column
+// is 0 (its similarity is exactly 0) and it takes part in the max.
 //
-// Every item is computed by the same code whatever the thread split, and each score sums its
-// query tokens in index order, so the bits never depend on the thread count.
+// Measured before this engine (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch
+// 2.13.0+cpu, 2026-12-02, load 2.4-3, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
+// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's flat
+// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The vdpbf16ps path was
+// only checked to be faster than the widening path under load (about 1.3x, 2026-12-04, not a
+// recorded number): the per-item packing pass now costs about as much as the dot products
+// at Nq = 1, so bf16 is still below torch's bf16 GEMM there; re-measure on a quiet machine.
+//
+// Every item is computed by the same code whatever the thread split, each score sums its
+// query tokens in index order, and top-k merges the chunks' heaps under the total order
+// (score desc, id asc), so the answers never depend on the thread count.
 //
 // ISA: at::vec::Vectorized in an extension built with default flags is the generic 8-lane
-// (32-byte) implementation; the hot loop is instantiated once more under a function-level
-// target attribute (AVX-512 / AVX2 + FMA) and chosen at run time, so GCC vectorises the
-// generic loops with the wider instructions while the extension keeps the default ISA.
+// (32-byte) implementation; the hot loop is instantiated once more under function-level
+// target attributes (AVX-512 + AVX512_BF16 / AVX-512 / AVX2 + FMA) and chosen at run time
+// (isa_level), so the extension keeps the default ISA.
 #include "sparseops/maxsim.h"
 
 #include <ATen/ATen.h>

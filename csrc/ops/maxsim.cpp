@@ -1,13 +1,15 @@
-// MaxSim op layer: argument parsing (the one owner of the user-facing checks for every
-// backend), output allocation and the backend switch (native kernel or Python kernel, see
-// sparseops/backend.h). Knows nothing of tiles: the kernels live in csrc/cpu/maxsim.cpp and
-// kernels/maxsim.py. There is no CUDA C++ kernel yet: on CUDA tensors "auto" is resolved to
-// "triton" by the Python registry, and an explicit backend="cuda" is an error here.
+// MaxSim op layer for maxsim, maxsim_varlen, maxsim_pairs, maxsim_topk and maxsim_backward:
+// argument parsing (the one owner of the user-facing checks for every backend), output
+// allocation and the backend switch (native kernel or Python kernel, see sparseops/backend.h).
+// Knows nothing of tiles: the kernels live in csrc/cpu/maxsim.cpp, kernels/maxsim.py and
+// kernels/maxsim_pairs.py. There is no CUDA C++ kernel yet: on CUDA tensors "auto" is resolved
+// to "triton" by the Python registry, and an explicit backend="cuda" is an error here (the
+// backward op runs its torch index_add kernel on CUDA tensors).
 //
-// The autograd formula is registered from Python (sparseops/ops/maxsim.py,
-// torch.library.register_autograd): the forward kernel runs for hundreds of microseconds or
-// more at the shapes MaxSim is used at, so the ~9 us of a Python autograd wrapper (H100 host,
-// torch 2.11, 2026-11) is noise, and the backward is plain torch ops for every backend.
+// The autograd formulas are registered from Python (sparseops/ops/maxsim.py,
+// torch.library.register_autograd) and all call sparseops::maxsim_backward: the forward
+// kernels run for hundreds of microseconds or more at the shapes MaxSim is used at, so the
+// ~9 us of a Python autograd wrapper (H100 host, torch 2.11, 2026-11) is noise.
 #include "sparseops/maxsim.h"
 
 #include <ATen/ATen.h>

@@ -1,11 +1,13 @@
-"""MaxSim late interaction: ``sparseops.maxsim``, the ColBERT / ColPali scoring op.
+"""MaxSim late interaction: ``sparseops.maxsim``, ``maxsim_varlen``, ``maxsim_pairs`` and
+``maxsim_topk``, the ColBERT / ColPali scoring, re-ranking, training and search ops.
 
-``sparseops::maxsim`` is declared once, in C++ (csrc/registration.cpp), where its arguments
-are parsed and checked for every backend (csrc/ops/maxsim.cpp). This module registers the
-fake implementation, the autograd formula (plain torch ops, so one backward serves every
-backend and torch.compile), each backend with its rank and reason (``sparseops._backend``),
-the Python kernels the C++ op calls for the Triton and reference backends, and the public
-function. The semantics are specified by ``sparseops.reference.maxsim``.
+Each op is declared once, in C++ (csrc/registration.cpp), where its arguments are parsed and
+checked for every backend (csrc/ops/maxsim.cpp). This module registers the fake
+implementations, the autograd formulas (all through the one backward op
+``sparseops::maxsim_backward``, which reads the argmax the forward saved), each backend with
+its rank and reason (``sparseops._backend``), the Python kernels the C++ ops call for the
+Triton and reference backends, and the public functions. The semantics are specified by
+``sparseops.reference.maxsim``.
 """
 
 from __future__ import annotations
