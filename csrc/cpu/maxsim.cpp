@@ -8,9 +8,15 @@
 // are, and top-k keeps the scores in per-chunk bounded heaps instead of writing them out.
 // Items are split over threads by at::parallel_for.
 //
-// For each item the document's tokens are widened to the accumulate type and packed
-// dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer (bf16 on AVX512_BF16
-// machines: packed as bf16 pairs, [dim / 2][Ld], no widening). Each query's tokens are then
+// bf16 on AVX512_BF16 machines (even dim) takes the query-lane path instead: the 16 lanes are
+// query tokens (the slot's query packed [dim / 2][Lq]), the document rows are read in place
+// and never packed, each vdpbf16ps adds two coordinates of one broadcast document token, and
+// the running max of 16 query tokens is one vector compare per document token (odd dim:
+// documents packed as bf16 pairs with the tile below).
+//
+// Otherwise, for each item the document's tokens are widened to the accumulate type and
+// packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer. Each query's
+// tokens are then
 // taken kQueryTile at a time: a register tile of kQueryTile x 32 dot products (one broadcast
 // query coordinate times two document vectors per step; vdpbf16ps takes two coordinates per
 // step for bf16), and the running max and argmax of each query token live in registers
@@ -21,10 +27,10 @@
 // Measured before this engine (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch
 // 2.13.0+cpu, 2026-12-02, load 2.4-3, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
 // 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's flat
-// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The vdpbf16ps path was
-// only checked to be faster than the widening path under load (about 1.3x, 2026-12-04, not a
-// recorded number): the per-item packing pass now costs about as much as the dot products
-// at Nq = 1, so bf16 is still below torch's bf16 GEMM there; re-measure on a quiet machine.
+// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The bf16 query-lane
+// path was only compared under load (2026-12-04, load ~3, 1 thread, not a recorded number):
+// about 33 ms against 57-78 ms for the widening path and 34 ms for torch's bf16 mm + amax +
+// sum in the same run; re-measure on a quiet machine.
 //
 // Every item is computed by the same code whatever the thread split, each score sums its
 // query tokens in index order, and top-k merges the chunks' heaps under the total order
@@ -95,6 +101,9 @@ struct Scratch {
   std::vector<acc_t> valid;   // [lpad]: all-ones bits where the token is real, else 0
   std::vector<acc_t> index;   // [lpad]: j as acc_t (exact: Ld < 2^24 is checked by the caller)
   std::vector<uint32_t> packed_bf16;  // [dim / 2][lpad]: bf16 pairs (k even low, k odd high)
+  std::vector<uint32_t> qpack;        // query-lane bf16 path: [dim / 2][Lq rounded up to 16]
+  std::vector<float> lane_best;       // query-lane bf16 path: [Lq rounded up to 16]
+  std::vector<int32_t> lane_arg;
 };
 
 // The running max of one query token, kept per lane (value, index as acc_t, -1 = none),
@@ -281,6 +290,85 @@ SPARSEOPS_TARGET_AVX512BF16 void query_tile_bf16(const uint32_t* q, int64_t dim2
     reduce_lanes(bv, iv, 16, first_real, best_out[t], arg_out[t]);
   }
 }
+
+// The bf16 query-lane tile (even dim, AVX512_BF16): the lanes are 16 query tokens and the
+// document is read in place, row by row, never packed. Per step each of kLaneDocs document
+// tokens broadcasts one bf16 pair (two coordinates) against NV vectors of the query packed
+// [dim / 2][qlp]; after the document token's dot products the running max of every query
+// token is one vector compare (strict >, tokens in increasing order: the lowest index keeps a
+// tie). pylate: masked tokens score 0 and take part; otherwise they are skipped.
+inline uint32_t load_u32(const uint32_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+constexpr int kLaneDocs = 4;
+
+template <int NV>
+SPARSEOPS_TARGET_AVX512BF16 inline void bf16_lanes_update(int64_t j, const __m512* acc,
+                                                          const bool* dmask, bool pylate,
+                                                          __m512* best, __m512i* idx) {
+  const bool masked = dmask != nullptr && !dmask[j];
+  if (masked && !pylate) return;
+  const __m512i jv = _mm512_set1_epi32(static_cast<int>(j));
+  for (int v = 0; v < NV; ++v) {
+    const __m512 x = masked ? _mm512_setzero_ps() : acc[v];
+    const __mmask16 g = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
+    best[v] = _mm512_mask_blend_ps(g, best[v], x);
+    idx[v] = _mm512_mask_blend_epi32(g, idx[v], jv);
+  }
+}
+
+template <int NV>
+SPARSEOPS_TARGET_AVX512BF16 void bf16_lanes_block(const uint32_t* qpack, int64_t qlp, int64_t v0,
+                                                  int64_t dim2, const uint32_t* drows,
+                                                  const bool* dmask, bool pylate, int64_t lp,
+                                                  float* best_out, int32_t* arg_out) {
+  __m512 best[NV];
+  __m512i idx[NV];
+  for (int v = 0; v < NV; ++v) {
+    best[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    idx[v] = _mm512_set1_epi32(-1);
+  }
+  const auto update = [&](int64_t j, const __m512* acc) SPARSEOPS_ALWAYS_INLINE_LAMBDA {
+    bf16_lanes_update<NV>(j, acc, dmask, pylate, best, idx);
+  };
+  int64_t j = 0;
+  for (; j + kLaneDocs <= lp; j += kLaneDocs) {
+    __m512 acc[kLaneDocs][NV];
+    for (int t = 0; t < kLaneDocs; ++t) {
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+    }
+    const uint32_t* rj = drows + j * dim2;
+    for (int64_t k = 0; k < dim2; ++k) {
+      __m512i qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16);
+      for (int t = 0; t < kLaneDocs; ++t) {
+        const __m512i db = _mm512_set1_epi32(static_cast<int>(load_u32(rj + t * dim2 + k)));
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)qv[v], (__m512bh)db);
+      }
+    }
+    for (int t = 0; t < kLaneDocs; ++t) update(j + t, acc[t]);
+  }
+  for (; j < lp; ++j) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    const uint32_t* rj = drows + j * dim2;
+    for (int64_t k = 0; k < dim2; ++k) {
+      const __m512i db = _mm512_set1_epi32(static_cast<int>(load_u32(rj + k)));
+      for (int v = 0; v < NV; ++v) {
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16),
+                                  (__m512bh)db);
+      }
+    }
+    update(j, acc);
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm512_storeu_ps(best_out + (v0 + v) * 16, best[v]);
+    _mm512_storeu_si512(arg_out + (v0 + v) * 16, idx[v]);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -346,7 +434,8 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
   }
   const scalar_t* dm = static_cast<const scalar_t*>(r.d) + doc.start * dim;
   if constexpr (kIsa == 3 && std::is_same_v<scalar_t, c10::BFloat16>) {
-    // bf16 pairs, no widening: [dim2][lpad] of (d[j][2k] | d[j][2k + 1] << 16).
+    if (dim % 2 == 0) return first_real;  // the query-lane path reads the rows in place
+    // Odd dim: bf16 pairs, no widening: [dim2][lpad] of (d[j][2k] | d[j][2k + 1] << 16).
     const int64_t dim2 = r.dim2;
     s.packed_bf16.assign(static_cast<size_t>(dim2 * lpad), 0u);
     for (int64_t jb = 0; jb < lp; jb += tile_j) {
@@ -415,7 +504,7 @@ SPARSEOPS_ALWAYS_INLINE void tile_dispatch(int tq, const acc_t* qt, int64_t dim,
 // Score one query slot against the packed document (first_real < 0: no token takes part).
 template <typename acc_t, int kIsa, bool kBf16>
 SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
-                                        const Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
+                                        Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
                                         const QuerySlot<acc_t>& slot) {
   const int64_t dim = r.dim;
   const bool* qmask = r.q_valid ? r.q_valid + slot.start : nullptr;
@@ -426,6 +515,49 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
     std::fill_n(arg_row, slot.cap, int32_t(-1));
     return;
   }
+#if SPARSEOPS_MAXSIM_X86
+  if constexpr (kIsa == 3 && kBf16 && std::is_same_v<acc_t, float>) {
+    if (dim % 2 == 0) {
+      // Query-lane bf16 path: pack this slot's query [dim / 2][qlp], score, then sum below.
+      const int64_t dim2 = r.dim2, ql = slot.len, qlp = (ql + 15) / 16 * 16;
+      s.qpack.assign(static_cast<size_t>(dim2 * qlp), 0u);
+      const uint32_t* qr = r.q_bf16 + slot.start * dim2;
+      for (int64_t i = 0; i < ql; ++i) {
+        for (int64_t k = 0; k < dim2; ++k) s.qpack[k * qlp + i] = qr[i * dim2 + k];
+      }
+      s.lane_best.resize(qlp);
+      s.lane_arg.resize(qlp);
+      const uint32_t* drows =
+          reinterpret_cast<const uint32_t*>(static_cast<const c10::BFloat16*>(r.d) + doc.start * dim);
+      int64_t v0 = 0;
+      for (; v0 + 2 <= qlp / 16; v0 += 2) {
+        bf16_lanes_block<2>(s.qpack.data(), qlp, v0, dim2, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+      }
+      if (v0 < qlp / 16) {
+        bf16_lanes_block<1>(s.qpack.data(), qlp, v0, dim2, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+      }
+      acc_t total = 0;
+      int64_t count = 0;
+      for (int64_t i = 0; i < ql; ++i) {
+        if (qmask != nullptr && !qmask[i]) {
+          arg_row[i] = -1;
+          continue;
+        }
+        // Every similarity -inf (overflow): the first token that takes part holds the max.
+        const int32_t a = s.lane_arg[i] < 0 ? static_cast<int32_t>(first_real) : s.lane_arg[i];
+        total += s.lane_best[i];  // query tokens summed in index order: deterministic
+        ++count;
+        arg_row[i] = (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a;
+      }
+      std::fill(arg_row + std::max<int64_t>(ql, 0), arg_row + slot.cap, int32_t(-1));
+      if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
+      *slot.score = total;
+      return;
+    }
+  }
+#endif
   const acc_t* qn = r.q + slot.start * dim;
   acc_t best[kQueryTile];
   int32_t arg[kQueryTile];
