@@ -552,6 +552,28 @@ def test_cpu_bf16_without_vdpbf16ps():
     with the widening fp32 path (the choice is made once per process)."""
     rerun_in_subprocess(
         __file__,
-        "(cpu-cpu and matches_reference) or cpu_backward_matches or bits_do_not_depend",
+        "(cpu-cpu and matches_reference) or cpu_backward_matches or bits_do_not_depend or bf16_paths",
         SPARSEOPS_CPU_NO_AVX512BF16="1",
     )
+
+
+@pytest.mark.parametrize("dim", [7, 16, 127, 128])
+@pytest.mark.parametrize("pylate", [False, True])
+def test_cpu_bf16_paths(dim, pylate):
+    """bf16 on CPU: the query-lane vdpbf16ps path (even dim), the packed-pairs path (odd dim)
+    and the widening path elsewhere, with masks, PyLate masking and negative similarities,
+    against the reference; the chosen token always attains the maximum."""
+    for negative in (False, True):
+        q, d = maxsim_inputs(3, 37, 5, 41, dim, dtype=torch.bfloat16, seed=dim, negative=negative)
+        qm, dm = maxsim_bool_mask(3, 37, seed=dim), maxsim_bool_mask(5, 41, p=0.5, seed=dim + 1)
+        for dmask in (dm, maxsim_lengths(5, 41, seed=dim)):
+            kw = dict(q_mask=qm, d_mask=dmask, pylate_mask=pylate)
+            s, a = sparseops.maxsim(q, d, return_argmax=True, backend="cpu", **kw)
+            w, wa = R.maxsim_ref(q, d, **kw)
+            torch.testing.assert_close(s, w, rtol=1e-5, atol=1e-4)
+            assert torch.equal(a < 0, wa < 0)
+            sims = torch.einsum("nid,mjd->nmij", q.double(), d.double())
+            live = a >= 0
+            got = sims.gather(-1, a.clamp_min(0).long()[..., None])[..., 0]
+            best = sims.gather(-1, wa.clamp_min(0).long()[..., None])[..., 0]
+            torch.testing.assert_close(got[live], best[live], rtol=1e-5, atol=1e-5)
