@@ -278,12 +278,15 @@ def test_cpu_backward_matches_the_torch_backward(dtype):
     n, m = pairs[:, 0], pairs[:, 1]
     meta = torch.stack([n, cu_q[n].long(), lq[n], m, cu_d[m].long(), torch.cumsum(lq[n], 0) - lq[n]], 1)
     grad = torch.linspace(-1, 1, 5)
-    a = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, True, True, "cpu")
     b = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, True, True, "reference")
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
-    a = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, False, True, "cpu")
-    assert a[0].numel() == 0 and torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-6)
+    for backend in ("cpu", "triton"):
+        a = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, True, True, backend)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+        a = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, False, True, backend)
+        assert a[0].numel() == 0 and torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-6)
+        a = torch.ops.sparseops.maxsim_backward(grad, qp, dp, arg, meta, 3, 4, True, False, backend)
+        assert a[1].numel() == 0 and torch.allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
 
 
 def test_masked_tokens_get_zero_gradient():
@@ -577,3 +580,20 @@ def test_cpu_bf16_paths(dim, pylate):
             got = sims.gather(-1, a.clamp_min(0).long()[..., None])[..., 0]
             best = sims.gather(-1, wa.clamp_min(0).long()[..., None])[..., 0]
             torch.testing.assert_close(got[live], best[live], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backward_of_every_op_matches_cpu():
+    """The Triton backward kernel (what CUDA tensors run) on the meta tables the autograd
+    formulas build: padded maxsim with masks and maxsim_pairs, through the op directly."""
+    q, d = maxsim_inputs(3, 7, 5, 33, 16, seed=50)
+    qm, dm = maxsim_bool_mask(3, 7, seed=5), maxsim_lengths(5, 33, seed=6)
+    _, arg = sparseops.maxsim(q, d, q_mask=qm, d_mask=dm, return_argmax=True)
+    n = torch.arange(3)[:, None].expand(3, 5).reshape(-1)
+    m = torch.arange(5)[None, :].expand(3, 5).reshape(-1)
+    meta = torch.stack([n, n * 7, torch.full_like(n, 7), m, m * 33, (n * 5 + m) * 7], 1)
+    grad = torch.linspace(-2, 1, 15)
+    qr, dr = q.reshape(21, 16), d.reshape(165, 16)
+    a = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg, meta, 3, 5, True, True, "triton")
+    b = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg, meta, 3, 5, True, True, "cpu")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)

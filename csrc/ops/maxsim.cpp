@@ -416,12 +416,14 @@ std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, 
   if (native) {
     maxsim_backward_cpu_kernel(g, x, y, a, mt, num_q, num_d, dq, dd);
   } else {
-    // CUDA tensors: the torch index_add kernel (no CUDA C++ backward yet).
+    // CUDA tensors under "auto": the Triton kernel (no CUDA C++ backward yet).
     std::vector<Tensor> outs;
     if (need_dq) outs.push_back(dq);
     if (need_dd) outs.push_back(dd);
-    call_python_kernel("maxsim_backward", q.is_cpu() ? backend : c10::string_view("reference"),
-                       {g, x, y, a, mt}, outs, {{"need_dq", need_dq}, {"need_dd", need_dd}});
+    const bool native_name = backend == "auto" || backend == "cuda" || backend == "cpu";
+    call_python_kernel("maxsim_backward", native_name ? c10::string_view("triton") : backend,
+                       {g, x, y, a, mt}, outs,
+                       {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
   }
   if (!need_dq) dq = at::zeros({0}, q.options().dtype(acc));
   if (!need_dd) dd = at::zeros({0}, d.options().dtype(acc));

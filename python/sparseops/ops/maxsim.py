@@ -90,7 +90,8 @@ def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, bac
 # lie (meta [P, 6]). Its CPU kernel accumulates dq per query and dd per document in a fixed
 # order (deterministic, no atomics) straight from the argmax: no Lq x Ld and no
 # [Nq, Nd, Lq, dim] temporary. Masked tokens and empty documents have argmax -1 and get zero
-# gradient. On CUDA tensors it runs the torch index_add kernel (no CUDA C++ backward yet).
+# gradient. On CUDA tensors it runs the Triton kernel (kernels/maxsim_backward.py: grouped the
+# same way, deterministic, no atomics; no CUDA C++ backward yet).
 
 
 def _query_counts(q_mask, Nq: int, Lq: int, like: torch.Tensor) -> torch.Tensor:
@@ -330,9 +331,21 @@ _TOPK.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _TOPK.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_topk_triton_kernel)
 _TOPK.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_topk_reference_kernel)
 
-# The shared backward: the C++ kernel on CPU, the torch index_add kernel elsewhere.
+
+def _backward_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_backward import maxsim_backward_triton
+
+    grad, q, d, argmax, meta = inputs
+    outs = iter(outputs)
+    dq = next(outs) if options["need_dq"] else None
+    dd = next(outs) if options["need_dd"] else None
+    maxsim_backward_triton(grad, q, d, argmax, meta, options["num_q"], options["num_d"], dq, dd)
+
+
+# The shared backward: the C++ kernel on CPU, the Triton kernel on CUDA (auto).
 _BACKWARD = _backend.Op("maxsim_backward", _facts)
 _BACKWARD.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_BACKWARD.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_backward_triton_kernel)
 _BACKWARD.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_backward_reference_kernel)
 
 
