@@ -597,3 +597,21 @@ def test_triton_backward_of_every_op_matches_cpu():
     b = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg, meta, 3, 5, True, True, "cpu")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", TOPK)
+def test_empty_shapes(device, backend):
+    """Empty corpus, Lq = 0, no queries, no tokens at all, K = 0, Ld = 0."""
+    z = torch.zeros(1, dtype=torch.int32)
+    q, _ = maxsim_inputs(2, 3, 1, 1, 16, seed=60)
+    d5, cu5 = _packed([2, 3], 16, seed=61)
+    s, i = sparseops.maxsim_topk(q, torch.zeros(0, 16), z, 3, backend=backend)
+    assert torch.isneginf(s).all() and (i == -1).all()
+    s, i = sparseops.maxsim_topk(torch.zeros(2, 0, 16), d5, cu5, 3, backend=backend)
+    assert s.tolist() == [[0.0, 0.0, float("-inf")]] * 2 and i.tolist() == [[0, 1, -1]] * 2
+    assert sparseops.maxsim_varlen(torch.zeros(0, 16), z, d5, cu5, backend=backend).shape == (0, 2)
+    e2, e3 = torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    s = sparseops.maxsim_varlen(torch.zeros(0, 16), e3, torch.zeros(0, 16), e2, backend=backend)
+    assert s.shape == (2, 1) and (s == 0).all()
+    assert sparseops.maxsim_pairs(q, torch.zeros(2, 0, 4, 16), backend=backend).shape == (2, 0)
+    assert (sparseops.maxsim_pairs(q, torch.zeros(2, 2, 0, 16), backend=backend) == 0).all()
