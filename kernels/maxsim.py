@@ -177,7 +177,8 @@ def maxsim_triton(
             qcount = q_mask.to(acc_dtype)
     else:
         qcount = scores
-    use_dot = dim >= 16
+    # fp64 (gradcheck) takes the broadcast path: triton 3.4's interpreter has no fp64 tl.dot.
+    use_dot = dim >= 16 and not fp64
     if use_dot:
         # tl.dot needs every tile side >= 16; 64 query tokens x 64 document tokens x dim
         # keeps the fp32 accumulator and both tiles in registers at dim 128.
