@@ -44,6 +44,16 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "maxsim(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
       "str reduce=\"sum\", str backend=\"auto\") -> (Tensor scores, Tensor argmax)");
+  // ---- nm_sparse
+  // N:M sparse linear: x [..., in] @ decompress(values, meta)^T + bias (NM_FORMAT).
+  m.def(
+      "nm_linear(Tensor x, Tensor values, Tensor meta, int n, int m, int in_features, "
+      "Tensor? bias=None, str backend=\"auto\") -> Tensor");
+  // N:M compress: prune=True keeps the n best scores (|w| if None) per group (fused mask +
+  // compress); prune=False keeps mask (default: w's non-zeros), an error when w is not N:M.
+  m.def(
+      "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
+      "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
 }
 
 namespace sparseops {
