@@ -29,12 +29,20 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["sparseops", "sparseops.ops", "sparseops.reference", "sparseops.nn", "sparseops.kernels"]
+PACKAGES = [
+    "sparseops",
+    "sparseops.ops",
+    "sparseops.reference",
+    "sparseops.nn",
+    "sparseops.integrations",
+    "sparseops.kernels",
+]
 PACKAGE_DIR = {
     "sparseops": "python/sparseops",
     "sparseops.ops": "python/sparseops/ops",
     "sparseops.reference": "python/sparseops/reference",
     "sparseops.nn": "python/sparseops/nn",
+    "sparseops.integrations": "python/sparseops/integrations",
     "sparseops.kernels": "kernels",
 }
 

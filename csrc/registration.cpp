@@ -43,7 +43,45 @@ TORCH_LIBRARY(sparseops, m) {
   // argmax [Nq, Nd, Lq] int32, -1 where nothing was taken); masks are bool [N, L] or lengths [N].
   m.def(
       "maxsim(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
+      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\") -> "
+      "(Tensor scores, Tensor argmax)");
+  // ---- maxsim family (ms-ops): ragged, aligned pairs, top-k search, shared backward.
+  // Packed tokens with int32 cu_seqlens; pairs [P, 2] -> scores [P], argmax flat; else
+  // scores [Nq, Nd], argmax [Nd, total_q].
+  m.def(
+      "maxsim_varlen(Tensor q, Tensor cu_q, Tensor d, Tensor cu_d, Tensor? pairs=None, "
       "str reduce=\"sum\", str backend=\"auto\") -> (Tensor scores, Tensor argmax)");
+  // ---- moe: the routed expert MLPs of one MoE layer. x [T, H], w13 [E, 2I or I, H],
+  // w2 [E, H, I], weights / ids [T, k] (-1 = dropped) -> (y [T, H], pre [T*k, 2I or I], the
+  // slot-major pre-activation the backward reads), both in x's dtype.
+  m.def(
+      "moe_mlp(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor ids, "
+      "str activation=\"swiglu\", str gate_up_layout=\"concat\", Tensor? b13=None, "
+      "Tensor? b2=None, float alpha=1.702, float limit=7.0, str backend=\"auto\") -> "
+      "(Tensor y, Tensor pre)");
+  // moe_mlp's backward from the forward's saved inputs and pre-activation; the bias grads
+  // are empty [0] tensors when the bias is None.
+  m.def(
+      "moe_mlp_backward(Tensor dy, Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor ids, "
+      "Tensor pre, Tensor? b13, Tensor? b2, str activation, str gate_up_layout, float alpha, "
+      "float limit, str backend=\"auto\") -> (Tensor dx, Tensor dw13, Tensor dw2, "
+      "Tensor dweights, Tensor db13, Tensor db2)");
+  // ---- end moe
+  // Aligned pairs: q [B, Lq, dim] with d [B, K, Ld, dim] -> scores [B, K], argmax [B, K, Lq].
+  m.def(
+      "maxsim_pairs(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
+      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\") -> "
+      "(Tensor scores, Tensor argmax)");
+  // Top-k documents of a packed corpus: q [Nq, Lq, dim] -> scores [Nq, k], ids [Nq, k] int64.
+  m.def(
+      "maxsim_topk(Tensor q, Tensor d, Tensor cu_d, int k, Tensor? q_mask=None, "
+      "Tensor? candidates=None, str reduce=\"sum\", str backend=\"auto\") -> "
+      "(Tensor scores, Tensor ids)");
+  // The backward of every MaxSim op from its saved argmax: per-pair grad [P], token rows,
+  // meta [P, 6] -> (dq, dd) in the accumulate dtype ([0] when not wanted).
+  m.def(
+      "maxsim_backward(Tensor grad, Tensor q, Tensor d, Tensor argmax, Tensor meta, int num_q, "
+      "int num_d, bool need_dq, bool need_dd, str backend=\"auto\") -> (Tensor dq, Tensor dd)");
   // ---- nm_sparse
   // N:M sparse linear: x [..., in] @ decompress(values, meta)^T + bias (NM_FORMAT).
   m.def(
@@ -54,6 +92,7 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
       "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
+  // ---- end nm_sparse
 }
 
 namespace sparseops {

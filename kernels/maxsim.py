@@ -59,6 +59,7 @@ def _maxsim_kernel(
     DIM_PAD: tl.constexpr,
     DOCS: tl.constexpr,
     NONE: tl.constexpr,
+    PYLATE: tl.constexpr,  # masked document tokens score 0 and take part (D_MASK is 0 or 1)
 ):
     pid = tl.program_id(0)
     n = pid // blocks_per_query
@@ -111,6 +112,10 @@ def _maxsim_kernel(
                     s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=ACC)
                 else:
                     s = tl.sum(q_tile[:, None, :] * d_tile[None, :, :], axis=2)
+                if PYLATE:
+                    # PyLate: a masked token scores 0 and is a candidate like any other.
+                    s = tl.where(c_valid[None, :], s, 0.0)
+                    c_valid = cols < d_len
                 # A masked token is -inf and out of the candidates: it never wins, even when
                 # every real similarity is -inf (then the lowest real token is taken).
                 s = tl.where(c_valid[None, :], s, float("-inf"))
@@ -123,6 +128,10 @@ def _maxsim_kernel(
                 j0 += BLOCK_LD
             live = q_valid & (arg < NONE)
             part = tl.sum(tl.where(live, best, 0.0), axis=0)
+            if PYLATE and D_MASK == 1:
+                # A masked winner (similarity 0) is reported as -1: it takes no gradient.
+                won = tl.load(dmask_ptr + m64 * Ld + arg, mask=live, other=0) != 0
+                live = live & won
             if MEAN:
                 part = part * inv
             s_off = n64 * Nd + m64
@@ -142,6 +151,8 @@ def maxsim_triton(
     reduce: str,
     scores: torch.Tensor,
     argmax: torch.Tensor,
+    *,
+    pylate: bool = False,
 ) -> None:
     """Fill ``scores`` [Nq, Nd] and ``argmax`` [Nq, Nd, Lq] (the op layer's contract:
     contiguous inputs, masks as uint8-viewable bool [N, L] or int32 lengths in [0, L],
@@ -204,4 +215,5 @@ def maxsim_triton(
         DIM_PAD=dim_pad,
         DOCS=docs,
         NONE=_NONE,
+        PYLATE=pylate,
     )

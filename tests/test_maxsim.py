@@ -49,7 +49,7 @@ def _sims(q, d):
 def _check(q, d, backend, *, exact_argmax=False, **kw):
     """Run the op (scores and argmax) and compare with the reference; returns the scores."""
     scores, argmax = torch.ops.sparseops.maxsim(
-        q, d, kw.get("q_mask"), kw.get("d_mask"), kw.get("reduce", "sum"), backend
+        q, d, kw.get("q_mask"), kw.get("d_mask"), kw.get("reduce", "sum"), False, backend
     )
     want, want_arg = maxsim_ref(q, d, **kw)
     assert scores.dtype == want.dtype and scores.shape == want.shape and scores.is_contiguous()
@@ -125,7 +125,7 @@ def test_ties_go_to_the_lowest_token(device, backend, dtype):
     d_mask[1, ::2] = False  # masked duplicates must not win either
     d[1, 1::2] = d[1, 0::2][: d[1, 1::2].shape[0]]  # each real token copies the masked one before it
     _check(q, d, backend, exact_argmax=True, d_mask=d_mask)
-    _, argmax = torch.ops.sparseops.maxsim(q, d, None, None, "sum", backend)
+    _, argmax = torch.ops.sparseops.maxsim(q, d, None, None, "sum", False, backend)
     assert (argmax[:, 0] == 0).all()
 
 
@@ -288,13 +288,14 @@ def test_gradcheck(device, backend):
 def test_opcheck_every_backend(device, backend):
     q, d = maxsim_inputs(2, 5, 3, 9, 16, device=device, seed=14)
     cases = [
-        (q, d, None, None, "sum", backend),
+        (q, d, None, None, "sum", False, backend),
         (
             q.clone().requires_grad_(True),
             d.clone().requires_grad_(True),
             torch.tensor([5, 2], device=device),
             maxsim_bool_mask(3, 9, device=device),
             "mean",
+            False,
             backend,
         ),
     ]
@@ -413,7 +414,7 @@ def test_mask_on_another_device_and_cuda_backend_raise():
     with pytest.raises(RuntimeError, match="unknown backend 'cuda'"):
         sparseops.maxsim(q, d, backend="cuda")
     with pytest.raises(RuntimeError, match="cannot take cpu tensors"):
-        torch.ops.sparseops.maxsim(q, d, None, None, "sum", "cuda")
+        torch.ops.sparseops.maxsim(q, d, None, None, "sum", False, "cuda")
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         sparseops.maxsim([[1.0]], d)
 
@@ -431,7 +432,7 @@ def test_cpu_bits_do_not_depend_on_threads():
         out = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            out.append(torch.ops.sparseops.maxsim(q, d, None, d_mask, "mean", "cpu"))
+            out.append(torch.ops.sparseops.maxsim(q, d, None, d_mask, "mean", False, "cpu"))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(out[0][0].view(torch.int32), out[1][0].view(torch.int32))

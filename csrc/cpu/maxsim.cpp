@@ -1,29 +1,45 @@
-// MaxSim CPU kernel. Semantics: python/sparseops/reference/maxsim.py.
+// MaxSim CPU kernels: maxsim, maxsim_varlen, maxsim_pairs, maxsim_topk and the shared
+// backward. Semantics: python/sparseops/reference/maxsim.py.
 //
-// Work items are (document, block of up to kQueryBlock queries), split over threads by
-// at::parallel_for. For each item the document's tokens are widened to the accumulate type
-// and packed dimension-major ([dim][Ld rounded up to kDocTile]) into a per-thread buffer: the
-// only pass over its bf16 / fp16 bytes, and the layout that lets the micro-kernel load
-// kDocTile consecutive document tokens per embedding coordinate. Each query's tokens are then
-// taken kQueryTile at a time: a register tile of kQueryTile x kDocTile dot products
-// (kQueryTile x 2 at::vec::Vectorized accumulators, one broadcast query coordinate times two
-// document vectors per step), and the running max and argmax of each query token live in
-// registers (one vector of lanes per query token) across the document's tiles, reduced to one
-// value and the lowest index at the end. The Lq x Ld similarities are never written.
+// One forward engine serves every op (run_range): a work item is one document (a run of
+// token rows) scored against up to kQueryBlock query "slots" (runs of query rows with where
+// their score and argmax go). The ops differ only in their enumerators (PaddedAllPairs,
+// VarlenAllPairs, VarlenPairs, AlignedPairs, TopkEnum), which say what the items and slots
+// are, and top-k keeps the scores in per-chunk bounded heaps instead of writing them out.
+// Items are split over threads by at::parallel_for.
 //
-// Measured (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch 2.13.0+cpu, 2026-12-02,
-// load 2.4-3, interleaved medians, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
-// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's
-// flat mm + amax + sum (100 docs: 84 %, 1.12x); bf16 0.63x of torch, whose bf16 GEMM uses
-// AVX512_BF16 dot products while this kernel widens to fp32 FMAs (vdpbf16ps: not yet).
+// bf16 on AVX512_BF16 machines (even dim) takes the query-lane path instead: the 16 lanes are
+// query tokens (the slot's query packed [dim / 2][Lq]), the document rows are read in place
+// and never packed, each vdpbf16ps adds two coordinates of one broadcast document token, and
+// the running max of 16 query tokens is one vector compare per document token (odd dim:
+// documents packed as bf16 pairs with the tile below).
 //
-// Every item is computed by the same code whatever the thread split, and each score sums its
-// query tokens in index order, so the bits never depend on the thread count.
+// Otherwise, for each item the document's tokens are widened to the accumulate type and
+// packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer. Each query's
+// tokens are then
+// taken kQueryTile at a time: a register tile of kQueryTile x 32 dot products (one broadcast
+// query coordinate times two document vectors per step; vdpbf16ps takes two coordinates per
+// step for bf16), and the running max and argmax of each query token live in registers
+// across the document's tiles, reduced to one value and the lowest index at the end. The
+// Lq x Ld similarities are never written. Under pylate_mask a masked token's packed column
+// is 0 (its similarity is exactly 0) and it takes part in the max.
+//
+// Measured before this engine (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch
+// 2.13.0+cpu, 2026-12-02, load 2.4-3, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
+// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's flat
+// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The bf16 query-lane
+// path was only compared under load (2026-12-04, load ~3, 1 thread, not a recorded number):
+// about 33 ms against 57-78 ms for the widening path and 34 ms for torch's bf16 mm + amax +
+// sum in the same run; re-measure on a quiet machine.
+//
+// Every item is computed by the same code whatever the thread split, each score sums its
+// query tokens in index order, and top-k merges the chunks' heaps under the total order
+// (score desc, id asc), so the answers never depend on the thread count.
 //
 // ISA: at::vec::Vectorized in an extension built with default flags is the generic 8-lane
-// (32-byte) implementation; the hot loop is instantiated once more under a function-level
-// target attribute (AVX-512 / AVX2 + FMA) and chosen at run time, so GCC vectorises the
-// generic loops with the wider instructions while the extension keeps the default ISA.
+// (32-byte) implementation; the hot loop is instantiated once more under function-level
+// target attributes (AVX-512 + AVX512_BF16 / AVX-512 / AVX2 + FMA) and chosen at run time
+// (isa_level), so the extension keeps the default ISA.
 #include "sparseops/maxsim.h"
 
 #include <ATen/ATen.h>
@@ -37,6 +53,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +63,8 @@
 #define SPARSEOPS_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define SPARSEOPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define SPARSEOPS_TARGET_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
 #else
 #define SPARSEOPS_MAXSIM_X86 0
 #endif
@@ -67,20 +86,6 @@ constexpr int kQueryTile = 4;       // query tokens per register tile
 constexpr int64_t kQueryBlock = 8;  // queries per work item (the packed document is reused)
 
 template <typename acc_t>
-struct Problem {
-  const acc_t* q;        // [Nq, Lq, dim] widened to acc_t
-  const void* d;         // [Nd, Ld, dim] scalar_t
-  const bool* q_bool;    // [Nq, Lq] or null
-  const int32_t* q_len;  // [Nq] or null
-  const bool* d_bool;
-  const int32_t* d_len;
-  acc_t* scores;    // [Nq, Nd]
-  int32_t* argmax;  // [Nq, Nd, Lq]
-  int64_t nq, lq, nd, ld, dim;
-  bool mean;
-};
-
-template <typename acc_t>
 acc_t all_ones() {
   using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
   const bits_t b = ~bits_t(0);
@@ -95,6 +100,10 @@ struct Scratch {
   std::vector<acc_t> packed;  // [dim][lpad]
   std::vector<acc_t> valid;   // [lpad]: all-ones bits where the token is real, else 0
   std::vector<acc_t> index;   // [lpad]: j as acc_t (exact: Ld < 2^24 is checked by the caller)
+  std::vector<uint32_t> packed_bf16;  // [dim / 2][lpad]: bf16 pairs (k even low, k odd high)
+  std::vector<uint32_t> qpack;        // query-lane bf16 path: [dim / 2][Lq rounded up to 16]
+  std::vector<float> lane_best;       // query-lane bf16 path: [Lq rounded up to 16]
+  std::vector<int32_t> lane_arg;
 };
 
 // The running max of one query token, kept per lane (value, index as acc_t, -1 = none),
@@ -226,133 +235,423 @@ SPARSEOPS_TARGET_AVX512 void query_tile_avx512(const float* q, int64_t dim, cons
     reduce_lanes(bv, iv, 16, first_real, best_out[t], arg_out[t]);
   }
 }
-#endif
 
-template <typename scalar_t, typename acc_t, bool kAvx512 = false>
-SPARSEOPS_ALWAYS_INLINE void run_items(const Problem<acc_t>& p, int64_t begin, int64_t end) {
-  // Documents are padded to whole tiles of the widest path (2 x 16 lanes), which is also a
-  // whole number of the generic path's 2 x 8.
-  constexpr int64_t tile_j = 32;
-  const int64_t nqb = (p.nq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t dim = p.dim;
-  Scratch<acc_t> s;
-  const acc_t ones = all_ones<acc_t>();
-  const scalar_t* d_all = static_cast<const scalar_t*>(p.d);
-  acc_t best[kQueryTile];
-  int32_t arg[kQueryTile];
-  const auto tile = [](int tq, const acc_t* qt, int64_t dim, const acc_t* packed,
-                       const acc_t* valid, const acc_t* index, int64_t lpad, int64_t first_real,
-                       acc_t* best, int32_t* arg) SPARSEOPS_ALWAYS_INLINE_LAMBDA {
-#if SPARSEOPS_MAXSIM_X86
-    if constexpr (kAvx512 && std::is_same_v<acc_t, float>) {
-      switch (tq) {
-        case 4:
-          return query_tile_avx512<4>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-        case 3:
-          return query_tile_avx512<3>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-        case 2:
-          return query_tile_avx512<2>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-        default:
-          return query_tile_avx512<1>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+// bf16 x bf16 with vdpbf16ps (AVX512_BF16): each 32-bit lane of the packed document holds the
+// bf16 pair (d[j][2k], d[j][2k + 1]) and one instruction adds both products to the fp32
+// accumulator, so a step covers two embedding coordinates of 16 tokens without widening.
+// The products of two bf16 values are exact in fp32; only the accumulation order differs from
+// the fp32 FMA path (the pair is summed before it joins the accumulator). Same max / argmax
+// update as query_tile_avx512.
+template <int TQ>
+SPARSEOPS_TARGET_AVX512BF16 void query_tile_bf16(const uint32_t* q, int64_t dim2,
+                                                 const uint32_t* packed, const float* valid,
+                                                 const float* index, int64_t lpad,
+                                                 int64_t first_real, float* best_out,
+                                                 int32_t* arg_out) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 best[TQ], idx[TQ];
+  for (int t = 0; t < TQ; ++t) {
+    best[t] = ninf;
+    idx[t] = _mm512_set1_ps(-1.0f);
+  }
+  for (int64_t j0 = 0; j0 < lpad; j0 += 32) {
+    __m512 acc0[TQ], acc1[TQ];
+    for (int t = 0; t < TQ; ++t) {
+      acc0[t] = _mm512_setzero_ps();
+      acc1[t] = _mm512_setzero_ps();
+    }
+    const uint32_t* col = packed + j0;
+    for (int64_t k = 0; k < dim2; ++k) {
+      const __m512i d0 = _mm512_loadu_si512(col + k * lpad);
+      const __m512i d1 = _mm512_loadu_si512(col + k * lpad + 16);
+      for (int t = 0; t < TQ; ++t) {
+        const __m512i qb = _mm512_set1_epi32(static_cast<int>(q[t * dim2 + k]));
+        acc0[t] = _mm512_dpbf16_ps(acc0[t], (__m512bh)qb, (__m512bh)d0);
+        acc1[t] = _mm512_dpbf16_ps(acc1[t], (__m512bh)qb, (__m512bh)d1);
       }
     }
-#endif
-    switch (tq) {
-      case 4:
-        return query_tile<acc_t, 4>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-      case 3:
-        return query_tile<acc_t, 3>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-      case 2:
-        return query_tile<acc_t, 2>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
-      default:
-        return query_tile<acc_t, 1>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+    const __mmask16 v0 = _mm512_movepi32_mask(_mm512_castps_si512(_mm512_loadu_ps(valid + j0)));
+    const __mmask16 v1 =
+        _mm512_movepi32_mask(_mm512_castps_si512(_mm512_loadu_ps(valid + j0 + 16)));
+    const __m512 i0 = _mm512_loadu_ps(index + j0), i1 = _mm512_loadu_ps(index + j0 + 16);
+    for (int t = 0; t < TQ; ++t) {
+      const __mmask16 g0 = _mm512_mask_cmp_ps_mask(v0, acc0[t], best[t], _CMP_GT_OQ);
+      best[t] = _mm512_mask_blend_ps(g0, best[t], acc0[t]);
+      idx[t] = _mm512_mask_blend_ps(g0, idx[t], i0);
+      const __mmask16 g1 = _mm512_mask_cmp_ps_mask(v1, acc1[t], best[t], _CMP_GT_OQ);
+      best[t] = _mm512_mask_blend_ps(g1, best[t], acc1[t]);
+      idx[t] = _mm512_mask_blend_ps(g1, idx[t], i1);
     }
-  };
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t m = item / nqb, qb = item % nqb;
-    // Tokens [0, lp) of document m are looked at (a lengths mask skips the rest).
-    const int64_t lp = p.d_len ? p.d_len[m] : p.ld;
-    const bool* dmask = p.d_bool ? p.d_bool + m * p.ld : nullptr;
-    int64_t first_real = -1;
-    for (int64_t j = 0; j < lp && first_real < 0; ++j) {
-      if (dmask == nullptr || dmask[j]) first_real = j;
-    }
-    const int64_t n0 = qb * kQueryBlock, n1 = std::min(p.nq, n0 + kQueryBlock);
-    if (first_real < 0) {
-      // No real token: 0 for every query token, nothing taken.
-      for (int64_t n = n0; n < n1; ++n) {
-        p.scores[n * p.nd + m] = acc_t(0);
-        std::fill_n(p.argmax + (n * p.nd + m) * p.lq, p.lq, int32_t(-1));
-      }
-      continue;
-    }
-    const int64_t lpad = (lp + tile_j - 1) / tile_j * tile_j;
-    s.packed.assign(static_cast<size_t>(dim * lpad), acc_t(0));
-    s.valid.resize(lpad);
-    s.index.resize(lpad);
-    const scalar_t* dm = d_all + m * p.ld * dim;
-    // Transposed 32 tokens at a time: the block's dim x 32 destination (16 KB at dim 128)
-    // stays in L1, where a whole-document pass would miss on every strided store.
-    for (int64_t jb = 0; jb < lp; jb += tile_j) {
-      const int64_t je = std::min(lp, jb + tile_j);
-      for (int64_t j = jb; j < je; ++j) {
-        const scalar_t* row = dm + j * dim;
-        acc_t* dst = s.packed.data() + j;
-        for (int64_t k = 0; k < dim; ++k) dst[k * lpad] = static_cast<acc_t>(row[k]);
-      }
-    }
-    for (int64_t j = 0; j < lpad; ++j) {
-      s.valid[j] = (j < lp && (dmask == nullptr || dmask[j])) ? ones : acc_t(0);
-      s.index[j] = static_cast<acc_t>(j);
-    }
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t lq_eff = p.q_len ? p.q_len[n] : p.lq;
-      const bool* qmask = p.q_bool ? p.q_bool + n * p.lq : nullptr;
-      int32_t* arg_row = p.argmax + (n * p.nd + m) * p.lq;
-      const acc_t* qn = p.q + n * p.lq * dim;
-      acc_t total = 0;
-      int64_t count = 0;
-      for (int64_t i0 = 0; i0 < lq_eff; i0 += kQueryTile) {
-        const int tq = static_cast<int>(std::min<int64_t>(kQueryTile, lq_eff - i0));
-        const acc_t* qt = qn + i0 * dim;
-        tile(tq, qt, dim, s.packed.data(), s.valid.data(), s.index.data(), lpad, first_real, best,
-             arg);
-        for (int t = 0; t < tq; ++t) {
-          const int64_t i = i0 + t;
-          if (qmask != nullptr && !qmask[i]) {
-            arg_row[i] = -1;
-            continue;
-          }
-          total += best[t];  // query tokens summed in index order: deterministic
-          ++count;
-          arg_row[i] = arg[t];
-        }
-      }
-      std::fill(arg_row + std::max<int64_t>(lq_eff, 0), arg_row + p.lq, int32_t(-1));
-      if (p.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
-      p.scores[n * p.nd + m] = total;
-    }
+  }
+  for (int t = 0; t < TQ; ++t) {
+    alignas(64) float bv[16], iv[16];
+    _mm512_store_ps(bv, best[t]);
+    _mm512_store_ps(iv, idx[t]);
+    reduce_lanes(bv, iv, 16, first_real, best_out[t], arg_out[t]);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void run_items_default(const Problem<acc_t>& p, int64_t b, int64_t e) {
-  run_items<scalar_t, acc_t>(p, b, e);
+// The bf16 query-lane tile (even dim, AVX512_BF16): the lanes are 16 query tokens and the
+// document is read in place, row by row, never packed. Per step each of kLaneDocs document
+// tokens broadcasts one bf16 pair (two coordinates) against NV vectors of the query packed
+// [dim / 2][qlp]; after the document token's dot products the running max of every query
+// token is one vector compare (strict >, tokens in increasing order: the lowest index keeps a
+// tie). pylate: masked tokens score 0 and take part; otherwise they are skipped.
+inline uint32_t load_u32(const uint32_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-#if SPARSEOPS_MAXSIM_X86
-template <typename scalar_t, typename acc_t>
-SPARSEOPS_TARGET_AVX512 void run_items_avx512(const Problem<acc_t>& p, int64_t b, int64_t e) {
-  run_items<scalar_t, acc_t, true>(p, b, e);
+constexpr int kLaneDocs = 4;
+
+template <int NV>
+SPARSEOPS_TARGET_AVX512BF16 inline void bf16_lanes_update(int64_t j, const __m512* acc,
+                                                          const bool* dmask, bool pylate,
+                                                          __m512* best, __m512i* idx) {
+  const bool masked = dmask != nullptr && !dmask[j];
+  if (masked && !pylate) return;
+  const __m512i jv = _mm512_set1_epi32(static_cast<int>(j));
+  for (int v = 0; v < NV; ++v) {
+    const __m512 x = masked ? _mm512_setzero_ps() : acc[v];
+    const __mmask16 g = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
+    best[v] = _mm512_mask_blend_ps(g, best[v], x);
+    idx[v] = _mm512_mask_blend_epi32(g, idx[v], jv);
+  }
 }
-template <typename scalar_t, typename acc_t>
-SPARSEOPS_TARGET_AVX2 void run_items_avx2(const Problem<acc_t>& p, int64_t b, int64_t e) {
-  run_items<scalar_t, acc_t>(p, b, e);
+
+template <int NV>
+SPARSEOPS_TARGET_AVX512BF16 void bf16_lanes_block(const uint32_t* qpack, int64_t qlp, int64_t v0,
+                                                  int64_t dim2, const uint32_t* drows,
+                                                  const bool* dmask, bool pylate, int64_t lp,
+                                                  float* best_out, int32_t* arg_out) {
+  __m512 best[NV];
+  __m512i idx[NV];
+  for (int v = 0; v < NV; ++v) {
+    best[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    idx[v] = _mm512_set1_epi32(-1);
+  }
+  const auto update = [&](int64_t j, const __m512* acc) SPARSEOPS_ALWAYS_INLINE_LAMBDA {
+    bf16_lanes_update<NV>(j, acc, dmask, pylate, best, idx);
+  };
+  int64_t j = 0;
+  for (; j + kLaneDocs <= lp; j += kLaneDocs) {
+    __m512 acc[kLaneDocs][NV];
+    for (int t = 0; t < kLaneDocs; ++t) {
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+    }
+    const uint32_t* rj = drows + j * dim2;
+    for (int64_t k = 0; k < dim2; ++k) {
+      __m512i qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16);
+      for (int t = 0; t < kLaneDocs; ++t) {
+        const __m512i db = _mm512_set1_epi32(static_cast<int>(load_u32(rj + t * dim2 + k)));
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)qv[v], (__m512bh)db);
+      }
+    }
+    for (int t = 0; t < kLaneDocs; ++t) update(j + t, acc[t]);
+  }
+  for (; j < lp; ++j) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    const uint32_t* rj = drows + j * dim2;
+    for (int64_t k = 0; k < dim2; ++k) {
+      const __m512i db = _mm512_set1_epi32(static_cast<int>(load_u32(rj + k)));
+      for (int v = 0; v < NV; ++v) {
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16),
+                                  (__m512bh)db);
+      }
+    }
+    update(j, acc);
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm512_storeu_ps(best_out + (v0 + v) * 16, best[v]);
+    _mm512_storeu_si512(arg_out + (v0 + v) * 16, idx[v]);
+  }
 }
 #endif
 
-// 0: default ISA, 1: AVX2 + FMA, 2: AVX-512. Decided once per process (SPARSEOPS_CPU_NO_AVX512=1
-// forces at most AVX2), so the bits of an answer depend on the machine only.
+// ---------------------------------------------------------------------------------------------
+// The one forward engine every op shares. Token rows are addressed globally: query rows of
+// the widened q [Rq, dim], document rows of d [Rd, dim] (scalar_t). A work item is one
+// document (a run of rows) scored against a few query "slots" (each a run of query rows plus
+// where its score and argmax go); the ops differ only in how they enumerate items and slots
+// (the Enumerator classes below) and in what happens to the scores (maxsim_topk keeps them in
+// bounded heaps instead of writing them out).
+
+template <typename acc_t>
+struct Rows {
+  const acc_t* q;        // [Rq, dim] widened to acc_t
+  const void* d;         // [Rd, dim] scalar_t
+  const bool* q_valid;   // [Rq] or null (every row real)
+  const bool* d_valid;   // [Rd] or null
+  int64_t dim = 0;
+  bool mean = false;
+  bool pylate = false;  // masked document tokens score 0 and take part in the max
+  const uint32_t* q_bf16 = nullptr;  // [Rq, dim2] bf16 pairs of q (the vdpbf16ps path only)
+  int64_t dim2 = 0;                  // ceil(dim / 2)
+};
+
+struct DocRun {
+  int64_t start = 0, len = 0;  // rows [start, start + len) of d are looked at
+  int64_t slots = 0;           // query slots of this item
+};
+
+template <typename acc_t>
+struct QuerySlot {
+  int64_t start = 0, len = 0;  // rows [start, start + len) of q are looked at
+  int64_t cap = 0;             // argmax entries to write (len..cap-1 get -1)
+  acc_t* score = nullptr;
+  int32_t* arg = nullptr;
+};
+
+// Widen and pack document rows [start, start + len) dimension-major into s.packed; returns the
+// first row that takes part in the max (-1: none) and sets lpad.
+template <typename scalar_t, typename acc_t, int kIsa>
+SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc, Scratch<acc_t>& s,
+                                         int64_t& lpad) {
+  constexpr int64_t tile_j = 32;  // whole tiles of the widest path (2 x 16 lanes)
+  const int64_t lp = doc.len, dim = r.dim;
+  const bool* dmask = r.d_valid ? r.d_valid + doc.start : nullptr;
+  int64_t first_real = -1;
+  if (r.pylate) {
+    first_real = lp > 0 ? 0 : -1;  // every token takes part (masked ones as 0)
+  } else {
+    for (int64_t j = 0; j < lp && first_real < 0; ++j) {
+      if (dmask == nullptr || dmask[j]) first_real = j;
+    }
+  }
+  lpad = 0;
+  if (first_real < 0) return -1;
+  lpad = (lp + tile_j - 1) / tile_j * tile_j;
+  const acc_t ones = all_ones<acc_t>();
+  s.valid.resize(lpad);
+  s.index.resize(lpad);
+  for (int64_t j = 0; j < lpad; ++j) {
+    const bool takes_part = j < lp && (r.pylate || dmask == nullptr || dmask[j]);
+    s.valid[j] = takes_part ? ones : acc_t(0);
+    s.index[j] = static_cast<acc_t>(j);
+  }
+  const scalar_t* dm = static_cast<const scalar_t*>(r.d) + doc.start * dim;
+  if constexpr (kIsa == 3 && std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (dim % 2 == 0) return first_real;  // the query-lane path reads the rows in place
+    // Odd dim: bf16 pairs, no widening: [dim2][lpad] of (d[j][2k] | d[j][2k + 1] << 16).
+    const int64_t dim2 = r.dim2;
+    s.packed_bf16.assign(static_cast<size_t>(dim2 * lpad), 0u);
+    for (int64_t jb = 0; jb < lp; jb += tile_j) {
+      const int64_t je = std::min(lp, jb + tile_j);
+      for (int64_t j = jb; j < je; ++j) {
+        if (r.pylate && dmask != nullptr && !dmask[j]) continue;
+        const uint16_t* row = reinterpret_cast<const uint16_t*>(dm + j * dim);
+        uint32_t* dst = s.packed_bf16.data() + j;
+        // A bf16 pair (2k, 2k + 1) is the little-endian uint32 at 2k: a 32-bit transpose.
+        for (int64_t k = 0; k < dim / 2; ++k) {
+          uint32_t v;
+          std::memcpy(&v, row + 2 * k, sizeof(v));
+          dst[k * lpad] = v;
+        }
+        if (dim % 2) dst[(dim2 - 1) * lpad] = uint32_t(row[dim - 1]);
+      }
+    }
+    return first_real;
+  }
+  s.packed.assign(static_cast<size_t>(dim * lpad), acc_t(0));
+  // Transposed 32 tokens at a time: the block's dim x 32 destination (16 KB at dim 128)
+  // stays in L1, where a whole-document pass would miss on every strided store. Under
+  // pylate a masked token's column stays 0, so its similarity is exactly 0.
+  for (int64_t jb = 0; jb < lp; jb += tile_j) {
+    const int64_t je = std::min(lp, jb + tile_j);
+    for (int64_t j = jb; j < je; ++j) {
+      if (r.pylate && dmask != nullptr && !dmask[j]) continue;
+      const scalar_t* row = dm + j * dim;
+      acc_t* dst = s.packed.data() + j;
+      for (int64_t k = 0; k < dim; ++k) dst[k * lpad] = static_cast<acc_t>(row[k]);
+    }
+  }
+  return first_real;
+}
+
+template <typename acc_t, bool kAvx512>
+SPARSEOPS_ALWAYS_INLINE void tile_dispatch(int tq, const acc_t* qt, int64_t dim, const acc_t* packed,
+                                           const acc_t* valid, const acc_t* index, int64_t lpad,
+                                           int64_t first_real, acc_t* best, int32_t* arg) {
+#if SPARSEOPS_MAXSIM_X86
+  if constexpr (kAvx512 && std::is_same_v<acc_t, float>) {
+    switch (tq) {
+      case 4:
+        return query_tile_avx512<4>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+      case 3:
+        return query_tile_avx512<3>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+      case 2:
+        return query_tile_avx512<2>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+      default:
+        return query_tile_avx512<1>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+    }
+  }
+#endif
+  switch (tq) {
+    case 4:
+      return query_tile<acc_t, 4>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+    case 3:
+      return query_tile<acc_t, 3>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+    case 2:
+      return query_tile<acc_t, 2>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+    default:
+      return query_tile<acc_t, 1>(qt, dim, packed, valid, index, lpad, first_real, best, arg);
+  }
+}
+
+// Score one query slot against the packed document (first_real < 0: no token takes part).
+template <typename acc_t, int kIsa, bool kBf16>
+SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
+                                        Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
+                                        const QuerySlot<acc_t>& slot) {
+  const int64_t dim = r.dim;
+  const bool* qmask = r.q_valid ? r.q_valid + slot.start : nullptr;
+  const bool* dmask = r.d_valid ? r.d_valid + doc.start : nullptr;
+  int32_t* arg_row = slot.arg;
+  if (first_real < 0) {
+    *slot.score = acc_t(0);
+    std::fill_n(arg_row, slot.cap, int32_t(-1));
+    return;
+  }
+#if SPARSEOPS_MAXSIM_X86
+  if constexpr (kIsa == 3 && kBf16 && std::is_same_v<acc_t, float>) {
+    if (dim % 2 == 0) {
+      // Query-lane bf16 path: pack this slot's query [dim / 2][qlp], score, then sum below.
+      const int64_t dim2 = r.dim2, ql = slot.len, qlp = (ql + 15) / 16 * 16;
+      s.qpack.assign(static_cast<size_t>(dim2 * qlp), 0u);
+      const uint32_t* qr = r.q_bf16 + slot.start * dim2;
+      for (int64_t i = 0; i < ql; ++i) {
+        for (int64_t k = 0; k < dim2; ++k) s.qpack[k * qlp + i] = qr[i * dim2 + k];
+      }
+      s.lane_best.resize(qlp);
+      s.lane_arg.resize(qlp);
+      const uint32_t* drows =
+          reinterpret_cast<const uint32_t*>(static_cast<const c10::BFloat16*>(r.d) + doc.start * dim);
+      int64_t v0 = 0;
+      for (; v0 + 2 <= qlp / 16; v0 += 2) {
+        bf16_lanes_block<2>(s.qpack.data(), qlp, v0, dim2, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+      }
+      if (v0 < qlp / 16) {
+        bf16_lanes_block<1>(s.qpack.data(), qlp, v0, dim2, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+      }
+      acc_t total = 0;
+      int64_t count = 0;
+      for (int64_t i = 0; i < ql; ++i) {
+        if (qmask != nullptr && !qmask[i]) {
+          arg_row[i] = -1;
+          continue;
+        }
+        // Every similarity -inf (overflow): the first token that takes part holds the max.
+        const int32_t a = s.lane_arg[i] < 0 ? static_cast<int32_t>(first_real) : s.lane_arg[i];
+        total += s.lane_best[i];  // query tokens summed in index order: deterministic
+        ++count;
+        arg_row[i] = (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a;
+      }
+      std::fill(arg_row + std::max<int64_t>(ql, 0), arg_row + slot.cap, int32_t(-1));
+      if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
+      *slot.score = total;
+      return;
+    }
+  }
+#endif
+  const acc_t* qn = r.q + slot.start * dim;
+  acc_t best[kQueryTile];
+  int32_t arg[kQueryTile];
+  acc_t total = 0;
+  int64_t count = 0;
+  for (int64_t i0 = 0; i0 < slot.len; i0 += kQueryTile) {
+    const int tq = static_cast<int>(std::min<int64_t>(kQueryTile, slot.len - i0));
+#if SPARSEOPS_MAXSIM_X86
+    if constexpr (kIsa == 3 && kBf16 && std::is_same_v<acc_t, float>) {
+      const uint32_t* qt = r.q_bf16 + (slot.start + i0) * r.dim2;
+      const uint32_t* pk = s.packed_bf16.data();
+      switch (tq) {
+        case 4:
+          query_tile_bf16<4>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        case 3:
+          query_tile_bf16<3>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        case 2:
+          query_tile_bf16<2>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+          break;
+        default:
+          query_tile_bf16<1>(qt, r.dim2, pk, s.valid.data(), s.index.data(), lpad, first_real, best, arg);
+      }
+    } else
+#endif
+    {
+      tile_dispatch<acc_t, (kIsa >= 2)>(tq, qn + i0 * dim, dim, s.packed.data(), s.valid.data(),
+                                        s.index.data(), lpad, first_real, best, arg);
+    }
+    for (int t = 0; t < tq; ++t) {
+      const int64_t i = i0 + t;
+      if (qmask != nullptr && !qmask[i]) {
+        arg_row[i] = -1;
+        continue;
+      }
+      total += best[t];  // query tokens summed in index order: deterministic
+      ++count;
+      // Under pylate a masked document token that won (similarity 0) takes no gradient.
+      arg_row[i] = (r.pylate && dmask != nullptr && !dmask[arg[t]]) ? int32_t(-1) : arg[t];
+    }
+  }
+  std::fill(arg_row + std::max<int64_t>(slot.len, 0), arg_row + slot.cap, int32_t(-1));
+  if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
+  *slot.score = total;
+}
+
+// Items [begin, end) of an enumerator E (E::item(it, DocRun&), E::slot(it, k, QuerySlot&),
+// E::Local, E::done(it, slots, Local&), E::finish(Local&)).
+template <typename scalar_t, typename acc_t, int kIsa, typename E>
+SPARSEOPS_ALWAYS_INLINE void run_range(const Rows<acc_t>& r, const E& en, int64_t begin,
+                                       int64_t end) {
+  Scratch<acc_t> s;
+  typename E::Local local = en.make_local();
+  QuerySlot<acc_t> slots[kQueryBlock];
+  for (int64_t it = begin; it < end; ++it) {
+    DocRun doc;
+    en.item(it, doc);
+    int64_t lpad = 0;
+    const int64_t first_real = pack_doc<scalar_t, acc_t, kIsa>(r, doc, s, lpad);
+    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+    for (int64_t k = 0; k < doc.slots; ++k) {
+      en.slot(it, k, slots[k], local);
+      score_slot<acc_t, kIsa, kBf16>(r, doc, s, lpad, first_real, slots[k]);
+    }
+    en.done(it, doc, slots, local);
+  }
+  en.finish(local);
+}
+
+template <typename scalar_t, typename acc_t, typename E>
+void range_default(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
+  run_range<scalar_t, acc_t, 0>(r, en, b, e);
+}
+#if SPARSEOPS_MAXSIM_X86
+template <typename scalar_t, typename acc_t, typename E>
+SPARSEOPS_TARGET_AVX512BF16 void range_avx512bf16(const Rows<acc_t>& r, const E& en, int64_t b,
+                                                  int64_t e) {
+  run_range<scalar_t, acc_t, 3>(r, en, b, e);
+}
+template <typename scalar_t, typename acc_t, typename E>
+SPARSEOPS_TARGET_AVX512 void range_avx512(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
+  run_range<scalar_t, acc_t, 2>(r, en, b, e);
+}
+template <typename scalar_t, typename acc_t, typename E>
+SPARSEOPS_TARGET_AVX2 void range_avx2(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
+  run_range<scalar_t, acc_t, 1>(r, en, b, e);
+}
+#endif
+
+// 0: default ISA, 1: AVX2 + FMA, 2: AVX-512, 3: AVX-512 with AVX512_BF16 (bf16 inputs take
+// vdpbf16ps; every other dtype runs the level-2 code). Decided once per process
+// (SPARSEOPS_CPU_NO_AVX512=1 forces at most AVX2, SPARSEOPS_CPU_NO_AVX512BF16=1 at most level
+// 2), so the bits of an answer depend on the machine and those variables only.
 int isa_level() {
 #if SPARSEOPS_MAXSIM_X86
   static const int level = [] {
@@ -361,7 +660,9 @@ int isa_level() {
     const bool no512 = off != nullptr && *off != '\0' && *off != '0';
     if (!no512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      return 2;
+      const char* nobf = std::getenv("SPARSEOPS_CPU_NO_AVX512BF16");
+      const bool no_bf16 = nobf != nullptr && *nobf != '\0' && *nobf != '0';
+      return !no_bf16 && __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     }
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   }();
@@ -371,39 +672,287 @@ int isa_level() {
 #endif
 }
 
-template <typename scalar_t, typename acc_t>
-void launch(const Tensor& q, const Tensor& d, const Tensor& q_mask, const Tensor& d_mask,
-            const MaxSimConfig& cfg, Tensor& scores, Tensor& argmax) {
-  const Tensor qw = q.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  Problem<acc_t> p;
-  p.q = qw.data_ptr<acc_t>();
-  p.d = d.data_ptr();
-  p.q_bool = cfg.q_mask == TokenMask::kBool ? q_mask.data_ptr<bool>() : nullptr;
-  p.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
-  p.d_bool = cfg.d_mask == TokenMask::kBool ? d_mask.data_ptr<bool>() : nullptr;
-  p.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
-  p.scores = scores.data_ptr<acc_t>();
-  p.argmax = argmax.data_ptr<int32_t>();
-  p.nq = cfg.nq;
-  p.lq = cfg.lq;
-  p.nd = cfg.nd;
-  p.ld = cfg.ld;
-  p.dim = cfg.dim;
-  p.mean = cfg.reduce == MaxSimReduce::kMean;
-  const int64_t items = cfg.nd * ((cfg.nq + kQueryBlock - 1) / kQueryBlock);
-  // One item is Lq x Ld x dim multiply-adds per query (~1.2 M at 32 x 300 x 128); split
-  // only when there is at least ~256 K of them per thread's share.
-  const int64_t per_item =
-      std::max<int64_t>(1, std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / per_item);
+// Runs every item of en over the threads. work_per_item: multiply-adds of one item (for the
+// grain: split only when a thread's share is at least ~256 K of them).
+template <typename scalar_t, typename acc_t, typename E>
+void run_all(const Rows<acc_t>& r, const E& en, int64_t items, int64_t work_per_item) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work_per_item));
   const int level = isa_level();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
 #if SPARSEOPS_MAXSIM_X86
-    if (level == 2) return run_items_avx512<scalar_t, acc_t>(p, b, e);
-    if (level == 1) return run_items_avx2<scalar_t, acc_t>(p, b, e);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (level == 3) return range_avx512bf16<scalar_t, acc_t, E>(r, en, b, e);
+    }
+    if (level >= 2) return range_avx512<scalar_t, acc_t, E>(r, en, b, e);
+    if (level == 1) return range_avx2<scalar_t, acc_t, E>(r, en, b, e);
 #endif
-    run_items_default<scalar_t, acc_t>(p, b, e);
+    range_default<scalar_t, acc_t, E>(r, en, b, e);
   });
+}
+
+struct NoLocal {};
+
+// Writes scores and argmax straight to the outputs: the base of every enumerator but top-k.
+template <typename acc_t>
+struct WriteOut {
+  using Local = NoLocal;
+  Local make_local() const { return {}; }
+  void done(int64_t, const DocRun&, const QuerySlot<acc_t>*, Local&) const {}
+  void finish(Local&) const {}
+};
+
+// maxsim: padded q [Nq, Lq] rows x padded d [Nd, Ld] rows; items (document, query block).
+template <typename acc_t>
+struct PaddedAllPairs : WriteOut<acc_t> {
+  int64_t nq, lq, nd, ld, nqb;
+  const int32_t* q_len;  // [Nq] or null
+  const int32_t* d_len;  // [Nd] or null
+  acc_t* scores;         // [Nq, Nd]
+  int32_t* argmax;       // [Nq, Nd, Lq]
+  void item(int64_t it, DocRun& doc) const {
+    const int64_t m = it / nqb, qb = it % nqb;
+    doc.start = m * ld;
+    doc.len = d_len ? d_len[m] : ld;
+    doc.slots = std::min(kQueryBlock, nq - qb * kQueryBlock);
+  }
+  void slot(int64_t it, int64_t k, QuerySlot<acc_t>& s, NoLocal&) const {
+    const int64_t m = it / nqb, n = (it % nqb) * kQueryBlock + k;
+    s.start = n * lq;
+    s.len = q_len ? q_len[n] : lq;
+    s.cap = lq;
+    s.score = scores + n * nd + m;
+    s.arg = argmax + (n * nd + m) * lq;
+  }
+};
+
+// maxsim_varlen, all pairs: packed q (cu_q) x packed d (cu_d); argmax [Nd, total_q].
+template <typename acc_t>
+struct VarlenAllPairs : WriteOut<acc_t> {
+  int64_t nq, nd, nqb, total_q;
+  const int32_t* cu_q;
+  const int32_t* cu_d;
+  acc_t* scores;  // [Nq, Nd]
+  int32_t* argmax;
+  void item(int64_t it, DocRun& doc) const {
+    const int64_t m = it / nqb, qb = it % nqb;
+    doc.start = cu_d[m];
+    doc.len = cu_d[m + 1] - cu_d[m];
+    doc.slots = std::min(kQueryBlock, nq - qb * kQueryBlock);
+  }
+  void slot(int64_t it, int64_t k, QuerySlot<acc_t>& s, NoLocal&) const {
+    const int64_t m = it / nqb, n = (it % nqb) * kQueryBlock + k;
+    s.start = cu_q[n];
+    s.len = cu_q[n + 1] - cu_q[n];
+    s.cap = s.len;
+    s.score = scores + n * nd + m;
+    s.arg = argmax + m * total_q + cu_q[n];
+  }
+};
+
+// maxsim_varlen with pairs [P, 2]: one item per pair; argmax flat at arg_off[p].
+template <typename acc_t>
+struct VarlenPairs : WriteOut<acc_t> {
+  const int64_t* pairs;  // [P, 2] (query, document)
+  const int64_t* arg_off;
+  const int32_t* cu_q;
+  const int32_t* cu_d;
+  acc_t* scores;  // [P]
+  int32_t* argmax;
+  void item(int64_t p, DocRun& doc) const {
+    const int64_t m = pairs[2 * p + 1];
+    doc.start = cu_d[m];
+    doc.len = cu_d[m + 1] - cu_d[m];
+    doc.slots = 1;
+  }
+  void slot(int64_t p, int64_t, QuerySlot<acc_t>& s, NoLocal&) const {
+    const int64_t n = pairs[2 * p];
+    s.start = cu_q[n];
+    s.len = cu_q[n + 1] - cu_q[n];
+    s.cap = s.len;
+    s.score = scores + p;
+    s.arg = argmax + arg_off[p];
+  }
+};
+
+// maxsim_pairs: q [B, Lq] rows with d [B * K, Ld] rows; item (b, k) = one pair.
+template <typename acc_t>
+struct AlignedPairs : WriteOut<acc_t> {
+  int64_t k_per, lq, ld;
+  const int32_t* q_len;  // [B] or null
+  const int32_t* d_len;  // [B * K] or null
+  acc_t* scores;         // [B, K]
+  int32_t* argmax;       // [B, K, Lq]
+  void item(int64_t it, DocRun& doc) const {
+    doc.start = it * ld;
+    doc.len = d_len ? d_len[it] : ld;
+    doc.slots = 1;
+  }
+  void slot(int64_t it, int64_t, QuerySlot<acc_t>& s, NoLocal&) const {
+    const int64_t b = it / k_per;
+    s.start = b * lq;
+    s.len = q_len ? q_len[b] : lq;
+    s.cap = lq;
+    s.score = scores + it;
+    s.arg = argmax + it * lq;
+  }
+};
+
+// maxsim_topk: scores go to per-chunk bounded heaps (k best per query), merged at the end.
+template <typename acc_t>
+struct Cand {
+  acc_t score;
+  int64_t id;
+};
+// a is better than b: higher score, then lower id.
+template <typename acc_t>
+inline bool better(const Cand<acc_t>& a, const Cand<acc_t>& b) {
+  return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+template <typename acc_t>
+struct TopkState {
+  int64_t nq, k;
+  std::mutex mu;
+  std::vector<std::vector<Cand<acc_t>>> parts;  // per chunk: [Nq * k'] heaps flattened
+  std::vector<std::vector<int64_t>> sizes;
+};
+
+template <typename acc_t>
+struct TopkLocal {
+  std::vector<Cand<acc_t>> heap;  // [Nq][k]: min-heaps on "better" (worst on top)
+  std::vector<int64_t> size;      // [Nq]
+  std::vector<acc_t> score_buf;   // [kQueryBlock]
+  std::vector<int32_t> arg_buf;   // [kQueryBlock * Lq]
+};
+
+template <typename acc_t>
+inline void heap_push(Cand<acc_t>* h, int64_t& n, int64_t k, const Cand<acc_t>& c) {
+  const auto worse_first = [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return better(a, b); };
+  if (n < k) {
+    h[n++] = c;
+    std::push_heap(h, h + n, worse_first);
+  } else if (better(c, h[0])) {
+    std::pop_heap(h, h + n, worse_first);
+    h[n - 1] = c;
+    std::push_heap(h, h + n, worse_first);
+  }
+}
+
+// Items: shared documents (all of them, or candidates [C]) x query blocks, or, with
+// per-query candidates [Nq, C], one item per (query, candidate). Candidate -1 is skipped.
+template <typename acc_t>
+struct TopkEnum {
+  using Local = TopkLocal<acc_t>;
+  int64_t nq, lq, nqb, k;
+  const int32_t* q_len;  // [Nq] or null
+  const int32_t* cu_d;
+  const int64_t* cand;  // null, [C] (shared) or [Nq, C]
+  int64_t c;            // candidates per list (or Nd without candidates)
+  bool per_query;
+  TopkState<acc_t>* state;
+  Local make_local() const {
+    Local l;
+    l.heap.resize(static_cast<size_t>(nq * k));
+    l.size.assign(nq, 0);
+    l.score_buf.resize(kQueryBlock);
+    l.arg_buf.resize(static_cast<size_t>(kQueryBlock * std::max<int64_t>(lq, 1)));
+    return l;
+  }
+  int64_t doc_of(int64_t it) const {
+    if (per_query) return cand[it];  // it = n * C + c
+    const int64_t j = it / nqb;
+    return cand ? cand[j] : j;
+  }
+  void item(int64_t it, DocRun& doc) const {
+    const int64_t m = doc_of(it);
+    if (m < 0) {
+      doc.start = doc.len = doc.slots = 0;
+      return;
+    }
+    doc.start = cu_d[m];
+    doc.len = cu_d[m + 1] - cu_d[m];
+    doc.slots = per_query ? 1 : std::min(kQueryBlock, nq - (it % nqb) * kQueryBlock);
+  }
+  int64_t query_of(int64_t it, int64_t k_) const {
+    return per_query ? it / c : (it % nqb) * kQueryBlock + k_;
+  }
+  void slot(int64_t it, int64_t k_, QuerySlot<acc_t>& s, Local& l) const {
+    const int64_t n = query_of(it, k_);
+    s.start = n * lq;
+    s.len = q_len ? q_len[n] : lq;
+    s.cap = lq;
+    s.score = l.score_buf.data() + k_;
+    s.arg = l.arg_buf.data() + k_ * lq;
+  }
+  void done(int64_t it, const DocRun& doc, const QuerySlot<acc_t>*, Local& l) const {
+    if (doc.slots == 0) return;
+    const int64_t m = doc_of(it);
+    for (int64_t k_ = 0; k_ < doc.slots; ++k_) {
+      const int64_t n = query_of(it, k_);
+      const acc_t v = l.score_buf[k_];
+      if (v != v) continue;  // NaN never enters the top-k
+      heap_push(l.heap.data() + n * k, l.size[n], k, Cand<acc_t>{v, m});
+    }
+  }
+  void finish(Local& l) const {
+    std::lock_guard<std::mutex> g(state->mu);
+    state->parts.push_back(std::move(l.heap));
+    state->sizes.push_back(std::move(l.size));
+  }
+};
+
+template <typename acc_t>
+Rows<acc_t> make_rows(const Tensor& qw, const Tensor& d, const Tensor& q_valid,
+                      const Tensor& d_valid, int64_t dim, bool mean, bool pylate) {
+  Rows<acc_t> r;
+  r.q = qw.data_ptr<acc_t>();
+  r.d = d.data_ptr();
+  r.q_valid = q_valid.defined() ? q_valid.data_ptr<bool>() : nullptr;
+  r.d_valid = d_valid.defined() ? d_valid.data_ptr<bool>() : nullptr;
+  r.dim = dim;
+  r.mean = mean;
+  r.pylate = pylate;
+  return r;
+}
+
+// The bf16 pairs of the query rows for the vdpbf16ps path (an empty tensor otherwise); keep
+// the returned tensor alive while r is used.
+template <typename scalar_t, typename acc_t>
+Tensor attach_bf16_pairs(Rows<acc_t>& r, const Tensor& q) {
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+    return Tensor();
+  } else {
+    if (isa_level() != 3) return Tensor();
+    const int64_t dim = r.dim;
+    Tensor rows = q.reshape({-1, dim});
+    if (dim % 2) rows = at::constant_pad_nd(rows, {0, 1}, 0);
+    rows = rows.contiguous();
+    r.dim2 = (dim + 1) / 2;
+    r.q_bf16 = reinterpret_cast<const uint32_t*>(rows.data_ptr());
+    return rows;
+  }
+}
+
+template <typename acc_t>
+Tensor widen(const Tensor& q) {
+  return q.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// Calls f.template operator()<scalar_t, acc_t>() for the dtype of x.
+template <typename F>
+void dispatch_dtype(const Tensor& x, F&& f) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return f.template operator()<float, float>();
+    case at::kBFloat16:
+      return f.template operator()<c10::BFloat16, float>();
+    case at::kHalf:
+      return f.template operator()<c10::Half, float>();
+    case at::kDouble:
+      return f.template operator()<double, double>();
+    default:
+      TORCH_INTERNAL_ASSERT(false, "maxsim CPU kernel: unexpected dtype ", x.scalar_type());
+  }
 }
 
 }  // namespace
@@ -415,18 +964,249 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask, c
   TORCH_INTERNAL_ASSERT(cfg.nq > 0 && cfg.nd > 0 && cfg.lq > 0 && cfg.ld > 0);
   // The argmax travels as acc_t lanes: exact below 2^24 tokens (the op layer checks).
   TORCH_INTERNAL_ASSERT(cfg.ld < (int64_t(1) << 24));
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      return launch<float, float>(q, d, q_mask, d_mask, cfg, scores, argmax);
-    case at::kBFloat16:
-      return launch<c10::BFloat16, float>(q, d, q_mask, d_mask, cfg, scores, argmax);
-    case at::kHalf:
-      return launch<c10::Half, float>(q, d, q_mask, d_mask, cfg, scores, argmax);
-    case at::kDouble:
-      return launch<double, double>(q, d, q_mask, d_mask, cfg, scores, argmax);
-    default:
-      TORCH_INTERNAL_ASSERT(false, "maxsim_cpu_kernel: unexpected dtype ", q.scalar_type());
+  // Under pylate the op layer has turned lengths masks into bool masks.
+  TORCH_INTERNAL_ASSERT(!cfg.pylate || (cfg.q_mask != TokenMask::kLengths &&
+                                        cfg.d_mask != TokenMask::kLengths));
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    const Tensor qw = widen<acc_t>(q);
+    const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
+    const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
+                                           cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    PaddedAllPairs<acc_t> en;
+    en.nq = cfg.nq;
+    en.lq = cfg.lq;
+    en.nd = cfg.nd;
+    en.ld = cfg.ld;
+    en.nqb = (cfg.nq + kQueryBlock - 1) / kQueryBlock;
+    en.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
+    en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
+    en.scores = scores.data_ptr<acc_t>();
+    en.argmax = argmax.data_ptr<int32_t>();
+    run_all<scalar_t, acc_t>(r, en, cfg.nd * en.nqb,
+                             std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
+  });
+}
+
+void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor& d,
+                              const Tensor& cu_d, const Tensor& pairs, const Tensor& arg_off,
+                              const MaxSimVarlenConfig& cfg, Tensor& scores, Tensor& argmax) {
+  TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && cu_q.is_contiguous() &&
+                        cu_d.is_contiguous() && scores.is_contiguous() && argmax.is_contiguous());
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    const Tensor qw = widen<acc_t>(q);
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, Tensor(), Tensor(), cfg.dim,
+                                           cfg.reduce == MaxSimReduce::kMean, false);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    const int64_t avg_lq = std::max<int64_t>(1, cfg.total_q / std::max<int64_t>(1, cfg.nq));
+    const int64_t avg_ld = std::max<int64_t>(1, cfg.total_d / std::max<int64_t>(1, cfg.nd));
+    if (pairs.defined()) {
+      VarlenPairs<acc_t> en;
+      en.pairs = pairs.data_ptr<int64_t>();
+      en.arg_off = arg_off.data_ptr<int64_t>();
+      en.cu_q = cu_q.data_ptr<int32_t>();
+      en.cu_d = cu_d.data_ptr<int32_t>();
+      en.scores = scores.data_ptr<acc_t>();
+      en.argmax = argmax.data_ptr<int32_t>();
+      run_all<scalar_t, acc_t>(r, en, cfg.np, avg_lq * avg_ld * cfg.dim);
+    } else {
+      VarlenAllPairs<acc_t> en;
+      en.nq = cfg.nq;
+      en.nd = cfg.nd;
+      en.nqb = (cfg.nq + kQueryBlock - 1) / kQueryBlock;
+      en.total_q = cfg.total_q;
+      en.cu_q = cu_q.data_ptr<int32_t>();
+      en.cu_d = cu_d.data_ptr<int32_t>();
+      en.scores = scores.data_ptr<acc_t>();
+      en.argmax = argmax.data_ptr<int32_t>();
+      run_all<scalar_t, acc_t>(r, en, cfg.nd * en.nqb,
+                               std::min(cfg.nq, kQueryBlock) * avg_lq * avg_ld * cfg.dim);
+    }
+  });
+}
+
+void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask,
+                             const Tensor& d_mask, const MaxSimPairsConfig& cfg, Tensor& scores,
+                             Tensor& argmax) {
+  TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && scores.is_contiguous() &&
+                        argmax.is_contiguous());
+  TORCH_INTERNAL_ASSERT(cfg.b > 0 && cfg.k > 0 && cfg.lq > 0 && cfg.ld > 0);
+  TORCH_INTERNAL_ASSERT(!cfg.pylate || (cfg.q_mask != TokenMask::kLengths &&
+                                        cfg.d_mask != TokenMask::kLengths));
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    const Tensor qw = widen<acc_t>(q);
+    const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
+    const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
+                                           cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    AlignedPairs<acc_t> en;
+    en.k_per = cfg.k;
+    en.lq = cfg.lq;
+    en.ld = cfg.ld;
+    en.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
+    en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
+    en.scores = scores.data_ptr<acc_t>();
+    en.argmax = argmax.data_ptr<int32_t>();
+    run_all<scalar_t, acc_t>(r, en, cfg.b * cfg.k, cfg.lq * cfg.ld * cfg.dim);
+  });
+}
+
+void maxsim_topk_cpu_kernel(const Tensor& q, const Tensor& q_mask, const Tensor& d,
+                            const Tensor& cu_d, const Tensor& candidates,
+                            const MaxSimTopkConfig& cfg, Tensor& scores, Tensor& ids) {
+  TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && cu_d.is_contiguous() &&
+                        scores.is_contiguous() && ids.is_contiguous());
+  TORCH_INTERNAL_ASSERT(cfg.nq > 0 && cfg.lq > 0 && cfg.k > 0);
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    const Tensor qw = widen<acc_t>(q);
+    const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
+    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, Tensor(), cfg.dim,
+                                           cfg.reduce == MaxSimReduce::kMean, false);
+    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    TopkState<acc_t> state;
+    TopkEnum<acc_t> en;
+    en.nq = cfg.nq;
+    en.lq = cfg.lq;
+    en.nqb = (cfg.nq + kQueryBlock - 1) / kQueryBlock;
+    en.k = cfg.k;
+    en.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
+    en.cu_d = cu_d.data_ptr<int32_t>();
+    en.cand = candidates.defined() ? candidates.data_ptr<int64_t>() : nullptr;
+    en.per_query = candidates.defined() && candidates.dim() == 2;
+    en.c = candidates.defined() ? candidates.size(-1) : cfg.nd;
+    en.state = &state;
+    const int64_t avg_ld = std::max<int64_t>(1, cfg.total_d / std::max<int64_t>(1, cfg.nd));
+    const int64_t items = en.per_query ? cfg.nq * en.c : en.c * en.nqb;
+    const int64_t per_item =
+        (en.per_query ? 1 : std::min(cfg.nq, kQueryBlock)) * cfg.lq * avg_ld * cfg.dim;
+    if (items > 0) run_all<scalar_t, acc_t>(r, en, items, per_item);
+    // Deterministic merge: the union of the chunks' k best holds the k best under the total
+    // order (score desc, id asc), which does not depend on how the items were split.
+    acc_t* out_s = scores.data_ptr<acc_t>();
+    int64_t* out_i = ids.data_ptr<int64_t>();
+    std::vector<Cand<acc_t>> all;
+    for (int64_t n = 0; n < cfg.nq; ++n) {
+      all.clear();
+      for (size_t c = 0; c < state.parts.size(); ++c) {
+        const Cand<acc_t>* h = state.parts[c].data() + n * cfg.k;
+        all.insert(all.end(), h, h + state.sizes[c][n]);
+      }
+      const int64_t take = std::min<int64_t>(cfg.k, static_cast<int64_t>(all.size()));
+      std::partial_sort(all.begin(), all.begin() + take, all.end(),
+                        [](const Cand<acc_t>& a, const Cand<acc_t>& b) { return better(a, b); });
+      for (int64_t i = 0; i < cfg.k; ++i) {
+        out_s[n * cfg.k + i] = i < take ? all[i].score : -std::numeric_limits<acc_t>::infinity();
+        out_i[n * cfg.k + i] = i < take ? all[i].id : -1;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward from the saved argmax, shared by every op. meta [P, 6] int64 per pair: query group,
+// first query row, query rows, document group, first document row, argmax offset. dq rows are
+// owned by query groups and dd rows by document groups; each group walks its pairs in index
+// order, so every output row is summed in a fixed order (deterministic, no atomics) and the
+// Lq x Ld similarities never exist.
+namespace {
+
+// dst[0..dim) += g * src[0..dim) (src widened from scalar_t).
+template <typename scalar_t, typename acc_t>
+SPARSEOPS_ALWAYS_INLINE void axpy(acc_t* dst, const scalar_t* src, acc_t g, int64_t dim) {
+  for (int64_t k = 0; k < dim; ++k) dst[k] += g * static_cast<acc_t>(src[k]);
+}
+
+// Pairs grouped by column col of meta (stable counting sort): offsets [groups + 1], order [P].
+void group_pairs(const int64_t* meta, int64_t np, int col, int64_t groups,
+                 std::vector<int64_t>& off, std::vector<int64_t>& order) {
+  off.assign(groups + 1, 0);
+  for (int64_t p = 0; p < np; ++p) ++off[meta[p * 6 + col] + 1];
+  for (int64_t g = 0; g < groups; ++g) off[g + 1] += off[g];
+  order.resize(np);
+  std::vector<int64_t> pos(off.begin(), off.end() - 1);
+  for (int64_t p = 0; p < np; ++p) order[pos[meta[p * 6 + col]]++] = p;
+}
+
+template <typename scalar_t, typename acc_t, bool kWide>
+SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q,
+                                             const scalar_t* d, const int32_t* argmax,
+                                             const int64_t* meta, const int64_t* off,
+                                             const int64_t* order, int64_t dim, bool for_dq,
+                                             acc_t* out, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t o = off[g]; o < off[g + 1]; ++o) {
+      const int64_t p = order[o];
+      const int64_t* mt = meta + p * 6;
+      const acc_t c = grad[p];
+      if (c == acc_t(0)) continue;
+      const int64_t qs = mt[1], ql = mt[2], ds = mt[4];
+      const int32_t* arg = argmax + mt[5];
+      for (int64_t t = 0; t < ql; ++t) {
+        const int32_t a = arg[t];
+        if (a < 0) continue;
+        if (for_dq) {
+          axpy<scalar_t, acc_t>(out + (qs + t) * dim, d + (ds + a) * dim, c, dim);
+        } else {
+          axpy<scalar_t, acc_t>(out + (ds + a) * dim, q + (qs + t) * dim, c, dim);
+        }
+      }
+    }
   }
+}
+
+#if SPARSEOPS_MAXSIM_X86
+template <typename scalar_t, typename acc_t>
+SPARSEOPS_TARGET_AVX512 void backward_groups_avx512(const acc_t* grad, const scalar_t* q,
+                                                    const scalar_t* d, const int32_t* argmax,
+                                                    const int64_t* meta, const int64_t* off,
+                                                    const int64_t* order, int64_t dim,
+                                                    bool for_dq, acc_t* out, int64_t g0,
+                                                    int64_t g1) {
+  backward_groups<scalar_t, acc_t, true>(grad, q, d, argmax, meta, off, order, dim, for_dq, out,
+                                         g0, g1);
+}
+#endif
+
+}  // namespace
+
+void maxsim_backward_cpu_kernel(const Tensor& grad, const Tensor& q, const Tensor& d,
+                                const Tensor& argmax, const Tensor& meta, int64_t num_q,
+                                int64_t num_d, Tensor& dq, Tensor& dd) {
+  TORCH_INTERNAL_ASSERT(grad.is_contiguous() && q.is_contiguous() && d.is_contiguous() &&
+                        argmax.is_contiguous() && meta.is_contiguous());
+  const int64_t np = meta.size(0), dim = q.size(1);
+  const int64_t* mt = meta.data_ptr<int64_t>();
+  const int level = isa_level();
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    const acc_t* g = grad.data_ptr<acc_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const int32_t* ap = argmax.data_ptr<int32_t>();
+    for (int pass = 0; pass < 2; ++pass) {
+      Tensor& out = pass == 0 ? dq : dd;
+      if (!out.defined()) continue;
+      out.zero_();
+      const int col = pass == 0 ? 0 : 3;
+      const int64_t groups = pass == 0 ? num_q : num_d;
+      std::vector<int64_t> off, order;
+      group_pairs(mt, np, col, groups, off, order);
+      acc_t* o = out.data_ptr<acc_t>();
+      const int64_t work = std::max<int64_t>(1, np / std::max<int64_t>(1, groups)) * dim * 32;
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
+      at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+#if SPARSEOPS_MAXSIM_X86
+        if (level >= 2) {
+          return backward_groups_avx512<scalar_t, acc_t>(g, qp, dp, ap, mt, off.data(),
+                                                         order.data(), dim, pass == 0, o, g0, g1);
+        }
+#endif
+        backward_groups<scalar_t, acc_t, false>(g, qp, dp, ap, mt, off.data(), order.data(), dim,
+                                                pass == 0, o, g0, g1);
+      });
+    }
+  });
 }
 
 }  // namespace sparseops

@@ -1,13 +1,15 @@
-// MaxSim op layer: argument parsing (the one owner of the user-facing checks for every
-// backend), output allocation and the backend switch (native kernel or Python kernel, see
-// sparseops/backend.h). Knows nothing of tiles: the kernels live in csrc/cpu/maxsim.cpp and
-// kernels/maxsim.py. There is no CUDA C++ kernel yet: on CUDA tensors "auto" is resolved to
-// "triton" by the Python registry, and an explicit backend="cuda" is an error here.
+// MaxSim op layer for maxsim, maxsim_varlen, maxsim_pairs, maxsim_topk and maxsim_backward:
+// argument parsing (the one owner of the user-facing checks for every backend), output
+// allocation and the backend switch (native kernel or Python kernel, see sparseops/backend.h).
+// Knows nothing of tiles: the kernels live in csrc/cpu/maxsim.cpp, kernels/maxsim.py and
+// kernels/maxsim_pairs.py. There is no CUDA C++ kernel yet: on CUDA tensors "auto" is resolved
+// to "triton" by the Python registry, and an explicit backend="cuda" is an error here (the
+// backward op runs its torch index_add kernel on CUDA tensors).
 //
-// The autograd formula is registered from Python (sparseops/ops/maxsim.py,
-// torch.library.register_autograd): the forward kernel runs for hundreds of microseconds or
-// more at the shapes MaxSim is used at, so the ~9 us of a Python autograd wrapper (H100 host,
-// torch 2.11, 2026-11) is noise, and the backward is plain torch ops for every backend.
+// The autograd formulas are registered from Python (sparseops/ops/maxsim.py,
+// torch.library.register_autograd) and all call sparseops::maxsim_backward: the forward
+// kernels run for hundreds of microseconds or more at the shapes MaxSim is used at, so the
+// ~9 us of a Python autograd wrapper (H100 host, torch 2.11, 2026-11) is noise.
 #include "sparseops/maxsim.h"
 
 #include <ATen/ATen.h>
@@ -74,9 +76,25 @@ TokenMask parse_token_mask(const std::optional<Tensor>& mask, const char* name, 
   return TokenMask::kLengths;
 }
 
+MaxSimReduce parse_reduce(c10::string_view reduce) {
+  if (reduce == "sum") return MaxSimReduce::kSum;
+  if (reduce == "mean") return MaxSimReduce::kMean;
+  TORCH_CHECK(false, "reduce must be \"sum\" or \"mean\", got \"", std::string(reduce), "\"");
+}
+
+// Under pylate_mask the kernels take bool masks only (a masked token still takes part).
+TokenMask lengths_to_bool(TokenMask kind, Tensor& m, int64_t L) {
+  if (kind != TokenMask::kLengths) return kind;
+  m = (at::arange(L, m.options().dtype(at::kLong)).unsqueeze(0) < m.to(at::kLong).unsqueeze(1))
+          .contiguous();
+  return TokenMask::kBool;
+}
+
+const char* reduce_name(MaxSimReduce r) { return r == MaxSimReduce::kMean ? "mean" : "sum"; }
+
 MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
                           const std::optional<Tensor>& d_mask, c10::string_view reduce, Tensor& qm,
-                          Tensor& dm) {
+                          Tensor& dm, bool pylate = false) {
   check_dim(q, "q", 3);
   check_dim(d, "d", 3);
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -95,24 +113,23 @@ MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<
   TORCH_CHECK(cfg.ld < (int64_t(1) << 24) && cfg.nq * cfg.nd <= kInt32Max,
               "maxsim needs Ld < 2^24 and Nq * Nd to fit in int32, got q ", describe(q), " and d ",
               describe(d));
-  if (reduce == "sum") {
-    cfg.reduce = MaxSimReduce::kSum;
-  } else if (reduce == "mean") {
-    cfg.reduce = MaxSimReduce::kMean;
-  } else {
-    TORCH_CHECK(false, "reduce must be \"sum\" or \"mean\", got \"", std::string(reduce), "\"");
-  }
+  cfg.reduce = parse_reduce(reduce);
   cfg.q_mask = parse_token_mask(q_mask, "q_mask", q, "q", qm);
   cfg.d_mask = parse_token_mask(d_mask, "d_mask", d, "d", dm);
+  cfg.pylate = pylate;
+  if (pylate) {
+    cfg.q_mask = lengths_to_bool(cfg.q_mask, qm, cfg.lq);
+    cfg.d_mask = lengths_to_bool(cfg.d_mask, dm, cfg.ld);
+  }
   return cfg;
 }
 
 std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
                                   const std::optional<Tensor>& q_mask,
                                   const std::optional<Tensor>& d_mask, c10::string_view reduce,
-                                  c10::string_view backend) {
+                                  bool pylate_mask, c10::string_view backend) {
   Tensor qm, dm;
-  const MaxSimConfig cfg = parse_maxsim(q, d, q_mask, d_mask, reduce, qm, dm);
+  const MaxSimConfig cfg = parse_maxsim(q, d, q_mask, d_mask, reduce, qm, dm, pylate_mask);
   const bool native = runs_native("maxsim", backend, q);
   TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim has no CUDA C++ kernel yet: use ",
               "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
@@ -135,19 +152,311 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
         "maxsim", backend, {x, y, qm, dm}, {scores, argmax},
         {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
          {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
-         {"reduce", std::string(cfg.reduce == MaxSimReduce::kMean ? "mean" : "sum")}});
+         {"reduce", std::string(reduce_name(cfg.reduce))},
+         {"pylate_mask", cfg.pylate}});
   }
   return {scores, argmax};
 }
 
+// ---- maxsim_varlen -------------------------------------------------------------------------
+
+// cu_seqlens: int32 [n + 1], 0 first, non-decreasing, last = rows (values checked on CPU
+// tensors; on CUDA, where that needs a host synchronisation, they are trusted).
+int64_t check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& x, const char* x_name) {
+  check_same_device(cu, name, x, x_name);
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be int32 (FlashAttention's cu_seqlens), got ",
+              describe(cu));
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must be a 1-D tensor [N + 1] (N >= 0), got ",
+              describe(cu));
+  const int64_t n = cu.size(0) - 1;
+  if (cu.is_cpu()) {
+    const Tensor c = cu.contiguous();
+    const int32_t* v = c.data_ptr<int32_t>();
+    TORCH_CHECK(v[0] == 0, name, "[0] must be 0, got ", v[0]);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(v[i + 1] >= v[i], name, " must be non-decreasing, got ", name, "[", i, "] = ", v[i],
+                  " > ", name, "[", i + 1, "] = ", v[i + 1]);
+    }
+    TORCH_CHECK(v[n] == x.size(0), name, "[-1] must equal ", x_name, ".shape[0] = ", x.size(0),
+                " (the total number of tokens), got ", v[n]);
+  }
+  return n;
+}
+
+void check_tokens(const Tensor& x, const char* name, const Tensor& q) {
+  check_dim(x, name, 2);
+  check_dtype(x, name, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  if (&x != &q) {
+    TORCH_CHECK(x.scalar_type() == q.scalar_type(), name, " must have the dtype of q (",
+                q.scalar_type(), "), got ", describe(x));
+    check_same_device(x, name, q, "q");
+    check_size(x, name, 1, q.size(-1), "the embedding size q.size(-1)");
+  }
+}
+
+std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, const Tensor& d,
+                                         const Tensor& cu_d, const std::optional<Tensor>& pairs,
+                                         c10::string_view reduce, c10::string_view backend) {
+  check_tokens(q, "q", q);
+  check_tokens(d, "d", q);
+  MaxSimVarlenConfig cfg;
+  cfg.nq = check_cu_seqlens(cu_q, "cu_q", q, "q");
+  cfg.nd = check_cu_seqlens(cu_d, "cu_d", d, "d");
+  cfg.total_q = q.size(0);
+  cfg.total_d = d.size(0);
+  cfg.dim = q.size(1);
+  cfg.reduce = parse_reduce(reduce);
+  TORCH_CHECK(cfg.total_d < (int64_t(1) << 24) && cfg.total_q <= kInt32Max &&
+                  cfg.nq * cfg.nd <= kInt32Max,
+              "maxsim_varlen needs fewer than 2^24 document tokens and Nq * Nd in int32, got q ",
+              describe(q), " and d ", describe(d));
+  const bool native = runs_native("maxsim_varlen", backend, q);
+  TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim_varlen has no CUDA C++ kernel yet: use ",
+              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor pr, arg_off, scores, argmax;
+  if (pairs.has_value()) {
+    const Tensor& pt = *pairs;
+    check_same_device(pt, "pairs", q, "q");
+    TORCH_CHECK(pt.scalar_type() == at::kInt || pt.scalar_type() == at::kLong,
+                "pairs must be int32/int64 [P, 2] (query, document), got ", describe(pt));
+    TORCH_CHECK(pt.dim() == 2 && pt.size(1) == 2, "pairs must have shape [P, 2] (query, document), got ",
+                describe(pt));
+    pr = pt.to(at::kLong).contiguous();
+    cfg.np = pr.size(0);
+    if (pr.is_cpu() && cfg.np > 0) {
+      const auto [lo, hi] = at::aminmax(pr.select(1, 0));
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < cfg.nq,
+                  "pairs[:, 0] (query ids) must lie in [0, ", cfg.nq, ") (Nq = cu_q.numel() - 1), got values in [",
+                  lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+      const auto [lo2, hi2] = at::aminmax(pr.select(1, 1));
+      TORCH_CHECK(lo2.item<int64_t>() >= 0 && hi2.item<int64_t>() < cfg.nd,
+                  "pairs[:, 1] (document ids) must lie in [0, ", cfg.nd,
+                  ") (Nd = cu_d.numel() - 1), got values in [", lo2.item<int64_t>(), ", ",
+                  hi2.item<int64_t>(), "]");
+    }
+    // Flat argmax: pair p's query tokens from arg_off[p] (a host read of the total on CUDA).
+    const Tensor lq = (cu_q.slice(0, 1) - cu_q.slice(0, 0, cfg.nq)).to(at::kLong);
+    const Tensor lens = cfg.np > 0 ? lq.index_select(0, pr.select(1, 0)) : at::zeros({0}, lq.options());
+    const Tensor ends = at::cumsum(lens, 0);
+    arg_off = (ends - lens).contiguous();
+    const int64_t total = cfg.np > 0 ? ends[cfg.np - 1].item<int64_t>() : 0;
+    scores = at::empty({cfg.np}, q.options().dtype(acc));
+    argmax = at::empty({total}, q.options().dtype(at::kInt));
+    if (cfg.np == 0) return {scores, argmax};
+  } else {
+    scores = at::empty({cfg.nq, cfg.nd}, q.options().dtype(acc));
+    argmax = at::empty({cfg.nd, cfg.total_q}, q.options().dtype(at::kInt));
+    if (cfg.nq == 0 || cfg.nd == 0) return {scores, argmax};
+  }
+  const Tensor x = q.contiguous(), y = d.contiguous();
+  const Tensor cq = cu_q.contiguous(), cd = cu_d.contiguous();
+  if (native) {
+    maxsim_varlen_cpu_kernel(x, cq, y, cd, pr, arg_off, cfg, scores, argmax);
+  } else {
+    call_python_kernel("maxsim_varlen", backend, {x, cq, y, cd, pr, arg_off}, {scores, argmax},
+                       {{"reduce", std::string(reduce_name(cfg.reduce))}});
+  }
+  return {scores, argmax};
+}
+
+// ---- maxsim_pairs --------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
+                                        const std::optional<Tensor>& q_mask,
+                                        const std::optional<Tensor>& d_mask, c10::string_view reduce,
+                                        bool pylate_mask, c10::string_view backend) {
+  check_dim(q, "q", 3);
+  check_dim(d, "d", 4);
+  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(d.scalar_type() == q.scalar_type(), "d must have the dtype of q (", q.scalar_type(),
+              "), got ", describe(d));
+  check_same_device(d, "d", q, "q");
+  check_size(d, "d", 0, q.size(0), "the batch size q.size(0)");
+  check_size(d, "d", 3, q.size(2), "the embedding size q.size(2)");
+  MaxSimPairsConfig cfg;
+  cfg.b = q.size(0);
+  cfg.lq = q.size(1);
+  cfg.dim = q.size(2);
+  cfg.k = d.size(1);
+  cfg.ld = d.size(2);
+  TORCH_CHECK(cfg.ld < (int64_t(1) << 24) && cfg.b * cfg.k <= kInt32Max,
+              "maxsim_pairs needs Ld < 2^24 and B * K in int32, got d ", describe(d));
+  cfg.reduce = parse_reduce(reduce);
+  const Tensor y = d.reshape({cfg.b * cfg.k, cfg.ld, cfg.dim}).contiguous();
+  Tensor qm, dm;
+  cfg.q_mask = parse_token_mask(q_mask, "q_mask", q, "q", qm);
+  std::optional<Tensor> dmask_flat;
+  if (d_mask.has_value()) {
+    const Tensor& m = *d_mask;
+    check_same_device(m, "d_mask", q, "q");
+    if (m.scalar_type() == at::kBool) {
+      TORCH_CHECK(m.dim() == 3 && m.size(0) == cfg.b && m.size(1) == cfg.k && m.size(2) == cfg.ld,
+                  "d_mask as a bool mask must have shape [", cfg.b, ", ", cfg.k, ", ", cfg.ld,
+                  "] (d.shape[:3]), got ", describe(m));
+      dmask_flat = m.reshape({cfg.b * cfg.k, cfg.ld});
+    } else {
+      TORCH_CHECK(m.dim() == 2 && m.size(0) == cfg.b && m.size(1) == cfg.k,
+                  "d_mask must be a bool mask [", cfg.b, ", ", cfg.k, ", ", cfg.ld,
+                  "] or int32/int64 lengths [", cfg.b, ", ", cfg.k, "] (d.shape[:2]), got ",
+                  describe(m));
+      dmask_flat = m.reshape({cfg.b * cfg.k});
+    }
+  }
+  cfg.d_mask = parse_token_mask(dmask_flat, "d_mask", y, "d", dm);
+  cfg.pylate = pylate_mask;
+  if (pylate_mask) {
+    cfg.q_mask = lengths_to_bool(cfg.q_mask, qm, cfg.lq);
+    cfg.d_mask = lengths_to_bool(cfg.d_mask, dm, cfg.ld);
+  }
+  const bool native = runs_native("maxsim_pairs", backend, q);
+  TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim_pairs has no CUDA C++ kernel yet: use ",
+              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor scores = at::empty({cfg.b, cfg.k}, q.options().dtype(acc));
+  Tensor argmax = at::empty({cfg.b, cfg.k, cfg.lq}, q.options().dtype(at::kInt));
+  if (cfg.b == 0 || cfg.k == 0) return {scores, argmax};
+  if (cfg.lq == 0 || cfg.ld == 0) {
+    scores.zero_();
+    argmax.fill_(-1);
+    return {scores, argmax};
+  }
+  const Tensor x = q.contiguous();
+  if (native) {
+    maxsim_pairs_cpu_kernel(x, y, qm, dm, cfg, scores, argmax);
+  } else {
+    call_python_kernel("maxsim_pairs", backend, {x, y, qm, dm}, {scores, argmax},
+                       {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+                        {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
+                        {"reduce", std::string(reduce_name(cfg.reduce))},
+                        {"pylate_mask", cfg.pylate}});
+  }
+  return {scores, argmax};
+}
+
+// ---- maxsim_topk ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> maxsim_topk(const Tensor& q, const Tensor& d, const Tensor& cu_d,
+                                       int64_t k, const std::optional<Tensor>& q_mask,
+                                       const std::optional<Tensor>& candidates,
+                                       c10::string_view reduce, c10::string_view backend) {
+  check_dim(q, "q", 3);
+  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_tokens(d, "d", q);
+  TORCH_CHECK(k > 0, "k must be positive, got ", k);
+  MaxSimTopkConfig cfg;
+  cfg.nq = q.size(0);
+  cfg.lq = q.size(1);
+  cfg.dim = q.size(2);
+  cfg.nd = check_cu_seqlens(cu_d, "cu_d", d, "d");
+  cfg.total_d = d.size(0);
+  cfg.k = k;
+  cfg.reduce = parse_reduce(reduce);
+  TORCH_CHECK(cfg.total_d < (int64_t(1) << 24), "maxsim_topk needs fewer than 2^24 document tokens, got d ",
+              describe(d));
+  Tensor qm, cand;
+  cfg.q_mask = parse_token_mask(q_mask, "q_mask", q, "q", qm);
+  if (candidates.has_value()) {
+    const Tensor& c = *candidates;
+    check_same_device(c, "candidates", q, "q");
+    TORCH_CHECK(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong,
+                "candidates must be int32/int64 document ids [C] or [Nq, C], got ", describe(c));
+    TORCH_CHECK(c.dim() == 1 || (c.dim() == 2 && c.size(0) == cfg.nq),
+                "candidates must have shape [C] (shared) or [", cfg.nq, ", C] (per query), got ",
+                describe(c));
+    cand = c.to(at::kLong).contiguous();
+    if (cand.is_cpu() && cand.numel() > 0) {
+      const auto [lo, hi] = at::aminmax(cand);
+      TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < cfg.nd,
+                  "candidates must be document ids in [0, ", cfg.nd, ") (Nd = cu_d.numel() - 1) or -1 ",
+                  "(no candidate), got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+  }
+  const bool native = runs_native("maxsim_topk", backend, q);
+  TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim_topk has no CUDA C++ kernel yet: use ",
+              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor scores = at::empty({cfg.nq, k}, q.options().dtype(acc));
+  Tensor ids = at::empty({cfg.nq, k}, q.options().dtype(at::kLong));
+  if (cfg.nq == 0) return {scores, ids};
+  const Tensor x = q.contiguous(), y = d.contiguous(), cd = cu_d.contiguous();
+  if (native && cfg.lq > 0) {
+    maxsim_topk_cpu_kernel(x, qm, y, cd, cand, cfg, scores, ids);
+  } else {
+    // Lq = 0 (every score 0) goes to the reference kernel, which handles it.
+    call_python_kernel("maxsim_topk", native ? c10::string_view("reference") : backend,
+                       {x, y, cd, qm, cand}, {scores, ids},
+                       {{"k", k},
+                        {"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+                        {"reduce", std::string(reduce_name(cfg.reduce))}});
+  }
+  return {scores, ids};
+}
+
+// ---- maxsim_backward -----------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, const Tensor& d,
+                                           const Tensor& argmax, const Tensor& meta, int64_t num_q,
+                                           int64_t num_d, bool need_dq, bool need_dd,
+                                           c10::string_view backend) {
+  check_tokens(q, "q", q);
+  check_tokens(d, "d", q);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad.scalar_type() == acc && grad.dim() == 1, "grad must be a 1-D ", acc,
+              " tensor [P], got ", describe(grad));
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(1) == 6 &&
+                  meta.size(0) == grad.size(0),
+              "meta must be int64 [P, 6], got ", describe(meta));
+  TORCH_CHECK(argmax.scalar_type() == at::kInt, "argmax must be int32, got ", describe(argmax));
+  Tensor dq = need_dq ? at::empty(q.sizes(), q.options().dtype(acc)) : Tensor();
+  Tensor dd = need_dd ? at::empty(d.sizes(), d.options().dtype(acc)) : Tensor();
+  const bool native = runs_native("maxsim_backward", backend, q) && q.is_cpu();
+  const Tensor g = grad.contiguous(), x = q.contiguous(), y = d.contiguous();
+  const Tensor a = argmax.contiguous(), mt = meta.contiguous();
+  if (native) {
+    maxsim_backward_cpu_kernel(g, x, y, a, mt, num_q, num_d, dq, dd);
+  } else {
+    // CUDA tensors under "auto": the Triton kernel (no CUDA C++ backward yet).
+    std::vector<Tensor> outs;
+    if (need_dq) outs.push_back(dq);
+    if (need_dd) outs.push_back(dd);
+    const bool native_name = backend == "auto" || backend == "cuda" || backend == "cpu";
+    call_python_kernel("maxsim_backward", native_name ? c10::string_view("triton") : backend,
+                       {g, x, y, a, mt}, outs,
+                       {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
+  }
+  if (!need_dq) dq = at::zeros({0}, q.options().dtype(acc));
+  if (!need_dd) dd = at::zeros({0}, d.options().dtype(acc));
+  return {dq, dd};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparseops, CPU, m) { m.impl("maxsim", &maxsim); }
+TORCH_LIBRARY_IMPL(sparseops, CPU, m) {
+  m.impl("maxsim", &maxsim);
+  m.impl("maxsim_varlen", &maxsim_varlen);
+  m.impl("maxsim_pairs", &maxsim_pairs);
+  m.impl("maxsim_topk", &maxsim_topk);
+  m.impl("maxsim_backward", &maxsim_backward);
+}
+
+// Top-k ids and the backward op itself are not differentiable: no autograd formula, and no
+// warning when a loss happens to read the top-k scores.
+TORCH_LIBRARY_IMPL(sparseops, Autograd, m) {
+  m.impl("maxsim_topk", torch::CppFunction::makeFallthrough());
+  m.impl("maxsim_backward", torch::CppFunction::makeFallthrough());
+}
 
 #ifdef SPARSEOPS_WITH_CUDA
 // The same op body for CUDA tensors: it checks, allocates and hands the Triton and reference
 // backends their Python kernels.
-TORCH_LIBRARY_IMPL(sparseops, CUDA, m) { m.impl("maxsim", &maxsim); }
+TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
+  m.impl("maxsim", &maxsim);
+  m.impl("maxsim_varlen", &maxsim_varlen);
+  m.impl("maxsim_pairs", &maxsim_pairs);
+  m.impl("maxsim_topk", &maxsim_topk);
+  m.impl("maxsim_backward", &maxsim_backward);
+}
 #endif
 
 }  // namespace sparseops

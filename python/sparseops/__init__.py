@@ -1,14 +1,16 @@
 """sparseops: sparse compute kernels for PyTorch.
 
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
-losses) and MaxSim late interaction (``maxsim``). Every op is a ``torch.library`` op with
+losses) and MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
+``maxsim_topk``). Every op is a ``torch.library`` op with
 C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
 see ``build_info()`` for what this installation can run.
 """
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
-from .ops.maxsim import maxsim
+from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
+from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.routing import (
     RouteMeta,
     TopkRouteOptions,
@@ -23,6 +25,7 @@ from .ops.routing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MOE_ACTIVATIONS",
     "RouteMeta",
     "TopkRouteOptions",
     "available_backends",
@@ -30,6 +33,10 @@ __all__ = [
     "expert_choice_route",
     "load_balancing_loss",
     "maxsim",
+    "maxsim_pairs",
+    "maxsim_topk",
+    "maxsim_varlen",
+    "moe_mlp",
     "resolve_backend",
     "route",
     "route_metadata",

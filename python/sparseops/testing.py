@@ -216,3 +216,44 @@ def maxsim_bool_mask(
     """A non-prefix bool mask [N, L] (True = real token) with a fraction ``p`` of tokens masked."""
     g = torch.Generator().manual_seed(seed + 202)
     return (torch.rand(N, L, generator=g) >= p).to(device)
+
+
+# --------------------------------------------------------------------------- moe_mlp
+# Random unit-scale inputs of one MoE expert layer for sparseops.moe_mlp (tests, benchmarks).
+
+
+def moe_inputs(
+    T: int,
+    H: int,
+    inter: int,
+    E: int,
+    k: int,
+    *,
+    gated: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    drop: float = 0.0,
+    skew: float = 0.0,
+    bias: bool = False,
+) -> dict[str, Any]:
+    """x [T, H], w13 [E, 2I or I, H], w2 [E, H, I] scaled so every stage stays unit-scale,
+    softmax-like weights [T, k] fp32, ids [T, k] int32 (``random_ids``), optional biases."""
+    g = torch.Generator().manual_seed(seed)
+    P = 2 * inter if gated else inter
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    out = {
+        "x": rnd(T, H),
+        "w13": rnd(E, P, H, scale=H**-0.5),
+        "w2": rnd(E, H, inter, scale=inter**-0.5),
+        "weights": torch.rand(T, k, generator=g, dtype=torch.float64).softmax(-1).to(torch.float32).to(device),
+        "ids": random_ids(T, k, E, device=device, seed=seed, drop=drop, skew=skew)
+        if k <= E
+        else torch.randint(0, E, (T, k), generator=g, dtype=torch.int32).to(device),  # repeated experts
+        "b13": rnd(E, P, scale=0.1) if bias else None,
+        "b2": rnd(E, H, scale=0.1) if bias else None,
+    }
+    return out

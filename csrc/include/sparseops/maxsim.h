@@ -28,6 +28,34 @@ struct MaxSimConfig {
   TokenMask q_mask = TokenMask::kNone;
   TokenMask d_mask = TokenMask::kNone;
   MaxSimReduce reduce = MaxSimReduce::kSum;
+  // PyLate's multiplicative masking: masked document tokens score 0 and take part in the max
+  // (a masked winner is reported as -1 and takes no gradient). The op layer turns lengths
+  // masks into bool masks first, so the kernels only see kNone / kBool under it.
+  bool pylate = false;
+};
+
+// maxsim_varlen: packed q [total_q, dim] with cu_q int32 [Nq + 1], packed d [total_d, dim]
+// with cu_d int32 [Nd + 1]; np pairs when a pairs list is given (np = -1: all pairs).
+struct MaxSimVarlenConfig {
+  int64_t nq = 0, nd = 0, total_q = 0, total_d = 0, dim = 0;
+  int64_t np = -1;
+  MaxSimReduce reduce = MaxSimReduce::kSum;
+};
+
+// maxsim_pairs: q [B, Lq, dim] with d [B, K, Ld, dim] (K = 1 for a 3-D d).
+struct MaxSimPairsConfig {
+  int64_t b = 0, k = 0, lq = 0, ld = 0, dim = 0;
+  TokenMask q_mask = TokenMask::kNone;
+  TokenMask d_mask = TokenMask::kNone;
+  MaxSimReduce reduce = MaxSimReduce::kSum;
+  bool pylate = false;
+};
+
+// maxsim_topk: q [Nq, Lq, dim] against a packed corpus d [total_d, dim], cu_d [Nd + 1].
+struct MaxSimTopkConfig {
+  int64_t nq = 0, lq = 0, nd = 0, total_d = 0, dim = 0, k = 0;
+  TokenMask q_mask = TokenMask::kNone;
+  MaxSimReduce reduce = MaxSimReduce::kSum;
 };
 
 // Kernel contract for maxsim (CPU):
@@ -42,5 +70,38 @@ struct MaxSimConfig {
 void maxsim_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_mask,
                        const at::Tensor& d_mask, const MaxSimConfig& cfg, at::Tensor& scores,
                        at::Tensor& argmax);
+
+// maxsim_varlen (CPU): q [total_q, dim], d [total_d, dim] contiguous (same dtype), cu_q /
+// cu_d contiguous int32 validated by the op layer; pairs undefined (all pairs: scores
+// [Nq, Nd], argmax [Nd, total_q] with the argmax of query n against document m at
+// m * total_q + cu_q[n]) or int64 [P, 2] with arg_off int64 [P] (scores [P], argmax flat:
+// pair p's query tokens at arg_off[p]). Argmax entries are document-local token indices.
+void maxsim_varlen_cpu_kernel(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& d,
+                              const at::Tensor& cu_d, const at::Tensor& pairs,
+                              const at::Tensor& arg_off, const MaxSimVarlenConfig& cfg,
+                              at::Tensor& scores, at::Tensor& argmax);
+
+// maxsim_pairs (CPU): q [B, Lq, dim], d [B * K, Ld, dim] contiguous; masks bool [B, Lq] /
+// [B * K, Ld] or int32 lengths [B] / [B * K]; scores [B, K], argmax [B, K, Lq].
+void maxsim_pairs_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_mask,
+                             const at::Tensor& d_mask, const MaxSimPairsConfig& cfg,
+                             at::Tensor& scores, at::Tensor& ids);
+
+// maxsim_topk (CPU): q [Nq, Lq, dim] contiguous with q_mask (bool [Nq, Lq] / int32 [Nq] /
+// undefined), d [total_d, dim], cu_d int32 [Nd + 1]; candidates undefined, int64 [C] or
+// [Nq, C] (ids in [0, Nd) or -1 = skip). scores [Nq, k] (-inf padding), ids [Nq, k] int64
+// (-1 padding), best first, ties to the lower document id.
+void maxsim_topk_cpu_kernel(const at::Tensor& q, const at::Tensor& q_mask, const at::Tensor& d,
+                            const at::Tensor& cu_d, const at::Tensor& candidates,
+                            const MaxSimTopkConfig& cfg, at::Tensor& scores, at::Tensor& ids);
+
+// Backward of every MaxSim op from the saved argmax (CPU). grad [P] acc dtype, q [Rq, dim],
+// d [Rd, dim] contiguous (same dtype), argmax int32 flat, meta int64 [P, 6] = (query group,
+// first query row, query rows, document group, first document row, argmax offset); dq
+// [Rq, dim] / dd [Rd, dim] in the acc dtype (either may be undefined = not wanted), written
+// in full. Deterministic (fixed order per output row, no atomics).
+void maxsim_backward_cpu_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& d,
+                                const at::Tensor& argmax, const at::Tensor& meta, int64_t num_q,
+                                int64_t num_d, at::Tensor& dq, at::Tensor& dd);
 
 }  // namespace sparseops

@@ -1,11 +1,13 @@
-"""MaxSim late interaction: ``sparseops.maxsim``, the ColBERT / ColPali scoring op.
+"""MaxSim late interaction: ``sparseops.maxsim``, ``maxsim_varlen``, ``maxsim_pairs`` and
+``maxsim_topk``, the ColBERT / ColPali scoring, re-ranking, training and search ops.
 
-``sparseops::maxsim`` is declared once, in C++ (csrc/registration.cpp), where its arguments
-are parsed and checked for every backend (csrc/ops/maxsim.cpp). This module registers the
-fake implementation, the autograd formula (plain torch ops, so one backward serves every
-backend and torch.compile), each backend with its rank and reason (``sparseops._backend``),
-the Python kernels the C++ op calls for the Triton and reference backends, and the public
-function. The semantics are specified by ``sparseops.reference.maxsim``.
+Each op is declared once, in C++ (csrc/registration.cpp), where its arguments are parsed and
+checked for every backend (csrc/ops/maxsim.cpp). This module registers the fake
+implementations, the autograd formulas (all through the one backward op
+``sparseops::maxsim_backward``, which reads the argmax the forward saved), each backend with
+its rank and reason (``sparseops._backend``), the Python kernels the C++ ops call for the
+Triton and reference backends, and the public functions. The semantics are specified by
+``sparseops.reference.maxsim``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..reference import maxsim as ref
 from ._common import accumulate_dtype as _accumulate_dtype
 from ._common import describe as _describe
 
-__all__ = ["maxsim"]
+__all__ = ["maxsim", "maxsim_pairs", "maxsim_topk", "maxsim_varlen"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -28,7 +30,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # mask with CPU q selects the Meta kernel, which is this function).
 
 
-def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", backend="auto"):
+def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto"):
     for name, t in (("d", d), ("q_mask", q_mask), ("d_mask", d_mask)):
         if t is not None and t.device != q.device:
             raise RuntimeError(f"{name} must be on the same device as q ({q.device}), got {_describe(t)}")
@@ -41,14 +43,55 @@ def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", backend="auto"):
     return scores, argmax
 
 
+def _same_device(q, **named) -> None:
+    for name, t in named.items():
+        if t is not None and t.device != q.device:
+            raise RuntimeError(f"{name} must be on the same device as q ({q.device}), got {_describe(t)}")
+
+
+def _varlen_fake(q, cu_q, d, cu_d, pairs=None, reduce="sum", backend="auto"):
+    _same_device(q, cu_q=cu_q, d=d, cu_d=cu_d, pairs=pairs)
+    acc = _accumulate_dtype(q.dtype)
+    if pairs is None:
+        Nq, Nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
+        return q.new_empty((Nq, Nd), dtype=acc), q.new_empty((Nd, q.shape[0]), dtype=torch.int32)
+    # The flat argmax holds every pair's query tokens: a size known only from the data.
+    total = torch.library.get_ctx().new_dynamic_size()
+    return q.new_empty((pairs.shape[0],), dtype=acc), q.new_empty((total,), dtype=torch.int32)
+
+
+def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto"):
+    _same_device(q, d=d, q_mask=q_mask, d_mask=d_mask)
+    B, K = d.shape[0], d.shape[1]
+    return (
+        q.new_empty((B, K), dtype=_accumulate_dtype(q.dtype)),
+        q.new_empty((B, K, q.shape[1]), dtype=torch.int32),
+    )
+
+
+def _topk_fake(q, d, cu_d, k, q_mask=None, candidates=None, reduce="sum", backend="auto"):
+    _same_device(q, d=d, cu_d=cu_d, q_mask=q_mask, candidates=candidates)
+    Nq = q.shape[0]
+    return q.new_empty((Nq, k), dtype=_accumulate_dtype(q.dtype)), q.new_empty((Nq, k), dtype=torch.int64)
+
+
+def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, backend="auto"):
+    acc = _accumulate_dtype(q.dtype)
+    dq = q.new_empty(q.shape, dtype=acc) if need_dq else q.new_empty((0,), dtype=acc)
+    dd = d.new_empty(d.shape, dtype=acc) if need_dd else d.new_empty((0,), dtype=acc)
+    return dq, dd
+
+
 # ---------------------------------------------------------------------------------------------
-# Autograd. Registered from Python on the C++ op: the forward kernel runs for hundreds of
-# microseconds or more at the shapes MaxSim serves (1k docs x 300 tokens: ~10 ms on 2 CPU
-# cores), so the ~9 us a Python autograd wrapper costs per call (H100 host, torch 2.11,
-# 2026-11) does not matter. The backward reads the saved int32 argmax and never forms the
-# Lq x Ld similarities: dq gathers the winning document rows, dd scatter-adds the query rows
-# into them (index_add_: sequential on CPU, hence deterministic; on CUDA deterministic under
-# torch.use_deterministic_algorithms(True)). It holds one [Nq, Nd, Lq, dim] temporary.
+# Autograd. Registered from Python on the C++ ops (the forward kernels run for hundreds of
+# microseconds or more at the shapes MaxSim serves, so a Python autograd wrapper's ~9 us is
+# noise). Every op's backward is the one op sparseops::maxsim_backward: per (query, document)
+# pair a gradient coefficient and where its query rows, document rows and saved int32 argmax
+# lie (meta [P, 6]). Its CPU kernel accumulates dq per query and dd per document in a fixed
+# order (deterministic, no atomics) straight from the argmax: no Lq x Ld and no
+# [Nq, Nd, Lq, dim] temporary. Masked tokens and empty documents have argmax -1 and get zero
+# gradient. On CUDA tensors it runs the Triton kernel (kernels/maxsim_backward.py: grouped the
+# same way, deterministic, no atomics; no CUDA C++ backward yet).
 
 
 def _query_counts(q_mask, Nq: int, Lq: int, like: torch.Tensor) -> torch.Tensor:
@@ -60,41 +103,113 @@ def _query_counts(q_mask, Nq: int, Lq: int, like: torch.Tensor) -> torch.Tensor:
     return q_mask.clamp(0, Lq).to(like.dtype)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, d, q_mask, d_mask, reduce, _backend_name = inputs
-    _, argmax = output
-    ctx.reduce = reduce
-    ctx.save_for_backward(q, d, argmax, q_mask)
+def _mean_scale(g: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """g [P] / count [P], 0 where count is 0."""
+    return torch.where(count > 0, g / count.clamp_min(1), torch.zeros_like(g))
 
 
-def _backward(ctx, grad_scores, _grad_argmax):
+def _run_backward(ctx, g, q_rows, d_rows, argmax, q_id, q_start, q_len, d_id, d_start, arg_off, num_q, num_d):
+    meta = torch.stack([q_id, q_start, q_len, d_id, d_start, arg_off], dim=1).to(torch.int64).contiguous()
+    need_dq, need_dd = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[2 if ctx.varlen else 1])
+    dq, dd = torch.ops.sparseops.maxsim_backward(
+        g.contiguous(), q_rows, d_rows, argmax.reshape(-1), meta, num_q, num_d, need_dq, need_dd
+    )
+    return (dq if need_dq else None), (dd if need_dd else None)
+
+
+def _maxsim_setup(ctx, inputs, output) -> None:
+    q, d, q_mask, d_mask, reduce, _pylate, _backend_name = inputs
+    ctx.reduce, ctx.varlen = reduce, False
+    ctx.save_for_backward(q, d, output[1], q_mask)
+
+
+def _maxsim_backward(ctx, grad_scores, _grad_argmax):
     q, d, argmax, q_mask = ctx.saved_tensors
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
-    acc = _accumulate_dtype(q.dtype)
-    g = grad_scores.to(acc)  # may be a stride-0 expand (out.sum().backward())
+    g = grad_scores.to(_accumulate_dtype(q.dtype))  # may be a stride-0 expand
     if ctx.reduce == "mean":
-        count = _query_counts(q_mask, Nq, Lq, g)
-        g = torch.where(count[:, None] > 0, g / count.clamp_min(1)[:, None], torch.zeros_like(g))
-    live = argmax >= 0  # masked query tokens and empty documents took nothing
-    coef = torch.where(live, g[:, :, None], torch.zeros((), dtype=acc, device=g.device))  # [Nq, Nd, Lq]
-    # Row of the flattened documents [Nd * Ld, dim] each (query, doc, query token) took.
-    rows = (torch.arange(Nd, device=q.device)[None, :, None] * Ld + argmax.clamp_min(0)).reshape(-1)
-    grad_q = grad_d = None
-    if ctx.needs_input_grad[0]:
-        taken = d.reshape(Nd * Ld, dim).to(acc).index_select(0, rows).view(Nq, Nd, Lq, dim)
-        grad_q = (coef[..., None] * taken).sum(dim=1).to(q.dtype)
-    if ctx.needs_input_grad[1]:
-        contrib = (coef[..., None] * q.to(acc)[:, None, :, :]).reshape(-1, dim)
-        flat = torch.zeros(Nd * Ld, dim, dtype=acc, device=q.device).index_add_(0, rows, contrib)
-        grad_d = flat.view(Nd, Ld, dim).to(d.dtype)
-    return grad_q, grad_d, None, None, None, None
+        g = _mean_scale(g, _query_counts(q_mask, Nq, Lq, g)[:, None])
+    dev = q.device
+    n = torch.arange(Nq, device=dev)[:, None].expand(Nq, Nd).reshape(-1)
+    m = torch.arange(Nd, device=dev)[None, :].expand(Nq, Nd).reshape(-1)
+    dq, dd = _run_backward(
+        ctx, g.reshape(-1), q.reshape(Nq * Lq, dim), d.reshape(Nd * Ld, dim), argmax,
+        n, n * Lq, torch.full_like(n, Lq), m, m * Ld, (n * Nd + m) * Lq, Nq, Nd,
+    )  # fmt: skip
+    dq = None if dq is None else dq.view(Nq, Lq, dim).to(q.dtype)
+    dd = None if dd is None else dd.view(Nd, Ld, dim).to(d.dtype)
+    return dq, dd, None, None, None, None, None
+
+
+def _varlen_setup(ctx, inputs, output) -> None:
+    q, cu_q, d, cu_d, pairs, reduce, _backend_name = inputs
+    ctx.reduce, ctx.varlen = reduce, True
+    ctx.save_for_backward(q, cu_q, d, cu_d, pairs, output[1])
+
+
+def _varlen_backward(ctx, grad_scores, _grad_argmax):
+    q, cu_q, d, cu_d, pairs, argmax = ctx.saved_tensors
+    Nq, Nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
+    g = grad_scores.to(_accumulate_dtype(q.dtype))
+    cq, cd = cu_q.to(torch.int64), cu_d.to(torch.int64)
+    lq = cq[1:] - cq[:-1]
+    dev = q.device
+    if pairs is None:
+        n = torch.arange(Nq, device=dev)[:, None].expand(Nq, Nd).reshape(-1)
+        m = torch.arange(Nd, device=dev)[None, :].expand(Nq, Nd).reshape(-1)
+        g = g.reshape(-1)
+        off = m * q.shape[0] + cq[n]
+    else:
+        n, m = pairs[:, 0].to(torch.int64), pairs[:, 1].to(torch.int64)
+        lens = lq[n]
+        off = torch.cumsum(lens, 0) - lens
+    if ctx.reduce == "mean":
+        g = _mean_scale(g, lq[n].to(g.dtype))
+    dq, dd = _run_backward(ctx, g, q.contiguous(), d.contiguous(), argmax, n, cq[n], lq[n], m, cd[m], off, Nq, Nd)
+    dq = None if dq is None else dq.to(q.dtype)
+    dd = None if dd is None else dd.to(d.dtype)
+    return dq, None, dd, None, None, None, None
+
+
+def _pairs_setup(ctx, inputs, output) -> None:
+    q, d, q_mask, d_mask, reduce, _pylate, _backend_name = inputs
+    ctx.reduce, ctx.varlen = reduce, False
+    ctx.save_for_backward(q, d, output[1], q_mask)
+
+
+def _pairs_backward(ctx, grad_scores, _grad_argmax):
+    q, d, argmax, q_mask = ctx.saved_tensors
+    B, Lq, dim = q.shape
+    _, K, Ld, _ = d.shape
+    g = grad_scores.to(_accumulate_dtype(q.dtype))
+    if ctx.reduce == "mean":
+        g = _mean_scale(g, _query_counts(q_mask, B, Lq, g)[:, None])
+    dev = q.device
+    b = torch.arange(B, device=dev)[:, None].expand(B, K).reshape(-1)
+    j = torch.arange(B * K, device=dev)
+    dq, dd = _run_backward(
+        ctx, g.reshape(-1), q.reshape(B * Lq, dim), d.reshape(B * K * Ld, dim), argmax,
+        b, b * Lq, torch.full_like(b, Lq), j, j * Ld, j * Lq, B, B * K,
+    )  # fmt: skip
+    dq = None if dq is None else dq.view(B, Lq, dim).to(q.dtype)
+    dd = None if dd is None else dd.view(B, K, Ld, dim).to(d.dtype)
+    return dq, dd, None, None, None, None, None
 
 
 if _backend.HAS_C:
     torch.library.register_fake("sparseops::maxsim")(_maxsim_fake)
-    torch.library.register_autograd("sparseops::maxsim", _backward, setup_context=_setup_context)
+    torch.library.register_fake("sparseops::maxsim_varlen")(_varlen_fake)
+    torch.library.register_fake("sparseops::maxsim_pairs")(_pairs_fake)
+    torch.library.register_fake("sparseops::maxsim_topk")(_topk_fake)
+    torch.library.register_fake("sparseops::maxsim_backward")(_backward_fake)
+    torch.library.register_autograd("sparseops::maxsim", _maxsim_backward, setup_context=_maxsim_setup)
+    torch.library.register_autograd("sparseops::maxsim_varlen", _varlen_backward, setup_context=_varlen_setup)
+    torch.library.register_autograd("sparseops::maxsim_pairs", _pairs_backward, setup_context=_pairs_setup)
     _maxsim_op = torch.ops.sparseops.maxsim.default
+    _varlen_op = torch.ops.sparseops.maxsim_varlen.default
+    _pairs_op = torch.ops.sparseops.maxsim_pairs.default
+    _topk_op = torch.ops.sparseops.maxsim_topk.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +231,9 @@ def _triton_reason(device, dtype, small_dim):
 
 def _reference_kernel(inputs, outputs, options) -> None:
     q, d, q_mask, d_mask = inputs
-    scores, argmax = ref.maxsim_ref(q, d, q_mask=q_mask, d_mask=d_mask, reduce=options["reduce"])
+    scores, argmax = ref.maxsim_ref(
+        q, d, q_mask=q_mask, d_mask=d_mask, reduce=options["reduce"], pylate_mask=options["pylate_mask"]
+    )
     outputs[0].copy_(scores)
     outputs[1].copy_(argmax)
 
@@ -125,7 +242,48 @@ def _triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim import maxsim_triton
 
     q, d, q_mask, d_mask = inputs
-    maxsim_triton(q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], *outputs)
+    maxsim_triton(
+        q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], *outputs,
+        pylate=options["pylate_mask"],
+    )  # fmt: skip
+
+
+def _varlen_reference_kernel(inputs, outputs, options) -> None:
+    q, cu_q, d, cu_d, pairs, _arg_off = inputs
+    scores, argmax = ref.maxsim_varlen_ref(q, cu_q, d, cu_d, pairs=pairs, reduce=options["reduce"])
+    outputs[0].copy_(scores)
+    outputs[1].copy_(argmax)
+
+
+def _pairs_reference_kernel(inputs, outputs, options) -> None:
+    q, d, q_mask, d_mask = inputs  # d [B * K, Ld, dim]; masks per row of d
+    B, K = outputs[0].shape
+    dm = None if d_mask is None else d_mask.reshape(B, K, *d_mask.shape[1:])
+    scores, argmax = ref.maxsim_pairs_ref(
+        q, d.reshape(B, K, *d.shape[1:]), q_mask=q_mask, d_mask=dm, reduce=options["reduce"],
+        pylate_mask=options["pylate_mask"],
+    )  # fmt: skip
+    outputs[0].copy_(scores)
+    outputs[1].copy_(argmax)
+
+
+def _topk_reference_kernel(inputs, outputs, options) -> None:
+    q, d, cu_d, q_mask, candidates = inputs
+    scores, ids = ref.maxsim_topk_ref(
+        q, d, cu_d, options["k"], q_mask=q_mask, candidates=candidates, reduce=options["reduce"]
+    )
+    outputs[0].copy_(scores)
+    outputs[1].copy_(ids)
+
+
+def _backward_reference_kernel(inputs, outputs, options) -> None:
+    grad, q, d, argmax, meta = inputs
+    dq, dd = ref.maxsim_backward_ref(grad, q, d, argmax, meta, options["need_dq"], options["need_dd"])
+    outs = iter(outputs)
+    if dq is not None:
+        next(outs).copy_(dq)
+    if dd is not None:
+        next(outs).copy_(dd)
 
 
 _MAXSIM = _backend.Op("maxsim", _facts)
@@ -133,6 +291,62 @@ _MAXSIM = _backend.Op("maxsim", _facts)
 _MAXSIM.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MAXSIM.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_triton_kernel)
 _MAXSIM.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
+
+
+def _varlen_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_varlen_triton
+
+    maxsim_varlen_triton(*inputs, options["reduce"], *outputs)
+
+
+def _pairs_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_pairs_triton
+
+    q, d, q_mask, d_mask = inputs
+    maxsim_pairs_triton(
+        q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], options["pylate_mask"], *outputs
+    )
+
+
+def _topk_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_pairs import maxsim_topk_triton
+
+    q, d, cu_d, q_mask, candidates = inputs
+    maxsim_topk_triton(q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs)
+
+
+# The pair-list ops: no CUDA C++ kernel yet, so on CUDA tensors auto picks Triton.
+_VARLEN = _backend.Op("maxsim_varlen", _facts)
+_VARLEN.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_VARLEN.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_varlen_triton_kernel)
+_VARLEN.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_varlen_reference_kernel)
+
+_PAIRS = _backend.Op("maxsim_pairs", _facts)
+_PAIRS.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_PAIRS.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_pairs_triton_kernel)
+_PAIRS.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_pairs_reference_kernel)
+
+_TOPK = _backend.Op("maxsim_topk", _facts)
+_TOPK.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_TOPK.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_topk_triton_kernel)
+_TOPK.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_topk_reference_kernel)
+
+
+def _backward_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.maxsim_backward import maxsim_backward_triton
+
+    grad, q, d, argmax, meta = inputs
+    outs = iter(outputs)
+    dq = next(outs) if options["need_dq"] else None
+    dd = next(outs) if options["need_dd"] else None
+    maxsim_backward_triton(grad, q, d, argmax, meta, options["num_q"], options["num_d"], dq, dd)
+
+
+# The shared backward: the C++ kernel on CPU, the Triton kernel on CUDA (auto).
+_BACKWARD = _backend.Op("maxsim_backward", _facts)
+_BACKWARD.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_BACKWARD.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_backward_triton_kernel)
+_BACKWARD.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_backward_reference_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +360,11 @@ def maxsim(
     q_mask: torch.Tensor | None = None,
     d_mask: torch.Tensor | None = None,
     reduce: str = "sum",
+    similarity: str = "dot",
+    pylate_mask: bool = False,
+    return_argmax: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Late-interaction (ColBERT / ColPali) scores of every query against every document.
 
     scores[n, m] = sum over the real tokens i of query n of max over the real tokens j of
@@ -166,12 +383,22 @@ def maxsim(
             [0, L]: an error on CPU tensors; on CUDA tensors (where checking would need a
             host synchronisation) they are clamped to [0, L].
         reduce: "sum" (ColBERT) or "mean" (the sum over the number of real query tokens).
+        similarity: "dot", or "cosine": the tokens are L2-normalised once here, before the
+            op (in the accumulate dtype, rounded back to the input dtype; a zero token stays
+            zero), so the gradient flows through the normalisation by autograd.
+        pylate_mask: PyLate's multiplicative masking (``pylate.scores.colbert_scores``): a
+            masked document token's similarity is 0 and takes part in the max (so a document
+            with a masked token never scores a token below 0); a masked query token adds 0.
+            A masked winner (lowest index among equal maxima) has argmax -1 and no gradient.
+        return_argmax: also return the int32 argmax [Nq, Nd, Lq] (or [Nd, Lq]): the document
+            token each query token took, -1 where none was (masked query token, empty
+            document, masked winner under pylate_mask).
         backend: None/"auto", "cpu", "triton" or "reference". There is no CUDA C++ kernel
             yet: on CUDA tensors auto picks "triton".
 
     Returns:
         scores [Nq, Nd] (or [Nd]) fp32 (fp64 for fp64 inputs), contiguous, differentiable in
-        q and d.
+        q and d; (scores, argmax) when return_argmax.
 
     Semantics, identical on every backend (``sparseops.reference.maxsim.maxsim_ref`` is the
     specification): a masked document token never wins the max; a document with no real
@@ -189,8 +416,149 @@ def maxsim(
         q = q.unsqueeze(0)
         if q_mask is not None and isinstance(q_mask, torch.Tensor):
             q_mask = q_mask.unsqueeze(0) if q_mask.dtype == torch.bool else q_mask.reshape(1)
+    q, d = _similarity(similarity, q, d)
     if _backend.HAS_C:
-        scores = _maxsim_op(q, d, q_mask, d_mask, reduce, name)[0]
+        scores, argmax = _maxsim_op(q, d, q_mask, d_mask, reduce, pylate_mask, name)
     else:
-        scores = ref.maxsim_ref(q, d, q_mask=q_mask, d_mask=d_mask, reduce=reduce)[0]
-    return scores[0] if single else scores
+        scores, argmax = ref.maxsim_ref(q, d, q_mask=q_mask, d_mask=d_mask, reduce=reduce, pylate_mask=pylate_mask)
+    if single:
+        scores, argmax = scores[0], argmax[0]
+    return (scores, argmax) if return_argmax else scores
+
+
+def _similarity(similarity: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """similarity="cosine": L2-normalise the tokens once, before the op (autograd carries the
+    gradient through the normalisation)."""
+    if similarity == "dot":
+        return xs
+    if similarity == "cosine":
+        return tuple(
+            torch.nn.functional.normalize(x.to(_accumulate_dtype(x.dtype)), dim=-1).to(x.dtype)
+            if isinstance(x, torch.Tensor)
+            else x
+            for x in xs
+        )
+    raise ValueError(f'similarity must be "dot" or "cosine", got {similarity!r}')
+
+
+def maxsim_varlen(
+    q: torch.Tensor,
+    cu_q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    *,
+    pairs: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+    return_argmax: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """MaxSim of packed, ragged token sequences (FlashAttention's cu_seqlens): no padding.
+
+    Args:
+        q: [total_q, dim] query tokens; query n is rows cu_q[n]:cu_q[n + 1].
+        cu_q: int32 [Nq + 1] cumulative lengths: cu_q[0] = 0, non-decreasing, cu_q[-1] =
+            total_q (checked on CPU tensors; trusted on CUDA tensors, where checking would
+            need a host synchronisation).
+        d: [total_d, dim] document tokens, same dtype and device; cu_d: int32 [Nd + 1].
+        pairs: None (every query against every document: scores [Nq, Nd]) or int32/int64
+            [P, 2] rows (query, document) (scores [P]; ids checked on CPU tensors). With
+            pairs on CUDA tensors the op reads one number back to size its argmax.
+        reduce, similarity: as in ``maxsim`` ("mean" divides by the query's length).
+        return_argmax: also return the int32 argmax (document-local token index, -1 for an
+            empty document): [Nd, total_q] for all pairs (query n against document m at
+            [m, cu_q[n]:cu_q[n + 1]]), flat [sum of the pairs' query lengths] with pairs.
+
+    Empty queries and documents score 0. Differentiable in q and d (backward from the
+    argmax). Backends: "cpu" (C++), "triton", "reference".
+    """
+    name = _VARLEN.choose(backend, q)
+    q, d = _similarity(similarity, q, d)
+    scores, argmax = _varlen_op(q, cu_q, d, cu_d, pairs, reduce, name)
+    return (scores, argmax) if return_argmax else scores
+
+
+def maxsim_pairs(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    q_mask: torch.Tensor | None = None,
+    d_mask: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+    pylate_mask: bool = False,
+    return_argmax: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """MaxSim of aligned pairs: query b against its own document(s) only.
+
+    Args:
+        q: [B, Lq, dim] queries.
+        d: [B, Ld, dim] (one document per query: scores [B], PyLate's
+            ``colbert_scores_pairwise``) or [B, K, Ld, dim] (K candidates per query: scores
+            [B, K], PyLate's ``colbert_kd_scores``).
+        q_mask: None, bool [B, Lq] or lengths [B].
+        d_mask: None, bool [B, Ld] / [B, K, Ld] or lengths [B] / [B, K].
+        reduce, similarity, pylate_mask: as in ``maxsim``.
+        return_argmax: also return the int32 argmax [B, Lq] / [B, K, Lq].
+
+    Differentiable in q and d. Backends: "cpu" (C++), "triton", "reference".
+    """
+    name = _PAIRS.choose(backend, q)
+    three = isinstance(d, torch.Tensor) and d.dim() == 3
+    if three:
+        d = d.unsqueeze(1)
+        if d_mask is not None and isinstance(d_mask, torch.Tensor):
+            d_mask = d_mask.unsqueeze(1)
+    q, d = _similarity(similarity, q, d)
+    scores, argmax = _pairs_op(q, d, q_mask, d_mask, reduce, pylate_mask, name)
+    if three:
+        scores, argmax = scores[:, 0], argmax[:, 0]
+    return (scores, argmax) if return_argmax else scores
+
+
+def maxsim_topk(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    k: int,
+    *,
+    q_mask: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best documents of a packed corpus for each query, memory bounded by k.
+
+    Args:
+        q: [Nq, Lq, dim] queries or [Lq, dim] for one (then the outputs are [k]).
+        d: [total_d, dim] packed document tokens, cu_d int32 [Nd + 1] (as in maxsim_varlen).
+        k: documents per query (> 0). With fewer than k scored documents the tail is
+            padded with score -inf and id -1.
+        q_mask: None, bool [Nq, Lq] or lengths [Nq] (as in ``maxsim``).
+        candidates: None (the whole corpus), int [C] (the same candidate ids for every
+            query) or [Nq, C] (per query); -1 marks an unused slot; a repeated id is scored
+            (and may be returned) once per occurrence.
+        reduce, similarity: as in ``maxsim``.
+
+    Returns:
+        (scores [Nq, k] fp32 (fp64 for fp64 inputs), ids [Nq, k] int64), best first; equal
+        scores go to the lower document id. Not differentiable (use maxsim_varlen with
+        pairs=ids to train on the retrieved documents). The CPU kernel keeps per-thread
+        heaps of k per query and merges them in a fixed order: the answer does not depend on
+        the thread count. The Triton kernel scores a fixed chunk of documents at a time and
+        merges it into the running k best (memory bounded by k + chunk). Backends: "cpu"
+        (C++), "triton", "reference".
+    """
+    name = _TOPK.choose(backend, q)
+    single = isinstance(q, torch.Tensor) and q.dim() == 2
+    if single:
+        q = q.unsqueeze(0)
+        if q_mask is not None and isinstance(q_mask, torch.Tensor):
+            q_mask = q_mask.unsqueeze(0) if q_mask.dtype == torch.bool else q_mask.reshape(1)
+        if candidates is not None and isinstance(candidates, torch.Tensor) and candidates.dim() == 2:
+            raise RuntimeError(f"candidates for a single query must be [C], got {_describe(candidates)}")
+    q, d = _similarity(similarity, q, d)
+    scores, ids = _topk_op(q, d, cu_d, k, q_mask, candidates, reduce, name)
+    return (scores[0], ids[0]) if single else (scores, ids)

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["maxsim_accumulate_dtype", "maxsim_token_mask_ref", "maxsim_ref"]
+__all__ = [
+    "maxsim_accumulate_dtype",
+    "maxsim_backward_ref",
+    "maxsim_normalize_ref",
+    "maxsim_pairs_ref",
+    "maxsim_ref",
+    "maxsim_token_mask_ref",
+    "maxsim_topk_ref",
+    "maxsim_varlen_ref",
+]
 
 
 def maxsim_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +53,8 @@ def maxsim_ref(
     q_mask: torch.Tensor | None = None,
     d_mask: torch.Tensor | None = None,
     reduce: str = "sum",
+    similarity: str = "dot",
+    pylate_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Late-interaction scores of every query against every document, with the argmax.
 
@@ -53,6 +64,13 @@ def maxsim_ref(
         q_mask: None, bool [Nq, Lq] (True = real token) or int lengths [Nq].
         d_mask: None, bool [Nd, Ld] or int lengths [Nd].
         reduce: "sum" or "mean" (the sum divided by the number of real query tokens).
+        similarity: "dot", or "cosine" (the dot product of tokens L2-normalised by
+            ``maxsim_normalize_ref``: in the accumulate dtype, rounded back to the input dtype).
+        pylate_mask: PyLate's multiplicative masking (``pylate.scores.colbert_scores``): a
+            masked document token's similarity becomes 0 and takes part in the max (so a max
+            is never below 0 when the document has a masked token); a masked query token adds
+            0. Where a masked document token wins (lowest index among equal maxima) the
+            argmax is -1: it takes no gradient, as 0 * s has none in PyLate's autograd.
 
     Returns:
         scores: [Nq, Nd] in the accumulate dtype (fp32; fp64 for fp64 inputs).
@@ -70,11 +88,29 @@ def maxsim_ref(
     unspecified (not checked, as torch.amax-based code would not check either).
     """
     acc = maxsim_accumulate_dtype(q.dtype)
+    if similarity == "cosine":
+        q, d = maxsim_normalize_ref(q), maxsim_normalize_ref(d)
+    elif similarity != "dot":
+        raise ValueError(f'similarity must be "dot" or "cosine", got {similarity!r}')
     Nq, Lq, _ = q.shape
     Nd, Ld, _ = d.shape
     qv = maxsim_token_mask_ref(q_mask, Nq, Lq, q.device)
     dv = maxsim_token_mask_ref(d_mask, Nd, Ld, q.device)
     sim = torch.einsum("nid,mjd->nmij", q.to(acc), d.to(acc))  # [Nq, Nd, Lq, Ld]
+    if pylate_mask:
+        # Masked tokens become 0 and take part; the winner is the lowest index of the max.
+        sim = torch.where(dv[None, :, None, :], sim, torch.zeros((), dtype=acc, device=q.device))
+        if Ld > 0:
+            best, arg = sim.max(dim=-1)
+        else:
+            best = sim.new_zeros((Nq, Nd, Lq))
+            arg = torch.zeros(Nq, Nd, Lq, dtype=torch.int64, device=q.device)
+        live = qv[:, None, :].expand(Nq, Nd, Lq) & (Ld > 0)
+        contrib = torch.where(live, best, torch.zeros((), dtype=acc, device=q.device))
+        scores = _reduce_ref(contrib.sum(dim=-1), qv, reduce, acc)
+        won_real = dv[torch.arange(Nd, device=q.device)[None, :, None], arg] if Ld > 0 else live
+        argmax = torch.where(live & won_real, arg, -1).to(torch.int32)
+        return scores, argmax
     sim = sim.masked_fill(~dv[None, :, None, :], float("-inf"))
     if Ld > 0:
         best, arg = sim.max(dim=-1)  # torch.max returns the lowest index among equal maxima
@@ -97,3 +133,186 @@ def maxsim_ref(
         raise ValueError(f'reduce must be "sum" or "mean", got {reduce!r}')
     argmax = torch.where(live, arg, -1).to(torch.int32)
     return scores, argmax
+
+
+def _reduce_ref(scores: torch.Tensor, qv: torch.Tensor, reduce: str, acc: torch.dtype) -> torch.Tensor:
+    if reduce == "mean":
+        count = qv.sum(dim=-1).to(acc)[:, None]
+        return torch.where(count > 0, scores / count.clamp_min(1), torch.zeros((), dtype=acc, device=scores.device))
+    if reduce != "sum":
+        raise ValueError(f'reduce must be "sum" or "mean", got {reduce!r}')
+    return scores
+
+
+def maxsim_normalize_ref(x: torch.Tensor) -> torch.Tensor:
+    """What similarity="cosine" scores: each token L2-normalised in the accumulate dtype
+    (``torch.nn.functional.normalize``, eps 1e-12: a zero token stays zero), rounded back to
+    x's dtype."""
+    acc = maxsim_accumulate_dtype(x.dtype)
+    return torch.nn.functional.normalize(x.to(acc), dim=-1).to(x.dtype)
+
+
+def _unpack(x: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows [total, dim] + cu_seqlens [N + 1] -> padded [N, Lmax, dim] and lengths [N]."""
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    n = lens.numel()
+    lmax = int(lens.max()) if n else 0
+    out = x.new_zeros(n, lmax, x.shape[-1])
+    for i in range(n):
+        out[i, : int(lens[i])] = x[int(cu[i]) : int(cu[i + 1])]
+    return out, lens
+
+
+def maxsim_varlen_ref(
+    q: torch.Tensor,
+    cu_q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    *,
+    pairs: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaxSim of packed ragged tokens (FlashAttention cu_seqlens), the padded reference's
+    semantics with every token real.
+
+    Args:
+        q: [total_q, dim] query tokens, query n = rows cu_q[n]:cu_q[n + 1]; d: [total_d, dim].
+        cu_q, cu_d: int [N + 1] cumulative lengths (0 first, non-decreasing, last = rows).
+        pairs: None (every query x every document) or int [P, 2] (query, document).
+
+    Returns:
+        scores [Nq, Nd] (or [P]) in the accumulate dtype, and the argmax (document-local
+        token index, -1 when the document is empty): all pairs: [Nd, total_q] (query n
+        against document m at [m, cu_q[n]:cu_q[n + 1]]); pairs: flat, pair p's query tokens
+        one after another in pair order.
+    """
+    if similarity == "cosine":
+        q, d = maxsim_normalize_ref(q), maxsim_normalize_ref(d)
+    qp, ql = _unpack(q, cu_q)
+    dp, dl = _unpack(d, cu_d)
+    scores, arg = maxsim_ref(qp, dp, q_mask=ql, d_mask=dl, reduce=reduce)  # [Nq, Nd], [Nq, Nd, Lq]
+    Nq, Nd = ql.numel(), dl.numel()
+    if pairs is None:
+        argmax = torch.empty(Nd, q.shape[0], dtype=torch.int32, device=q.device)
+        for n in range(Nq):
+            argmax[:, int(cu_q[n]) : int(cu_q[n + 1])] = arg[n, :, : int(ql[n])]
+        return scores, argmax
+    pairs = pairs.to(torch.int64)
+    parts = [arg[int(a), int(b), : int(ql[int(a)])] for a, b in pairs.tolist()]
+    argmax = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32, device=q.device)
+    return scores[pairs[:, 0], pairs[:, 1]], argmax.to(torch.int32)
+
+
+def maxsim_pairs_ref(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    q_mask: torch.Tensor | None = None,
+    d_mask: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+    pylate_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned pairs: q [B, Lq, dim] with d [B, K, Ld, dim] -> scores [B, K], argmax
+    [B, K, Lq] (query b against each of its K documents); masks bool [B, Lq] / [B, K, Ld] or
+    lengths [B] / [B, K]. maxsim_ref's semantics pair by pair."""
+    B, K, Ld, dim = d.shape
+    Lq = q.shape[1]
+    acc = maxsim_accumulate_dtype(q.dtype)
+    scores = torch.zeros(B, K, dtype=acc, device=q.device)
+    argmax = torch.full((B, K, Lq), -1, dtype=torch.int32, device=q.device)
+    for b in range(B):
+        qm = None if q_mask is None else q_mask[b : b + 1]
+        dm = None if d_mask is None else d_mask[b]
+        s, a = maxsim_ref(
+            q[b : b + 1], d[b], q_mask=qm, d_mask=dm, reduce=reduce, similarity=similarity, pylate_mask=pylate_mask
+        )
+        scores[b], argmax[b] = s[0], a[0]
+    return scores, argmax
+
+
+def maxsim_topk_ref(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    cu_d: torch.Tensor,
+    k: int,
+    *,
+    q_mask: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    reduce: str = "sum",
+    similarity: str = "dot",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best documents of a packed corpus for each query: the scores of maxsim over the
+    corpus (or over each query's candidate ids; -1 = no candidate) sorted best first, ties to
+    the lower document id; fewer than k scored documents pad with -inf / -1.
+
+    q [Nq, Lq, dim] (+ q_mask as in maxsim_ref), d [total_d, dim], cu_d int [Nd + 1],
+    candidates None, int [C] (shared) or [Nq, C]. Returns (scores [Nq, k], ids [Nq, k] int64).
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    acc = maxsim_accumulate_dtype(q.dtype)
+    Nq = q.shape[0]
+    dp, dl = _unpack(d, cu_d)
+    Nd = dl.numel()
+    if similarity == "cosine":
+        q, dp = maxsim_normalize_ref(q), maxsim_normalize_ref(dp)
+    full = maxsim_ref(q, dp, q_mask=q_mask, d_mask=dl, reduce=reduce)[0]  # [Nq, Nd]
+    out_s = torch.full((Nq, k), float("-inf"), dtype=acc, device=q.device)
+    out_i = torch.full((Nq, k), -1, dtype=torch.int64, device=q.device)
+    for n in range(Nq):
+        if candidates is None:
+            ids = torch.arange(Nd, device=q.device)
+        else:
+            c = candidates if candidates.dim() == 1 else candidates[n]
+            ids = c.to(torch.int64)
+            ids = ids[ids >= 0]
+        vals = full[n, ids] if ids.numel() else full.new_zeros(0)
+        keep = ~torch.isnan(vals)
+        ids, vals = ids[keep], vals[keep]
+        # Lower id first, then a stable sort by score: ties keep the lower id.
+        order = torch.argsort(ids, stable=True)
+        ids, vals = ids[order], vals[order]
+        order = torch.argsort(vals, descending=True, stable=True)
+        take = min(k, ids.numel())
+        out_s[n, :take] = vals[order[:take]]
+        out_i[n, :take] = ids[order[:take]]
+    return out_s, out_i
+
+
+def maxsim_backward_ref(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    argmax: torch.Tensor,
+    meta: torch.Tensor,
+    need_dq: bool = True,
+    need_dd: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward every MaxSim op shares, from the saved argmax (index_add over the taken
+    token pairs; it never forms Lq x Ld, but holds one [sum of query lengths, dim] temporary).
+
+    grad [P] (accumulate dtype) per pair, q [Rq, dim] and d [Rd, dim] token rows, argmax
+    int32 flat, meta int64 [P, 6] = (query group, first query row, query rows, document
+    group, first document row, argmax offset). Returns dq [Rq, dim], dd [Rd, dim] in the
+    accumulate dtype: dq[qs + t] += g * d[ds + a] and dd[ds + a] += g * q[qs + t] for every
+    pair and query token t with a = argmax[off + t] >= 0.
+    """
+    acc = maxsim_accumulate_dtype(q.dtype)
+    qs, ql, ds, off = meta[:, 1], meta[:, 2], meta[:, 4], meta[:, 5]
+    P = meta.shape[0]
+    pair = torch.repeat_interleave(torch.arange(P, device=q.device), ql)
+    start = torch.cumsum(ql, 0) - ql
+    t = torch.arange(pair.numel(), device=q.device) - start[pair]
+    a = argmax.to(torch.int64)[off[pair] + t] if pair.numel() else pair
+    live = a >= 0
+    pair, t, a = pair[live], t[live], a[live]
+    qrow, drow = qs[pair] + t, ds[pair] + a
+    g = grad[pair].to(acc)[:, None]
+    dq = dd = None
+    if need_dq:
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device).index_add_(0, qrow, g * d.to(acc)[drow])
+    if need_dd:
+        dd = torch.zeros(d.shape, dtype=acc, device=q.device).index_add_(0, drow, g * q.to(acc)[qrow])
+    return dq, dd
