@@ -22,6 +22,7 @@ using at::Tensor;
 NMConfig make_config(int64_t n, int64_t m, int64_t out, int64_t in) {
   TORCH_CHECK(m == 2 || m == 4 || m == 8 || m == 16, "m must be one of 2, 4, 8, 16, got m=", m);
   TORCH_CHECK(n >= 1 && n < m, "n must satisfy 1 <= n < m, got n=", n, ", m=", m);
+  TORCH_CHECK(in >= 0 && in < (int64_t(1) << 31), "in_features must lie in [0, 2^31), got ", in);
   TORCH_CHECK(in % m == 0, "in_features (", in, ") must be a multiple of m=", m,
               " (groups of m run along the input dimension)");
   NMConfig c;
@@ -138,8 +139,11 @@ std::tuple<Tensor, Tensor, Tensor> nm_compress(const Tensor& w, int64_t n, int64
   if (native) {
     nm_compress_cpu_kernel(wc, s, keep, cfg, values, meta, mk);
   } else {
-    call_python_kernel("nm_compress", backend, {wc, s, keep}, {values, meta, mk},
-                       {{"n", n}, {"m", m}});
+    // The Python kernels rank scores only (NM_FORMAT's nm_compress_triton contract): a keep
+    // mask becomes scores 1 (kept) / 0, and the ranking's ties to the lower index pad a short
+    // group with its lowest unkept positions, as the keep path of the CPU kernel does.
+    const Tensor sc = keep.defined() ? keep.to(at::kFloat) : s;
+    call_python_kernel("nm_compress", backend, {wc, sc}, {values, meta, mk}, {{"n", n}, {"m", m}});
   }
   return {values, meta, mk};
 }
