@@ -74,18 +74,23 @@ bool use_avx512() {
 
 inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 
-// Turns a row of meta into the row's dense column bitmask: bit c of byte c / 8 of `bits`
-// (in_pad / 8 bytes, in_pad = in rounded up to 16) is set when column c is stored.
+// The dense column bitmask of a row of meta, 16 columns (one uint16) per chunk: chunk ch has bit
+// t set when column 16*ch + t is stored. Where groups align with meta bytes the mask of a chunk
+// comes straight from a 256-entry table of meta bytes (chunk()); otherwise (3:4, 3:8, 15:16,
+// ...) decode_generic() sets the bits position by position. Columns >= in are cleared.
 struct RowDecoder {
   enum Mode { kGeneric, kBytesToCols, kBytesOfGroup } mode = kGeneric;
-  int64_t n = 0, m = 0, in = 0, groups = 0, meta_bytes = 0;
+  int64_t n = 0, m = 0, in = 0, groups = 0, meta_bytes = 0, chunks = 0;
   int bits = 0;
-  int col_bytes = 0;  // kBytesToCols: mask bytes written per meta byte (1, 2 or 4)
+  int col_bytes = 0;    // kBytesToCols: mask bytes per meta byte (1, 2 or 4)
   int group_bytes = 0;  // kBytesOfGroup: meta bytes per group
+  uint16_t tail = 0xffff;  // valid columns of the last chunk
   std::array<uint32_t, 256> lut{};
 
   explicit RowDecoder(const NMConfig& c)
       : n(c.n), m(c.m), in(c.in), groups(c.groups), meta_bytes(c.meta_bytes), bits(c.bits) {
+    chunks = (in + 15) / 16;
+    if (in % 16 != 0) tail = static_cast<uint16_t>((1u << (in % 16)) - 1u);
     const int64_t nb = n * bits;
     const int per_byte = 8 / bits;  // positions per meta byte
     if (8 % nb == 0) {
@@ -110,37 +115,50 @@ struct RowDecoder {
     }
   }
 
-  void decode(const uint8_t* meta, uint8_t* bits_out, int64_t in_pad) const {
-    const int64_t nbytes = in_pad / 8;
-    std::memset(bits_out, 0, static_cast<size_t>(nbytes + 4));
+  inline uint32_t byte_mask(const uint8_t* meta, int64_t i) const {
+    // Meta bytes past the row decode to nothing (only a partial last chunk reads them).
+    return i < meta_bytes ? lut[meta[i]] : 0u;
+  }
+
+  inline uint32_t group_mask(const uint8_t* meta, int64_t g) const {
+    if (g >= groups) return 0u;
+    uint32_t mask = 0;
+    const uint8_t* gm = meta + g * group_bytes;
+    for (int t = 0; t < group_bytes; ++t) mask |= lut[gm[t]];
+    return mask;
+  }
+
+  // Table modes only.
+  inline uint16_t chunk(const uint8_t* meta, int64_t ch) const {
+    uint32_t k;
     if (mode == kBytesToCols) {
-      // Every meta byte covers col_bytes mask bytes; a row's last meta byte may hold unused
-      // (zero) positions that decode to columns >= in: cleared below.
-      for (int64_t i = 0; i < meta_bytes; ++i) {
-        const uint32_t v = lut[meta[i]];
-        std::memcpy(bits_out + i * col_bytes, &v, static_cast<size_t>(col_bytes));
+      if (col_bytes == 1) {
+        k = byte_mask(meta, 2 * ch) | (byte_mask(meta, 2 * ch + 1) << 8);
+      } else if (col_bytes == 2) {
+        k = byte_mask(meta, ch);
+      } else {
+        k = byte_mask(meta, ch >> 1) >> (16 * (ch & 1));
       }
-    } else if (mode == kBytesOfGroup) {
-      for (int64_t g = 0; g < groups; ++g) {
-        uint32_t mask = 0;
-        const uint8_t* gm = meta + g * group_bytes;
-        for (int t = 0; t < group_bytes; ++t) mask |= lut[gm[t]];
-        std::memcpy(bits_out + g * m / 8, &mask, static_cast<size_t>(m / 8));
-      }
+    } else if (m == 8) {
+      k = group_mask(meta, 2 * ch) | (group_mask(meta, 2 * ch + 1) << 8);
     } else {
-      const int pm = (1 << bits) - 1;
-      int64_t j = 0;
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t t = 0; t < n; ++t, ++j) {
-          const int64_t bit = j * bits;
-          const int64_t col = g * m + ((meta[bit >> 3] >> (bit & 7)) & pm);
-          bits_out[col >> 3] |= static_cast<uint8_t>(1u << (col & 7));
-        }
-      }
+      k = group_mask(meta, ch);
     }
-    // Clear the columns >= in.
-    for (int64_t col = in; col < nbytes * 8; ++col) {
-      bits_out[col >> 3] &= static_cast<uint8_t>(~(1u << (col & 7)));
+    // A row's last meta byte may hold unused (zero) positions: they decode to columns >= in.
+    if (ch == chunks - 1) k &= tail;
+    return static_cast<uint16_t>(k);
+  }
+
+  void decode_generic(const uint8_t* meta, uint16_t* words) const {
+    std::memset(words, 0, static_cast<size_t>(chunks) * sizeof(uint16_t));
+    const int pm = (1 << bits) - 1;
+    int64_t j = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t t = 0; t < n; ++t, ++j) {
+        const int64_t bit = j * bits;
+        const int64_t col = g * m + ((meta[bit >> 3] >> (bit & 7)) & pm);
+        words[col >> 4] = static_cast<uint16_t>(words[col >> 4] | (1u << (col & 15)));
+      }
     }
   }
 };
@@ -202,11 +220,11 @@ void linear_rows_portable(const acc_t* x, int64_t ldx, const scalar_t* values, c
 // Thread-local scratch of the AVX-512 path: one row's bitmask, its widened values, the block's
 // dense rows (allocated once per parallel_for chunk).
 struct Scratch {
-  std::vector<uint8_t> bits;
+  std::vector<uint16_t> bits;
   std::vector<float> vrow;
   std::vector<float> wrow;
   Scratch(int64_t in_pad, int64_t kept, int64_t rows)
-      : bits(static_cast<size_t>(in_pad / 8 + 8)),
+      : bits(static_cast<size_t>(in_pad / 16 + 1)),
         vrow(static_cast<size_t>(kept + 16)),
         wrow(static_cast<size_t>(rows * in_pad)) {}
 };
@@ -233,14 +251,30 @@ SPARSEOPS_NM_AVX512 inline void widen16(const scalar_t* src, float* dst, int64_t
   for (; j < count; ++j) dst[j] = static_cast<float>(src[j]);
 }
 
-// Builds the dense fp32 row (in_pad floats) from the row's kept values (fp32) and bitmask.
-SPARSEOPS_NM_AVX512 inline void expand_row(const float* v, const uint8_t* bits, int64_t chunks,
-                                           float* d) {
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    uint16_t k;
-    std::memcpy(&k, bits + 2 * ch, 2);
-    _mm512_storeu_ps(d + 16 * ch, _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(k), v));
-    v += __builtin_popcount(k);
+// Builds the dense fp32 row (in_pad floats) of one weight row from its kept values (fp32) and
+// its meta: per 16-column chunk, the next popcount(mask) values are expanded into place.
+SPARSEOPS_NM_AVX512 inline void expand_row(const float* v, const uint8_t* meta,
+                                           const RowDecoder& dec, uint16_t* words, float* d) {
+  const bool generic = dec.mode == RowDecoder::kGeneric;
+  if (generic) dec.decode_generic(meta, words);
+  // m divides 16, so a full chunk holds 16 / m whole groups: exactly 16 * n / m kept values, at a
+  // fixed offset (no dependency from one chunk to the next); a partial last chunk holds
+  // (in % 16) / m groups. Register-form expand of a masked load (the memory form of vexpandps
+  // is microcoded on Zen 4); the masked load never touches values past the row.
+  const int64_t per = 16 * dec.n / dec.m;
+  const int64_t full = dec.in / 16;
+  const __mmask16 lm = static_cast<__mmask16>((1u << per) - 1u);
+  for (int64_t ch = 0; ch < full; ++ch) {
+    const uint16_t k = generic ? words[ch] : dec.chunk(meta, ch);
+    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 1024, _MM_HINT_T0);
+    const __m512 packed = _mm512_maskz_loadu_ps(lm, v + ch * per);
+    _mm512_storeu_ps(d + 16 * ch, _mm512_maskz_expand_ps(static_cast<__mmask16>(k), packed));
+  }
+  if (full < dec.chunks) {
+    const uint16_t k = generic ? words[full] : dec.chunk(meta, full);
+    const int64_t cnt = (dec.in % 16) / dec.m * dec.n;
+    const __m512 packed = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + full * per);
+    _mm512_storeu_ps(d + 16 * full, _mm512_maskz_expand_ps(static_cast<__mmask16>(k), packed));
   }
 }
 
@@ -273,7 +307,6 @@ SPARSEOPS_NM_AVX512 void linear_rows_avx512(const float* x, int64_t in_pad, cons
   const int64_t nb = o1 - o0;
   for (int64_t i = 0; i < nb; ++i) {
     const int64_t o = o0 + i;
-    dec.decode(meta + o * c.meta_bytes, bits.data(), in_pad);
     const float* v;
     if constexpr (std::is_same_v<scalar_t, float>) {
       v = values + o * c.kept;
@@ -281,7 +314,7 @@ SPARSEOPS_NM_AVX512 void linear_rows_avx512(const float* x, int64_t in_pad, cons
       widen16<scalar_t>(values + o * c.kept, vrow.data(), c.kept);
       v = vrow.data();
     }
-    expand_row(v, bits.data(), chunks, wrow.data() + i * in_pad);
+    expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), wrow.data() + i * in_pad);
   }
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * in_pad;
@@ -303,7 +336,6 @@ SPARSEOPS_NM_AVX512 void decompress_rows_avx512(const scalar_t* values, const ui
   auto& bits = sc.bits;
   auto& vrow = sc.vrow;
   for (int64_t o = o0; o < o1; ++o) {
-    dec.decode(meta + o * c.meta_bytes, bits.data(), ld);
     const float* v;
     if constexpr (std::is_same_v<scalar_t, float>) {
       v = values + o * c.kept;
@@ -311,7 +343,7 @@ SPARSEOPS_NM_AVX512 void decompress_rows_avx512(const scalar_t* values, const ui
       widen16<scalar_t>(values + o * c.kept, vrow.data(), c.kept);
       v = vrow.data();
     }
-    expand_row(v, bits.data(), ld / 16, tile + (o - o0) * ld);
+    expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), tile + (o - o0) * ld);
   }
 }
 #endif
