@@ -498,3 +498,64 @@ def test_deterministic_across_threads():
 def test_cuda_auto_matches_reference():
     dense, nmw = _weight(257, 512, 2, 4, torch.bfloat16, "cuda")
     _check_linear(_x(16, 512, dtype=torch.bfloat16, device="cuda"), nmw, None, None, dense)
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters: compressed-tensors sparse-24-bitmask, torch semi-structured
+
+
+def test_compressed_tensors_layout_by_hand():
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 4.0, 0.0, 5.0, 6.0, 0.0, 0.0]])
+    sd = sparseops.nm_to_compressed_tensors(sparseops.nm_compress(w, 2, 4), "model.layers.0.q_proj.weight")
+    assert set(sd) == {"model.layers.0.q_proj." + k for k in ("shape", "compressed", "bitmask")}
+    assert sd["model.layers.0.q_proj.shape"].tolist() == [[1], [12]]
+    assert sd["model.layers.0.q_proj.compressed"].tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+    # numpy.packbits(mask, axis=-1, bitorder="little"): columns 1, 3, 4, 6 | 8, 9
+    assert sd["model.layers.0.q_proj.bitmask"].tolist() == [[0b01011010, 0b0011]]
+    assert sd["model.layers.0.q_proj.bitmask"].dtype == torch.uint8
+
+
+def test_compressed_tensors_roundtrip():
+    for dtype in DTYPES:
+        dense, nmw = _weight(13, 40, 2, 4, dtype)
+        dense[0, :4] = 0  # a group of explicit zeros
+        nmw = sparseops.nm_compress(dense, 2, 4)
+        sd = sparseops.nm_to_compressed_tensors(nmw, "l")
+        back = sparseops.nm_from_compressed_tensors(sd, "l")
+        assert torch.equal(back.values, nmw.values) and torch.equal(back.meta, nmw.meta)
+        assert back.shape == nmw.shape
+        # Decompress as compressed-tensors does: dense[bitmask] = compressed.
+        mask = torch.zeros(13, 40, dtype=torch.bool)
+        bits = sd["l.bitmask"]
+        for c in range(40):
+            mask[:, c] = (bits[:, c // 8] >> (c % 8)) & 1 == 1
+        ref_dense = torch.zeros(13, 40, dtype=dtype)
+        ref_dense[mask] = sd["l.compressed"].reshape(-1)
+        assert torch.equal(ref_dense, dense)
+    with pytest.raises(ValueError, match="2:4"):
+        sparseops.nm_to_compressed_tensors(_weight(4, 16, 1, 4)[1])
+    bad = dict(sd)
+    bad["l.bitmask"] = torch.zeros_like(sd["l.bitmask"])
+    with pytest.raises(ValueError, match="exactly 2"):
+        sparseops.nm_from_compressed_tensors(bad, "l")
+
+
+def test_semi_structured_from_dense_and_cpu_error():
+    dense, nmw = _weight(32, 64, 2, 4, torch.float16)
+    back = sparseops.nm_from_semi_structured(dense)
+    assert torch.equal(back.values, nmw.values) and torch.equal(back.meta, nmw.meta)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        sparseops.nm_to_semi_structured(nmw)
+    with pytest.raises(ValueError, match="2:4"):
+        sparseops.nm_to_semi_structured(_weight(4, 16, 1, 4)[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_semi_structured_roundtrip_cuda():
+    dense, nmw = _weight(128, 128, 2, 4, torch.float16, "cuda")
+    sst = sparseops.nm_to_semi_structured(nmw)
+    assert isinstance(sst, torch.sparse.SparseSemiStructuredTensor)
+    torch.testing.assert_close(sst.to_dense(), dense, rtol=0, atol=0)
+    back = sparseops.nm_from_semi_structured(sst)
+    assert torch.equal(back.values, nmw.values) and torch.equal(back.meta, nmw.meta)

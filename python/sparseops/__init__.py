@@ -10,6 +10,12 @@ see ``build_info()`` for what this installation can run.
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .nm_convert import (
+    nm_from_compressed_tensors,
+    nm_from_semi_structured,
+    nm_to_compressed_tensors,
+    nm_to_semi_structured,
+)
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
@@ -42,8 +48,12 @@ __all__ = [
     "moe_mlp",
     "nm_compress",
     "nm_decompress",
+    "nm_from_compressed_tensors",
+    "nm_from_semi_structured",
     "nm_linear",
     "nm_mask",
+    "nm_to_compressed_tensors",
+    "nm_to_semi_structured",
     "resolve_backend",
     "route",
     "route_metadata",
