@@ -82,6 +82,17 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "maxsim_backward(Tensor grad, Tensor q, Tensor d, Tensor argmax, Tensor meta, int num_q, "
       "int num_d, bool need_dq, bool need_dd, str backend=\"auto\") -> (Tensor dq, Tensor dd)");
+  // ---- nm_sparse
+  // N:M sparse linear: x [..., in] @ decompress(values, meta)^T + bias (NM_FORMAT).
+  m.def(
+      "nm_linear(Tensor x, Tensor values, Tensor meta, int n, int m, int in_features, "
+      "Tensor? bias=None, str backend=\"auto\") -> Tensor");
+  // N:M compress: prune=True keeps the n best scores (|w| if None) per group (fused mask +
+  // compress); prune=False keeps mask (default: w's non-zeros), an error when w is not N:M.
+  m.def(
+      "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
+      "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
+  // ---- end nm_sparse
 }
 
 namespace sparseops {

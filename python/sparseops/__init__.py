@@ -2,15 +2,23 @@
 
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
 losses) and MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
-``maxsim_topk``). Every op is a ``torch.library`` op with
+``maxsim_topk``), the fused MoE expert MLP (``moe_mlp``) and N:M structured sparsity
+(``nm_mask``, ``nm_compress``, ``nm_linear``). Every op is a ``torch.library`` op with
 C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
 see ``build_info()`` for what this installation can run.
 """
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .nm_convert import (
+    nm_from_compressed_tensors,
+    nm_from_semi_structured,
+    nm_to_compressed_tensors,
+    nm_to_semi_structured,
+)
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
+from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
 from .ops.routing import (
     RouteMeta,
     TopkRouteOptions,
@@ -26,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MOE_ACTIVATIONS",
+    "NMWeight",
     "RouteMeta",
     "TopkRouteOptions",
     "available_backends",
@@ -37,6 +46,14 @@ __all__ = [
     "maxsim_topk",
     "maxsim_varlen",
     "moe_mlp",
+    "nm_compress",
+    "nm_decompress",
+    "nm_from_compressed_tensors",
+    "nm_from_semi_structured",
+    "nm_linear",
+    "nm_mask",
+    "nm_to_compressed_tensors",
+    "nm_to_semi_structured",
     "resolve_backend",
     "route",
     "route_metadata",

@@ -1,0 +1,535 @@
+// N:M sparse CPU kernels. Semantics: python/sparseops/reference/nm_sparse.py (NM_FORMAT).
+//
+// nm_linear, small batch (the weight-streaming regime, R < kNMDenseCrossoverRows): output rows
+// are split over threads in blocks of kRowBlock (at::parallel_for). For each block, every
+// weight row is decoded ONCE into a dense fp32 row in thread-local scratch and then reused by
+// all R rows of x (x is widened to fp32 once, up front, into rows padded to 16 floats):
+//  - decoding: meta is turned into the row's dense column bitmask, a byte at a time through a
+//    256-entry table where groups align with meta bytes (1:2, 1:4, 2:4, 1:8, 2:8, 4:8, 1:16,
+//    2:16, 4:16, 8:16, ... : every pattern with 8 % (n*b) == 0 or (n*b) % 8 == 0), position
+//    by position otherwise (3:4, 3:8, 15:16, ...);
+//  - AVX-512: each 16-column chunk of the dense row is one vexpandps of the next popcount(mask)
+//    kept values (kept in increasing column order, so the expand is exactly the scatter), then
+//    the R dot products stream the fp32 row with four independent accumulators; bf16 / fp16
+//    values are widened 16 at a time in registers;
+//  - portable (no AVX-512, or SPARSEOPS_CPU_NO_AVX512=1): the same structure with a scalar
+//    scatter and an 8-lane scalar dot.
+// Each output is one dot product computed by one thread in a fixed order: the bits never depend
+// on the thread count.
+// Large batch (R >= kNMDenseCrossoverRows, out >= 2): the weight is decompressed tile by tile
+// (kTileOut rows, at least two tiles) into fp32 and each tile's GEMM [R, in] x [in, tile] goes
+// to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
+// bitwise independent of the thread count.
+//
+// nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
+// ties to the lower index) by n rounds of argmax over m <= 16 candidates, or the given keep
+// mask padded with the lowest unkept positions; values, packed meta and the mask are written
+// in the same pass. Threads over weight rows.
+#include "sparseops/nm_sparse.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SPARSEOPS_NM_X86 1
+#define SPARSEOPS_NM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,popcnt")))
+#else
+#define SPARSEOPS_NM_X86 0
+#endif
+
+namespace sparseops {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRowBlock = 8;   // weight rows decoded together (x rows reused across them)
+constexpr int64_t kTileOut = 64;   // weight rows per tile of the large-batch (BLAS) path
+
+bool use_avx512() {
+#if SPARSEOPS_NM_X86
+  static const bool v = [] {
+    const char* e = std::getenv("SPARSEOPS_CPU_NO_AVX512");
+    if (e != nullptr && e[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
+inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
+
+// The dense column bitmask of a row of meta, 16 columns (one uint16) per chunk: chunk ch has bit
+// t set when column 16*ch + t is stored. Where groups align with meta bytes the mask of a chunk
+// comes straight from a 256-entry table of meta bytes (chunk()); otherwise (3:4, 3:8, 15:16,
+// ...) decode_generic() sets the bits position by position. Columns >= in are cleared.
+struct RowDecoder {
+  enum Mode { kGeneric, kBytesToCols, kBytesOfGroup } mode = kGeneric;
+  int64_t n = 0, m = 0, in = 0, groups = 0, meta_bytes = 0, chunks = 0;
+  int bits = 0;
+  int col_bytes = 0;    // kBytesToCols: mask bytes per meta byte (1, 2 or 4)
+  int group_bytes = 0;  // kBytesOfGroup: meta bytes per group
+  uint16_t tail = 0xffff;  // valid columns of the last chunk
+  std::array<uint32_t, 256> lut{};
+
+  explicit RowDecoder(const NMConfig& c)
+      : n(c.n), m(c.m), in(c.in), groups(c.groups), meta_bytes(c.meta_bytes), bits(c.bits) {
+    chunks = (in + 15) / 16;
+    if (in % 16 != 0) tail = static_cast<uint16_t>((1u << (in % 16)) - 1u);
+    const int64_t nb = n * bits;
+    const int per_byte = 8 / bits;  // positions per meta byte
+    if (8 % nb == 0) {
+      mode = kBytesToCols;
+      col_bytes = static_cast<int>((8 / nb) * m / 8);
+      for (int v = 0; v < 256; ++v) {
+        uint32_t mask = 0;
+        for (int t = 0; t < per_byte; ++t) {
+          const int p = (v >> (t * bits)) & ((1 << bits) - 1);
+          mask |= uint32_t(1) << ((t / n) * m + p);
+        }
+        lut[v] = mask;
+      }
+    } else if (nb % 8 == 0) {
+      mode = kBytesOfGroup;
+      group_bytes = static_cast<int>(nb / 8);
+      for (int v = 0; v < 256; ++v) {
+        uint32_t mask = 0;
+        for (int t = 0; t < per_byte; ++t) mask |= uint32_t(1) << ((v >> (t * bits)) & ((1 << bits) - 1));
+        lut[v] = mask;
+      }
+    }
+  }
+
+  inline uint32_t byte_mask(const uint8_t* meta, int64_t i) const {
+    // Meta bytes past the row decode to nothing (only a partial last chunk reads them).
+    return i < meta_bytes ? lut[meta[i]] : 0u;
+  }
+
+  inline uint32_t group_mask(const uint8_t* meta, int64_t g) const {
+    if (g >= groups) return 0u;
+    uint32_t mask = 0;
+    const uint8_t* gm = meta + g * group_bytes;
+    for (int t = 0; t < group_bytes; ++t) mask |= lut[gm[t]];
+    return mask;
+  }
+
+  // Table modes only.
+  inline uint16_t chunk(const uint8_t* meta, int64_t ch) const {
+    uint32_t k;
+    if (mode == kBytesToCols) {
+      if (col_bytes == 1) {
+        k = byte_mask(meta, 2 * ch) | (byte_mask(meta, 2 * ch + 1) << 8);
+      } else if (col_bytes == 2) {
+        k = byte_mask(meta, ch);
+      } else {
+        k = byte_mask(meta, ch >> 1) >> (16 * (ch & 1));
+      }
+    } else if (m == 8) {
+      k = group_mask(meta, 2 * ch) | (group_mask(meta, 2 * ch + 1) << 8);
+    } else {
+      k = group_mask(meta, ch);
+    }
+    // A row's last meta byte may hold unused (zero) positions: they decode to columns >= in.
+    if (ch == chunks - 1) k &= tail;
+    return static_cast<uint16_t>(k);
+  }
+
+  void decode_generic(const uint8_t* meta, uint16_t* words) const {
+    std::memset(words, 0, static_cast<size_t>(chunks) * sizeof(uint16_t));
+    const int pm = (1 << bits) - 1;
+    int64_t j = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t t = 0; t < n; ++t, ++j) {
+        const int64_t bit = j * bits;
+        const int64_t col = g * m + ((meta[bit >> 3] >> (bit & 7)) & pm);
+        words[col >> 4] = static_cast<uint16_t>(words[col >> 4] | (1u << (col & 15)));
+      }
+    }
+  }
+};
+
+// Dense columns of every kept value of one row, in order (the portable scatter's indices).
+inline void decode_columns(const uint8_t* meta, const NMConfig& c, int32_t* cols) {
+  const int b = c.bits;
+  const int mask = (1 << b) - 1;
+  int64_t j = 0;
+  for (int64_t g = 0; g < c.groups; ++g) {
+    for (int64_t t = 0; t < c.n; ++t, ++j) {
+      const int64_t bit = j * b;
+      cols[j] = static_cast<int32_t>(g * c.m + ((meta[bit >> 3] >> (bit & 7)) & mask));
+    }
+  }
+}
+
+template <typename scalar_t>
+inline float to_float(scalar_t v) {
+  return static_cast<float>(v);
+}
+
+// ---- portable small-batch path ---------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void linear_rows_portable(const acc_t* x, int64_t ldx, const scalar_t* values, const uint8_t* meta,
+                          const scalar_t* bias, const NMConfig& c, int64_t R, int64_t o0,
+                          int64_t o1, scalar_t* out, std::vector<int32_t>& cols,
+                          std::vector<acc_t>& wrow) {
+  const int64_t nb = o1 - o0;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t o = o0 + i;
+    acc_t* d = wrow.data() + i * c.in;
+    for (int64_t k = 0; k < c.in; ++k) d[k] = acc_t(0);
+    decode_columns(meta + o * c.meta_bytes, c, cols.data());
+    const scalar_t* v = values + o * c.kept;
+    for (int64_t j = 0; j < c.kept; ++j) d[cols[j]] = static_cast<acc_t>(v[j]);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const acc_t* xr = x + r * ldx;
+    for (int64_t i = 0; i < nb; ++i) {
+      const acc_t* d = wrow.data() + i * c.in;
+      acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 8 <= c.in; k += 8) {
+        for (int l = 0; l < 8; ++l) part[l] += d[k + l] * xr[k + l];
+      }
+      for (; k < c.in; ++k) part[k & 7] += d[k] * xr[k];
+      acc_t s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      const int64_t o = o0 + i;
+      if (bias != nullptr) s += static_cast<acc_t>(bias[o]);
+      out[r * c.out + o] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+// ---- AVX-512 small-batch path ----------------------------------------------------------------
+
+// Thread-local scratch of the AVX-512 path: one row's bitmask, its widened values, the block's
+// dense rows (allocated once per parallel_for chunk).
+struct Scratch {
+  std::vector<uint16_t> bits;
+  std::vector<float> vrow;
+  std::vector<float> wrow;
+  Scratch(int64_t in_pad, int64_t kept, int64_t rows)
+      : bits(static_cast<size_t>(in_pad / 16 + 1)),
+        vrow(static_cast<size_t>(kept + 16)),
+        wrow(static_cast<size_t>(rows * in_pad)) {}
+};
+
+#if SPARSEOPS_NM_X86
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 inline void widen16(const scalar_t* src, float* dst, int64_t count) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; j + 16 <= count; j += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+      const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(w));
+    }
+  } else {
+    for (; j + 16 <= count; j += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+      _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(h));
+    }
+  }
+  for (; j < count; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// Builds the dense fp32 row (in_pad floats) of one weight row from its kept values (fp32) and
+// its meta: per 16-column chunk, the next popcount(mask) values are expanded into place.
+SPARSEOPS_NM_AVX512 inline void expand_row(const float* v, const uint8_t* meta,
+                                           const RowDecoder& dec, uint16_t* words, float* d) {
+  const bool generic = dec.mode == RowDecoder::kGeneric;
+  if (generic) dec.decode_generic(meta, words);
+  // m divides 16, so a full chunk holds 16 / m whole groups: exactly 16 * n / m kept values, at a
+  // fixed offset (no dependency from one chunk to the next); a partial last chunk holds
+  // (in % 16) / m groups. Register-form expand of a masked load (the memory form of vexpandps
+  // is microcoded on Zen 4); the masked load never touches values past the row.
+  const int64_t per = 16 * dec.n / dec.m;
+  const int64_t full = dec.in / 16;
+  const __mmask16 lm = static_cast<__mmask16>((1u << per) - 1u);
+  for (int64_t ch = 0; ch < full; ++ch) {
+    const uint16_t k = generic ? words[ch] : dec.chunk(meta, ch);
+    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 1024, _MM_HINT_T0);
+    const __m512 packed = _mm512_maskz_loadu_ps(lm, v + ch * per);
+    _mm512_storeu_ps(d + 16 * ch, _mm512_maskz_expand_ps(static_cast<__mmask16>(k), packed));
+  }
+  if (full < dec.chunks) {
+    const uint16_t k = generic ? words[full] : dec.chunk(meta, full);
+    const int64_t cnt = (dec.in % 16) / dec.m * dec.n;
+    const __m512 packed = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + full * per);
+    _mm512_storeu_ps(d + 16 * full, _mm512_maskz_expand_ps(static_cast<__mmask16>(k), packed));
+  }
+}
+
+SPARSEOPS_NM_AVX512 inline float dot_avx512(const float* a, const float* b, int64_t chunks) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t ch = 0;
+  for (; ch + 4 <= chunks; ch += 4) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch), _mm512_loadu_ps(b + 16 * ch), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 16), _mm512_loadu_ps(b + 16 * ch + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 32), _mm512_loadu_ps(b + 16 * ch + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 48), _mm512_loadu_ps(b + 16 * ch + 48), s3);
+  }
+  for (; ch < chunks; ++ch) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch), _mm512_loadu_ps(b + 16 * ch), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 void linear_rows_avx512(const float* x, int64_t in_pad, const scalar_t* values,
+                                            const uint8_t* meta, const scalar_t* bias,
+                                            const NMConfig& c, const RowDecoder& dec, int64_t R,
+                                            int64_t o0, int64_t o1, scalar_t* out,
+                                            Scratch& sc) {
+  const int64_t chunks = in_pad / 16;
+  auto& bits = sc.bits;
+  auto& vrow = sc.vrow;
+  auto& wrow = sc.wrow;
+  const int64_t nb = o1 - o0;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t o = o0 + i;
+    const float* v;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      v = values + o * c.kept;
+    } else {
+      widen16<scalar_t>(values + o * c.kept, vrow.data(), c.kept);
+      v = vrow.data();
+    }
+    expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), wrow.data() + i * in_pad);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * in_pad;
+    for (int64_t i = 0; i < nb; ++i) {
+      float s = dot_avx512(wrow.data() + i * in_pad, xr, chunks);
+      const int64_t o = o0 + i;
+      if (bias != nullptr) s += static_cast<float>(bias[o]);
+      out[r * c.out + o] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+// The dense fp32 tile [o1 - o0, ld] (columns >= in zero) of the large-batch path.
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 void decompress_rows_avx512(const scalar_t* values, const uint8_t* meta,
+                                                const NMConfig& c, const RowDecoder& dec,
+                                                int64_t o0, int64_t o1, float* tile, int64_t ld) {
+  Scratch sc(ld, c.kept, 0);
+  auto& bits = sc.bits;
+  auto& vrow = sc.vrow;
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* v;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      v = values + o * c.kept;
+    } else {
+      widen16<scalar_t>(values + o * c.kept, vrow.data(), c.kept);
+      v = vrow.data();
+    }
+    expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), tile + (o - o0) * ld);
+  }
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void decompress_rows_portable(const scalar_t* values, const uint8_t* meta, const NMConfig& c,
+                              int64_t o0, int64_t o1, acc_t* tile, int64_t ld) {
+  std::vector<int32_t> cols(static_cast<size_t>(c.kept));
+  for (int64_t o = o0; o < o1; ++o) {
+    acc_t* d = tile + (o - o0) * ld;
+    for (int64_t k = 0; k < ld; ++k) d[k] = acc_t(0);
+    decode_columns(meta + o * c.meta_bytes, c, cols.data());
+    const scalar_t* v = values + o * c.kept;
+    for (int64_t j = 0; j < c.kept; ++j) d[cols[j]] = static_cast<acc_t>(v[j]);
+  }
+}
+
+template <typename scalar_t>
+void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                  const NMConfig& c, Tensor& out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t R = x2d.size(0);
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+#if SPARSEOPS_NM_X86
+  if constexpr (!std::is_same_v<acc_t, double>) {
+    if (use_avx512()) {
+      // x widened once into rows padded to 16 floats (the padding is zero).
+      const int64_t in_pad = round_up16(c.in);
+      Tensor xa = at::zeros({R, in_pad}, x2d.options().dtype(at::kFloat));
+      xa.narrow(1, 0, c.in).copy_(x2d);
+      const float* xp = xa.data_ptr<float>();
+      const RowDecoder dec(c);
+      at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
+        Scratch sc(in_pad, c.kept, kRowBlock);
+        for (int64_t o = b0; o < b1; o += kRowBlock) {
+          linear_rows_avx512<scalar_t>(xp, in_pad, vp, mp, bp, c, dec, R, o,
+                                       std::min(b1, o + kRowBlock), op, sc);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  const Tensor xa = x2d.to(acc_type).contiguous();
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
+    std::vector<int32_t> cols(static_cast<size_t>(c.kept));
+    std::vector<acc_t> wrow(static_cast<size_t>(kRowBlock * c.in));
+    for (int64_t o = b0; o < b1; o += kRowBlock) {
+      linear_rows_portable<scalar_t, acc_t>(xp, c.in, vp, mp, bp, c, R, o, std::min(b1, o + kRowBlock),
+                                            op, cols, wrow);
+    }
+  });
+}
+
+template <typename scalar_t>
+void linear_large(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                  const NMConfig& c, Tensor& out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const bool wide = std::is_same_v<acc_t, float> && use_avx512();
+  const int64_t ld = wide ? round_up16(c.in) : c.in;
+  Tensor xa = at::zeros({x2d.size(0), ld}, x2d.options().dtype(acc_type));
+  xa.narrow(1, 0, c.in).copy_(x2d);
+  const Tensor ba = bias.defined() ? bias.to(acc_type) : Tensor();
+  // At least two tiles, so that every tile's GEMM runs inside the parallel region (the BLAS
+  // single-threaded there): the bits do not depend on the thread count.
+  const int64_t tile = std::min<int64_t>(kTileOut, (c.out + 1) / 2);
+  const int64_t ntiles = (c.out + tile - 1) / tile;
+  const RowDecoder dec(c);
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * tile, o1 = std::min(c.out, o0 + tile);
+      Tensor w = at::empty({o1 - o0, ld}, xa.options());
+#if SPARSEOPS_NM_X86
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (wide) {
+          decompress_rows_avx512<scalar_t>(vp, mp, c, dec, o0, o1, w.data_ptr<float>(), ld);
+        } else {
+          decompress_rows_portable<scalar_t, acc_t>(vp, mp, c, o0, o1, w.data_ptr<acc_t>(), ld);
+        }
+      } else {
+        decompress_rows_portable<scalar_t, acc_t>(vp, mp, c, o0, o1, w.data_ptr<acc_t>(), ld);
+      }
+#else
+      decompress_rows_portable<scalar_t, acc_t>(vp, mp, c, o0, o1, w.data_ptr<acc_t>(), ld);
+#endif
+      Tensor y = at::mm(xa, w.t());
+      if (ba.defined()) y.add_(ba.narrow(0, o0, o1 - o0));
+      out.narrow(1, o0, o1 - o0).copy_(y);
+    }
+  });
+}
+
+// ---- nm_compress -------------------------------------------------------------------------------
+
+// a ranks above b: NaN above every number, then larger (ties are resolved by the caller).
+inline bool better(double a, double b) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na || nb) return na && !nb;
+  return a > b;
+}
+
+template <typename scalar_t>
+void compress(const Tensor& w, const double* scores, const bool* keep, const NMConfig& c,
+              Tensor& values, Tensor& meta, Tensor& mask) {
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  scalar_t* vp = values.data_ptr<scalar_t>();
+  uint8_t* mp = meta.data_ptr<uint8_t>();
+  bool* kp = mask.data_ptr<bool>();
+  const int64_t n = c.n, m = c.m;
+  at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t o = b0; o < b1; ++o) {
+      uint8_t* mrow = mp + o * c.meta_bytes;
+      std::memset(mrow, 0, static_cast<size_t>(c.meta_bytes));
+      for (int64_t g = 0; g < c.groups; ++g) {
+        const int64_t base = o * c.in + g * m;
+        bool sel[16];
+        if (keep != nullptr) {
+          int64_t cnt = 0;
+          for (int64_t p = 0; p < m; ++p) cnt += (sel[p] = keep[base + p]);
+          for (int64_t p = 0; p < m && cnt < n; ++p) {
+            if (!sel[p]) {
+              sel[p] = true;
+              ++cnt;
+            }
+          }
+        } else {
+          double s[16];
+          for (int64_t p = 0; p < m; ++p) {
+            sel[p] = false;
+            s[p] = scores != nullptr ? scores[base + p] : std::abs(static_cast<double>(wp[base + p]));
+          }
+          // n rounds of argmax over the unselected; the strict comparison keeps the lower index
+          // on ties.
+          for (int64_t t = 0; t < n; ++t) {
+            int64_t best = -1;
+            for (int64_t p = 0; p < m; ++p) {
+              if (sel[p]) continue;
+              if (best < 0 || better(s[p], s[best])) best = p;
+            }
+            sel[best] = true;
+          }
+        }
+        int64_t j = g * n;
+        for (int64_t p = 0; p < m; ++p) {
+          kp[base + p] = sel[p];
+          if (!sel[p]) continue;
+          vp[o * c.kept + j] = wp[base + p];
+          const int64_t bit = j * c.bits;
+          mrow[bit >> 3] |= static_cast<uint8_t>(p << (bit & 7));
+          ++j;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor& meta,
+                          const Tensor& bias, const NMConfig& cfg, Tensor& out) {
+  const bool large = x2d.size(0) >= kNMDenseCrossoverRows && cfg.out >= 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
+    if (large) {
+      linear_large<scalar_t>(x2d, values, meta, bias, cfg, out);
+    } else {
+      linear_small<scalar_t>(x2d, values, meta, bias, cfg, out);
+    }
+  });
+}
+
+void nm_compress_cpu_kernel(const Tensor& w, const Tensor& scores, const Tensor& keep,
+                            const NMConfig& cfg, Tensor& values, Tensor& meta, Tensor& mask) {
+  const Tensor s = scores.defined() ? scores.to(at::kDouble).contiguous() : scores;
+  const double* sp = s.defined() ? s.data_ptr<double>() : nullptr;
+  const bool* kp = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "nm_compress_cpu", [&] {
+    compress<scalar_t>(w, sp, kp, cfg, values, meta, mask);
+  });
+}
+
+}  // namespace sparseops
