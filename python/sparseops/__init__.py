@@ -1,7 +1,8 @@
 """sparseops: sparse compute kernels for PyTorch.
 
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
-losses) and MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
+losses), grouped GEMM (``grouped_mm``, ``gather_rows``, ``scatter_rows``, ``row_scale``)
+and MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
 ``maxsim_topk``). Every op is a ``torch.library`` op with
 C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
 see ``build_info()`` for what this installation can run.
@@ -9,6 +10,7 @@ see ``build_info()`` for what this installation can run.
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.routing import (
@@ -31,6 +33,8 @@ __all__ = [
     "available_backends",
     "build_info",
     "expert_choice_route",
+    "gather_rows",
+    "grouped_mm",
     "load_balancing_loss",
     "maxsim",
     "maxsim_pairs",
@@ -41,6 +45,8 @@ __all__ = [
     "route",
     "route_metadata",
     "router_z_loss",
+    "row_scale",
+    "scatter_rows",
     "set_default_backend",
     "topk_route",
     "nn",
