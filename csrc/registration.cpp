@@ -93,6 +93,18 @@ TORCH_LIBRARY(sparseops, m) {
       "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
       "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
   // ---- end nm_sparse
+  // ---- grouped_mm (gg): one GEMM per group over a jagged dimension (torch._grouped_mm's
+  // layouts: 2D x 3D a [S, K] b [G, K, N] -> [S, N]; 2D x 2D ragged K -> [G, M, N]; 3D x 3D
+  // batched; 3D x 2D a [G, M, K] b [K, S] -> [M, S]); offs int32 cumulative ends [G].
+  m.def(
+      "grouped_mm(Tensor a, Tensor b, Tensor? offs=None, Tensor? bias=None, "
+      "ScalarType? out_dtype=None, str backend=\"auto\") -> Tensor");
+  // Fusion helpers, index int32/int64 with -1 = no row: out[i] = a[index[i]] (zeros for -1);
+  // out [out_rows, D] = sum of src[i] into row index[i]; out[i] = x[i] * scale[i].
+  m.def("gather_rows(Tensor a, Tensor index, str backend=\"auto\") -> Tensor");
+  m.def("scatter_rows(Tensor src, Tensor index, SymInt out_rows, str backend=\"auto\") -> Tensor");
+  m.def("row_scale(Tensor x, Tensor scale, str backend=\"auto\") -> Tensor");
+  // ---- end grouped_mm
 }
 
 namespace sparseops {

@@ -1,7 +1,8 @@
 """sparseops: sparse compute kernels for PyTorch.
 
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
-losses) and MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
+losses), grouped GEMM (``grouped_mm``, ``gather_rows``, ``scatter_rows``, ``row_scale``),
+MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
 ``maxsim_topk``), the fused MoE expert MLP (``moe_mlp``) and N:M structured sparsity
 (``nm_mask``, ``nm_compress``, ``nm_linear``). Every op is a ``torch.library`` op with
 C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
@@ -16,6 +17,7 @@ from .nm_convert import (
     nm_to_compressed_tensors,
     nm_to_semi_structured,
 )
+from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
@@ -40,6 +42,8 @@ __all__ = [
     "available_backends",
     "build_info",
     "expert_choice_route",
+    "gather_rows",
+    "grouped_mm",
     "load_balancing_loss",
     "maxsim",
     "maxsim_pairs",
@@ -58,6 +62,8 @@ __all__ = [
     "route",
     "route_metadata",
     "router_z_loss",
+    "row_scale",
+    "scatter_rows",
     "set_default_backend",
     "topk_route",
     "nn",

@@ -1,0 +1,157 @@
+"""grouped_mm: sparseops.grouped_mm against torch._grouped_mm, a per-expert loop and the
+dense GEMM floor, on the expert GEMMs of the DESIGN.md MoE shapes (CPU).
+
+Problem: the up projection (gate | up, [T*k, H] x [E, H, 2I]) of one MoE layer with the
+routed rows grouped by expert (balanced random routing), b a transposed view of the
+[E, 2I, H] weights (the HF layout), scaled to what a shared CPU holds:
+  mixtral-8x7b/4      E 8,  k 2, H 1024 (of 4096), 2I 3584 (of 28672 / 4)
+  qwen3-30b-a3b/4     E 32 (of 128), k 8, H 512 (of 2048), 2I 384 (of 1536)
+  deepseek-v3/8       E 32 (of 256), k 8, H 896 (of 7168), 2I 512 (of 4096)
+  gpt-oss-120b/8      E 16 (of 128), k 4, H 360 (of 2880), 2I 720 (of 5760)
+tokens T: 1, 8, 64 (decode) and 4096 (prefill); fp32 and bf16.
+
+Implementations:
+  torch:_grouped_mm   baseline: torch._grouped_mm (skipped where it has no CPU kernel, or
+                      where its 16-byte stride rule refuses the shape).
+  torch:loop          baseline: one torch.mm per expert on the slices (what users write).
+  floor:dense-mm      baseline: one dense torch.mm of the same FLOPs ([T*k, H] x [H, 2I]):
+                      the GEMM floor, measured in the same run.
+  sparseops:cpu       sparseops.grouped_mm(backend="cpu").
+
+CLI: python -m benchmarks.bench_grouped_mm [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--out DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import _harness as H
+
+FAMILY = "grouped_mm"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# name: (E, k, H, 2I)
+SHAPES = {
+    "mixtral-8x7b/4": (8, 2, 1024, 3584),
+    "qwen3-30b-a3b/4": (32, 8, 512, 384),
+    "deepseek-v3/8": (32, 8, 896, 512),
+    "gpt-oss-120b/8": (16, 4, 360, 720),
+}
+QUICK_SHAPES = {"qwen3-30b-a3b/16": (16, 4, 256, 192)}
+TOKENS = (1, 8, 64, 4096)
+QUICK_TOKENS = (1, 64)
+
+
+def expert_rows(T: int, k: int, E: int, seed: int) -> torch.Tensor:
+    """offs [E] int32 of T*k routed rows grouped by expert (k distinct experts per token)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=1).indices.reshape(-1)
+    return torch.bincount(ids, minlength=E).cumsum(0).to(torch.int32)
+
+
+def loop_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The per-expert torch loop: out[s0:s1] = x[s0:s1] @ w[e]."""
+    out = x.new_empty((x.shape[0], w.shape[2]))
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out
+
+
+def _torch_grouped_runs(x, w, offs) -> bool:
+    try:
+        torch._grouped_mm(x[:0] if x.shape[0] == 0 else x, w, offs=offs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means torch cannot take this problem here
+        return False
+
+
+def run(
+    session: H.Session,
+    *,
+    out_dir: Path,
+    tokens: Sequence[int] | None = None,
+    dtypes: Sequence[str] = ("fp32", "bf16"),
+) -> list[H.Result]:
+    """Time sparseops.grouped_mm (the CPU kernel) against torch's grouped GEMM, a loop and the floor."""
+    so = H.import_sparseops()
+    shapes = QUICK_SHAPES if session.quick else SHAPES
+    tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
+    session.plan(len(shapes) * len(tokens) * len(dtypes))
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        for name, (E, k, Hd, N) in shapes.items():
+            gen = torch.Generator().manual_seed(E)
+            w = torch.randn(E, N, Hd, generator=gen).to(dtype).transpose(1, 2)  # [E, H, 2I] view
+            for T in tokens:
+                offs = expert_rows(T, k, E, seed=T)
+                n = T * k
+                x = torch.randn(n, Hd, generator=gen).to(dtype)
+                with torch.inference_mode():
+                    want = so.grouped_mm(x.float(), w.float(), offs, backend="cpu")
+                scale = want.abs().max().item() or 1.0
+
+                def check(out: Any, want=want, scale=scale, dt=dt) -> str:
+                    err = (out.float() - want).abs().max().item() / scale
+                    return "ok" if err <= (1e-4 if dt == "fp32" else 2e-2) else f"max rel err {err:.2e}"
+
+                xa, wa = torch.randn(n, Hd, dtype=dtype), w[0].contiguous()
+                cases = [
+                    H.Case("torch:loop", "baseline", lambda a=(x, w, offs): loop_mm(*a), check=check, graph=False),
+                    H.Case("floor:dense-mm", "baseline", lambda a=(xa, wa): torch.mm(*a)),
+                    H.Case("sparseops:cpu", "sparseops",
+                           lambda a=(x, w, offs): so.grouped_mm(*a, backend="cpu"), check=check),
+                ]  # fmt: skip
+                if _torch_grouped_runs(x, w, offs):
+                    cases.insert(
+                        0,
+                        H.Case("torch:_grouped_mm", "baseline",
+                               lambda a=(x, w, offs): torch._grouped_mm(a[0], a[1], offs=a[2]), check=check),
+                    )  # fmt: skip
+                else:
+                    session.log(f"torch._grouped_mm: skipped for {name} T={T} {dt} (refuses the shape on CPU)")
+                touched = int((offs.diff(prepend=offs.new_zeros(1)) > 0).sum())
+                session.measure_group(
+                    cases, family=FAMILY, op="grouped_mm 2d3d", shape=f"{name} E={E} k={k} H={Hd} N={N}",
+                    params=f"E={E} k={k} K={Hd} N={N} b=transposed view", size=T, size_name="T", dtype=dt,
+                    bytes=(touched * Hd * N + n * (Hd + N)) * x.element_size(), flops=2 * n * Hd * N,
+                    headline=True,
+                )  # fmt: skip
+                session.write_csv(FAMILY, out_dir)
+    return session.family_results(FAMILY)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_grouped_mm", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one small shape, T 1 and 64, short budgets")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 8 64 4096)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--threads", type=int, help=H.THREADS_HELP)
+    args = p.parse_args(argv)
+    H.set_threads(args.threads)
+    device = torch.device("cpu")
+    so = H.import_sparseops()
+    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
+    out_dir = args.out or H.default_out_dir(device, args.quick)
+    print(session.header(), flush=True)
+    results = run(session, out_dir=out_dir, tokens=args.tokens, dtypes=args.dtypes)
+    for r in results:
+        print(
+            f"{r.dtype} T={r.size} {r.shape} {r.impl}: median {H.fmt_num(r.median_us)} us "
+            f"(p20 {H.fmt_num(r.p20_us)}, p80 {H.fmt_num(r.p80_us)}), {H.fmt_num(r.pct_gemm)} % of GEMM peak, "
+            f"x_floor {H.fmt_num(r.x_floor)}, {r.speedups} {r.speedup_bands} check {r.check}",
+            flush=True,
+        )
+    session.log(f"wrote {out_dir / (FAMILY + '.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
