@@ -10,6 +10,7 @@ see ``build_info()`` for what this installation can run.
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .nn.nm_linear import sparsify_  # nm-gpu: N:M drop-in
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
@@ -49,6 +50,7 @@ __all__ = [
     "route_metadata",
     "router_z_loss",
     "set_default_backend",
+    "sparsify_",
     "topk_route",
     "nn",
 ]
