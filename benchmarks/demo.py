@@ -29,7 +29,12 @@ from benchmarks import report
 
 # One line per family. A family module defines FAMILY (the CSV name) and
 # run(session, *, out_dir) -> list[Result], which writes out_dir/<FAMILY>.csv.
-FAMILIES: tuple[str, ...] = ("benchmarks.bench_routing", "benchmarks.bench_maxsim", "benchmarks.bench_moe")
+FAMILIES: tuple[str, ...] = (
+    "benchmarks.bench_routing",
+    "benchmarks.bench_maxsim",
+    "benchmarks.bench_moe",
+    "benchmarks.bench_grouped_mm",
+)
 
 # Expected wall time, measured on the 2-core AMD EPYC CPU machine (torch 2.13, 2026-12-02,
 # next to three compilers: load 4-7): --quick 63 s, full 942 s; GPU times estimated. A busy

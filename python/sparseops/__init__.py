@@ -17,8 +17,8 @@ from .nm_convert import (
     nm_to_compressed_tensors,
     nm_to_semi_structured,
 )
-from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
 from .nn.nm_linear import sparsify_
+from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask

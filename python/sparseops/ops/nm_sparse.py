@@ -154,11 +154,32 @@ def _compress_reference_kernel(inputs, outputs, options) -> None:
         o.copy_(t)
 
 
+def _linear_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.nm_sparse import nm_linear_triton
+
+    x2d, values, meta, bias = inputs
+    nm_linear_triton(x2d, values, meta, bias, outputs[0], options["n"], options["m"])
+
+
+def _compress_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.nm_sparse import nm_compress_triton
+
+    w, scores = inputs
+    values, meta, mask = outputs
+    nm_compress_triton(w, scores, options["n"], options["m"], values, meta, mask)
+
+
+def _triton_reason(device, dtype):
+    return _backend.triton_kernels(device)
+
+
 _LINEAR = _backend.Op("nm_linear", _backend.tensor_facts("x"))
 _LINEAR.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_LINEAR.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_linear_triton_kernel)
 _LINEAR.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_linear_reference_kernel)
 _COMPRESS = _backend.Op("nm_compress", _backend.tensor_facts("w"))
 _COMPRESS.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_COMPRESS.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_compress_triton_kernel)
 _COMPRESS.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_compress_reference_kernel)
 
 
