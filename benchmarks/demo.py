@@ -34,6 +34,7 @@ FAMILIES: tuple[str, ...] = (
     "benchmarks.bench_maxsim",
     "benchmarks.bench_moe",
     "benchmarks.bench_grouped_mm",
+    "benchmarks.bench_nm_sparse",
 )
 
 # Expected wall time, measured on the 2-core AMD EPYC CPU machine (torch 2.13, 2026-12-02,

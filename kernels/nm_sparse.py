@@ -19,8 +19,9 @@ nm_linear (y = x2d @ decompress(values, meta)^T + bias, fp32 accumulation, fp64 
   BLOCK_G, n] values and their positions, expands them to the dense [BLOCK_O, BLOCK_G * m]
   tile in registers (a select over the n slots of each group) and feeds ``tl.dot`` with the
   dense x tile. On a GPU fp16 / bf16 operands go to the tensor cores in their dtype with an
-  fp32 accumulator; fp32 / fp64 use ``input_precision="ieee"`` (exact, no tf32), and so do
-  all dtypes under the interpreter (its bf16 ``tl.dot`` is silently wrong: DESIGN.md).
+  fp32 accumulator; fp32 uses ``input_precision="ieee"`` (exact, no tf32), and so do fp16 /
+  bf16 under the interpreter (its bf16 ``tl.dot`` is silently wrong: DESIGN.md); fp64 takes a
+  broadcast multiply-sum (triton 3.4's interpreter has no fp64 ``tl.dot``).
 
 nm_compress (fused prune + compress: mask, values and meta in one pass over w): one program
 per (block of rows, block of "super-blocks"). A super-block is the smallest run of whole groups
@@ -150,6 +151,7 @@ def _nm_linear_tile_kernel(
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
     DOT_NATIVE: tl.constexpr,  # fp16 / bf16 operands in their dtype (GPU tensor cores)
+    USE_DOT: tl.constexpr,  # False for fp64: a broadcast multiply-sum instead of tl.dot
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -192,8 +194,10 @@ def _nm_linear_tile_kernel(
         )
         if DOT_NATIVE:
             acc = tl.dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), acc, out_dtype=ACC)
-        else:
+        elif USE_DOT:
             acc = tl.dot(x_tile.to(ACC), tl.trans(w_tile), acc, input_precision="ieee", out_dtype=ACC)
+        else:
+            acc += tl.sum(x_tile.to(ACC)[:, None, :] * w_tile[None, :, :], axis=2)
         g0 += BLOCK_G
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_in, other=0.0).to(ACC)[None, :]
@@ -217,9 +221,11 @@ def _gather_config(R: int, NO: int, gpu: bool) -> tuple[int, int, int]:
     return block_r, block_o, block_j
 
 
-def _tile_config(R: int, NO: int, m: int, gpu: bool) -> tuple[int, int, int]:
+def _tile_config(R: int, NO: int, m: int, gpu: bool, use_dot: bool) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_O, BLOCK_G) of the tile path; tl.dot needs every side >= 16."""
-    if gpu:
+    if not use_dot:  # fp64: the broadcast product [BLOCK_R, BLOCK_O, BLOCK_K] lives per K step
+        block_r, block_o, block_k = 16, 16, 16
+    elif gpu:
         block_r = 16 if R <= 16 else (64 if R <= 64 else 128)
         block_o = 64
         block_k = 64
@@ -300,7 +306,9 @@ def nm_linear_triton(
             BLOCK_J=block_j,
         )
     elif path == "tile":
-        block_r, block_o, block_g = _tile_config(R, NO, m, gpu)
+        # fp64 (gradcheck) multiplies without tl.dot: triton 3.4's interpreter has none for fp64.
+        use_dot = x2d.dtype != torch.float64
+        block_r, block_o, block_g = _tile_config(R, NO, m, gpu, use_dot)
         nob = cdiv(NO, block_o)
         native = gpu and x2d.dtype in (torch.float16, torch.bfloat16)
         _nm_linear_tile_kernel[(nob * cdiv(R, block_r),)](
@@ -323,6 +331,7 @@ def nm_linear_triton(
             HAS_BIAS=bias is not None,
             ACC=acc,
             DOT_NATIVE=native,
+            USE_DOT=use_dot,
             BLOCK_R=block_r,
             BLOCK_O=block_o,
             BLOCK_G=block_g,

@@ -16,6 +16,7 @@ import sparseops
 from conftest import HAS_CUDA, backend_params, interpreted, rerun_in_subprocess
 from sparseops.ops.nm_sparse import _regular_patterns
 from sparseops.reference import nm_sparse as ref
+from sparseops.testing import nm_weight
 
 LINEAR = backend_params("nm_linear")
 COMPRESS = backend_params("nm_compress")
@@ -27,12 +28,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _weight(out, k, n, m, dtype=torch.float32, device="cpu", seed=0):
     """A random unit-scale N:M weight [out, k] (pruned by the reference) and its compressed form."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, k, generator=g).to(dtype)
-    mask = ref.nm_mask_ref(w, n, m)
-    values, meta, _ = ref.nm_compress_ref(w * mask, n, m, mask=mask)
-    nmw = sparseops.NMWeight(values.to(device), meta.to(device), n, m, (out, k))
-    return (w * mask).to(device), nmw
+    return nm_weight(out, k, n, m, dtype=dtype, device=device, seed=seed)
 
 
 def _x(*shape, dtype=torch.float32, device="cpu", seed=1):

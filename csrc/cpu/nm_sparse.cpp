@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -56,6 +57,7 @@ using at::Tensor;
 
 constexpr int64_t kRowBlock = 8;   // weight rows decoded together (x rows reused across them)
 constexpr int64_t kTileOut = 64;   // weight rows per tile of the large-batch (BLAS) path
+constexpr int64_t kTileOut16 = 512;  // the same for the 16-bit tiles (oneDNN is slow on narrow ones)
 
 bool use_avx512() {
 #if SPARSEOPS_NM_X86
@@ -278,51 +280,193 @@ SPARSEOPS_NM_AVX512 inline void expand_row(const float* v, const uint8_t* meta,
   }
 }
 
-SPARSEOPS_NM_AVX512 inline float dot_avx512(const float* a, const float* b, int64_t chunks) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  __m512 s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-  int64_t ch = 0;
-  for (; ch + 4 <= chunks; ch += 4) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch), _mm512_loadu_ps(b + 16 * ch), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 16), _mm512_loadu_ps(b + 16 * ch + 16), s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 32), _mm512_loadu_ps(b + 16 * ch + 32), s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch + 48), _mm512_loadu_ps(b + 16 * ch + 48), s3);
+// `count` (< 16) kept values widened to fp32 in a register; the masked load never reads past them.
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 inline __m512 load_kept(const scalar_t* v, __mmask16 lm) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(lm, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i h = _mm256_maskz_loadu_epi16(lm, v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, v));
   }
-  for (; ch < chunks; ++ch) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * ch), _mm512_loadu_ps(b + 16 * ch), s0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
-template <typename scalar_t>
-SPARSEOPS_NM_AVX512 void linear_rows_avx512(const float* x, int64_t in_pad, const scalar_t* values,
+// One 16-column chunk of one weight row (kept values expanded into place by the chunk's column
+// mask k) times the same chunk of RB rows of x, into accumulator a of each row.
+template <typename scalar_t, int RB>
+SPARSEOPS_NM_AVX512 inline void fma_chunk(const scalar_t* v, __mmask16 lm, uint16_t k, const float* x,
+                                          int64_t in_pad, __m512 (&acc)[RB][4], int a) {
+  const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(k), load_kept<scalar_t>(v, lm));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) acc[r][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * in_pad), acc[r][a]);
+}
+
+// sums[r] = (weight row) . (x row r) for RB rows of x, straight from the compressed row: no dense
+// row is written. Chunk ch goes to accumulator ch % 4 for every RB, and the four are added in
+// one order: a row's result has the same bits at every batch size below the crossover.
+template <typename scalar_t, int RB>
+SPARSEOPS_NM_AVX512 void dot_compressed(const scalar_t* v, const uint8_t* meta, const RowDecoder& dec,
+                                        const uint16_t* words, const float* x, int64_t in_pad,
+                                        float* sums) {
+  const bool generic = dec.mode == RowDecoder::kGeneric;
+  // m divides 16, so a full chunk holds 16 / m whole groups: exactly 16 * n / m kept values at a
+  // fixed offset; a partial last chunk holds (in % 16) / m groups. Register-form expand of a
+  // masked load (the memory form of vexpandps is microcoded on Zen 4).
+  const int64_t per = 16 * dec.n / dec.m;
+  const int64_t full = dec.in / 16;
+  const auto lm = static_cast<__mmask16>((1u << per) - 1u);
+  __m512 acc[RB][4];
+  for (int r = 0; r < RB; ++r) {
+    for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
+  }
+  int64_t ch = 0;
+  for (; ch + 4 <= full; ch += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 512, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const uint16_t k = generic ? words[ch + a] : dec.chunk(meta, ch + a);
+      fma_chunk<scalar_t, RB>(v + (ch + a) * per, lm, k, x + 16 * (ch + a), in_pad, acc, a);
+    }
+  }
+  for (; ch < full; ++ch) {
+    const uint16_t k = generic ? words[ch] : dec.chunk(meta, ch);
+    fma_chunk<scalar_t, RB>(v + ch * per, lm, k, x + 16 * ch, in_pad, acc, static_cast<int>(ch & 3));
+  }
+  if (full < dec.chunks) {
+    const uint16_t k = generic ? words[full] : dec.chunk(meta, full);
+    const int64_t cnt = (dec.in % 16) / dec.m * dec.n;
+    fma_chunk<scalar_t, RB>(v + full * per, static_cast<__mmask16>((1u << cnt) - 1u), k, x + 16 * full,
+                            in_pad, acc, static_cast<int>(full & 3));
+  }
+  for (int r = 0; r < RB; ++r) {
+    sums[r] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+  }
+}
+
+#define SPARSEOPS_NM_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+bool use_vbmi2() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return use_avx512() && __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return v;
+}
+
+#define SPARSEOPS_NM_BF16DOT \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,avx512bf16,popcnt")))
+bool use_bf16dot() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return use_vbmi2() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return v;
+}
+
+// bf16 x bf16 without widening (avx512_bf16 + VBMI2): per 32-column chunk one masked load of
+// the 32 * n / m kept values, one vpexpandw into place and one vdpbf16ps per x row (pairs of
+// bf16 products summed into fp32 lanes; like oneDNN's bf16 GEMM it treats bf16 subnormals as
+// zero). A third of the instructions of the widening path per column.
+template <int RB>
+SPARSEOPS_NM_BF16DOT inline void dp_chunk(const uint16_t* v, __mmask32 lm, uint32_t k, const uint16_t* x,
+                                          int64_t ldx, __m512 (&acc)[RB][4], int a) {
+  const __m512i w = _mm512_maskz_expand_epi16(k, _mm512_maskz_loadu_epi16(lm, v));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    const __m512i xr = _mm512_loadu_si512(x + r * ldx);
+    acc[r][a] = _mm512_dpbf16_ps(acc[r][a], (__m512bh)w, (__m512bh)xr);
+  }
+}
+
+// The dot products of dot_compressed for bf16 rows of x padded to ldx (a multiple of 32) with
+// zeros; chunk j of 32 columns into accumulator j % 4, the same order at every RB.
+template <int RB>
+SPARSEOPS_NM_BF16DOT void dot_compressed_bf16(const uint16_t* v, const uint8_t* meta, const RowDecoder& dec,
+                                              const uint16_t* words, const uint16_t* x, int64_t ldx,
+                                              float* sums) {
+  const bool generic = dec.mode == RowDecoder::kGeneric;
+  const int64_t per = 32 * dec.n / dec.m;  // kept values per full 32-column chunk (< 32)
+  const int64_t full = dec.in / 32;
+  const auto lm = static_cast<__mmask32>((1u << per) - 1u);
+  // Full chunks lie inside the row, so their 16-column halves need no bound checks.
+  auto mask = [&](int64_t h) -> uint32_t {
+    if (h >= dec.chunks) return 0u;
+    return generic ? words[h] : dec.chunk(meta, h);
+  };
+  __m512 acc[RB][4];
+  for (int r = 0; r < RB; ++r) {
+    for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
+  }
+  int64_t ch = 0;
+  for (; ch + 4 <= full; ch += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 512, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const int64_t j = ch + a;
+      const uint32_t k = mask(2 * j) | (mask(2 * j + 1) << 16);
+      dp_chunk<RB>(v + j * per, lm, k, x + 32 * j, ldx, acc, a);
+    }
+  }
+  for (; ch < full; ++ch) {
+    const uint32_t k = mask(2 * ch) | (mask(2 * ch + 1) << 16);
+    dp_chunk<RB>(v + ch * per, lm, k, x + 32 * ch, ldx, acc, static_cast<int>(ch & 3));
+  }
+  if (32 * full < dec.in) {
+    const uint32_t k = mask(2 * full) | (mask(2 * full + 1) << 16);
+    const int64_t cnt = (dec.in - 32 * full) / dec.m * dec.n;
+    dp_chunk<RB>(v + full * per, static_cast<__mmask32>((1u << cnt) - 1u), k, x + 32 * full, ldx, acc,
+                 static_cast<int>(full & 3));
+  }
+  for (int r = 0; r < RB; ++r) {
+    sums[r] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
+  }
+}
+
+// RB dot products of one weight row: widened fp32 x (dot_compressed) or bf16 x (the bf16 pair
+// instructions).
+template <typename scalar_t, typename x_t, int RB>
+SPARSEOPS_NM_AVX512 inline void dot_rows(const scalar_t* v, const uint8_t* meta, const RowDecoder& dec,
+                                         const uint16_t* words, const x_t* x, int64_t ldx, float* sums) {
+  if constexpr (std::is_same_v<x_t, float>) {
+    dot_compressed<scalar_t, RB>(v, meta, dec, words, x, ldx, sums);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<x_t, c10::BFloat16>);
+    dot_compressed_bf16<RB>(reinterpret_cast<const uint16_t*>(v), meta, dec, words,
+                            reinterpret_cast<const uint16_t*>(x), ldx, sums);
+  }
+}
+
+// Output rows [o0, o1) for all R rows of x (fp32 or bf16, rows padded with zeros to ldx), x
+// rows four at a time while the weight row stays in L1.
+template <typename scalar_t, typename x_t>
+SPARSEOPS_NM_AVX512 void linear_rows_avx512(const x_t* x, int64_t ldx, const scalar_t* values,
                                             const uint8_t* meta, const scalar_t* bias,
                                             const NMConfig& c, const RowDecoder& dec, int64_t R,
                                             int64_t o0, int64_t o1, scalar_t* out,
-                                            Scratch& sc) {
-  const int64_t chunks = in_pad / 16;
-  auto& bits = sc.bits;
-  auto& vrow = sc.vrow;
-  auto& wrow = sc.wrow;
-  const int64_t nb = o1 - o0;
-  for (int64_t i = 0; i < nb; ++i) {
-    const int64_t o = o0 + i;
-    const float* v;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      v = values + o * c.kept;
-    } else {
-      widen16<scalar_t>(values + o * c.kept, vrow.data(), c.kept);
-      v = vrow.data();
+                                            std::vector<uint16_t>& words) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const scalar_t* v = values + o * c.kept;
+    const uint8_t* mrow = meta + o * c.meta_bytes;
+    if (dec.mode == RowDecoder::kGeneric) dec.decode_generic(mrow, words.data());
+    const bool has_bias = bias != nullptr;
+    const float b = has_bias ? static_cast<float>(bias[o]) : 0.f;
+    auto put = [&](int64_t row, float s) { out[row * c.out + o] = static_cast<scalar_t>(has_bias ? s + b : s); };
+    float sums[4];
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+      dot_rows<scalar_t, x_t, 4>(v, mrow, dec, words.data(), x + r * ldx, ldx, sums);
+      for (int i = 0; i < 4; ++i) put(r + i, sums[i]);
     }
-    expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), wrow.data() + i * in_pad);
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * in_pad;
-    for (int64_t i = 0; i < nb; ++i) {
-      float s = dot_avx512(wrow.data() + i * in_pad, xr, chunks);
-      const int64_t o = o0 + i;
-      if (bias != nullptr) s += static_cast<float>(bias[o]);
-      out[r * c.out + o] = static_cast<scalar_t>(s);
+    for (; r + 2 <= R; r += 2) {
+      dot_rows<scalar_t, x_t, 2>(v, mrow, dec, words.data(), x + r * ldx, ldx, sums);
+      for (int i = 0; i < 2; ++i) put(r + i, sums[i]);
+    }
+    if (r < R) {
+      dot_rows<scalar_t, x_t, 1>(v, mrow, dec, words.data(), x + r * ldx, ldx, sums);
+      put(r, sums[0]);
     }
   }
 }
@@ -344,6 +488,35 @@ SPARSEOPS_NM_AVX512 void decompress_rows_avx512(const scalar_t* values, const ui
       v = vrow.data();
     }
     expand_row(v, meta + o * c.meta_bytes, dec, bits.data(), tile + (o - o0) * ld);
+  }
+}
+
+// The dense 16-bit tile [o1 - o0, in] (bf16 / fp16 values, no widening) of the large-batch
+// path: per 16-column chunk one masked load of the kept values and one vpexpandw.
+SPARSEOPS_NM_VBMI2 void decompress_rows_16bit(const uint16_t* values, const uint8_t* meta, const NMConfig& c,
+                                              const RowDecoder& dec, int64_t o0, int64_t o1,
+                                              uint16_t* tile) {
+  const bool generic = dec.mode == RowDecoder::kGeneric;
+  std::vector<uint16_t> words(static_cast<size_t>(dec.chunks + 1));
+  const int64_t per = 16 * dec.n / dec.m;
+  const int64_t full = dec.in / 16;
+  const auto lm = static_cast<__mmask16>((1u << per) - 1u);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* v = values + o * c.kept;
+    const uint8_t* mrow = meta + o * c.meta_bytes;
+    uint16_t* d = tile + (o - o0) * c.in;
+    if (generic) dec.decode_generic(mrow, words.data());
+    for (int64_t ch = 0; ch < full; ++ch) {
+      const uint16_t k = generic ? words[ch] : dec.chunk(mrow, ch);
+      const __m256i packed = _mm256_maskz_loadu_epi16(lm, v + ch * per);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 16 * ch), _mm256_maskz_expand_epi16(k, packed));
+    }
+    if (full < dec.chunks) {
+      const uint16_t k = generic ? words[full] : dec.chunk(mrow, full);
+      const int64_t cnt = (dec.in % 16) / dec.m * dec.n;
+      const __m256i packed = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1u), v + full * per);
+      _mm256_mask_storeu_epi16(d + 16 * full, static_cast<__mmask16>(dec.tail), _mm256_maskz_expand_epi16(k, packed));
+    }
   }
 }
 #endif
@@ -373,6 +546,21 @@ void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 #if SPARSEOPS_NM_X86
   if constexpr (!std::is_same_v<acc_t, double>) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (use_bf16dot()) {
+        // x kept in bf16, rows padded with zeros to 32 columns.
+        const int64_t ldx = (c.in + 31) / 32 * 32;
+        Tensor xb = at::zeros({R, ldx}, x2d.options());
+        xb.narrow(1, 0, c.in).copy_(x2d);
+        const scalar_t* xp = xb.data_ptr<scalar_t>();
+        const RowDecoder dec(c);
+        at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
+          std::vector<uint16_t> words(static_cast<size_t>(dec.chunks + 1));
+          linear_rows_avx512<scalar_t, scalar_t>(xp, ldx, vp, mp, bp, c, dec, R, b0, b1, op, words);
+        });
+        return;
+      }
+    }
     if (use_avx512()) {
       // x widened once into rows padded to 16 floats (the padding is zero).
       const int64_t in_pad = round_up16(c.in);
@@ -381,11 +569,8 @@ void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
       const float* xp = xa.data_ptr<float>();
       const RowDecoder dec(c);
       at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
-        Scratch sc(in_pad, c.kept, kRowBlock);
-        for (int64_t o = b0; o < b1; o += kRowBlock) {
-          linear_rows_avx512<scalar_t>(xp, in_pad, vp, mp, bp, c, dec, R, o,
-                                       std::min(b1, o + kRowBlock), op, sc);
-        }
+        std::vector<uint16_t> words(static_cast<size_t>(dec.chunks + 1));
+        linear_rows_avx512<scalar_t, float>(xp, in_pad, vp, mp, bp, c, dec, R, b0, b1, op, words);
       });
       return;
     }
@@ -403,6 +588,34 @@ void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   });
 }
 
+#if SPARSEOPS_NM_X86
+// bf16 / fp16 with VBMI2: tiles decompressed in the 16-bit dtype and multiplied by ATen's 16-bit
+// GEMM (oneDNN: AMX / avx512_bf16 / avx512_fp16 where the CPU has them, fp32 accumulation),
+// bias through addmm as F.linear does: half the tile bytes of the fp32 path and the CPU's
+// fastest matrix unit. Tiles are multiplied inside the parallel region (single-threaded BLAS):
+// the bits do not depend on the thread count.
+template <typename scalar_t>
+void linear_large_16bit(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                        const NMConfig& c, Tensor& out) {
+  const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<scalar_t>());
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const int64_t tile = std::min<int64_t>(kTileOut16, (c.out + 1) / 2);
+  const int64_t ntiles = (c.out + tile - 1) / tile;
+  const RowDecoder dec(c);
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode inference_mode;  // thread-local, see linear_large
+    Tensor buf = at::empty({tile, c.in}, x2d.options());  // one tile buffer per thread
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * tile, o1 = std::min(c.out, o0 + tile);
+      Tensor w = buf.narrow(0, 0, o1 - o0);
+      decompress_rows_16bit(vp, mp, c, dec, o0, o1, reinterpret_cast<uint16_t*>(w.data_ptr<scalar_t>()));
+      Tensor y = bias.defined() ? at::addmm(bias.narrow(0, o0, o1 - o0), x2d, w.t()) : at::mm(x2d, w.t());
+      out.narrow(1, o0, o1 - o0).copy_(y);
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void linear_large(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
                   const NMConfig& c, Tensor& out) {
@@ -410,6 +623,11 @@ void linear_large(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
   const scalar_t* vp = values.data_ptr<scalar_t>();
   const uint8_t* mp = meta.data_ptr<uint8_t>();
+#if SPARSEOPS_NM_X86
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    if (use_vbmi2()) return linear_large_16bit<scalar_t>(x2d, values, meta, bias, c, out);
+  }
+#endif
   const bool wide = std::is_same_v<acc_t, float> && use_avx512();
   const int64_t ld = wide ? round_up16(c.in) : c.in;
   Tensor xa = at::zeros({x2d.size(0), ld}, x2d.options().dtype(acc_type));
@@ -421,6 +639,9 @@ void linear_large(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   const int64_t ntiles = (c.out + tile - 1) / tile;
   const RowDecoder dec(c);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    // Inference mode is thread-local: without it a worker may not write an output made under
+    // the caller's inference mode (and it records no graph for the temporaries).
+    c10::InferenceMode inference_mode;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t o0 = t * tile, o1 = std::min(c.out, o0 + tile);
       Tensor w = at::empty({o1 - o0, ld}, xa.options());
@@ -512,7 +733,12 @@ void compress(const Tensor& w, const double* scores, const bool* keep, const NMC
 
 void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor& meta,
                           const Tensor& bias, const NMConfig& cfg, Tensor& out) {
-  const bool large = x2d.size(0) >= kNMDenseCrossoverRows && cfg.out >= 2;
+  static const int64_t cross16 = [] {
+    const char* e = std::getenv("SPARSEOPS_NM_CROSS16");
+    return e ? std::atoll(e) : int64_t(8);
+  }();
+  const bool is16 = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
+  const bool large = x2d.size(0) >= (is16 && use_vbmi2() ? cross16 : kNMDenseCrossoverRows) && cfg.out >= 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
     if (large) {
       linear_large<scalar_t>(x2d, values, meta, bias, cfg, out);

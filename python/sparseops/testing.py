@@ -257,3 +257,28 @@ def moe_inputs(
         "b2": rnd(E, H, scale=0.1) if bias else None,
     }
     return out
+
+
+def nm_weight(
+    out: int,
+    k: int,
+    n: int,
+    m: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    scale: float = 1.0,
+):
+    """A random N:M weight [out, k] (randn * scale, pruned to its n largest |w| per group by
+    the reference) as (masked dense tensor, NMWeight), both on ``device``. Built by the
+    reference so that it does not depend on the backend under test."""
+    from sparseops import NMWeight
+    from sparseops.reference import nm_sparse as ref
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out, k, generator=g) * scale).to(dtype)
+    mask = ref.nm_mask_ref(w, n, m)
+    dense = w * mask
+    values, meta, _ = ref.nm_compress_ref(dense, n, m, mask=mask)
+    return dense.to(device), NMWeight(values.to(device), meta.to(device), n, m, (out, k))

@@ -1,0 +1,234 @@
+"""N:M sparse: sparseops.nm_linear against dense F.linear on the same (masked) weight, torch's
+sparse paths, and the copy-bandwidth / GEMM floor; plus the prune-and-compress time.
+
+Problem (issue 6 §4): LLaMA-style weights [out, in] 4096x4096 (q/o proj), 11008x4096
+(gate/up), 4096x11008 (down), 28672x8192 (70B gate/up), x [batch, in], bf16 (fp32 on
+request); patterns 2:4, 1:4, 2:8. Batch 1, 16, 128 on CPU; 1, 16, 128, 2048, 8192 on GPU.
+
+Implementations:
+  torch:F.linear            baseline: dense F.linear on the masked dense weight (what the
+                            sparse kernels must beat).
+  torch:csr                 baseline (CPU): F.linear with the weight as a torch CSR tensor,
+                            the only sparse matmul torch has on CPU (skipped where torch has
+                            no CSR kernel for the dtype).
+  torch:semi-structured     baseline (GPU, 2:4 fp16/bf16): F.linear with
+                            to_sparse_semi_structured(weight), as users call it (cuSPARSELt
+                            where torch has it, else CUTLASS); the GPU timer also reports
+                            its CUDA-graph replay.
+  sparseops:<backend>       sparseops.nm_linear on the compressed weight (CPU: the C++
+                            kernel; GPU: what auto picks).
+
+Floor: max(bytes / copy bandwidth, kept FLOP / GEMM peak), with bytes = the compressed
+weight (values + meta) + x + out: what an N:M kernel must move. The dense F.linear row's
+x_floor therefore says how far dense is from the sparse floor (2:4 bf16 reads 0.5625x the
+dense weight bytes, 1:4 0.3125x, 2:8 0.28x: the byte ceiling of the speedup at small batch).
+
+Prune-and-compress (op "nm_prune"): 11008x4096, 2:4: torch's topk over the groups (the mask
+as users compute it) against sparseops.nm_mask and the fused sparseops.nm_compress(prune=True)
+(mask + values + meta in one pass); bytes = read w once + write the compressed weight.
+
+CLI: python -m benchmarks.bench_nm_sparse [--quick] [--batch R ...] [--patterns 2:4 ...]
+     [--dtypes bf16 fp32] [--shapes NAME ...] [--out DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import _harness as H
+
+FAMILY = "nm_sparse"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# name: (out, in)
+SHAPES = {
+    "llama-q/o 4096x4096": (4096, 4096),
+    "llama-gate/up 11008x4096": (11008, 4096),
+    "llama-down 4096x11008": (4096, 11008),
+    "llama70b-gate/up 28672x8192": (28672, 8192),
+}
+QUICK_SHAPES = {"llama-q/o 4096x4096": (4096, 4096)}
+PATTERNS = ("2:4", "1:4", "2:8")
+QUICK_PATTERNS = ("2:4",)
+CPU_BATCH = (1, 16, 128)
+GPU_BATCH = (1, 16, 128, 2048, 8192)
+QUICK_BATCH = (1, 16)
+PRUNE_SHAPE = (11008, 4096)
+
+
+def _pattern(text: str) -> tuple[int, int]:
+    n, m = (int(v) for v in text.split(":"))
+    return n, m
+
+
+def _csr_linear_runs(x: torch.Tensor, w_csr: torch.Tensor) -> bool:
+    try:
+        F.linear(x[:1], w_csr)
+        return True
+    except (RuntimeError, NotImplementedError):  # no CSR kernel for this dtype / device
+        return False
+
+
+def _semi_structured(w: torch.Tensor) -> Any | None:
+    """torch's 2:4 semi-structured tensor of w, or None where torch cannot make one here."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(w)
+    except Exception:  # noqa: BLE001 - any refusal (dtype, shape, GPU arch) means no baseline
+        return None
+
+
+def topk_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask as users write it in torch: topk of |w| over every group of m."""
+    out, k = w.shape
+    groups = w.abs().view(out, k // m, m)
+    idx = groups.topk(n, dim=-1).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).view(out, k)
+
+
+def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns, batches, dtypes) -> None:
+    from sparseops.testing import nm_weight
+
+    gpu = session.device.type == "cuda"
+    backend = "auto" if gpu else "cpu"
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        for name, (NO, K) in shapes.items():
+            for pat in patterns:
+                n, m = _pattern(pat)
+                dense, nmw = nm_weight(NO, K, n, m, dtype=dtype, device=session.device, seed=NO + K, scale=K**-0.5)
+                w_csr = dense.to_sparse_csr() if not gpu else None
+                w_semi = _semi_structured(dense) if gpu and (n, m) == (2, 4) and dtype != torch.float32 else None
+                weight_bytes = nmw.values.numel() * nmw.values.element_size() + nmw.meta.numel()
+                for R in batches:
+                    x = torch.randn(R, K, dtype=dtype, device=session.device)
+                    with torch.inference_mode():
+                        want = F.linear(x.float(), dense.float())
+                    scale = want.abs().max().item() or 1.0
+
+                    def check(out: Any, want=want, scale=scale, dt=dt) -> str:
+                        err = (out.float() - want).abs().max().item() / scale
+                        return "ok" if err <= (1e-4 if dt == "fp32" else 3e-2) else f"max rel err {err:.2e}"
+
+                    cases = [
+                        H.Case("torch:F.linear", "baseline", lambda a=(x, dense): F.linear(*a), check=check),
+                        H.Case(f"sparseops:{backend}", "sparseops",
+                               lambda a=(x, nmw): so.nm_linear(*a, backend=backend), check=check),
+                    ]  # fmt: skip
+                    if w_csr is not None:
+                        if _csr_linear_runs(x, w_csr):
+                            csr = lambda a=(x, w_csr): F.linear(*a)
+                            csr = H.Case("torch:csr", "baseline", csr, check=check, graph=False)
+                            cases.insert(1, csr)
+                        else:
+                            session.log(f"torch:csr: skipped for {dt} (no CSR matmul for it here)")
+                    if w_semi is not None:
+                        cases.insert(1, H.Case("torch:semi-structured", "baseline",
+                                               lambda a=(x, w_semi): F.linear(*a), check=check))  # fmt: skip
+                    session.measure_group(
+                        cases, family=FAMILY, op=f"nm_linear {pat}", shape=f"{name} {pat}",
+                        params=f"out={NO} in={K} n={n} m={m}", size=R, size_name="batch", dtype=dt,
+                        bytes=weight_bytes + R * (K + NO) * x.element_size(), flops=2 * R * NO * K * n // m,
+                        headline=(n, m) == (2, 4),
+                    )  # fmt: skip
+                    session.write_csv(FAMILY, out_dir)
+
+
+def _prune_group(session: H.Session, so: Any, out_dir: Path, dtype_name: str) -> None:
+    NO, K = PRUNE_SHAPE
+    n, m = 2, 4
+    dtype = DTYPES[dtype_name]
+    w = torch.randn(NO, K, dtype=dtype, device=session.device)
+    groups = w.abs().float().view(NO, K // m, m)
+    # The best N of each group, as magnitudes: under ties (bf16 has many) any of the tied
+    # positions is a right answer, so masks may differ while the kept magnitudes cannot.
+    want = groups.topk(n, dim=-1).values.sum(-1)
+
+    def check_mask(mask: Any, want=want) -> str:
+        if not torch.equal(mask.view(NO, K // m, m).sum(-1), torch.full_like(want, n, dtype=torch.long)):
+            return f"mask does not keep exactly {n} of every {m}"
+        kept = (groups * mask.view(NO, K // m, m)).sum(-1)
+        return "ok" if torch.equal(kept, want) else f"{int((kept != want).sum())} groups keep a smaller |w|"
+
+    def check_compressed(nmw: Any) -> str:
+        return check_mask(nmw.dense() != 0)  # randn has no exact zeros
+
+    backend = "auto" if session.device.type == "cuda" else "cpu"
+    cases = [
+        H.Case("torch:topk-mask", "baseline", lambda: topk_mask(w, n, m), check=check_mask),
+        H.Case("sparseops:nm_mask", "sparseops", lambda: so.nm_mask(w, n, m, backend=backend), check=check_mask),
+        H.Case("sparseops:nm_compress(prune)", "sparseops",
+               lambda: so.nm_compress(w, n, m, prune=True, backend=backend), check=check_compressed),
+    ]  # fmt: skip
+    kept = NO * K * n // m
+    session.measure_group(
+        cases, family=FAMILY, op="nm_prune 2:4", shape=f"{NO}x{K} 2:4", params=f"out={NO} in={K} n={n} m={m}",
+        size=NO, size_name="out", dtype=dtype_name,
+        bytes=w.numel() * w.element_size() + kept * w.element_size() + kept * 2 // 8,
+    )  # fmt: skip
+    session.write_csv(FAMILY, out_dir)
+
+
+def run(
+    session: H.Session,
+    *,
+    out_dir: Path,
+    batches: Sequence[int] | None = None,
+    patterns: Sequence[str] | None = None,
+    dtypes: Sequence[str] = ("bf16",),
+    shapes: Sequence[str] | None = None,
+) -> list[H.Result]:
+    """Time sparseops.nm_linear against dense, torch's sparse paths and the floor; then the prune."""
+    so = H.import_sparseops()
+    table = QUICK_SHAPES if session.quick else SHAPES
+    if shapes:
+        table = {name: SHAPES[name] for name in shapes}
+    patterns = patterns or (QUICK_PATTERNS if session.quick else PATTERNS)
+    if batches is None:
+        batches = QUICK_BATCH if session.quick else (GPU_BATCH if session.device.type == "cuda" else CPU_BATCH)
+    session.plan(len(dtypes) * len(table) * len(patterns) * len(batches) + len(dtypes))
+    _linear_groups(session, so, out_dir, table, patterns, batches, dtypes)
+    for dt in dtypes:
+        _prune_group(session, so, out_dir, dt)
+    return session.family_results(FAMILY)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_nm_sparse", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="4096x4096 2:4 at batch 1 and 16, short budgets")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default: CPU 1 16 128)")
+    p.add_argument("--patterns", nargs="+", default=None, help="N:M patterns (default 2:4 1:4 2:8)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None, help="weights (default all)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--threads", type=int, help=H.THREADS_HELP)
+    args = p.parse_args(argv)
+    H.set_threads(args.threads)
+    device = H.pick_device(args.device)
+    so = H.import_sparseops()
+    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
+    out_dir = args.out or H.default_out_dir(device, args.quick)
+    print(session.header(), flush=True)
+    results = run(
+        session, out_dir=out_dir, batches=args.batch, patterns=args.patterns, dtypes=args.dtypes, shapes=args.shapes
+    )
+    for r in results:
+        print(
+            f"{r.dtype} batch={r.size} {r.shape} {r.impl}: median {H.fmt_num(r.median_us)} us "
+            f"(p20 {H.fmt_num(r.p20_us)}, p80 {H.fmt_num(r.p80_us)}), {H.fmt_num(r.pct_bw)} % of copy bandwidth, "
+            f"x_floor {H.fmt_num(r.x_floor)}, {r.speedups} {r.speedup_bands} check {r.check}",
+            flush=True,
+        )
+    session.log(f"wrote {out_dir / (FAMILY + '.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
