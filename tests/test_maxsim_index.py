@@ -10,6 +10,7 @@ import torch
 
 import sparseops
 import sparseops.maxsim_index as mi
+from conftest import backend_params
 from sparseops import MaxSimIndex
 from sparseops.reference.maxsim import maxsim_normalize_ref, maxsim_ref
 from sparseops.testing import maxsim_inputs, maxsim_lengths
@@ -75,6 +76,18 @@ def test_search_equals_brute_force(dtype, reduce):
             assert torch.equal(ids, wi)
         else:
             assert torch.equal(ids[2], wi[2])  # the empty query: all 0, ties to the lower id
+
+
+@pytest.mark.parametrize("device,backend", backend_params("maxsim_topk"))
+def test_search_on_every_backend(device, backend):
+    docs = [x.to(device) for x in _docs(13, 9, 16, seed=25)]
+    index = MaxSimIndex(16, device=device)
+    index.add(docs)
+    q, _ = maxsim_inputs(2, 5, 1, 1, 16, seed=26)
+    s, ids = index.search(q.to(device), 4, backend=backend, candidates=[3, 0, 12, 7, 5])
+    ws, wi = brute_force(q, [x.cpu() for x in docs], 4, candidates=[3, 0, 12, 7, 5])
+    torch.testing.assert_close(s.cpu(), ws)
+    assert torch.equal(ids.cpu(), wi)
 
 
 def test_ties_go_to_the_earlier_document():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparseops
+from conftest import backend_params
 from sparseops.nn import MaxSimContrastiveLoss, MaxSimScorer, maxsim_contrastive_loss
 from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
 
@@ -113,6 +114,22 @@ def test_loss_matches_naive_einsum(N, masks, in_batch, pylate):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         for g, w in zip(_grads(got, q, d), _grads(want, q, d)):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("maxsim"))
+def test_every_backend(device, backend):
+    """The loss and the scorer through each backend of the ops (tiny: Triton runs under its
+    interpreter here)."""
+    B, N, Lq, Ld, dim = 3, 2, 4, 5, 16
+    q, d = _batch(B, N, Lq, Ld, dim, dtype=torch.float32, seed=31)
+    dl = maxsim_lengths(B * N, Ld, seed=31).view(B, N)
+    got = maxsim_contrastive_loss(q.to(device), d.to(device), d_mask=dl.to(device), temperature=0.5, backend=backend)
+    want = naive_loss(q, d, None, dl, temperature=0.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(_grads(got, q, d), _grads(want, q, d)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    s = MaxSimScorer(backend=backend)(q.detach().to(device), d.detach()[:, 0].to(device), pairwise=True)
+    torch.testing.assert_close(s.cpu(), naive_scores(q.detach(), d.detach()[:, 0]).diagonal(), rtol=1e-5, atol=1e-5)
 
 
 def test_positives_only_and_reductions():

@@ -82,6 +82,7 @@ class MaxSimIndex:
         self._n_tokens = 0
         self._id_kind: str | None = None  # "int" or "str"
         self._ids: list = []
+        self._id_buf = torch.zeros(0, dtype=torch.int64)  # int ids, host, grown like _cu
         self._pos: dict = {}
         self._next_id = 0
         self._cache: dict[str, Any] = {}
@@ -187,6 +188,11 @@ class MaxSimIndex:
         self._ids.extend(new_ids)
         if self._id_kind == "int":
             self._next_id = max(self._next_id, max(new_ids) + 1)
+            if self._id_buf.numel() < self._n_docs:
+                buf = torch.zeros(self._cu.numel(), dtype=torch.int64)
+                buf[:d0] = self._id_buf[:d0]
+                self._id_buf = buf
+            self._id_buf[d0 : self._n_docs] = torch.tensor(new_ids, dtype=torch.int64)
         self._cache.clear()
         return list(new_ids)
 
@@ -273,9 +279,9 @@ class MaxSimIndex:
             raise ValueError(f"this index has {self._id_kind} ids, got {kind} ids")
         if kind == "int":
             ids = [int(x) for x in ids]
-        seen = set(self._pos)
+        seen: set = set()
         for x in ids:
-            if x in seen:
+            if x in self._pos or x in seen:
                 raise ValueError(f"id {x!r} is already in the index (ids must be unique)")
             seen.add(x)
         return ids
@@ -322,6 +328,8 @@ class MaxSimIndex:
         new_lens = lens[keep]
         self._ids = [x for x, k in zip(self._ids, keep.tolist()) if k]
         self._pos = {x: i for i, x in enumerate(self._ids)}
+        if self._id_kind == "int":
+            self._id_buf = torch.tensor(self._ids, dtype=torch.int64)
         self._n_docs = len(self._ids)
         self._n_tokens = kept.shape[0]
         self._tokens = kept.contiguous() if kept.shape[0] else None
@@ -339,6 +347,7 @@ class MaxSimIndex:
         q_mask: torch.Tensor | None = None,
         candidates: Sequence | torch.Tensor | None = None,
         reduce: str = "sum",
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | list]:
         """The k best documents for each query, exact MaxSim (``sparseops.maxsim_topk``).
 
@@ -351,6 +360,7 @@ class MaxSimIndex:
             candidates: None (the whole corpus), ids [C] shared by every query, or [Nq, C] per
                 query (a tensor, or lists; -1 / None pad a row). Unknown ids raise KeyError.
             reduce: "sum" or "mean" (over the real query tokens).
+            backend: ``maxsim_topk``'s backend (None: auto).
 
         Returns:
             (scores [Nq, k] fp32 (fp64 for an fp64 index) on the index device, ids): an
@@ -375,7 +385,9 @@ class MaxSimIndex:
                 c = None
                 if cand is not None:
                     c = torch.where((cand >= d0) & (cand < d1), cand - d0, -1)
-                s, i = maxsim_topk(q, self._tokens[t0:t1], cu, k, q_mask=q_mask, candidates=c, reduce=reduce)
+                s, i = maxsim_topk(
+                    q, self._tokens[t0:t1], cu, k, q_mask=q_mask, candidates=c, reduce=reduce, backend=backend
+                )
                 parts.append((s, torch.where(i >= 0, i + d0, i)))
             scores, pos = parts[0] if len(parts) == 1 else _merge_topk(parts, k)
         ids = self._ids_of(pos)
@@ -453,7 +465,7 @@ class MaxSimIndex:
             return pos
         ids = self._cache.get("ids")
         if ids is None or ids.device != pos.device:
-            ids = torch.tensor(self._ids, dtype=torch.int64, device=pos.device)
+            ids = self._id_buf[: self._n_docs].to(pos.device)  # a view on the CPU, one copy per add elsewhere
             self._cache["ids"] = ids
         if ids.numel() == 0:
             return pos
@@ -519,7 +531,7 @@ class MaxSimIndex:
             ].clone()
             tensors["ids_offsets"] = offs
         else:
-            tensors["ids"] = torch.tensor(self._ids, dtype=torch.int64)
+            tensors["ids"] = self._id_buf[: self._n_docs].clone()
         meta = {
             "format": _FORMAT,
             "version": str(_VERSION),
@@ -587,6 +599,8 @@ class MaxSimIndex:
             index._cu = cu.clone()
             index._n_docs, index._n_tokens = n, tokens.shape[0]
             index._ids = ids
+            if index._id_kind == "int":
+                index._id_buf = torch.tensor(ids, dtype=torch.int64)
             index._pos = {x: i for i, x in enumerate(ids)}
         else:
             index._id_kind = meta.get("id_kind") or None

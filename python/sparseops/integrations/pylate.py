@@ -182,7 +182,8 @@ def colbert_scores_pairwise(
     if isinstance(q, torch.Tensor) and isinstance(d, torch.Tensor):
         _check(q, "queries_embeddings", 3)
         _check(d, "documents_embeddings", 3)
-        return maxsim_pairs(q, d, backend=ours).to(q.dtype)
+        n = min(q.shape[0], d.shape[0])  # PyLate zips: the shorter batch decides
+        return maxsim_pairs(q[:n], d[:n], backend=ours).to(q.dtype)
     qs = [convert_to_tensor(x) for x in q]
     ds = [convert_to_tensor(x) for x in d]
     n = min(len(qs), len(ds))  # PyLate zips: the shorter list decides
