@@ -513,3 +513,20 @@ def test_patch_without_the_package_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "pylate", None)
     with pytest.raises(ImportError, match="pylate"):
         so_pylate.patch()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_drop_ins_match_cpu():
+    q, d = maxsim_inputs(8, 32, 1000, 300, 128, dtype=torch.bfloat16, seed=21)
+    dm = maxsim_bool_mask(1000, 300, seed=21)
+    cpu = so_pylate.colbert_scores(q, d, None, dm)
+    gpu = so_pylate.colbert_scores(q.cuda(), d.cuda(), None, dm.cuda())
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    torch.testing.assert_close(gpu.cpu().float(), cpu.float(), rtol=1e-2, atol=1e-1)
+    qs = [q[i, : 20 + i] for i in range(8)]
+    ps = [d[i, : 100 + 7 * i] for i in range(100)]
+    smv = so_colpali.score_multi_vector(qs, ps, batch_size=16, device="cuda")
+    assert smv.device.type == "cpu" and smv.dtype == torch.float32
+    want = so_colpali.score_multi_vector(qs, ps, batch_size=16, device="cpu")
+    torch.testing.assert_close(smv, want, rtol=1e-4, atol=1e-3)  # fp32 sums in another order

@@ -373,3 +373,31 @@ def test_bad_inputs():
         MaxSimScorer()(q, d[:, 0], pairs=torch.zeros(1, 2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="d_mask"):  # the op's own check names the argument
         maxsim_contrastive_loss(q, d, d_mask=torch.ones(3, 2, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, production size (issue 7's training goal: B = 128 fwd + bwd with <= 50 MB extra memory)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_in_batch_training_step_b128():
+    B, N, Lq, Ld, dim = 128, 2, 32, 300, 128
+    q, d = maxsim_inputs(B, Lq, B * N, Ld, dim, dtype=torch.bfloat16, device="cuda", seed=41)
+    q = q.requires_grad_(True)
+    d = d.view(B, N, Ld, dim).requires_grad_(True)
+    dl = maxsim_lengths(B * N, Ld, low=50, device="cuda", seed=41).view(B, N)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = maxsim_contrastive_loss(q, d, d_mask=dl, temperature=0.05)
+    gq, gd = torch.autograd.grad(loss, (q, d))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # the gradients themselves (bf16, like the inputs) and their fp32 accumulators are
+    # counted; the [B, B*N, Lq, Ld] similarities (1.26 GB in fp32) must not be
+    grads = (q.numel() + d.numel()) * (2 + 4)
+    assert extra <= grads + 50 * 2**20, (extra, grads)
+    want = naive_loss(q.detach().double().cpu(), d.detach().double().cpu(), None, dl.cpu(), temperature=0.05)
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(gq).all() and torch.isfinite(gd).all()

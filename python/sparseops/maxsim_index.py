@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .ops._common import describe as _describe
 from .ops.maxsim import maxsim_topk
 
 __all__ = ["MaxSimIndex"]
@@ -29,12 +30,6 @@ _VERSION = 1
 _SHARD_TOKENS = (1 << 24) - 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _GROWTH = 1.5
-
-
-def _describe(t: Any) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-    return type(t).__name__
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -24,15 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import describe as _describe
 from ..ops.maxsim import maxsim, maxsim_pairs, maxsim_varlen
 
 __all__ = ["MaxSimContrastiveLoss", "MaxSimScorer", "maxsim_contrastive_loss"]
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-    return f"{type(t).__name__}"
 
 
 class _Temperature(nn.Module):
