@@ -237,6 +237,33 @@ def maxsim_peers_dir() -> str:
     return os.environ.get("SPARSEOPS_PEERS_DIR", "/tmp/sparseops-peers")
 
 
+def _unshadow_hub_kernels() -> None:
+    """colpali-engine imports transformers, which imports Hugging Face's PyPI package
+    ``kernels`` when that is installed; ``python -m pytest`` from a checkout puts its root on
+    sys.path, where this repository's ``kernels/`` folder would shadow it (and transformers then
+    fails later, in other tests). Import the real one first, without the root (as
+    tests/test_moe_transformers.py does before importing transformers)."""
+    import importlib
+    import os
+    import sys
+
+    if "kernels" in sys.modules:
+        return
+
+    def is_checkout(p: str) -> bool:
+        p = p or os.getcwd()
+        return os.path.isfile(os.path.join(p, "kernels", "_common.py")) and os.path.isdir(os.path.join(p, "csrc"))
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if not is_checkout(p)]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: transformers never imports it
+    finally:
+        sys.path[:] = saved
+
+
 def import_maxsim_peer(module: str, bare: tuple[str, ...] = ()) -> tuple[Any, str]:
     """Import ``module`` of a MaxSim peer (installed normally or in ``maxsim_peers_dir()``).
 
@@ -252,6 +279,7 @@ def import_maxsim_peer(module: str, bare: tuple[str, ...] = ()) -> tuple[Any, st
     import sys
     import types
 
+    _unshadow_hub_kernels()
     package = module.split(".")[0]
     pin = MAXSIM_PEER_PINS.get(package, package)
     if importlib.util.find_spec(package) is None:
