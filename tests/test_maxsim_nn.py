@@ -262,7 +262,7 @@ def test_learnable_temperature():
     loss.backward()
     assert loss_mod._temperature.log_temperature.grad is not None and q.grad is not None
     opt.step()
-    assert float(loss_mod.temperature) != before
+    assert float(loss_mod.temperature.detach()) != before
     with torch.no_grad():
         loss_mod._temperature.log_temperature.fill_(-20.0)
     torch.testing.assert_close(loss_mod.temperature, torch.tensor(1e-3))
