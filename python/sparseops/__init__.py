@@ -3,7 +3,7 @@
 Families: MoE routing (``topk_route``, ``route_metadata``, ``expert_choice_route``, router
 losses), grouped GEMM (``grouped_mm``, ``gather_rows``, ``scatter_rows``, ``row_scale``),
 MaxSim late interaction (``maxsim``, ``maxsim_varlen``, ``maxsim_pairs``,
-``maxsim_topk``), the fused MoE expert MLP (``moe_mlp``) and N:M structured sparsity
+``maxsim_topk``, the ``MaxSimIndex`` corpus), the fused MoE expert MLP (``moe_mlp``) and N:M structured sparsity
 (``nm_mask``, ``nm_compress``, ``nm_linear``). Every op is a ``torch.library`` op with
 C++ CPU, CUDA and Triton backends and a pure-PyTorch reference (``sparseops.reference``);
 see ``build_info()`` for what this installation can run.
@@ -11,6 +11,7 @@ see ``build_info()`` for what this installation can run.
 
 from . import _backend, nn
 from ._backend import available_backends, build_info, resolve_backend, set_default_backend
+from .maxsim_index import MaxSimIndex
 from .nm_convert import (
     nm_from_compressed_tensors,
     nm_from_semi_structured,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MOE_ACTIVATIONS",
+    "MaxSimIndex",
     "NMWeight",
     "RouteMeta",
     "TopkRouteOptions",

@@ -218,6 +218,108 @@ def maxsim_bool_mask(
     return (torch.rand(N, L, generator=g) >= p).to(device)
 
 
+# MaxSim peers (tests/test_maxsim_integrations.py, benchmarks/bench_maxsim_clients.py): PyLate
+# and colpali-engine pull a CUDA torch 2.11 / a torchvision that does not import beside the
+# CPU torch (ANCHORS §4), so they are installed with --no-deps into a folder of their own
+# (scripts/install_maxsim_peers.sh) and only their scoring modules are imported, with the
+# packages whose __init__ pulls the heavy dependencies loaded as bare packages.
+MAXSIM_PEER_PINS = {"pylate": "pylate==1.6.0", "colpali_engine": "colpali-engine==0.3.18"}
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer package cannot be imported here; the message says why."""
+
+
+def maxsim_peers_dir() -> str:
+    """Where scripts/install_maxsim_peers.sh puts the peers: $SPARSEOPS_PEERS_DIR or /tmp/sparseops-peers."""
+    import os
+
+    return os.environ.get("SPARSEOPS_PEERS_DIR", "/tmp/sparseops-peers")
+
+
+def _unshadow_hub_kernels() -> None:
+    """colpali-engine imports transformers, which imports Hugging Face's PyPI package
+    ``kernels`` when that is installed; ``python -m pytest`` from a checkout puts its root on
+    sys.path, where this repository's ``kernels/`` folder would shadow it (and transformers then
+    fails later, in other tests). Import the real one first, without the root (as
+    tests/test_moe_transformers.py does before importing transformers)."""
+    import importlib
+    import os
+    import sys
+
+    if "kernels" in sys.modules:
+        return
+
+    def is_checkout(p: str) -> bool:
+        p = p or os.getcwd()
+        return os.path.isfile(os.path.join(p, "kernels", "_common.py")) and os.path.isdir(os.path.join(p, "csrc"))
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if not is_checkout(p)]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: transformers never imports it
+    finally:
+        sys.path[:] = saved
+
+
+def import_maxsim_peer(module: str, bare: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """Import ``module`` of a MaxSim peer (installed normally or in ``maxsim_peers_dir()``).
+
+    When the plain import fails (a package __init__ importing sentence-transformers,
+    datasets or torchvision), the packages named in ``bare`` are registered as bare packages
+    (their __init__ not run, their submodules importable from their folder) and the import is
+    tried again. Returns (module, how it was imported); raises ``PeerUnavailable``.
+    """
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    _unshadow_hub_kernels()
+    package = module.split(".")[0]
+    pin = MAXSIM_PEER_PINS.get(package, package)
+    if importlib.util.find_spec(package) is None:
+        folder = maxsim_peers_dir()
+        if os.path.isdir(os.path.join(folder, package)) and folder not in sys.path:
+            sys.path.append(folder)  # appended: it never shadows torch or anything installed
+            importlib.invalidate_caches()
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise PeerUnavailable(
+            f"{package} is not installed (bash scripts/install_maxsim_peers.sh installs {pin} with --no-deps "
+            f"into {maxsim_peers_dir()})"
+        )
+    try:
+        return importlib.import_module(module), "imported as installed"
+    except Exception as e:  # ImportError, or an error raised by a dependency at import time
+        first = f"{type(e).__name__}: {e}"
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+    root = os.path.dirname(spec.origin) if spec.origin else list(spec.submodule_search_locations)[0]
+    for name in bare:
+        path = os.path.join(root, *name.split(".")[1:])
+        mod = types.ModuleType(name)
+        mspec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mspec.submodule_search_locations = [path]
+        mod.__spec__, mod.__path__, mod.__package__ = mspec, [path], name
+        sys.modules[name] = mod
+        parent, _, child = name.rpartition(".")
+        if parent and parent in sys.modules:
+            setattr(sys.modules[parent], child, mod)
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        raise PeerUnavailable(
+            f"{module} does not import: as installed ({first}); with {', '.join(bare) or 'nothing'} bare "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    return mod, f"the plain import failed ({first}); imported with {', '.join(bare)} as bare packages"
+
+
 # --------------------------------------------------------------------------- moe_mlp
 # Random unit-scale inputs of one MoE expert layer for sparseops.moe_mlp (tests, benchmarks).
 

@@ -1,7 +1,20 @@
 """Drop-in modules built on the public sparseops functions."""
 
+from .maxsim import MaxSimContrastiveLoss, MaxSimScorer, maxsim_contrastive_loss
 from .moe import GatedMLP, MoE, MoEAux
 from .nm_linear import NMLinear, sparsify_, wanda_scores
 from .router import RouterOutput, TopKRouter
 
-__all__ = ["GatedMLP", "MoE", "MoEAux", "NMLinear", "RouterOutput", "TopKRouter", "sparsify_", "wanda_scores"]
+__all__ = [
+    "GatedMLP",
+    "MaxSimContrastiveLoss",
+    "MaxSimScorer",
+    "MoE",
+    "MoEAux",
+    "NMLinear",
+    "RouterOutput",
+    "TopKRouter",
+    "maxsim_contrastive_loss",
+    "sparsify_",
+    "wanda_scores",
+]
