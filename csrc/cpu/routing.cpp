@@ -1058,83 +1058,32 @@ void route_rows(const RouteArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end)
   for (int64_t t = begin; t < end; ++t) route_row_scalar(a, t, ws);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------
+// route_metadata's stable counting sort, in three steps shared by route_metadata_cpu_kernel
+// and route_cpu_kernel: per-chunk histograms, a scan, a per-chunk placement. Chunks are whole
+// rows; the output never depends on the chunking (a stable sort by expert has one answer),
+// only the speed does.
 
-void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
-                           const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
-  advise_huge_pages(weights);
-  advise_huge_pages(ids);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        RouteArgs<scalar_t, acc_t> a;
-        a.x = logits.const_data_ptr<scalar_t>();
-        a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
-        a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
-        a.w = weights.mutable_data_ptr<acc_t>();
-        a.ids = ids.mutable_data_ptr<int32_t>();
-        a.cfg = &cfg;
-        // Rows per task: about 16K logits (tens of microseconds of work) amortise a parallel
-        // region's start-up; smaller T runs on the calling thread. The split never changes
-        // the answer (every row is computed alone).
-        // Tasks split at multiples of 16 rows, so the 16-row blocks of small-E routers are
-        // the same whatever the thread count.
-        const int64_t T = cfg.num_tokens;
-        const int64_t grain = std::max<int64_t>(16, 16384 / cfg.num_experts);
-        if (T <= grain) {
-          route_rows(a, 0, T);
-        } else {
-          at::parallel_for(0, (T + 15) / 16, grain / 16, [&](int64_t b0, int64_t b1) {
-            route_rows(a, b0 * 16, std::min(T, b1 * 16));
-          });
-        }
-      });
+// Bucket E collects dropped slots (id -1) so they land after every expert: as unsigned, -1 is
+// the largest value, so min(v, E) maps it there without a branch.
+inline uint32_t bucket_of(int32_t v, uint32_t E) { return std::min(static_cast<uint32_t>(v), E); }
+
+// Counts slots [i0, i1) of id into h[0..E]; returns whether a value lies outside [-1, E)
+// (such values are counted in bucket E, and the caller throws).
+inline bool count_ids(const int32_t* id, int64_t i0, int64_t i1, int64_t E, int32_t* h) {
+  const uint32_t ue = static_cast<uint32_t>(E);
+  bool bad = false;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t v = id[i];
+    bad |= static_cast<uint32_t>(v + 1) > ue;  // v in [-1, E) iff v + 1 in [0, E]
+    ++h[bucket_of(v, ue)];
+  }
+  return bad;
 }
 
-void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t block_m,
-                               RouteMetadata& out) {
-  const int64_t E = num_experts;
-  const int64_t n = ids.numel();
-  const int64_t k = ids.size(1);
-  const int64_t T = n / k;
-  const int32_t* id = ids.const_data_ptr<int32_t>();
-  const uint32_t ue = static_cast<uint32_t>(E);
-  // Bucket E collects dropped slots (id -1) so they land after every expert: as unsigned, -1
-  // is the largest value, so min(v, E) maps it there without a branch.
-  auto bucket = [ue](int32_t v) -> uint32_t { return std::min(static_cast<uint32_t>(v), ue); };
-
-  // Chunks of whole rows fixed by the shape alone, never by the thread count: n / 16 slots,
-  // at least 16K (so two threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long
-  // runs per bucket keep the scattered writes in whole cache lines). Whole rows keep token =
-  // row without a division per slot; int32 counters halve the histogram traffic.
-  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
-  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
-  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
-  // Below 64K slots the sort stays on the calling thread: waking the second thread for the
-  // two parallel phases cost more than it saved (E = 8, T*k = 32K: 66 us on one thread, 135 us
-  // on two; T*k = 128K: 226 vs 120 us; 2-core EPYC, 2026-12-02). The chunks do not change, so
-  // neither do the outputs.
-  const int64_t grain = n < 65536 ? chunks : 1;
-  std::vector<int32_t> hist(chunks * (E + 1), 0);
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    bool local_bad = false;
-    for (int64_t c = c0; c < c1; ++c) {
-      int32_t* h = hist.data() + c * (E + 1);
-      const int64_t i1 = std::min(T, (c + 1) * rows_per_chunk) * k;
-      for (int64_t i = c * rows_per_chunk * k; i < i1; ++i) {
-        const int32_t v = id[i];
-        // One unsigned compare checks v in [-1, E): v + 1 in [0, E].
-        local_bad |= static_cast<uint32_t>(v + 1) > ue;
-        ++h[bucket(v)];  // out-of-range values land in bucket E; the check below throws
-      }
-    }
-    if (local_bad) bad = true;
-  });
-  TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
-              ") or -1 for a dropped slot, got a value outside that range in ids ", describe(ids));
-
-  // Exclusive scan in (bucket, chunk) order gives each chunk's first position per bucket.
+// Exclusive scan of hist [chunks][E + 1] in (bucket, chunk) order: each chunk's first
+// position per bucket replaces its count; counts and offs (cumulative ends) are written.
+void metadata_scan(int32_t* hist, int64_t chunks, int64_t E, RouteMetadata& out) {
   int32_t* counts = out.counts.mutable_data_ptr<int32_t>();
   int32_t* offs = out.offs.mutable_data_ptr<int32_t>();
   int32_t running = 0;
@@ -1150,30 +1099,29 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
       offs[e] = running;
     }
   }
+}
 
-  for (const Tensor* t : {&out.sorted_slots, &out.inverse, &out.tokens, &out.padded_slots}) {
-    if (t->defined()) advise_huge_pages(*t);
-  }
-  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
-  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
-  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int32_t* next = hist.data() + c * (E + 1);
-      const int64_t t1 = std::min(T, (c + 1) * rows_per_chunk);
-      for (int64_t t = c * rows_per_chunk; t < t1; ++t) {
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t i = t * k + j;
-          const int32_t pos = next[bucket(id[i])]++;
-          sorted_slots[pos] = static_cast<int32_t>(i);
-          inverse[i] = pos;
-          tokens[pos] = static_cast<int32_t>(t);
-        }
-      }
+// Places the slots of rows [t0, t1) (next: the chunk's scanned positions per bucket).
+inline void metadata_place(const int32_t* id, int64_t k, int64_t E, int64_t t0, int64_t t1,
+                           int32_t* next, int32_t* sorted_slots, int32_t* inverse,
+                           int32_t* tokens) {
+  const uint32_t ue = static_cast<uint32_t>(E);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = t * k + j;
+      const int32_t pos = next[bucket_of(id[i], ue)]++;
+      sorted_slots[pos] = static_cast<int32_t>(i);
+      inverse[i] = pos;
+      tokens[pos] = static_cast<int32_t>(t);
     }
-  });
+  }
+}
 
-  if (block_m <= 0) return;
+// The block-padded layout from counts, offs and sorted_slots (block_m > 0).
+void metadata_padded(int64_t n, int64_t E, int64_t block_m, RouteMetadata& out) {
+  const int32_t* counts = out.counts.const_data_ptr<int32_t>();
+  const int32_t* offs = out.offs.const_data_ptr<int32_t>();
+  const int32_t* sorted_slots = out.sorted_slots.const_data_ptr<int32_t>();
   int32_t* padded_slots = out.padded_slots.mutable_data_ptr<int32_t>();
   int32_t* block_expert = out.block_expert.mutable_data_ptr<int32_t>();
   int32_t* padded_offs = out.padded_offs.mutable_data_ptr<int32_t>();
@@ -1190,6 +1138,155 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
     padded_end += padded_count;
     padded_offs[e] = static_cast<int32_t>(padded_end);
   }
+}
+
+void advise_metadata_pages(RouteMetadata& out) {
+  for (const Tensor* t : {&out.sorted_slots, &out.inverse, &out.tokens, &out.padded_slots}) {
+    if (t->defined()) advise_huge_pages(*t);
+  }
+}
+
+// The chunk histograms: on the stack for one chunk (every decode call), else on the heap.
+struct ChunkHistograms {
+  ChunkHistograms(int64_t chunks, int64_t E) {
+    const int64_t n = chunks * (E + 1);
+    if (chunks == 1) {
+      data = local;
+      std::fill(local, local + n, 0);
+    } else {
+      heap.assign(n, 0);
+      data = heap.data();
+    }
+  }
+  int32_t* data;
+  int32_t local[kMaxExperts + 1];
+  std::vector<int32_t> heap;
+};
+
+// Builds the RouteArgs of these tensors for their logits dtype and calls fn(args).
+template <typename Fn>
+void with_route_args(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                     const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    RouteArgs<scalar_t, acc_t> a;
+    a.x = logits.const_data_ptr<scalar_t>();
+    a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
+    a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+    a.w = weights.mutable_data_ptr<acc_t>();
+    a.ids = ids.mutable_data_ptr<int32_t>();
+    a.cfg = &cfg;
+    fn(a);
+  });
+}
+
+}  // namespace
+
+void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                           const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
+  advise_huge_pages(weights);
+  advise_huge_pages(ids);
+  with_route_args(logits, bias, mask, cfg, weights, ids, [&](const auto& a) {
+    // Rows per task: about 16K logits (tens of microseconds of work) amortise a parallel
+    // region's start-up; smaller T runs on the calling thread. The split never changes the
+    // answer (every row is computed alone). Tasks split at multiples of 16 rows, so the
+    // 16-row blocks of small-E routers are the same whatever the thread count.
+    const int64_t T = cfg.num_tokens;
+    const int64_t grain = std::max<int64_t>(16, 16384 / cfg.num_experts);
+    if (T <= grain) {
+      route_rows(a, 0, T);
+    } else {
+      at::parallel_for(0, (T + 15) / 16, grain / 16, [&](int64_t b0, int64_t b1) {
+        route_rows(a, b0 * 16, std::min(T, b1 * 16));
+      });
+    }
+  });
+}
+
+void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t block_m,
+                               RouteMetadata& out) {
+  const int64_t E = num_experts;
+  const int64_t n = ids.numel();
+  const int64_t k = ids.size(1);
+  const int64_t T = n / k;
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+
+  // Chunks of whole rows fixed by the shape alone: n / 16 slots, at least 16K (so two
+  // threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long runs per bucket keep
+  // the scattered writes in whole cache lines). Whole rows keep token = row without a
+  // division per slot; int32 counters halve the histogram traffic.
+  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
+  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
+  // Below 64K slots the sort stays on the calling thread: waking the second thread for the
+  // two parallel phases cost more than it saved (E = 8, T*k = 32K: 66 us on one thread, 135 us
+  // on two; T*k = 128K: 226 vs 120 us; 2-core EPYC, 2026-12-02).
+  const int64_t grain = n < 65536 ? chunks : 1;
+  ChunkHistograms hist(chunks, E);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    bool local_bad = false;
+    for (int64_t c = c0; c < c1; ++c) {
+      local_bad |= count_ids(id, c * rows_per_chunk * k, std::min(T, (c + 1) * rows_per_chunk) * k,
+                             E, hist.data + c * (E + 1));
+    }
+    if (local_bad) bad = true;
+  });
+  TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
+              ") or -1 for a dropped slot, got a value outside that range in ids ", describe(ids));
+  metadata_scan(hist.data, chunks, E, out);
+  advise_metadata_pages(out);
+  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
+  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
+  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      metadata_place(id, k, E, c * rows_per_chunk, std::min(T, (c + 1) * rows_per_chunk),
+                     hist.data + c * (E + 1), sorted_slots, inverse, tokens);
+    }
+  });
+  if (block_m > 0) metadata_padded(n, E, block_m, out);
+}
+
+void route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                      const TopkRouteConfig& cfg, int64_t block_m, Tensor& weights, Tensor& ids,
+                      RouteMetadata& out) {
+  const int64_t T = cfg.num_tokens, k = cfg.k, E = cfg.num_experts, n = T * k;
+  advise_huge_pages(weights);
+  advise_huge_pages(ids);
+  advise_metadata_pages(out);
+  // Chunks of whole 16-row blocks (the small-E path's blocks stay aligned to row 0), about
+  // 32K logits each, at most 256 of them (a bounded histogram and scan). Each chunk's ids are
+  // counted right after its rows are routed, while they are still in L1/L2, so the
+  // metadata costs one more pass (the placement) instead of two.
+  const int64_t rows = std::max<int64_t>(std::max<int64_t>(16, 32768 / E), (T + 255) / 256);
+  const int64_t rows_per_chunk = (rows + 15) / 16 * 16;
+  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
+  // One thread below ~64K units of work (a logit, or an eighth of a slot's sort): the second
+  // thread's wake-up cost more than it saved at decode sizes.
+  const int64_t grain = T * E + 8 * n < 65536 ? chunks : 1;
+  ChunkHistograms hist(chunks, E);
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+  with_route_args(logits, bias, mask, cfg, weights, ids, [&](const auto& a) {
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t t0 = c * rows_per_chunk, t1 = std::min(T, t0 + rows_per_chunk);
+        route_rows(a, t0, t1);
+        count_ids(id, t0 * k, t1 * k, E, hist.data + c * (E + 1));  // ids in [-1, E) by construction
+      }
+    });
+  });
+  metadata_scan(hist.data, chunks, E, out);
+  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
+  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
+  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      metadata_place(id, k, E, c * rows_per_chunk, std::min(T, (c + 1) * rows_per_chunk),
+                     hist.data + c * (E + 1), sorted_slots, inverse, tokens);
+    }
+  });
+  if (block_m > 0) metadata_padded(n, E, block_m, out);
 }
 
 }  // namespace sparseops
