@@ -207,7 +207,6 @@ BAD_TOPK = [
     (lambda x: ((x.int(), 2), {}), "logits dtype"),
     (lambda x: ((x[0], 2), {}), "logits dim"),
     (lambda x: ((x, 2.0), {}), "float k"),
-    (lambda x: ((x, True), {}), "bool k"),
     (lambda x: ((x.tolist(), 2), {}), "list logits"),
     (lambda x: ((x, 2), {"backend": "cuda"}), "cuda backend on CPU"),
     (lambda x: ((x, 2), {"backend": "nope"}), "unknown backend"),
@@ -275,6 +274,9 @@ def test_declines_whenever_the_dispatcher_must_see_the_call():
     assert _C._topk_route_eager(*_args(x.as_subclass(Sub), 2), "cpu") is NotImplemented
     assert _C._topk_route_eager(*_args(x, 2, scale=1), "cpu") is NotImplemented  # int scale
     assert _C._topk_route_eager(*_args(x, 2, renormalize=1), "cpu") is NotImplemented
+    # k=True: the entry declines (not exactly an int); the op's parser takes it as 1.
+    assert _C._topk_route_eager(*_args(x, True), "cpu") is NotImplemented
+    _same(sparseops.topk_route(x, True)[1], _OPS.topk_route(*_args(x, True), "cpu")[1], "k=True")
     # Autograd: logits that require grad under grad mode take the op (and get a grad_fn).
     xg = x.clone().requires_grad_()
     assert _C._topk_route_eager(*_args(xg, 2), "cpu") is NotImplemented

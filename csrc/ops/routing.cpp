@@ -540,8 +540,10 @@ bool eager_cpu_call(const Tensor& logits, const std::optional<Tensor>& bias,
   if (mask.has_value()) ks = ks | mask->key_set();
   const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
   ks = (ks | local.included_) - local.excluded_;
-  // Autograd has nothing to record (checked above) and autocast falls through for these ops.
-  ks = ks - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset;
+  // Autograd has nothing to record (checked above), autocast falls through for these ops and
+  // BackendSelect (always in the thread-local include set) only serves factory functions.
+  ks = ks - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset -
+       c10::DispatchKeySet(c10::DispatchKey::BackendSelect);
   if (ks.highestPriorityTypeId() != c10::DispatchKey::CPU) return false;
   // The profiler records every op the dispatcher runs: let it see this one.
   return !at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value();
