@@ -34,6 +34,19 @@
 // Qwen3 0.14-0.17 (0.15-0.16), DeepSeek-V3 (T >= 128) 0.057-0.113 (0.072-0.126); T = 1-16
 // 0.18-0.74, where a torch.ops call alone (3.5 us) exceeds what the ratio asks for. T = 2M,
 // E = 128, k = 8 route: 0.24-0.26 s (was 3.5 s).
+// Then (per-thread CPU time, 1 thread, same machine at load 15-20, 2026-12-07):
+//   * The top-k of 4 rows interleaved (scan_topk16_rows): a row's bitonic floor, compress
+//     positions and rank sums are latency chains that left the core idle. Qwen3 row 173 ->
+//     105 ns, gpt-oss 174 -> 101, DeepSeek-V3 fp32 626 -> 549, bf16 482 -> 397.
+//   * Small-E blocks of 16 rows also for the block holding the last row (its last expert
+//     read without over-reading): Mixtral T = 16 1.5 -> 0.7 us.
+//   * route_cpu_kernel (`route` on CPU): each chunk's ids counted right after its rows, so
+//     the metadata is one placement pass. Pair at T = 16384, 1 thread: Qwen3 3.9 -> 2.3 ms,
+//     gpt-oss 3.6 -> 2.2, DeepSeek-V3 11.8 -> 10.4 (fp32), Mixtral 326 -> 283 us.
+//   Tried and dropped (no gain in the same bench): candidates gathered in registers by
+//   compress + expand instead of stores; per-candidate scalar rank stores instead of a
+//   rank vector + scatter; 1 / d by rcp14 + two Newton steps instead of vdivpd in the fp64
+//   sigmoid (slower).
 // Ids match the reference bitwise: the fp64 scores round to the same fp32 as torch's except
 // within an fp64 ulp of an fp32 rounding boundary (selection_scores_ref's note).
 //
@@ -999,8 +1012,9 @@ SPARSEOPS_AVX512 inline void route_row_group_avx512(const RouteArgs<scalar_t, fl
 }
 
 // Logit e of 16 consecutive rows (row stride E) as fp32, one lane per row. bf16 / fp16 gather
-// 32 bits at a 2-byte stride and keep the low half: the caller never uses this on the block
-// holding the tensor's last row, so the extra 2 bytes read lie inside the tensor.
+// 32 bits at a 2-byte stride and keep the low half: 2 bytes past the value are read, inside
+// the tensor for every expert but the last (route_block16_avx512 uses gather_rows16_last
+// there).
 SPARSEOPS_AVX512 inline __m512 gather_rows16(const float* x, __m512i offs) {
   return _mm512_i32gather_ps(offs, x, 4);
 }
@@ -1009,6 +1023,21 @@ SPARSEOPS_AVX512 inline __m512 gather_rows16(const c10::BFloat16* x, __m512i off
 }
 SPARSEOPS_AVX512 inline __m512 gather_rows16(const c10::Half* x, __m512i offs) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offs, x, 2)));
+}
+
+// gather_rows16 for the last expert of a block that holds the tensor's last row: 16-bit
+// values are read as the high half of the 32 bits that end at them (offs - 1 >= 0 for E >= 2),
+// so nothing past the tensor is read.
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const float* x, __m512i offs) {
+  return gather_rows16(x, offs);
+}
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::BFloat16* x, __m512i offs) {
+  const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+}
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::Half* x, __m512i offs) {
+  const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
 }
 
 // Stores slot j of 16 rows (one lane per row) to out[r * k + j].
@@ -1057,7 +1086,8 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
     top_x[j] = ninf;
   }
   for (int e = 0; e < E; ++e) {
-    x[e] = gather_rows16(xb, _mm512_add_epi32(row_offs, _mm512_set1_epi32(e)));
+    const __m512i offs = _mm512_add_epi32(row_offs, _mm512_set1_epi32(e));
+    x[e] = e == E - 1 ? gather_rows16_last(xb, offs) : gather_rows16(xb, offs);
     const bool on = a.enabled == nullptr || a.enabled[e];
     if (softmax_first && on) {
       nan |= _mm512_cmp_ps_mask(x[e], x[e], _CMP_UNORD_Q);
@@ -1183,12 +1213,12 @@ SPARSEOPS_AVX512 void route_rows_avx512(const RouteArgs<scalar_t, float>& a, int
   Workspace<float> ws[kRowGroup];
   int64_t t = begin;
   const TopkRouteConfig& cfg = *a.cfg;
-  if (cfg.num_experts <= 16 && !cfg.needs_score()) {
-    // Whole blocks of 16 rows aligned to row 0, never the block holding the last row (see
-    // gather_rows16): which rows take this path depends on T only, not on the thread split.
-    const int64_t last_block = (cfg.num_tokens - 1) / 16;
+  if (cfg.num_experts <= 16 && cfg.num_experts >= 2 && !cfg.needs_score()) {
+    // Whole blocks of 16 rows aligned to row 0 (the last expert of each row read by
+    // gather_rows16_last: nothing past the tensor): which rows take this path depends on T
+    // only, not on the thread split. T = 16 Mixtral rows went from 1.2 to ~0.2 us.
     for (; t < end && t % 16 != 0; ++t) route_row_avx512(a, t, ws[0]);
-    for (; t + 16 <= end && t / 16 < last_block; t += 16) route_block16_avx512(a, t);
+    for (; t + 16 <= end; t += 16) route_block16_avx512(a, t);
   }
   if (cfg.num_experts >= 32 && cfg.k <= 16) {
     for (; t + kRowGroup <= end; t += kRowGroup) route_row_group_avx512<kRowGroup>(a, t, ws);
