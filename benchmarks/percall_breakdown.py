@@ -41,14 +41,14 @@ def _timer(fn: Callable[[], object], calls: int) -> float:
     return (time.thread_time_ns() - t0) / calls / 1e3
 
 
-def _cases(shape, T: int) -> dict[str, Callable[[], object]]:
+def _cases(shape, T: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     import sparseops
     from benchmarks.bench_routing import composite_metadata, composite_topk
     from sparseops import _backend
     from sparseops.ops import routing as R
     from sparseops.testing import router_inputs
 
-    logits, kw = router_inputs(shape, T)
+    logits, kw = router_inputs(shape, T, dtype=dtype)
     k, E = shape.k, shape.num_experts
     a = dict(R.TopkRouteOptions(k)._asdict())
     a.pop("k")
@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.percall_breakdown", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="logits dtype")
     p.add_argument("--reps", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--calls", type=int, default=2000, help="calls per case per round")
     p.add_argument("--models", nargs="+", default=None)
@@ -90,12 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import os
 
-    print(f"T = {args.tokens}, {args.threads} thread(s), per-thread CPU time, medians of {args.reps} interleaved "
-          f"rounds; load {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")  # fmt: skip
+    print(f"T = {args.tokens}, {args.dtype} logits, {args.threads} thread(s), per-thread CPU time, medians of "
+          f"{args.reps} interleaved rounds; load {os.getloadavg()[0]:.2f}; "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")  # fmt: skip
     for shape in ROUTER_SHAPES:
         if args.models and shape.name not in args.models:
             continue
-        cases = _cases(shape, args.tokens)
+        cases = _cases(shape, args.tokens, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
         times: dict[str, list[float]] = {n: [] for n in cases}
         with torch.inference_mode():
             for fn in cases.values():
