@@ -650,14 +650,14 @@ SPARSEOPS_AVX512 inline void scan_topk16_rows(const int32_t* const* key, int64_t
     }
   }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                    \
-  {                                                                                              \
-    const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));                       \
-    for (int r = 0; r < R; ++r) {                                                                \
-      const __m512i p = _mm512_permutexvar_epi32(idx, v[r]);                                     \
-      v[r] = _mm512_mask_max_epi32(_mm512_min_epi32(v[r], p), bitonic_max_lanes(size, stride),   \
-                                   v[r], p);                                                     \
-    }                                                                                            \
+#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                  \
+  {                                                                                            \
+    const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));                     \
+    for (int r = 0; r < R; ++r) {                                                              \
+      const __m512i p = _mm512_permutexvar_epi32(idx, v[r]);                                   \
+      v[r] = _mm512_mask_max_epi32(_mm512_min_epi32(v[r], p), bitonic_max_lanes(size, stride), \
+                                   v[r], p);                                                   \
+    }                                                                                          \
   }
   SPARSEOPS_BITONIC_STAGE(2, 1)
   SPARSEOPS_BITONIC_STAGE(4, 2)
@@ -717,8 +717,8 @@ SPARSEOPS_AVX512 inline void scan_topk16_rows(const int32_t* const* key, int64_t
       scan_topk16(key[r], E, top[r]);  // no floor, or more than 16 keys at or above it
       continue;
     }
-    const __mmask16 chosen = _mm512_mask_cmplt_epi32_mask(lanes_below(n[r]), rank[r],
-                                                          _mm512_set1_epi32(k));
+    const __mmask16 chosen =
+        _mm512_mask_cmplt_epi32_mask(lanes_below(n[r]), rank[r], _mm512_set1_epi32(k));
     _mm512_mask_i32scatter_epi32(top[r].e, chosen, rank[r], I[r], 4);
   }
 }
@@ -998,8 +998,8 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
 
 // R rows, their top-k interleaved (scan_topk16_rows); each gets route_row_avx512's bits.
 template <int R, typename scalar_t>
-SPARSEOPS_AVX512 inline void route_row_group_avx512(const RouteArgs<scalar_t, float>& a,
-                                                    int64_t t, Workspace<float>* ws) {
+SPARSEOPS_AVX512 inline void route_row_group_avx512(const RouteArgs<scalar_t, float>& a, int64_t t,
+                                                    Workspace<float>* ws) {
   RowStats st[R];
   TopK<int32_t> top[R];
   const int32_t* keys[R];
@@ -1034,7 +1034,8 @@ SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const float* x, __m512i offs) 
 }
 SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::BFloat16* x, __m512i offs) {
   const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
-  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
 }
 SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::Half* x, __m512i offs) {
   const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
@@ -1351,17 +1352,18 @@ struct ChunkHistograms {
 template <typename Fn>
 void with_route_args(const Tensor& logits, const Tensor& bias, const Tensor& mask,
                      const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids, Fn&& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    RouteArgs<scalar_t, acc_t> a;
-    a.x = logits.const_data_ptr<scalar_t>();
-    a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
-    a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
-    a.w = weights.mutable_data_ptr<acc_t>();
-    a.ids = ids.mutable_data_ptr<int32_t>();
-    a.cfg = &cfg;
-    fn(a);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        RouteArgs<scalar_t, acc_t> a;
+        a.x = logits.const_data_ptr<scalar_t>();
+        a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
+        a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+        a.w = weights.mutable_data_ptr<acc_t>();
+        a.ids = ids.mutable_data_ptr<int32_t>();
+        a.cfg = &cfg;
+        fn(a);
+      });
 }
 
 }  // namespace
@@ -1456,7 +1458,8 @@ void route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& ma
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t t0 = c * rows_per_chunk, t1 = std::min(T, t0 + rows_per_chunk);
         route_rows(a, t0, t1);
-        count_ids(id, t0 * k, t1 * k, E, hist.data + c * (E + 1));  // ids in [-1, E) by construction
+        count_ids(id, t0 * k, t1 * k, E,
+                  hist.data + c * (E + 1));  // ids in [-1, E) by construction
       }
     });
   });

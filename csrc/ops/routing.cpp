@@ -26,10 +26,10 @@
 #include <tuple>
 #include <utility>
 
+#include "routing_eager.h"
 #include "sparseops/backend.h"
 #include "sparseops/checks.h"
 #include "sparseops/routing.h"
-#include "routing_eager.h"
 
 namespace sparseops {
 namespace {
@@ -513,8 +513,8 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
       m.block_expert = new_output({0}, at::kInt, logits);
       m.padded_offs = new_output({0}, at::kInt, logits);
     }
-    return {r.weights,  r.ids,           m.counts,         m.offs,        m.sorted_slots,
-            m.inverse,  m.tokens,        m.padded_slots,   m.block_expert, m.padded_offs};
+    return {r.weights, r.ids,    m.counts,       m.offs,         m.sorted_slots,
+            m.inverse, m.tokens, m.padded_slots, m.block_expert, m.padded_offs};
   }
   static const auto metadata_op =
       c10::Dispatcher::singleton()
@@ -566,21 +566,20 @@ MetadataOutputs route_metadata_op(const Tensor& ids, int64_t num_experts, int64_
 
 RouteResult route_fused_cpu(const Tensor& logits, int64_t k, c10::string_view scoring,
                             c10::string_view order, bool renormalize,
-                            const std::optional<Tensor>& bias, int64_t n_group,
-                            int64_t topk_group, double scale,
-                            const std::optional<Tensor>& expert_mask,
+                            const std::optional<Tensor>& bias, int64_t n_group, int64_t topk_group,
+                            double scale, const std::optional<Tensor>& expert_mask,
                             c10::string_view group_scoring, int64_t block_m) {
   // The checks of topk_route then route_metadata, in that order (so the first error is the
   // one the two ops would raise).
-  const TopkRouteConfig cfg = parse_topk_route(logits, k, scoring, order, renormalize, bias,
-                                               n_group, topk_group, scale, expert_mask,
-                                               group_scoring);
+  const TopkRouteConfig cfg =
+      parse_topk_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale,
+                       expert_mask, group_scoring);
   const int64_t E = cfg.num_experts, n = cfg.num_tokens * k;
   TORCH_CHECK(block_m >= 0 && block_m <= 65536, "block_m must be in [0, 65536], got ", block_m);
   TORCH_CHECK(padded_route_rows(n, E, block_m) <= kInt32Max,
               "route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids ",
-              "shape [", cfg.num_tokens, ", ", k, "], dtype Int, device cpu with block_m = ",
-              block_m);
+              "shape [", cfg.num_tokens, ", ", k,
+              "], dtype Int, device cpu with block_m = ", block_m);
   const auto [x, b, m] = prepare_topk_route_inputs(logits, bias, expert_mask, cfg);
   RouteResult r;
   r.weights = new_output({cfg.num_tokens, k}, accumulate_type(logits.scalar_type()), x);

@@ -10,6 +10,8 @@
 // ~4.3 us, of which the kernel is < 0.2 us; torch.ops' schema-driven argument conversion,
 // two dispatcher passes (autograd, then CPU) and at::empty's dispatch were most of the rest
 // (tools: benchmarks/percall_breakdown.py; 2-core EPYC, 2026-12-07).
+#include "routing_eager.h"
+
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -18,8 +20,6 @@
 #include <optional>
 #include <tuple>
 #include <utility>
-
-#include "routing_eager.h"
 
 namespace sparseops {
 namespace {
@@ -190,17 +190,16 @@ PyObject* route_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       Py_RETURN_NOTIMPLEMENTED;
     }
     RouteResult r = run(a.logits->numel(), [&] {
-      return route_fused_cpu(*a.logits, a.k, a.scoring, a.order, a.renormalize, a.bias,
-                             a.n_group, a.topk_group, a.scale, a.mask, a.group_scoring, block_m);
+      return route_fused_cpu(*a.logits, a.k, a.scoring, a.order, a.renormalize, a.bias, a.n_group,
+                             a.topk_group, a.scale, a.mask, a.group_scoring, block_m);
     });
     RouteMetadata& m = r.meta;
     PyObject* meta =
-        block_m > 0
-            ? named_tuple(args[13], {wrap(m.counts), wrap(m.offs), wrap(m.sorted_slots),
-                                     wrap(m.inverse), wrap(m.tokens), wrap(m.padded_slots),
-                                     wrap(m.block_expert), wrap(m.padded_offs)})
-            : named_tuple(args[13], {wrap(m.counts), wrap(m.offs), wrap(m.sorted_slots),
-                                     wrap(m.inverse), wrap(m.tokens)});
+        block_m > 0 ? named_tuple(args[13], {wrap(m.counts), wrap(m.offs), wrap(m.sorted_slots),
+                                             wrap(m.inverse), wrap(m.tokens), wrap(m.padded_slots),
+                                             wrap(m.block_expert), wrap(m.padded_offs)})
+                    : named_tuple(args[13], {wrap(m.counts), wrap(m.offs), wrap(m.sorted_slots),
+                                             wrap(m.inverse), wrap(m.tokens)});
     if (meta == nullptr) return nullptr;
     PyObject* pw = wrap(std::move(r.weights));
     PyObject* pi = wrap(std::move(r.ids));
@@ -235,15 +234,14 @@ PyObject* route_metadata_eager(PyObject*, PyObject* const* args, Py_ssize_t narg
     if (!eager_cpu_call(*ids, std::nullopt, std::nullopt, /*differentiable=*/false)) {
       Py_RETURN_NOTIMPLEMENTED;
     }
-    auto out = run(ids->numel() * 4, [&] {
-      return route_metadata_op(*ids, num_experts, block_m, backend);
-    });
+    auto out = run(ids->numel() * 4,
+                   [&] { return route_metadata_op(*ids, num_experts, block_m, backend); });
     auto& [counts, offs, sorted_slots, inverse, tokens, padded_slots, block_expert, padded_offs] =
         out;
     if (block_m > 0) {
-      return named_tuple(args[4], {wrap(counts), wrap(offs), wrap(sorted_slots), wrap(inverse),
-                                   wrap(tokens), wrap(padded_slots), wrap(block_expert),
-                                   wrap(padded_offs)});
+      return named_tuple(args[4],
+                         {wrap(counts), wrap(offs), wrap(sorted_slots), wrap(inverse), wrap(tokens),
+                          wrap(padded_slots), wrap(block_expert), wrap(padded_offs)});
     }
     return named_tuple(args[4],
                        {wrap(counts), wrap(offs), wrap(sorted_slots), wrap(inverse), wrap(tokens)});

@@ -25,14 +25,11 @@ bool eager_cpu_call(const at::Tensor& logits, const std::optional<at::Tensor>& b
                     const std::optional<at::Tensor>& mask, bool differentiable);
 
 // The CPU kernel of sparseops::topk_route as registered (the dispatcher's target).
-std::tuple<at::Tensor, at::Tensor> topk_route_op(const at::Tensor& logits, int64_t k,
-                                                 c10::string_view scoring, c10::string_view order,
-                                                 bool renormalize,
-                                                 const std::optional<at::Tensor>& bias,
-                                                 int64_t n_group, int64_t topk_group, double scale,
-                                                 const std::optional<at::Tensor>& expert_mask,
-                                                 c10::string_view group_scoring,
-                                                 c10::string_view backend);
+std::tuple<at::Tensor, at::Tensor> topk_route_op(
+    const at::Tensor& logits, int64_t k, c10::string_view scoring, c10::string_view order,
+    bool renormalize, const std::optional<at::Tensor>& bias, int64_t n_group, int64_t topk_group,
+    double scale, const std::optional<at::Tensor>& expert_mask, c10::string_view group_scoring,
+    c10::string_view backend);
 
 // The CPU kernel of sparseops::route_metadata as registered.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
