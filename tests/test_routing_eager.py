@@ -295,6 +295,23 @@ def test_declines_whenever_the_dispatcher_must_see_the_call():
         sparseops.route(x, 2)
         sparseops.route_metadata(torch.zeros(2, 2, dtype=torch.int32), 8)
     assert any("topk_route" in o for o in rec.ops) and any("route_metadata" in o for o in rec.ops), rec.ops
+    # A torch function mode sees the op too (it is no dispatch key).
+    from torch.overrides import TorchFunctionMode
+
+    class FnRecorder(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with FnRecorder() as frec:
+        assert _C._topk_route_eager(*args, "cpu") is NotImplemented
+        sparseops.topk_route(x, 2)
+        sparseops.route(x, 2)
+    assert any("topk_route" in f for f in frec.funcs) and any("route" in f for f in frec.funcs), frec.funcs
     # Fake tensors.
     from torch._subclasses.fake_tensor import FakeTensorMode
 

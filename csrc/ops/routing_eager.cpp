@@ -12,6 +12,7 @@
 // (tools: benchmarks/percall_breakdown.py; 2-core EPYC, 2026-12-07).
 #include "routing_eager.h"
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -114,6 +115,10 @@ bool is_tuple_class(PyObject* cls) {
 
 PyObject* wrap(Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
+// A torch function mode (a TorchFunctionMode, `with torch.device(...)`) sees every
+// torch.ops call from Python; it is no dispatch key, so eager_cpu_call cannot see it.
+bool torch_function_mode_active() { return at::impl::torch_function_mode_enabled(); }
+
 // Calls fn with the GIL released when the call is large (as torch.ops does for every call;
 // below ~16K logits releasing and re-taking it costs more than the kernel).
 template <typename Fn>
@@ -151,7 +156,8 @@ PyObject* topk_route_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   try {
-    if (!eager_cpu_call(*a.logits, a.bias, a.mask, /*differentiable=*/true)) {
+    if (torch_function_mode_active() ||
+        !eager_cpu_call(*a.logits, a.bias, a.mask, /*differentiable=*/true)) {
       Py_RETURN_NOTIMPLEMENTED;
     }
     auto [w, ids] = run(a.logits->numel(), [&] {
@@ -186,7 +192,8 @@ PyObject* route_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   try {
-    if (!eager_cpu_call(*a.logits, a.bias, a.mask, /*differentiable=*/true)) {
+    if (torch_function_mode_active() ||
+        !eager_cpu_call(*a.logits, a.bias, a.mask, /*differentiable=*/true)) {
       Py_RETURN_NOTIMPLEMENTED;
     }
     RouteResult r = run(a.logits->numel(), [&] {
@@ -231,7 +238,8 @@ PyObject* route_metadata_eager(PyObject*, PyObject* const* args, Py_ssize_t narg
     Py_RETURN_NOTIMPLEMENTED;
   }
   try {
-    if (!eager_cpu_call(*ids, std::nullopt, std::nullopt, /*differentiable=*/false)) {
+    if (torch_function_mode_active() ||
+        !eager_cpu_call(*ids, std::nullopt, std::nullopt, /*differentiable=*/false)) {
       Py_RETURN_NOTIMPLEMENTED;
     }
     auto out = run(ids->numel() * 4,
