@@ -181,14 +181,18 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
             T, k = logits.shape[0], spec["k"]
             hidden = torch.empty(T, 1, dtype=logits.dtype)  # only its row count is read
             if op == "ipex.topk_softmax":
-                # CPU signature: topk_softmax(gating_output, topk, renormalize) -> (weights, ids, ...).
+                if not hasattr(torch.ops.torch_ipex, "topk_softmax"):
+                    # ipex 2.8.0+cpu registers no topk_softmax (checked 2026-12-07): only grouped_topk.
+                    raise RuntimeError("this ipex has no CPU torch_ipex::topk_softmax (only grouped_topk)")
                 return (lambda: torch.ops.torch_ipex.topk_softmax(logits, k, True)), "renormalize=True"
             if op == "ipex.grouped_topk":
-                b = bias.unsqueeze(0) if bias is not None else None
-                # CPU signature (ipex 2.8 tests): grouped_topk(hidden, gating_output, topk, renormalize,
-                # num_expert_group, topk_group, e_score_correction_bias [1, E], routed_scaling_factor).
+                # ipex 2.8.0+cpu schema: grouped_topk(Tensor hidden_states, Tensor gating_output, int topk,
+                # bool renormalize, int num_expert_group, int topk_group, Tensor e_score_correction_bias,
+                # Tensor routed_scaling_factor) -> (ids, weights); the bias fp32 [E]. bf16 logits give the
+                # reference's ids and weights; fp32 logits give garbage (ids like 200711168).
+                scale = torch.tensor(float(spec.get("scale", 1.0)))
                 fn = lambda: torch.ops.torch_ipex.grouped_topk(
-                    hidden, logits, k, True, spec["n_group"], spec["topk_group"], b, spec.get("scale", 1.0)
+                    hidden, logits, k, True, spec["n_group"], spec["topk_group"], bias, scale
                 )
                 return fn, ""
         if op.startswith("vllm."):

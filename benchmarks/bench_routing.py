@@ -29,9 +29,10 @@ sparseops rows: every backend ``available_backends`` lists for the device, each 
 and the pair (``sparseops.route``), plus ``auto`` (backend=None) for the pair.
 torch.compile rows are skipped where compiling fails (once per shape group, not retried).
 
-Floor bytes: read logits (and bias) once, write weights (fp32) and ids (int32), read ids,
-write counts, offs, sorted_slots, inverse and tokens (int32). floor_us = bytes / measured
-copy bandwidth; x_floor = time / floor. The pair is the headline.
+Floor bytes (``_bytes``): read logits (and bias) once, write weights (fp32) and ids (int32);
+the metadata reads ids and writes counts, offs, sorted_slots, inverse and tokens (int32);
+the pair does not read its ids back. floor_us = bytes / measured copy bandwidth (read +
+written bytes of a large copy); x_floor = time / floor. The pair is the headline.
 
 CLI: python -m benchmarks.bench_routing [--device cpu|cuda] [--quick] [--out DIR]
      [--tokens T ...] [--dtypes fp32 bf16] [--models NAME ...] [--ops OP ...] [--no-compile]
@@ -145,10 +146,19 @@ def composite_topk(cfg: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _bytes(cfg: Any, T: int, elt: int) -> dict[str, int]:
+    """Bytes each op must move at least: what it reads once plus what it writes once.
+
+    topk_route: logits (T*E*elt) and the bias (E*4) in, weights (T*k*4) and ids (T*k*4) out.
+    route_metadata: ids in (T*k*4); counts, offs (E*4 each), sorted_slots, inverse, tokens
+    (T*k*4 each) out. The pair (``route``) needs no second read of the ids it wrote: its
+    floor is topk_route's bytes plus the metadata's outputs (a fused kernel counts the ids
+    while they are still in cache). Write-allocate reads are not counted, as in the copy
+    bandwidth they are divided by (read + written bytes of a large ``copy_``).
+    """
     E, k = cfg.num_experts, cfg.k
     topk = T * E * elt + (E * 4 if cfg.bias else 0) + T * k * (4 + 4)
-    meta = T * k * 4 + 2 * E * 4 + 3 * T * k * 4
-    return {"topk_route": topk, "route_metadata": meta, "pair": topk + meta}
+    meta_out = 2 * E * 4 + 3 * T * k * 4
+    return {"topk_route": topk, "route_metadata": T * k * 4 + meta_out, "pair": topk + meta_out}
 
 
 def _check_topk(ref_w: torch.Tensor, ref_ids: torch.Tensor, out: Any) -> str:

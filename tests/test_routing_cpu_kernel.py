@@ -280,15 +280,23 @@ def test_metadata_matches_reference_and_threads(n, E, block_m, drop):
         (13, 1, {}),
         (4, 4, {"scoring": "sigmoid"}),
         (16, 16, {"order": "topk_then_softmax", "scale": 2.0}),
+        # E >= 32, k <= 16: rows in groups of 4 (interleaved top-k) inside a batch, alone otherwise
+        (128, 8, {}),
+        (64, 16, {"order": "topk_then_softmax"}),
+        (40, 5, {"mask": True, "scoring": "sigmoid", "bias": True}),
+        (256, 8, {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "scale": 2.5, "bias": True}),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_row_bits_do_not_depend_on_batch(E, k, kw, dtype):
-    """Small-E routers take a 16-rows-at-once path inside long batches and the per-row path
-    for single rows and batch tails: the same row must get the same bits either way."""
+    """Small-E routers take a 16-rows-at-once path inside long batches, routers with E >= 32
+    groups of 4 rows, and single rows and batch tails the per-row path: the same row must get
+    the same bits either way."""
     kw = dict(kw)
     if kw.pop("mask", False):
         kw["expert_mask"] = _mask(E)
+    if kw.get("bias") is True:
+        kw["bias"] = _bias(E)
     T = 100
     x = _special_logits(T, E, dtype, seed=E + k, frac=0.03)
     x[5:] = router_logits(T - 5, E, dtype=dtype, seed=k, ties=True)

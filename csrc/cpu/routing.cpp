@@ -34,6 +34,20 @@
 // Qwen3 0.14-0.17 (0.15-0.16), DeepSeek-V3 (T >= 128) 0.057-0.113 (0.072-0.126); T = 1-16
 // 0.18-0.74, where a torch.ops call alone (3.5 us) exceeds what the ratio asks for. T = 2M,
 // E = 128, k = 8 route: 0.24-0.26 s (was 3.5 s).
+// Then (per-thread CPU time, 1 thread, same machine at load 15-20, 2026-12-07):
+//   * The top-k of 4 rows interleaved (scan_topk16_rows): a row's bitonic floor, compress
+//     positions and rank sums are latency chains that left the core idle. Qwen3 row 173 ->
+//     105 ns, gpt-oss 174 -> 101, DeepSeek-V3 fp32 626 -> 549, bf16 482 -> 397.
+//   * Small-E blocks of 16 rows also for the block holding the last row (its last expert
+//     read without over-reading): Mixtral T = 16 1.5 -> 0.7 us.
+//   * route_cpu_kernel (`route` on CPU): each chunk's ids counted right after its rows, so
+//     the metadata is one placement pass. Pair at T = 16384, 1 thread: Qwen3 3.9 -> 2.3 ms,
+//     gpt-oss 3.6 -> 2.2, DeepSeek-V3 11.8 -> 10.4 (fp32), Mixtral 326 -> 283 us.
+//   Tried and dropped (no gain in the same bench): candidates gathered in registers by
+//   compress + expand instead of stores; per-candidate scalar rank stores instead of a
+//   rank vector + scatter; 1 / d by rcp14 + two Newton steps instead of vdivpd in the fp64
+//   sigmoid (slower); a block of 16 Mixtral rows loaded whole and transposed in registers
+//   (24 permutes) instead of 8 gathers (same speed).
 // Ids match the reference bitwise: the fp64 scores round to the same fp32 as torch's except
 // within an fp64 ulp of an fp32 rounding boundary (selection_scores_ref's note).
 //
@@ -149,7 +163,10 @@ struct TopK {
   int32_t e[kMaxTopk];
   int k;
 
-  explicit TopK(int64_t k_) : k(static_cast<int>(k_)) {
+  TopK() = default;
+  explicit TopK(int64_t k_) { reset(k_); }
+  void reset(int64_t k_) {
+    k = static_cast<int>(k_);
     for (int j = 0; j < k; ++j) {
       v[j] = std::numeric_limits<Key>::min();
       e[j] = -1;
@@ -608,6 +625,104 @@ SPARSEOPS_AVX512 inline void scan_topk16(const int32_t* key, int64_t E, TopK<int
   }
 }
 
+// scan_topk16 for R rows at once, step by step, so that their dependency chains (the bitonic
+// sort, the compress positions, the rank sums: latency, not throughput, bound a row) overlap.
+// Each row gets exactly what scan_topk16 gives it. Rows in groups of 4 (1 thread, per-thread
+// CPU time, Zen 4 at load ~19, 2026-12-07): Qwen3 (E = 128, k = 8) 173 -> 105 ns a row,
+// gpt-oss 174 -> 101, DeepSeek-V3 fp32 626 -> 549, bf16 482 -> 397 (groups of 2: 120 ns,
+// of 3: 112 ns for Qwen3).
+template <int R>
+SPARSEOPS_AVX512 inline void scan_topk16_rows(const int32_t* const* key, int64_t E,
+                                              TopK<int32_t>* top) {
+  const int k = top[0].k;
+  if (E < 32 || k > 16) {
+    for (int r = 0; r < R; ++r) scan_topk16(key[r], E, top[r]);
+    return;
+  }
+  constexpr int32_t kLowest = std::numeric_limits<int32_t>::min();
+  const __m512i lowest = _mm512_set1_epi32(kLowest);
+  __m512i v[R];
+  for (int r = 0; r < R; ++r) v[r] = lowest;
+  for (int64_t e = 0; e < E; e += 16) {
+    const __mmask16 lanes = lanes_below(E - e);
+    for (int r = 0; r < R; ++r) {
+      v[r] = _mm512_max_epi32(v[r], _mm512_mask_loadu_epi32(lowest, lanes, key[r] + e));
+    }
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                  \
+  {                                                                                            \
+    const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));                     \
+    for (int r = 0; r < R; ++r) {                                                              \
+      const __m512i p = _mm512_permutexvar_epi32(idx, v[r]);                                   \
+      v[r] = _mm512_mask_max_epi32(_mm512_min_epi32(v[r], p), bitonic_max_lanes(size, stride), \
+                                   v[r], p);                                                   \
+    }                                                                                          \
+  }
+  SPARSEOPS_BITONIC_STAGE(2, 1)
+  SPARSEOPS_BITONIC_STAGE(4, 2)
+  SPARSEOPS_BITONIC_STAGE(4, 1)
+  SPARSEOPS_BITONIC_STAGE(8, 4)
+  SPARSEOPS_BITONIC_STAGE(8, 2)
+  SPARSEOPS_BITONIC_STAGE(8, 1)
+  SPARSEOPS_BITONIC_STAGE(16, 8)
+  SPARSEOPS_BITONIC_STAGE(16, 4)
+  SPARSEOPS_BITONIC_STAGE(16, 2)
+  SPARSEOPS_BITONIC_STAGE(16, 1)
+#undef SPARSEOPS_BITONIC_STAGE
+  // The k-th largest lane maximum of each row: its floor (see scan_topk16).
+  __m512i vfloor[R];
+  int32_t floor[R];
+  for (int r = 0; r < R; ++r) {
+    vfloor[r] = _mm512_permutexvar_epi32(_mm512_set1_epi32(k - 1), v[r]);
+    floor[r] = _mm_cvtsi128_si32(_mm512_castsi512_si128(vfloor[r]));
+  }
+  alignas(64) int32_t ck[R][kMaxExperts + 16], ci[R][kMaxExperts + 16];
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int n[R];
+  for (int r = 0; r < R; ++r) n[r] = 0;
+  for (int64_t e = 0; e < E; e += 16) {
+    const __mmask16 lanes = lanes_below(E - e);
+    const __m512i ids = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(e)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = _mm512_maskz_loadu_epi32(lanes, key[r] + e);
+      const __mmask16 m = _mm512_mask_cmpge_epi32_mask(lanes, x, vfloor[r]);
+      _mm512_storeu_si512(ck[r] + n[r], _mm512_maskz_compress_epi32(m, x));
+      _mm512_storeu_si512(ci[r] + n[r], _mm512_maskz_compress_epi32(m, ids));
+      n[r] += __builtin_popcount(m);
+    }
+  }
+  bool fits[R];
+  __m512i K[R], I[R], rank[R];
+  for (int r = 0; r < R; ++r) {
+    fits[r] = floor[r] != kLowest && n[r] <= 16;
+    const __mmask16 real = fits[r] ? lanes_below(n[r]) : __mmask16(0);
+    K[r] = _mm512_mask_loadu_epi32(lowest, real, ck[r]);
+    I[r] = _mm512_maskz_loadu_epi32(real, ci[r]);
+    rank[r] = _mm512_setzero_si512();
+  }
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int j = 0; j < 16; ++j) {
+    const __m512i jj = _mm512_set1_epi32(j);
+    const __mmask16 later = static_cast<__mmask16>(0xfffeu << j);
+    for (int r = 0; r < R; ++r) {
+      const __m512i b = _mm512_permutexvar_epi32(jj, K[r]);
+      const __mmask16 before =
+          _mm512_cmpgt_epi32_mask(b, K[r]) | (_mm512_cmpeq_epi32_mask(b, K[r]) & later);
+      rank[r] = _mm512_mask_add_epi32(rank[r], before, rank[r], one);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (!fits[r]) {
+      scan_topk16(key[r], E, top[r]);  // no floor, or more than 16 keys at or above it
+      continue;
+    }
+    const __mmask16 chosen =
+        _mm512_mask_cmplt_epi32_mask(lanes_below(n[r]), rank[r], _mm512_set1_epi32(k));
+    _mm512_mask_i32scatter_epi32(top[r].e, chosen, rank[r], I[r], 4);
+  }
+}
+
 // finish_weights_scalar for k <= 32 in two 16-lane vectors.
 SPARSEOPS_AVX512 inline void finish_weights16(const TopkRouteConfig& cfg, const float* xf,
                                               const int32_t* sel, bool zero_softmax, float row_max,
@@ -727,9 +842,16 @@ SPARSEOPS_AVX512 inline float group_score16(const float* s, const bool* en, int6
   return m1 + m2;
 }
 
+// A row's softmax statistics, from route_row_prepare to route_row_finish.
+struct RowStats {
+  float row_max = -std::numeric_limits<float>::infinity();
+  bool zero_softmax = false;
+};
+
+// Everything of a row before its top-k: its fp32 copy, scores and keys in ws.
 template <typename scalar_t>
-SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& a, int64_t t,
-                                              Workspace<float>& ws) {
+SPARSEOPS_AVX512 inline RowStats route_row_prepare(const RouteArgs<scalar_t, float>& a, int64_t t,
+                                                   Workspace<float>& ws) {
   const TopkRouteConfig& cfg = *a.cfg;
   const int64_t E = cfg.num_experts, G = cfg.n_group, gs = cfg.group_size();
   const scalar_t* xr = a.x + t * E;
@@ -833,8 +955,22 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
     }
   }
 
-  TopK<int32_t> top(cfg.k);
-  scan_topk16(ws.key, E, top);
+  return {row_max, zero_softmax};
+}
+
+// Everything of a row after its top-k: ids, then weights.
+template <typename scalar_t>
+SPARSEOPS_AVX512 inline void route_row_finish(const RouteArgs<scalar_t, float>& a, int64_t t,
+                                              const Workspace<float>& ws, const RowStats& st,
+                                              const TopK<int32_t>& top) {
+  const TopkRouteConfig& cfg = *a.cfg;
+  const int64_t E = cfg.num_experts;
+  const bool* en = a.enabled;
+  const bool softmax_first =
+      cfg.scoring == Scoring::kSoftmax && cfg.order == Order::kSoftmaxThenTopk;
+  const float* xf = ws.xf;
+  const float row_max = st.row_max;
+  const bool zero_softmax = st.zero_softmax;
   std::memcpy(a.ids + t * cfg.k, top.e, sizeof(int32_t) * cfg.k);
 
   float row_sum = 1;
@@ -851,9 +987,35 @@ SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& 
   finish_weights16(cfg, xf, top.e, zero_softmax, row_max, row_sum, a.w + t * cfg.k);
 }
 
+template <typename scalar_t>
+SPARSEOPS_AVX512 inline void route_row_avx512(const RouteArgs<scalar_t, float>& a, int64_t t,
+                                              Workspace<float>& ws) {
+  const RowStats st = route_row_prepare(a, t, ws);
+  TopK<int32_t> top(a.cfg->k);
+  scan_topk16(ws.key, a.cfg->num_experts, top);
+  route_row_finish(a, t, ws, st, top);
+}
+
+// R rows, their top-k interleaved (scan_topk16_rows); each gets route_row_avx512's bits.
+template <int R, typename scalar_t>
+SPARSEOPS_AVX512 inline void route_row_group_avx512(const RouteArgs<scalar_t, float>& a, int64_t t,
+                                                    Workspace<float>* ws) {
+  RowStats st[R];
+  TopK<int32_t> top[R];
+  const int32_t* keys[R];
+  for (int r = 0; r < R; ++r) {
+    st[r] = route_row_prepare(a, t + r, ws[r]);
+    top[r].reset(a.cfg->k);
+    keys[r] = ws[r].key;
+  }
+  scan_topk16_rows<R>(keys, a.cfg->num_experts, top);
+  for (int r = 0; r < R; ++r) route_row_finish(a, t + r, ws[r], st[r], top[r]);
+}
+
 // Logit e of 16 consecutive rows (row stride E) as fp32, one lane per row. bf16 / fp16 gather
-// 32 bits at a 2-byte stride and keep the low half: the caller never uses this on the block
-// holding the tensor's last row, so the extra 2 bytes read lie inside the tensor.
+// 32 bits at a 2-byte stride and keep the low half: 2 bytes past the value are read, inside
+// the tensor for every expert but the last (route_block16_avx512 uses gather_rows16_last
+// there).
 SPARSEOPS_AVX512 inline __m512 gather_rows16(const float* x, __m512i offs) {
   return _mm512_i32gather_ps(offs, x, 4);
 }
@@ -862,6 +1024,22 @@ SPARSEOPS_AVX512 inline __m512 gather_rows16(const c10::BFloat16* x, __m512i off
 }
 SPARSEOPS_AVX512 inline __m512 gather_rows16(const c10::Half* x, __m512i offs) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offs, x, 2)));
+}
+
+// gather_rows16 for the last expert of a block that holds the tensor's last row: 16-bit
+// values are read as the high half of the 32 bits that end at them (offs - 1 >= 0 for E >= 2),
+// so nothing past the tensor is read.
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const float* x, __m512i offs) {
+  return gather_rows16(x, offs);
+}
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::BFloat16* x, __m512i offs) {
+  const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+}
+SPARSEOPS_AVX512 inline __m512 gather_rows16_last(const c10::Half* x, __m512i offs) {
+  const __m512i w = _mm512_i32gather_epi32(_mm512_sub_epi32(offs, _mm512_set1_epi32(1)), x, 2);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
 }
 
 // Stores slot j of 16 rows (one lane per row) to out[r * k + j].
@@ -910,7 +1088,8 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
     top_x[j] = ninf;
   }
   for (int e = 0; e < E; ++e) {
-    x[e] = gather_rows16(xb, _mm512_add_epi32(row_offs, _mm512_set1_epi32(e)));
+    const __m512i offs = _mm512_add_epi32(row_offs, _mm512_set1_epi32(e));
+    x[e] = e == E - 1 ? gather_rows16_last(xb, offs) : gather_rows16(xb, offs);
     const bool on = a.enabled == nullptr || a.enabled[e];
     if (softmax_first && on) {
       nan |= _mm512_cmp_ps_mask(x[e], x[e], _CMP_UNORD_Q);
@@ -1027,20 +1206,26 @@ SPARSEOPS_AVX512 void route_block16_avx512(const RouteArgs<scalar_t, float>& a, 
   }
 }
 
+// Rows whose top-k runs interleaved (route_row_group_avx512).
+constexpr int kRowGroup = 4;
+
 template <typename scalar_t>
 SPARSEOPS_AVX512 void route_rows_avx512(const RouteArgs<scalar_t, float>& a, int64_t begin,
                                         int64_t end) {
-  Workspace<float> ws;
+  Workspace<float> ws[kRowGroup];
   int64_t t = begin;
   const TopkRouteConfig& cfg = *a.cfg;
-  if (cfg.num_experts <= 16 && !cfg.needs_score()) {
-    // Whole blocks of 16 rows aligned to row 0, never the block holding the last row (see
-    // gather_rows16): which rows take this path depends on T only, not on the thread split.
-    const int64_t last_block = (cfg.num_tokens - 1) / 16;
-    for (; t < end && t % 16 != 0; ++t) route_row_avx512(a, t, ws);
-    for (; t + 16 <= end && t / 16 < last_block; t += 16) route_block16_avx512(a, t);
+  if (cfg.num_experts <= 16 && cfg.num_experts >= 2 && !cfg.needs_score()) {
+    // Whole blocks of 16 rows aligned to row 0 (the last expert of each row read by
+    // gather_rows16_last: nothing past the tensor): which rows take this path depends on T
+    // only, not on the thread split. T = 16 Mixtral rows went from 1.2 to ~0.2 us.
+    for (; t < end && t % 16 != 0; ++t) route_row_avx512(a, t, ws[0]);
+    for (; t + 16 <= end; t += 16) route_block16_avx512(a, t);
   }
-  for (; t < end; ++t) route_row_avx512(a, t, ws);
+  if (cfg.num_experts >= 32 && cfg.k <= 16) {
+    for (; t + kRowGroup <= end; t += kRowGroup) route_row_group_avx512<kRowGroup>(a, t, ws);
+  }
+  for (; t < end; ++t) route_row_avx512(a, t, ws[0]);
 }
 #endif  // SPARSEOPS_HAVE_AVX512_PATH
 
@@ -1058,83 +1243,32 @@ void route_rows(const RouteArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end)
   for (int64_t t = begin; t < end; ++t) route_row_scalar(a, t, ws);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------
+// route_metadata's stable counting sort, in three steps shared by route_metadata_cpu_kernel
+// and route_cpu_kernel: per-chunk histograms, a scan, a per-chunk placement. Chunks are whole
+// rows; the output never depends on the chunking (a stable sort by expert has one answer),
+// only the speed does.
 
-void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
-                           const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
-  advise_huge_pages(weights);
-  advise_huge_pages(ids);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        RouteArgs<scalar_t, acc_t> a;
-        a.x = logits.const_data_ptr<scalar_t>();
-        a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
-        a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
-        a.w = weights.mutable_data_ptr<acc_t>();
-        a.ids = ids.mutable_data_ptr<int32_t>();
-        a.cfg = &cfg;
-        // Rows per task: about 16K logits (tens of microseconds of work) amortise a parallel
-        // region's start-up; smaller T runs on the calling thread. The split never changes
-        // the answer (every row is computed alone).
-        // Tasks split at multiples of 16 rows, so the 16-row blocks of small-E routers are
-        // the same whatever the thread count.
-        const int64_t T = cfg.num_tokens;
-        const int64_t grain = std::max<int64_t>(16, 16384 / cfg.num_experts);
-        if (T <= grain) {
-          route_rows(a, 0, T);
-        } else {
-          at::parallel_for(0, (T + 15) / 16, grain / 16, [&](int64_t b0, int64_t b1) {
-            route_rows(a, b0 * 16, std::min(T, b1 * 16));
-          });
-        }
-      });
+// Bucket E collects dropped slots (id -1) so they land after every expert: as unsigned, -1 is
+// the largest value, so min(v, E) maps it there without a branch.
+inline uint32_t bucket_of(int32_t v, uint32_t E) { return std::min(static_cast<uint32_t>(v), E); }
+
+// Counts slots [i0, i1) of id into h[0..E]; returns whether a value lies outside [-1, E)
+// (such values are counted in bucket E, and the caller throws).
+inline bool count_ids(const int32_t* id, int64_t i0, int64_t i1, int64_t E, int32_t* h) {
+  const uint32_t ue = static_cast<uint32_t>(E);
+  bool bad = false;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t v = id[i];
+    bad |= static_cast<uint32_t>(v + 1) > ue;  // v in [-1, E) iff v + 1 in [0, E]
+    ++h[bucket_of(v, ue)];
+  }
+  return bad;
 }
 
-void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t block_m,
-                               RouteMetadata& out) {
-  const int64_t E = num_experts;
-  const int64_t n = ids.numel();
-  const int64_t k = ids.size(1);
-  const int64_t T = n / k;
-  const int32_t* id = ids.const_data_ptr<int32_t>();
-  const uint32_t ue = static_cast<uint32_t>(E);
-  // Bucket E collects dropped slots (id -1) so they land after every expert: as unsigned, -1
-  // is the largest value, so min(v, E) maps it there without a branch.
-  auto bucket = [ue](int32_t v) -> uint32_t { return std::min(static_cast<uint32_t>(v), ue); };
-
-  // Chunks of whole rows fixed by the shape alone, never by the thread count: n / 16 slots,
-  // at least 16K (so two threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long
-  // runs per bucket keep the scattered writes in whole cache lines). Whole rows keep token =
-  // row without a division per slot; int32 counters halve the histogram traffic.
-  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
-  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
-  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
-  // Below 64K slots the sort stays on the calling thread: waking the second thread for the
-  // two parallel phases cost more than it saved (E = 8, T*k = 32K: 66 us on one thread, 135 us
-  // on two; T*k = 128K: 226 vs 120 us; 2-core EPYC, 2026-12-02). The chunks do not change, so
-  // neither do the outputs.
-  const int64_t grain = n < 65536 ? chunks : 1;
-  std::vector<int32_t> hist(chunks * (E + 1), 0);
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    bool local_bad = false;
-    for (int64_t c = c0; c < c1; ++c) {
-      int32_t* h = hist.data() + c * (E + 1);
-      const int64_t i1 = std::min(T, (c + 1) * rows_per_chunk) * k;
-      for (int64_t i = c * rows_per_chunk * k; i < i1; ++i) {
-        const int32_t v = id[i];
-        // One unsigned compare checks v in [-1, E): v + 1 in [0, E].
-        local_bad |= static_cast<uint32_t>(v + 1) > ue;
-        ++h[bucket(v)];  // out-of-range values land in bucket E; the check below throws
-      }
-    }
-    if (local_bad) bad = true;
-  });
-  TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
-              ") or -1 for a dropped slot, got a value outside that range in ids ", describe(ids));
-
-  // Exclusive scan in (bucket, chunk) order gives each chunk's first position per bucket.
+// Exclusive scan of hist [chunks][E + 1] in (bucket, chunk) order: each chunk's first
+// position per bucket replaces its count; counts and offs (cumulative ends) are written.
+void metadata_scan(int32_t* hist, int64_t chunks, int64_t E, RouteMetadata& out) {
   int32_t* counts = out.counts.mutable_data_ptr<int32_t>();
   int32_t* offs = out.offs.mutable_data_ptr<int32_t>();
   int32_t running = 0;
@@ -1150,30 +1284,29 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
       offs[e] = running;
     }
   }
+}
 
-  for (const Tensor* t : {&out.sorted_slots, &out.inverse, &out.tokens, &out.padded_slots}) {
-    if (t->defined()) advise_huge_pages(*t);
-  }
-  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
-  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
-  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int32_t* next = hist.data() + c * (E + 1);
-      const int64_t t1 = std::min(T, (c + 1) * rows_per_chunk);
-      for (int64_t t = c * rows_per_chunk; t < t1; ++t) {
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t i = t * k + j;
-          const int32_t pos = next[bucket(id[i])]++;
-          sorted_slots[pos] = static_cast<int32_t>(i);
-          inverse[i] = pos;
-          tokens[pos] = static_cast<int32_t>(t);
-        }
-      }
+// Places the slots of rows [t0, t1) (next: the chunk's scanned positions per bucket).
+inline void metadata_place(const int32_t* id, int64_t k, int64_t E, int64_t t0, int64_t t1,
+                           int32_t* next, int32_t* sorted_slots, int32_t* inverse,
+                           int32_t* tokens) {
+  const uint32_t ue = static_cast<uint32_t>(E);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t i = t * k + j;
+      const int32_t pos = next[bucket_of(id[i], ue)]++;
+      sorted_slots[pos] = static_cast<int32_t>(i);
+      inverse[i] = pos;
+      tokens[pos] = static_cast<int32_t>(t);
     }
-  });
+  }
+}
 
-  if (block_m <= 0) return;
+// The block-padded layout from counts, offs and sorted_slots (block_m > 0).
+void metadata_padded(int64_t n, int64_t E, int64_t block_m, RouteMetadata& out) {
+  const int32_t* counts = out.counts.const_data_ptr<int32_t>();
+  const int32_t* offs = out.offs.const_data_ptr<int32_t>();
+  const int32_t* sorted_slots = out.sorted_slots.const_data_ptr<int32_t>();
   int32_t* padded_slots = out.padded_slots.mutable_data_ptr<int32_t>();
   int32_t* block_expert = out.block_expert.mutable_data_ptr<int32_t>();
   int32_t* padded_offs = out.padded_offs.mutable_data_ptr<int32_t>();
@@ -1190,6 +1323,157 @@ void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t b
     padded_end += padded_count;
     padded_offs[e] = static_cast<int32_t>(padded_end);
   }
+}
+
+void advise_metadata_pages(RouteMetadata& out) {
+  for (const Tensor* t : {&out.sorted_slots, &out.inverse, &out.tokens, &out.padded_slots}) {
+    if (t->defined()) advise_huge_pages(*t);
+  }
+}
+
+// The chunk histograms: on the stack for one chunk (every decode call), else on the heap.
+struct ChunkHistograms {
+  ChunkHistograms(int64_t chunks, int64_t E) {
+    const int64_t n = chunks * (E + 1);
+    if (chunks == 1) {
+      data = local;
+      std::fill(local, local + n, 0);
+    } else {
+      heap.assign(n, 0);
+      data = heap.data();
+    }
+  }
+  int32_t* data;
+  int32_t local[kMaxExperts + 1];
+  std::vector<int32_t> heap;
+};
+
+// Builds the RouteArgs of these tensors for their logits dtype and calls fn(args).
+template <typename Fn>
+void with_route_args(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                     const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "topk_route_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        RouteArgs<scalar_t, acc_t> a;
+        a.x = logits.const_data_ptr<scalar_t>();
+        a.bias = cfg.has_bias ? bias.const_data_ptr<acc_t>() : nullptr;
+        a.enabled = cfg.has_mask ? mask.const_data_ptr<bool>() : nullptr;
+        a.w = weights.mutable_data_ptr<acc_t>();
+        a.ids = ids.mutable_data_ptr<int32_t>();
+        a.cfg = &cfg;
+        fn(a);
+      });
+}
+
+}  // namespace
+
+void topk_route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                           const TopkRouteConfig& cfg, Tensor& weights, Tensor& ids) {
+  advise_huge_pages(weights);
+  advise_huge_pages(ids);
+  with_route_args(logits, bias, mask, cfg, weights, ids, [&](const auto& a) {
+    // Rows per task: about 16K logits (tens of microseconds of work) amortise a parallel
+    // region's start-up; smaller T runs on the calling thread. The split never changes the
+    // answer (every row is computed alone). Tasks split at multiples of 16 rows, so the
+    // 16-row blocks of small-E routers are the same whatever the thread count.
+    const int64_t T = cfg.num_tokens;
+    const int64_t grain = std::max<int64_t>(16, 16384 / cfg.num_experts);
+    if (T <= grain) {
+      route_rows(a, 0, T);
+    } else {
+      at::parallel_for(0, (T + 15) / 16, grain / 16, [&](int64_t b0, int64_t b1) {
+        route_rows(a, b0 * 16, std::min(T, b1 * 16));
+      });
+    }
+  });
+}
+
+void route_metadata_cpu_kernel(const Tensor& ids, int64_t num_experts, int64_t block_m,
+                               RouteMetadata& out) {
+  const int64_t E = num_experts;
+  const int64_t n = ids.numel();
+  const int64_t k = ids.size(1);
+  const int64_t T = n / k;
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+
+  // Chunks of whole rows fixed by the shape alone: n / 16 slots, at least 16K (so two
+  // threads share T*k = 32K, Mixtral at T = 16K) and at most 256K (long runs per bucket keep
+  // the scattered writes in whole cache lines). Whole rows keep token = row without a
+  // division per slot; int32 counters halve the histogram traffic.
+  const int64_t chunk_slots = std::clamp<int64_t>(n / 16, 16384, 262144);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_slots / k);
+  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
+  // Below 64K slots the sort stays on the calling thread: waking the second thread for the
+  // two parallel phases cost more than it saved (E = 8, T*k = 32K: 66 us on one thread, 135 us
+  // on two; T*k = 128K: 226 vs 120 us; 2-core EPYC, 2026-12-02).
+  const int64_t grain = n < 65536 ? chunks : 1;
+  ChunkHistograms hist(chunks, E);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    bool local_bad = false;
+    for (int64_t c = c0; c < c1; ++c) {
+      local_bad |= count_ids(id, c * rows_per_chunk * k, std::min(T, (c + 1) * rows_per_chunk) * k,
+                             E, hist.data + c * (E + 1));
+    }
+    if (local_bad) bad = true;
+  });
+  TORCH_CHECK(!bad, "ids must hold expert indices in [0, num_experts = ", E,
+              ") or -1 for a dropped slot, got a value outside that range in ids ", describe(ids));
+  metadata_scan(hist.data, chunks, E, out);
+  advise_metadata_pages(out);
+  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
+  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
+  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      metadata_place(id, k, E, c * rows_per_chunk, std::min(T, (c + 1) * rows_per_chunk),
+                     hist.data + c * (E + 1), sorted_slots, inverse, tokens);
+    }
+  });
+  if (block_m > 0) metadata_padded(n, E, block_m, out);
+}
+
+void route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& mask,
+                      const TopkRouteConfig& cfg, int64_t block_m, Tensor& weights, Tensor& ids,
+                      RouteMetadata& out) {
+  const int64_t T = cfg.num_tokens, k = cfg.k, E = cfg.num_experts, n = T * k;
+  advise_huge_pages(weights);
+  advise_huge_pages(ids);
+  advise_metadata_pages(out);
+  // Chunks of whole 16-row blocks (the small-E path's blocks stay aligned to row 0), about
+  // 32K logits each, at most 256 of them (a bounded histogram and scan). Each chunk's ids are
+  // counted right after its rows are routed, while they are still in L1/L2, so the
+  // metadata costs one more pass (the placement) instead of two.
+  const int64_t rows = std::max<int64_t>(std::max<int64_t>(16, 32768 / E), (T + 255) / 256);
+  const int64_t rows_per_chunk = (rows + 15) / 16 * 16;
+  const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
+  // One thread below ~64K units of work (a logit, or an eighth of a slot's sort): the second
+  // thread's wake-up cost more than it saved at decode sizes.
+  const int64_t grain = T * E + 8 * n < 65536 ? chunks : 1;
+  ChunkHistograms hist(chunks, E);
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+  with_route_args(logits, bias, mask, cfg, weights, ids, [&](const auto& a) {
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t t0 = c * rows_per_chunk, t1 = std::min(T, t0 + rows_per_chunk);
+        route_rows(a, t0, t1);
+        count_ids(id, t0 * k, t1 * k, E,
+                  hist.data + c * (E + 1));  // ids in [-1, E) by construction
+      }
+    });
+  });
+  metadata_scan(hist.data, chunks, E, out);
+  int32_t* sorted_slots = out.sorted_slots.mutable_data_ptr<int32_t>();
+  int32_t* inverse = out.inverse.mutable_data_ptr<int32_t>();
+  int32_t* tokens = out.tokens.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      metadata_place(id, k, E, c * rows_per_chunk, std::min(T, (c + 1) * rows_per_chunk),
+                     hist.data + c * (E + 1), sorted_slots, inverse, tokens);
+    }
+  });
+  if (block_m > 0) metadata_padded(n, E, block_m, out);
 }
 
 }  // namespace sparseops

@@ -7,7 +7,10 @@
 // Why C++ autograd instead of torch.library.register_autograd: a Python autograd wrapper
 // costs ~9 us per call on an H100 host (torch 2.11, 2026-11), a third of the decode budget.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -23,6 +26,7 @@
 #include <tuple>
 #include <utility>
 
+#include "routing_eager.h"
 #include "sparseops/backend.h"
 #include "sparseops/checks.h"
 #include "sparseops/routing.h"
@@ -31,6 +35,16 @@ namespace sparseops {
 namespace {
 
 using at::Tensor;
+
+// An output tensor: on CPU straight from the CPU allocator (at::empty's dispatcher round
+// trip was ~0.1 us of a ~1 us decode call, 2-core EPYC, 2026-12-07), elsewhere at::empty.
+Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like) {
+  if (like.is_cpu()) return at::detail::empty_cpu(sizes, dtype);
+  return at::empty(sizes, like.options().dtype(dtype));
+}
+
+// t itself when already contiguous (Tensor::contiguous() costs a dispatcher call even then).
+Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // The spelling of each enum value in the schema, written once for parsing and for handing
 // the options to the Python kernels.
@@ -146,6 +160,17 @@ std::vector<KernelOption> python_options(const TopkRouteConfig& cfg) {
           {"scale", cfg.scale}};
 }
 
+// The kernels' inputs: logits contiguous, bias contiguous in the accumulate dtype, the mask
+// contiguous (undefined tensors for absent options).
+std::tuple<Tensor, Tensor, Tensor> prepare_topk_route_inputs(
+    const Tensor& logits, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& expert_mask, const TopkRouteConfig& cfg) {
+  const auto acc = accumulate_type(logits.scalar_type());
+  Tensor b;
+  if (cfg.has_bias) b = contiguous(bias->scalar_type() == acc ? *bias : bias->to(acc));
+  return {contiguous(logits), b, cfg.has_mask ? contiguous(*expert_mask) : Tensor()};
+}
+
 // Runs a native kernel under the right device guard, or says why it cannot.
 template <typename CpuFn, typename CudaFn>
 void run_on_device(const Tensor& t, CpuFn cpu, CudaFn cuda) {
@@ -177,11 +202,9 @@ std::tuple<Tensor, Tensor> topk_route(const Tensor& logits, int64_t k, c10::stri
                                                group_scoring);
   const bool native = runs_native("topk_route", backend, logits);
   const auto acc = accumulate_type(logits.scalar_type());
-  Tensor x = logits.contiguous();
-  Tensor b = cfg.has_bias ? bias->to(acc).contiguous() : Tensor();
-  Tensor m = cfg.has_mask ? expert_mask->contiguous() : Tensor();
-  Tensor weights = at::empty({cfg.num_tokens, k}, x.options().dtype(acc));
-  Tensor ids = at::empty({cfg.num_tokens, k}, x.options().dtype(at::kInt));
+  const auto [x, b, m] = prepare_topk_route_inputs(logits, bias, expert_mask, cfg);
+  Tensor weights = new_output({cfg.num_tokens, k}, acc, x);
+  Tensor ids = new_output({cfg.num_tokens, k}, at::kInt, x);
   if (cfg.num_tokens == 0) return {weights, ids};
   if (native) {
     run_on_device(
@@ -396,7 +419,7 @@ Tensor ids_as_int32(const Tensor& ids, int64_t num_experts, bool native) {
                   ") or -1 for a dropped slot, got values in [", lo_v, ", ", hi_v, "] in ids ",
                   describe(ids));
     }
-    return ids.to(at::kInt).contiguous();
+    return ids.scalar_type() == at::kInt ? contiguous(ids) : ids.to(at::kInt).contiguous();
   }
   if (ids.scalar_type() == at::kInt) return ids.contiguous();
   const Tensor bad = ids.lt(-1).logical_or_(ids.ge(num_experts));
@@ -404,6 +427,36 @@ Tensor ids_as_int32(const Tensor& ids, int64_t num_experts, bool native) {
 }
 
 using MetadataOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// route_metadata's outputs for n slots (int32, like's device). With block_m == 0 the padded
+// three are empty tensors when padded_always (the op's outputs), else left undefined.
+RouteMetadata new_metadata(int64_t n, int64_t num_experts, int64_t block_m, const Tensor& like,
+                           bool padded_always) {
+  RouteMetadata out;
+  out.counts = new_output({num_experts}, at::kInt, like);
+  out.offs = new_output({num_experts}, at::kInt, like);
+  out.sorted_slots = new_output({n}, at::kInt, like);
+  out.inverse = new_output({n}, at::kInt, like);
+  out.tokens = new_output({n}, at::kInt, like);
+  if (block_m > 0 || padded_always) {
+    const int64_t padded_rows = padded_route_rows(n, num_experts, block_m);
+    out.padded_slots = new_output({padded_rows}, at::kInt, like);
+    out.block_expert = new_output({block_m > 0 ? padded_rows / block_m : 0}, at::kInt, like);
+    out.padded_offs = new_output({block_m > 0 ? num_experts : 0}, at::kInt, like);
+  }
+  return out;
+}
+
+// Nothing routed (n = 0): every expert is empty and every padded row is a sentinel (n = 0).
+void zero_metadata(RouteMetadata& out) {
+  out.counts.zero_();
+  out.offs.zero_();
+  if (out.padded_slots.defined()) {
+    out.padded_slots.zero_();
+    out.block_expert.fill_(-1);
+    out.padded_offs.zero_();
+  }
+}
 
 MetadataOutputs route_metadata(const Tensor& ids, int64_t num_experts, int64_t block_m,
                                c10::string_view backend) {
@@ -419,23 +472,9 @@ MetadataOutputs route_metadata(const Tensor& ids, int64_t num_experts, int64_t b
               "route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids ",
               describe(ids), " with block_m = ", block_m);
   const Tensor flat = ids_as_int32(ids, num_experts, native);
-  const auto opts = flat.options();
-  RouteMetadata out;
-  out.counts = at::empty({num_experts}, opts);
-  out.offs = at::empty({num_experts}, opts);
-  out.sorted_slots = at::empty({n}, opts);
-  out.inverse = at::empty({n}, opts);
-  out.tokens = at::empty({n}, opts);
-  out.padded_slots = at::empty({padded_rows}, opts);
-  out.block_expert = at::empty({block_m > 0 ? padded_rows / block_m : 0}, opts);
-  out.padded_offs = at::empty({block_m > 0 ? num_experts : 0}, opts);
+  RouteMetadata out = new_metadata(n, num_experts, block_m, flat, /*padded_always=*/true);
   if (n == 0) {
-    // Nothing routed: every expert is empty and every padded row is a sentinel (n = 0).
-    out.counts.zero_();
-    out.offs.zero_();
-    out.padded_slots.zero_();
-    out.block_expert.fill_(-1);
-    out.padded_offs.zero_();
+    zero_metadata(out);
   } else if (native) {
     run_on_device(
         flat, [&] { route_metadata_cpu_kernel(flat, num_experts, block_m, out); },
@@ -463,6 +502,20 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
   // SymInt num_experts: logits.size(1) on a fake tensor would guard every dim of logits
   // to a constant, so torch.ops.sparseops.route under torch.compile(dynamic=True)
   // recompiled for every token count.
+  if ((backend == "auto" || backend == "cpu") && eager_cpu_call(logits, bias, expert_mask, true)) {
+    // Nothing but the CPU kernels would run: one fused pass structure instead of two ops
+    // (same bits; tests/test_routing_eager.py compares them).
+    RouteResult r = route_fused_cpu(logits, k, scoring, order, renormalize, bias, n_group,
+                                    topk_group, scale, expert_mask, group_scoring, block_m);
+    RouteMetadata& m = r.meta;
+    if (!m.padded_slots.defined()) {
+      m.padded_slots = new_output({0}, at::kInt, logits);
+      m.block_expert = new_output({0}, at::kInt, logits);
+      m.padded_offs = new_output({0}, at::kInt, logits);
+    }
+    return {r.weights, r.ids,    m.counts,       m.offs,         m.sorted_slots,
+            m.inverse, m.tokens, m.padded_slots, m.block_expert, m.padded_offs};
+  }
   static const auto metadata_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("sparseops::route_metadata", "")
@@ -477,6 +530,68 @@ RouteOutputs route(const Tensor& logits, int64_t k, c10::string_view scoring,
 }
 
 }  // namespace
+
+bool eager_cpu_call(const Tensor& logits, const std::optional<Tensor>& bias,
+                    const std::optional<Tensor>& mask, bool differentiable) {
+  if (!logits.is_cpu()) return false;
+  if (differentiable && at::GradMode::is_enabled() && logits.requires_grad()) return false;
+  c10::DispatchKeySet ks = logits.key_set();
+  if (bias.has_value()) ks = ks | bias->key_set();
+  if (mask.has_value()) ks = ks | mask->key_set();
+  const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
+  ks = (ks | local.included_) - local.excluded_;
+  // Autograd has nothing to record (checked above), autocast falls through for these ops and
+  // BackendSelect (always in the thread-local include set) only serves factory functions.
+  ks = ks - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset -
+       c10::DispatchKeySet(c10::DispatchKey::BackendSelect);
+  if (ks.highestPriorityTypeId() != c10::DispatchKey::CPU) return false;
+  // The profiler records every op the dispatcher runs: let it see this one.
+  return !at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value();
+}
+
+std::tuple<Tensor, Tensor> topk_route_op(const Tensor& logits, int64_t k, c10::string_view scoring,
+                                         c10::string_view order, bool renormalize,
+                                         const std::optional<Tensor>& bias, int64_t n_group,
+                                         int64_t topk_group, double scale,
+                                         const std::optional<Tensor>& expert_mask,
+                                         c10::string_view group_scoring, c10::string_view backend) {
+  return topk_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale,
+                    expert_mask, group_scoring, backend);
+}
+
+MetadataOutputs route_metadata_op(const Tensor& ids, int64_t num_experts, int64_t block_m,
+                                  c10::string_view backend) {
+  return route_metadata(ids, num_experts, block_m, backend);
+}
+
+RouteResult route_fused_cpu(const Tensor& logits, int64_t k, c10::string_view scoring,
+                            c10::string_view order, bool renormalize,
+                            const std::optional<Tensor>& bias, int64_t n_group, int64_t topk_group,
+                            double scale, const std::optional<Tensor>& expert_mask,
+                            c10::string_view group_scoring, int64_t block_m) {
+  // The checks of topk_route then route_metadata, in that order (so the first error is the
+  // one the two ops would raise).
+  const TopkRouteConfig cfg =
+      parse_topk_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale,
+                       expert_mask, group_scoring);
+  const int64_t E = cfg.num_experts, n = cfg.num_tokens * k;
+  TORCH_CHECK(block_m >= 0 && block_m <= 65536, "block_m must be in [0, 65536], got ", block_m);
+  TORCH_CHECK(padded_route_rows(n, E, block_m) <= kInt32Max,
+              "route_metadata needs T * k (and its block-padded bound) to fit in int32, got ids ",
+              "shape [", cfg.num_tokens, ", ", k,
+              "], dtype Int, device cpu with block_m = ", block_m);
+  const auto [x, b, m] = prepare_topk_route_inputs(logits, bias, expert_mask, cfg);
+  RouteResult r;
+  r.weights = new_output({cfg.num_tokens, k}, accumulate_type(logits.scalar_type()), x);
+  r.ids = new_output({cfg.num_tokens, k}, at::kInt, x);
+  r.meta = new_metadata(n, E, block_m, x, /*padded_always=*/false);
+  if (n == 0) {
+    zero_metadata(r.meta);
+  } else {
+    route_cpu_kernel(x, b, m, cfg, block_m, r.weights, r.ids, r.meta);
+  }
+  return r;
+}
 
 TORCH_LIBRARY_IMPL(sparseops, CompositeImplicitAutograd, m) { m.impl("route", &route); }
 

@@ -75,4 +75,12 @@ void route_metadata_cpu_kernel(const at::Tensor& ids, int64_t num_experts, int64
 void route_metadata_cuda_kernel(const at::Tensor& ids, int64_t num_experts, int64_t block_m,
                                 RouteMetadata& out);
 
+// topk_route followed by route_metadata(ids, E, block_m) in one CPU pass structure (`route`
+// with the native CPU backend): each chunk of rows is routed and its ids counted at once, so
+// the metadata needs one placement pass. Same contracts as the two kernels above; the
+// outputs are bitwise those of calling them one after the other.
+void route_cpu_kernel(const at::Tensor& logits, const at::Tensor& bias, const at::Tensor& mask,
+                      const TopkRouteConfig& cfg, int64_t block_m, at::Tensor& weights,
+                      at::Tensor& ids, RouteMetadata& out);
+
 }  // namespace sparseops

@@ -211,6 +211,18 @@ if _backend.HAS_C:
     _route_metadata_op = torch.ops.sparseops.route_metadata.default
     _route_op = torch.ops.sparseops.route.default
 
+# The eager entry (csrc/ops/routing_eager.cpp): called first by the public functions below. It
+# runs the op's own CPU kernel without the dispatcher when that is all the op would run (CPU
+# tensors, nothing for autograd to record, no mode, transform, tracer or profiler) and
+# returns NotImplemented otherwise, or on any error, so that the op itself runs and raises.
+# At T = 1 it is ~1 us where the op is ~4-5 us (benchmarks/percall_breakdown.py). It is
+# skipped while torch.compile traces (Dynamo cannot trace into a C function: the op's
+# schema and fake are what a graph records).
+_topk_route_eager = getattr(_backend._C, "_topk_route_eager", None)
+_route_eager = getattr(_backend._C, "_route_eager", None)
+_route_metadata_eager = getattr(_backend._C, "_route_metadata_eager", None)
+_is_compiling = torch.compiler.is_compiling
+
 
 # ---------------------------------------------------------------------------------------------
 # Python kernels: what the C++ op runs for the Triton and reference backends, on the inputs it
@@ -320,6 +332,23 @@ def topk_route(
     same on every backend (see ``sparseops.reference.routing.selection_scores_ref``). A NaN
     logit ranks as -inf; its weights follow the reference formulas exactly.
     """
+    if _topk_route_eager is not None and not _is_compiling():
+        out = _topk_route_eager(
+            logits,
+            k,
+            scoring,
+            order,
+            renormalize,
+            bias,
+            n_group,
+            topk_group,
+            scale,
+            expert_mask,
+            group_scoring,
+            _backend._default if backend is None else backend,
+        )
+        if out is not NotImplemented:
+            return out
     name = _TOPK_ROUTE.choose(backend, logits)
     if _backend.HAS_C:
         return _topk_route_op(
@@ -357,6 +386,12 @@ def route_metadata(ids: torch.Tensor, num_experts: int, *, block_m: int = 0, bac
     int32); on CUDA tensors the kernels cannot check without a host sync, so every backend
     treats such an id as dropped and never touches memory out of bounds.
     """
+    if _route_metadata_eager is not None and not _is_compiling():
+        out = _route_metadata_eager(
+            ids, num_experts, block_m, _backend._default if backend is None else backend, RouteMeta
+        )
+        if out is not NotImplemented:
+            return out
     name = _ROUTE_METADATA.choose(backend, ids)
     if _backend.HAS_C:
         return RouteMeta.from_outputs(_route_metadata_op(ids, num_experts, block_m, name), block_m)
@@ -386,6 +421,25 @@ def route(
     the C++ backends the pair crosses from Python into C++ once instead of twice, which is
     what a decode step (T <= 64, kernels of a few microseconds) mostly pays for.
     """
+    if _route_eager is not None and not _is_compiling():
+        out = _route_eager(
+            logits,
+            k,
+            scoring,
+            order,
+            renormalize,
+            bias,
+            n_group,
+            topk_group,
+            scale,
+            expert_mask,
+            group_scoring,
+            block_m,
+            _backend._default if backend is None else backend,
+            RouteMeta,
+        )
+        if out is not NotImplemented:
+            return out
     name = _TOPK_ROUTE.choose(backend, logits)
     if torch.compiler.is_compiling():
         # Traced as its two parts: tracing through the C++ composite specialises on T (a
