@@ -18,6 +18,11 @@ set -e
 [ "$_status" = 0 ] || { echo "installing requirements-dev.txt FAILED"; exit 1; }
 echo "   done in $(_elapsed "$t")"
 
+# PyLate / colpali-engine wheels without their dependency trees, for the MaxSim integration
+# tests and benchmarks (never fatal: those tests skip, saying why, when the install fails).
+echo "== MaxSim peers (PyLate, colpali-engine: scoring modules only)"
+bash scripts/install_maxsim_peers.sh
+
 echo "== building sparseops (C++ kernels): first build a few minutes on 2 cores, unchanged tree seconds"
 mkdir -p build
 log=build/pip-install.log
