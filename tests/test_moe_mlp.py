@@ -363,7 +363,9 @@ needs_stream = pytest.mark.skipif(STREAM_OFF, reason="the stream kernel is off i
 
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("T", "H", "inter", "E", "k"), [(1, 2048, 96, 128, 8), (16, 33, 17, 13, 3), (40, 97, 40, 4, 2)])
+@pytest.mark.parametrize(
+    ("T", "H", "inter", "E", "k"), [(1, 2048, 96, 128, 8), (16, 33, 17, 13, 3), (40, 97, 40, 4, 2)]
+)
 def test_stream_path_odd_shapes(dtype, T, H, inter, E, k):
     """Tails of every kind: H not a multiple of 16 / 32 (masked chunks), I not a multiple of 4
     (a partial block of weight rows) or 16 (the thread split), one expert with 40 rows."""
