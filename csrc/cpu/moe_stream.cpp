@@ -8,9 +8,9 @@
 // expert's rows. Four weight rows stream at a time; for each 64-byte chunk of them the
 // expert's token rows (up to six per pass, from L1) are multiplied in (no software prefetch:
 // a stand-alone stream of 75 MB, Qwen3-30B-A3B's decode, read 5.3-5.4 GB/s with prefetches
-// 1 KB ahead against 5.9-6.4 GB/s without, one thread of the shared 2-core EPYC at load 17): bf16 with vdpbf16ps
-// (AVX512_BF16: pairs of bf16 products summed into fp32 lanes, bf16 subnormals read as zero,
-// as oneDNN's bf16 GEMM), fp32 and fp16 (and bf16 without AVX512_BF16) with FMA at fp32.
+// 1 KB ahead against 5.9-6.4 GB/s without, one thread of the shared 2-core EPYC at load 17): bf16
+// with vdpbf16ps (AVX512_BF16: pairs of bf16 products summed into fp32 lanes, bf16 subnormals read
+// as zero, as oneDNN's bf16 GEMM), fp32 and fp16 (and bf16 without AVX512_BF16) with FMA at fp32.
 // Every output element is one accumulator summed chunk by chunk in order and reduced once,
 // whatever the number of tokens it was computed beside: the bits of a token's output do not
 // depend on the thread count, on which other tokens share its expert, or on the batch.
@@ -49,7 +49,8 @@ Isa isa() {
           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
       return Isa::kPortable;
-    if (!set("SPARSEOPS_CPU_NO_AVX512BF16") && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
+    if (!set("SPARSEOPS_CPU_NO_AVX512BF16") && __builtin_cpu_supports("avx512bf16"))
+      return Isa::kAvx512Bf16;
     return Isa::kAvx512;
   }();
   return level;
@@ -67,13 +68,14 @@ bool stream_supported(const at::Tensor& w13, const at::Tensor& w2) {
 #if SPARSEOPS_MOE_AVX512_PATH
 namespace {
 
-constexpr int kRows = 4;       // weight rows streamed together
-constexpr int kMaxTok = 6;     // token rows per pass over them (4 x 6 accumulators)
+constexpr int kRows = 4;    // weight rows streamed together
+constexpr int kMaxTok = 6;  // token rows per pass over them (4 x 6 accumulators)
 
 // out[t][r] = <x[t], w[r]> over K elements, bf16 pairs with vdpbf16ps.
 template <int NT>
-SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w, const c10::BFloat16* const* x,
-                                        int64_t K, float (*out)[kRows]) {
+SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w,
+                                        const c10::BFloat16* const* x, int64_t K,
+                                        float (*out)[kRows]) {
   __m512 acc[NT][kRows];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
@@ -88,7 +90,8 @@ SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w, const c10
     for (int t = 0; t < NT; ++t) {
       const __m512i xv = _mm512_loadu_si512(x[t] + k);
 #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
+      for (int r = 0; r < kRows; ++r)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
     }
   }
   if (k < K) {
@@ -100,7 +103,8 @@ SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w, const c10
     for (int t = 0; t < NT; ++t) {
       const __m512i xv = _mm512_maskz_loadu_epi16(m, x[t] + k);
 #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
+      for (int r = 0; r < kRows; ++r)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
     }
   }
 #pragma GCC unroll 8
@@ -111,7 +115,8 @@ SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w, const c10
 
 // The same with fp32 FMA, 16 elements per step, inputs widened to fp32 as they are loaded.
 template <typename T, int NT>
-SPARSEOPS_MOE_AVX512 void dot4_fma(const T* const* w, const T* const* x, int64_t K, float (*out)[kRows]) {
+SPARSEOPS_MOE_AVX512 void dot4_fma(const T* const* w, const T* const* x, int64_t K,
+                                   float (*out)[kRows]) {
   __m512 acc[NT][kRows];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
@@ -149,12 +154,18 @@ template <typename scalar_t>
 void dot4_tokens(bool bf16dp, const scalar_t* const* w, const scalar_t* const* x, int nt, int64_t K,
                  float (*out)[kRows]) {
   switch (nt) {
-    case 1: return dot4<scalar_t, 1>(bf16dp, w, x, K, out);
-    case 2: return dot4<scalar_t, 2>(bf16dp, w, x, K, out);
-    case 3: return dot4<scalar_t, 3>(bf16dp, w, x, K, out);
-    case 4: return dot4<scalar_t, 4>(bf16dp, w, x, K, out);
-    case 5: return dot4<scalar_t, 5>(bf16dp, w, x, K, out);
-    default: return dot4<scalar_t, kMaxTok>(bf16dp, w, x, K, out);
+    case 1:
+      return dot4<scalar_t, 1>(bf16dp, w, x, K, out);
+    case 2:
+      return dot4<scalar_t, 2>(bf16dp, w, x, K, out);
+    case 3:
+      return dot4<scalar_t, 3>(bf16dp, w, x, K, out);
+    case 4:
+      return dot4<scalar_t, 4>(bf16dp, w, x, K, out);
+    case 5:
+      return dot4<scalar_t, 5>(bf16dp, w, x, K, out);
+    default:
+      return dot4<scalar_t, kMaxTok>(bf16dp, w, x, K, out);
   }
 }
 
@@ -196,7 +207,8 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
   // The activations of the stream experts' rows, at the positions of the expert-sorted order.
   at::Tensor act = at::empty({std::max<int64_t>(n, 1), I}, x.options());
   scalar_t* ap = act.data_ptr<scalar_t>();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (std::max(I, H) + 15) / 16));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (std::max(I, H) + 15) / 16));
 
   // Rows [p0, p1) of w13[e] for every token row of e: pre = bf16/fp16/fp32(h + b13).
   auto gemm1_rows = [&](int64_t e, int64_t begin, int64_t R, int64_t p0, int64_t p1) {
@@ -215,7 +227,8 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
         for (int t = 0; t < nt; ++t) {
           scalar_t* prow = prep + int64_t(sorted[begin + t0 + t]) * P;
           for (int r = 0; r < nr; ++r)
-            prow[p + r] = static_cast<scalar_t>(bias ? out[t][r] + static_cast<float>(bias[p + r]) : out[t][r]);
+            prow[p + r] = static_cast<scalar_t>(bias ? out[t][r] + static_cast<float>(bias[p + r])
+                                                     : out[t][r]);
         }
       }
     }
@@ -242,8 +255,8 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
         } else if (gated) {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
-            arow[c] = static_cast<scalar_t>(
-                act_gated<float>(cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
+            arow[c] = static_cast<scalar_t>(act_gated<float>(
+                cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
           }
         } else {
           for (int64_t c = c0; c < c1; ++c)
@@ -281,7 +294,8 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
         }
       }
     }
-    for (int64_t t = 0; t < T; ++t) combine_row_avx512(sbuf + t * K * H, idp + t * K, K, H, h0, h1, yp + t * H);
+    for (int64_t t = 0; t < T; ++t)
+      combine_row_avx512(sbuf + t * K * H, idp + t * K, K, H, h0, h1, yp + t * H);
   };
 
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t end) {
@@ -312,7 +326,8 @@ void moe_stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Te
     case at::kFloat:
       return stream_forward<float>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y, pre);
     case at::kBFloat16:
-      return stream_forward<c10::BFloat16>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y, pre);
+      return stream_forward<c10::BFloat16>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y,
+                                           pre);
     case at::kHalf:
       return stream_forward<c10::Half>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y, pre);
     default:

@@ -37,9 +37,9 @@ Isa isa();
 inline bool use_avx512() { return isa() != Isa::kPortable; }
 
 template <typename scalar_t>
-constexpr bool kVectorType = std::is_same_v<scalar_t, float> ||
-                             std::is_same_v<scalar_t, c10::BFloat16> ||
-                             std::is_same_v<scalar_t, c10::Half>;
+constexpr bool kVectorType =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+    std::is_same_v<scalar_t, c10::Half>;
 
 #if SPARSEOPS_MOE_AVX512_PATH
 SPARSEOPS_MOE_AVX512 inline __mmask16 lanes_below(int64_t n) {
@@ -62,7 +62,8 @@ SPARSEOPS_MOE_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) {
 SPARSEOPS_MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   const __m512i b = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  __m512i r =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
@@ -98,7 +99,8 @@ SPARSEOPS_MOE_AVX512 void swiglu_avx512(const scalar_t* gate, const scalar_t* up
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = lanes_below(n - c);
     const __m512 g = load16(gate + c, m);
-    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    const __m512 sig =
+        _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     store16(out + c, _mm512_mul_ps(_mm512_mul_ps(g, sig), load16(up + c, m)), m);
   }
 }
