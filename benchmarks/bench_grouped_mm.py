@@ -8,7 +8,9 @@ routed rows grouped by expert (balanced random routing), b a transposed view of 
   qwen3-30b-a3b/4     E 32 (of 128), k 8, H 512 (of 2048), 2I 384 (of 1536)
   deepseek-v3/8       E 32 (of 256), k 8, H 896 (of 7168), 2I 512 (of 4096)
   gpt-oss-120b/8      E 16 (of 128), k 4, H 360 (of 2880), 2I 720 (of 5760)
-tokens T: 1, 8, 64 (decode) and 4096 (prefill); fp32 and bf16.
+tokens T: 1, 8, 64 (decode) and 4096 (prefill); fp32 and bf16. Each problem also times the
+2D x 2D weight gradient of the same projection (dW [E, H, 2I] = x.T @ dy per expert, ragged
+K; --no-wgrad skips it). --shapes qwen3-30b-a3b mixtral-8x7b times the full-size layers.
 
 Implementations:
   torch:_grouped_mm   baseline: torch._grouped_mm (skipped where it has no CPU kernel, or
@@ -18,7 +20,8 @@ Implementations:
                       the GEMM floor, measured in the same run.
   sparseops:cpu       sparseops.grouped_mm(backend="cpu").
 
-CLI: python -m benchmarks.bench_grouped_mm [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--out DIR] [--threads N]
+CLI: python -m benchmarks.bench_grouped_mm [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
+     [--no-wgrad] [--out DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ SHAPES = {
     "gpt-oss-120b/8": (16, 4, 360, 720),
 }
 QUICK_SHAPES = {"qwen3-30b-a3b/16": (16, 4, 256, 192)}
+# The full-size up projections of issue 8's CPU layers (--shapes).
+FULL_SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 1536), "mixtral-8x7b": (8, 2, 4096, 28672)}
 TOKENS = (1, 8, 64, 4096)
 QUICK_TOKENS = (1, 64)
 
@@ -78,17 +83,25 @@ def run(
     out_dir: Path,
     tokens: Sequence[int] | None = None,
     dtypes: Sequence[str] = ("fp32", "bf16"),
+    shapes: Sequence[str] | None = None,
+    wgrad: bool = True,
 ) -> list[H.Result]:
     """Time sparseops.grouped_mm (the CPU kernel) against torch's grouped GEMM, a loop and the floor."""
     so = H.import_sparseops()
-    shapes = QUICK_SHAPES if session.quick else SHAPES
+    if shapes:
+        shapes = {name: {**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}[name] for name in shapes}
+    else:
+        shapes = QUICK_SHAPES if session.quick else SHAPES
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
-    session.plan(len(shapes) * len(tokens) * len(dtypes))
+    session.plan(len(shapes) * len(tokens) * len(dtypes) * (2 if wgrad else 1))
     for dt in dtypes:
         dtype = DTYPES[dt]
         for name, (E, k, Hd, N) in shapes.items():
             gen = torch.Generator().manual_seed(E)
-            w = torch.randn(E, N, Hd, generator=gen).to(dtype).transpose(1, 2)  # [E, H, 2I] view
+            w = torch.empty(E, N, Hd, dtype=dtype)
+            for e in range(E):  # one expert at a time: no fp32 temporary of a full-size layer
+                w[e] = torch.randn(N, Hd, generator=gen)
+            w = w.transpose(1, 2)  # [E, H, 2I] view
             for T in tokens:
                 offs = expert_rows(T, k, E, seed=T)
                 n = T * k
@@ -124,7 +137,57 @@ def run(
                     headline=True,
                 )  # fmt: skip
                 session.write_csv(FAMILY, out_dir)
+                if wgrad:
+                    run_wgrad(session, so, name, E, k, Hd, N, T, offs, x, dtype, dt, out_dir)
     return session.family_results(FAMILY)
+
+
+def loop_wgrad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The per-expert torch loop of the weight gradient: out[e] = a[:, s0:s1] @ b[s0:s1]."""
+    out = a.new_empty((offs.numel(), a.shape[0], b.shape[1]))
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a[:, start:end], b[start:end], out=out[e])
+        else:
+            out[e].zero_()
+        start = end
+    return out
+
+
+def run_wgrad(session: H.Session, so: Any, name: str, E: int, k: int, Hd: int, N: int, T: int,
+              offs: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, dt: str, out_dir: Path) -> None:
+    """The 2D x 2D (ragged K) weight gradient of the same up projection: dW [E, H, 2I] =
+    x[rows of e].T @ dy[rows of e], x.T a transposed view (what autograd hands over)."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(T + 1)
+    dy = torch.randn(n, N, generator=gen).to(dtype)
+    a = x.t()
+    with torch.inference_mode():
+        want = so.grouped_mm(a.float(), dy.float(), offs, backend="cpu")
+    scale = want.abs().max().item() or 1.0
+
+    def check(out: Any, want=want, scale=scale, dt=dt) -> str:
+        err = (out.float() - want).abs().max().item() / scale
+        return "ok" if err <= (1e-4 if dt == "fp32" else 2e-2) else f"max rel err {err:.2e}"
+
+    xa, dya = torch.randn(Hd, n, dtype=dtype), torch.randn(n, N, dtype=dtype)
+    cases = [
+        H.Case("torch:loop", "baseline", lambda: loop_wgrad(a, dy, offs), check=check, graph=False),
+        H.Case("floor:dense-mm", "baseline", lambda: torch.mm(xa, dya)),
+        H.Case("sparseops:cpu", "sparseops", lambda: so.grouped_mm(a, dy, offs, backend="cpu"), check=check),
+    ]
+    if _torch_grouped_runs(a, dy, offs):
+        cases.insert(0, H.Case("torch:_grouped_mm", "baseline", lambda: torch._grouped_mm(a, dy, offs=offs),
+                               check=check))  # fmt: skip
+    else:
+        session.log(f"torch._grouped_mm 2d2d: skipped for {name} T={T} {dt} (refuses the shape on CPU)")
+    session.measure_group(
+        cases, family=FAMILY, op="grouped_mm 2d2d wgrad", shape=f"{name} E={E} k={k} H={Hd} N={N}",
+        params=f"E={E} k={k} M={Hd} N={N} a=transposed view", size=T, size_name="T", dtype=dt,
+        bytes=(E * Hd * N + n * (Hd + N)) * x.element_size(), flops=2 * n * Hd * N, headline=False,
+    )  # fmt: skip
+    session.write_csv(FAMILY, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one small shape, T 1 and 64, short budgets")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 8 64 4096)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted({**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}),
+        help="problems to time (default: the scaled ones; full-size: " + ", ".join(FULL_SHAPES) + ")",
+    )
+    p.add_argument("--no-wgrad", action="store_true", help="skip the 2D x 2D weight-gradient rows")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     args = p.parse_args(argv)
@@ -141,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)
     print(session.header(), flush=True)
-    results = run(session, out_dir=out_dir, tokens=args.tokens, dtypes=args.dtypes)
+    results = run(session, out_dir=out_dir, tokens=args.tokens, dtypes=args.dtypes, shapes=args.shapes,
+                  wgrad=not args.no_wgrad)
     for r in results:
         print(
             f"{r.dtype} T={r.size} {r.shape} {r.impl}: median {H.fmt_num(r.median_us)} us "

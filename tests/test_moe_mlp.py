@@ -351,3 +351,77 @@ def test_portable_cpu_path():
     """The scalar fallback of the AVX-512 elementwise paths, in a fresh process."""
     selection = "(activations or shapes or dtypes or routing_edges or thread_count) and cpu"
     rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")
+
+
+# ------------------------------------------------------------------------------ CPU paths
+# The CPU kernel runs experts with at most 48 routed rows through the weight-stream kernel
+# (csrc/cpu/moe_stream.cpp) and the others as BLAS tiles; SPARSEOPS_MOE_STREAM_ROWS (read once
+# per process) moves that bound, so the subprocess reruns below send every expert one way.
+STREAM_OFF = bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")) or os.environ.get("SPARSEOPS_MOE_STREAM_ROWS") == "0"
+needs_stream = pytest.mark.skipif(STREAM_OFF, reason="the stream kernel is off in this process")
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("T", "H", "inter", "E", "k"), [(1, 2048, 96, 128, 8), (16, 33, 17, 13, 3), (40, 97, 40, 4, 2)]
+)
+def test_stream_path_odd_shapes(dtype, T, H, inter, E, k):
+    """Tails of every kind: H not a multiple of 16 / 32 (masked chunks), I not a multiple of 4
+    (a partial block of weight rows) or 16 (the thread split), one expert with 40 rows."""
+    inp = _inputs(T, H, inter, E, k, dtype=dtype, drop=0.2 if k > 2 else 0.0, bias=True, seed=T + H)
+    if T == 40:
+        inp["ids"][:, 0] = 1  # expert 1: 40 rows (up to 48 take the stream kernel)
+        inp["ids"][:, 1] = torch.where(inp["ids"][:, 1] == 1, 2, inp["ids"][:, 1])
+    got = _run(inp, "cpu")
+    want = _ref(inp)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@needs_c
+@needs_stream
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stream_path_batch_invariant(dtype):
+    """A token's output does not depend on the other tokens routed beside it."""
+    inp = _inputs(12, 80, 24, 16, 4, dtype=dtype, bias=True, seed=2)
+    full = _run(inp, "cpu")
+    for rows in (slice(0, 1), slice(3, 10)):
+        part = {n: (v[rows] if n in ("x", "weights", "ids") else v) for n, v in inp.items()}
+        assert torch.equal(_run(part, "cpu"), full[rows])
+
+
+@needs_c
+@needs_stream
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("T", "E", "k"), [(1, 64, 8), (16, 128, 8), (30, 1, 1)])
+def test_stream_path_thread_count_bitwise(dtype, T, E, k):
+    """Decode-sized layers, including one expert with all rows (one tile: MKL would thread it)."""
+    inp = _inputs(T, 256, 192, E, k, dtype=dtype, bias=True, seed=T)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_run(inp, "cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_c
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the portable path")
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SPARSEOPS_CPU_NO_AVX512BF16": "1"},  # bf16 dot products widened to fp32 (FMA)
+        {"SPARSEOPS_MOE_STREAM_ROWS": "0"},  # every expert as BLAS tiles (AVX-512 elementwise)
+        {"SPARSEOPS_MOE_STREAM_ROWS": "100000"},  # every expert through the stream kernel
+    ],
+    ids=["no-bf16-dot", "tiles-only", "stream-only"],
+)
+def test_cpu_path_choices(env):
+    if any(os.environ.get(k_) for k_ in env):
+        pytest.skip("already running under this choice")
+    selection = "(activations or shapes or dtypes or routing_edges or thread_count or stream_path) and cpu"
+    rerun_in_subprocess(__file__, selection, **env)

@@ -4,7 +4,8 @@
 // over strided views of a, b and out (sparseops/grouped_mm.h). Each group is cut into work
 // items (M-tile x N-tile) whose sizes depend on the shapes only, never on the thread count,
 // and at::parallel_for runs the items. An item with at most kSmallRows rows (decode: 1-4
-// tokens per expert), or with k = 0, runs our own kernel: the A tile converted once to a
+// tokens per expert), or with k <= kSmallK (the ragged-K weight gradient of a few rows per
+// expert), runs our own kernel: the A tile converted once to a
 // local fp32 (fp64) buffer, then an AVX-512 AXPY over B rows when b has unit column stride
 // (b [G, K, N] contiguous) or AVX-512 dot products along K when b has unit row stride (the
 // usual transposed view of [G, N, K] weights), accumulating at fp32 (fp64 for fp64) and
@@ -45,6 +46,11 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kSmallRows = 16;   // items with at most this many rows run our kernel
+// ... and so do groups with at most this contraction length: the ragged-K weight gradient at
+// decode sizes (a handful of rows per expert), where a BLAS call per item costs more than its
+// arithmetic and oneDNN's bf16 GEMM builds a primitive for every new K (measured 0.05-0.8x
+// torch._grouped_mm's speed on the 2d2d rows of bench_grouped_mm, T = 1 and 8, 1 thread).
+constexpr int64_t kSmallK = 32;
 constexpr int64_t kSmallNTile = 256;  // columns per item of our kernel
 constexpr int64_t kBlasMTile = 128;   // rows per BLAS item
 constexpr int64_t kBlasNTile = 1024;  // columns per BLAS item when N is larger than 2048
@@ -150,6 +156,17 @@ void small_item(const scalar_t* a, const scalar_t* b, const out_t* bias, out_t* 
                 int64_t n1, bool avx512) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t mm = m1 - m0, nn = n1 - n0, k = d.k;
+  if (k == 0) {  // an empty ragged-K group: zeros (+ bias), without the accumulator tile
+    for (int64_t i = 0; i < mm; ++i) {
+      out_t* cr = c + d.c_off + (m0 + i) * st.c_rs + n0;
+      if (bias != nullptr) {
+        std::memcpy(cr, bias + d.bias_off + n0, static_cast<size_t>(nn) * sizeof(out_t));
+      } else {
+        std::memset(static_cast<void*>(cr), 0, static_cast<size_t>(nn) * sizeof(out_t));
+      }
+    }
+    return;
+  }
   // The A tile, converted once, rows contiguous.
   std::vector<acc_t> A(static_cast<size_t>(mm * k));
   for (int64_t i = 0; i < mm; ++i) {
@@ -283,7 +300,7 @@ void grouped_mm_cpu_kernel(const Tensor& a, const Tensor& b, const Tensor& offs,
   for (int64_t g = 0; g < G; ++g) {
     const GroupDesc& d = groups[g];
     if (d.m == 0 || d.n == 0) continue;
-    const bool ours = d.m <= kSmallRows || d.k == 0;
+    const bool ours = d.m <= kSmallRows || d.k <= kSmallK;
     const int64_t mt = ours ? kSmallRows : kBlasMTile;
     const int64_t nt = ours ? kSmallNTile : (d.n > 2048 ? kBlasNTile : d.n);
     for (int64_t m0 = 0; m0 < d.m; m0 += mt) {

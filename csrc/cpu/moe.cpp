@@ -25,17 +25,8 @@
 #include <vector>
 
 #include "sparseops/moe.h"
+#include "sparseops/moe_cpu.h"
 #include "sparseops/routing.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 AVX-512 header false positive
-#define SPARSEOPS_MOE_AVX512_PATH 1
-#define SPARSEOPS_MOE_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")))
-#else
-#define SPARSEOPS_MOE_AVX512_PATH 0
-#endif
 
 namespace sparseops {
 namespace {
@@ -45,6 +36,18 @@ using at::Tensor;
 // Rows per tile: large enough for the BLAS to run near its peak on [rows, H] x [H, 2I],
 // small enough that a few experts with many rows still spread over every thread.
 constexpr int64_t kTileRows = 64;
+// Routed rows up to which an expert takes the weight-stream kernel (csrc/cpu/moe_stream.cpp).
+constexpr int64_t kStreamRows = 48;
+
+// kStreamRows, or SPARSEOPS_MOE_STREAM_ROWS (read once per process; 0 = BLAS tiles only):
+// the tests send every expert down one path with it.
+int64_t stream_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("SPARSEOPS_MOE_STREAM_ROWS");
+    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : kStreamRows;
+  }();
+  return rows;
+}
 
 RouteMetadata route_meta(const Tensor& ids, int64_t E, int64_t n) {
   RouteMetadata meta;
@@ -61,115 +64,21 @@ RouteMetadata route_meta(const Tensor& ids, int64_t E, int64_t n) {
   return meta;
 }
 
-// Whether the AVX-512 elementwise paths run (SwiGLU, the routing-weight scale, the combine):
-// decided once per process from the CPU and SPARSEOPS_CPU_NO_AVX512, so an answer's bits
-// depend on the machine only. Everything else (and fp64) runs the portable scalar loops.
-bool moe_use_avx512() {
-#if SPARSEOPS_MOE_AVX512_PATH
-  static const bool on = [] {
-    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512");
-    if (off != nullptr && *off != '\0' && *off != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma");
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
-
-template <typename scalar_t>
-constexpr bool kVectorType = std::is_same_v<scalar_t, float> ||
-                             std::is_same_v<scalar_t, c10::BFloat16> ||
-                             std::is_same_v<scalar_t, c10::Half>;
+using moe_cpu::kVectorType;
+using moe_cpu::use_avx512;
 
 #if SPARSEOPS_MOE_AVX512_PATH
-SPARSEOPS_MOE_AVX512 inline __mmask16 lanes_below(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
-}
-SPARSEOPS_MOE_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-SPARSEOPS_MOE_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SPARSEOPS_MOE_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-SPARSEOPS_MOE_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) {
-  _mm512_mask_storeu_ps(p, m, v);
-}
-// Round to nearest even, as c10::BFloat16(float) does; NaN stays a (quiet) NaN.
-SPARSEOPS_MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
-}
-SPARSEOPS_MOE_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// fp32 exp: n = round(x / ln2), r = x - n ln2 (two-part ln2), degree-7 Taylor on |r| <= 0.35,
-// 2^n by scalef (the routing kernel's formula, csrc/cpu/routing.cpp); about 1 ulp.
-SPARSEOPS_MOE_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 y = _mm512_scalef_ps(p, n);
-  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
-}
-
-// out[c] = silu(gate[c]) * up[c], c < n.
-template <typename scalar_t>
-SPARSEOPS_MOE_AVX512 void swiglu_avx512(const scalar_t* gate, const scalar_t* up, scalar_t* out,
-                                        int64_t n) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = lanes_below(n - c);
-    const __m512 g = load16(gate + c, m);
-    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    store16(out + c, _mm512_mul_ps(_mm512_mul_ps(g, sig), load16(up + c, m)), m);
-  }
-}
-
 // dst[c] = (o[c] + bias[c]) * w (bias may be null), fp32 out.
 template <typename scalar_t>
 SPARSEOPS_MOE_AVX512 void scale_avx512(const scalar_t* o, const scalar_t* bias, float w, float* dst,
                                        int64_t n) {
+  using moe_cpu::lanes_below;
   const __m512 wv = _mm512_set1_ps(w);
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = lanes_below(n - c);
-    __m512 v = load16(o + c, m);
-    if (bias) v = _mm512_add_ps(v, load16(bias + c, m));
+    __m512 v = moe_cpu::load16(o + c, m);
+    if (bias) v = _mm512_add_ps(v, moe_cpu::load16(bias + c, m));
     _mm512_mask_storeu_ps(dst + c, m, _mm512_mul_ps(v, wv));
-  }
-}
-
-// y[c] = sum over the kept rows j of rows[j][c], in j order (the scalar loop's order).
-template <typename scalar_t>
-SPARSEOPS_MOE_AVX512 void combine_row_avx512(const float* sbp, const int32_t* ids, int64_t K,
-                                             int64_t H, scalar_t* y) {
-  for (int64_t c = 0; c < H; c += 16) {
-    const __mmask16 m = lanes_below(H - c);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < K; ++j)
-      if (ids[j] >= 0) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, sbp + j * H + c));
-    store16(y + c, acc, m);
   }
 }
 #endif
@@ -182,9 +91,9 @@ void combine_slots(const acc_t* sbp, const int32_t* idp, int64_t T, int64_t K, i
   at::parallel_for(0, T, grain, [&](int64_t b, int64_t end) {
 #if SPARSEOPS_MOE_AVX512_PATH
     if constexpr (kVectorType<scalar_t>) {
-      if (moe_use_avx512()) {
+      if (use_avx512()) {
         for (int64_t t = b; t < end; ++t)
-          combine_row_avx512(sbp + t * K * H, idp + t * K, K, H, yp + t * H);
+          moe_cpu::combine_row_avx512(sbp + t * K * H, idp + t * K, K, H, 0, H, yp + t * H);
         return;
       }
     }
@@ -219,11 +128,21 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   const int32_t* offs = meta.offs.data_ptr<int32_t>();
   const int32_t* sorted = meta.sorted_slots.data_ptr<int32_t>();
 
+  // Experts with at most stream_rows() routed rows take the weight-stream kernel (a choice
+  // made by the routing alone); the others are cut into BLAS tiles.
+  const bool can_stream = moe_cpu::stream_supported(w13, w2);
+  std::vector<char> stream(E, 0);
+  int64_t num_stream = 0;
   std::vector<Tile> tiles;
   int64_t start = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t end = offs[e];
-    for (int64_t b = start; b < end; b += kTileRows) tiles.push_back({e, b, std::min(end, b + kTileRows)});
+    if (can_stream && end > start && end - start <= stream_rows()) {
+      stream[e] = 1;
+      ++num_stream;
+    } else {
+      for (int64_t b = start; b < end; b += kTileRows) tiles.push_back({e, b, std::min(end, b + kTileRows)});
+    }
     start = end;
   }
   const int64_t kept = start;
@@ -240,7 +159,7 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   const acc_t alpha = acc_t(cfg.alpha), limit = acc_t(cfg.limit);
   const bool gated = moe_gated(cfg.act);
   const bool inter = cfg.interleaved;
-  const bool vec = kVectorType<scalar_t> && moe_use_avx512();
+  const bool vec = kVectorType<scalar_t> && use_avx512();
   const bool vec_swiglu = vec && cfg.act == MoeActivation::kSwiglu && !inter;
 
   // Dropped slots: zero pre-activation rows (their slot-buffer rows are never read).
@@ -276,7 +195,7 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
       scalar_t* arow = ap + r * I;
       if (vec_swiglu) {
 #if SPARSEOPS_MOE_AVX512_PATH
-        if constexpr (kVectorType<scalar_t>) swiglu_avx512(prow, prow + I, arow, I);
+        if constexpr (kVectorType<scalar_t>) moe_cpu::swiglu_avx512(prow, prow + I, arow, I);
 #endif
       } else if (gated) {
         for (int64_t c = 0; c < I; ++c) {
@@ -317,7 +236,14 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
     });
   }
 
-  combine_slots<scalar_t, acc_t>(sbp, idp, T, K, H, y.data_ptr<scalar_t>());
+  if (num_stream > 0) {
+    if constexpr (std::is_same_v<acc_t, float>) {  // stream_supported: never fp64
+      const moe_cpu::StreamWork work{offs, sorted, stream.data(), num_stream};
+      moe_cpu::moe_stream_forward(x, w13, w2, weights, ids, b13, b2, cfg, work, sbp, y, pre);
+    }
+  } else {
+    combine_slots<scalar_t, acc_t>(sbp, idp, T, K, H, y.data_ptr<scalar_t>());
+  }
 }
 
 template <typename scalar_t>
@@ -332,8 +258,14 @@ void moe_backward(const Tensor& dy, const Tensor& x, const Tensor& w13, const Te
   const int32_t* offs = meta.offs.data_ptr<int32_t>();
   const int32_t* sorted = meta.sorted_slots.data_ptr<int32_t>();
   std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e)
-    if (offs[e] > (e ? offs[e - 1] : 0)) active.push_back(e);
+  for (int64_t e = 0; e < E; ++e) {
+    if (offs[e] > (e ? offs[e - 1] : 0)) {
+      active.push_back(e);
+    } else {  // the op layer leaves dw13 / dw2 uninitialised: a full-size memset costs
+      dw13.select(0, e).zero_();  // as much as a pass over the weights
+      dw2.select(0, e).zero_();
+    }
+  }
 
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   Tensor dslot = at::empty({n, H}, x.options().dtype(acc_type));  // d x per slot
@@ -377,21 +309,32 @@ void moe_backward(const Tensor& dy, const Tensor& x, const Tensor& w13, const Te
         for (int64_t c = 0; c < I; ++c) arow[c] = scalar_t(act_plain<acc_t>(cfg.act, acc_t(prow[c])));
       }
     }
-    // The expert output (recomputed) for the routing-weight gradient, and d out = dy * w.
+    // g = dy @ w2[e] (unweighted, [m, I]) gives both the routing-weight gradient
+    // d weights = <dy, act @ w2[e].T + b2> = <g, act> + <dy, b2> and d act = w * g, so the
+    // expert output is never recomputed: four GEMMs per expert, as many as autograd runs.
     const Tensor w2e = w2.select(0, e);
-    Tensor ob = at::mm(ab, w2e.t());
-    const scalar_t* op = ob.data_ptr<scalar_t>();
+    Tensor gb = at::mm(dyb, w2e);
+    const scalar_t* gp = gb.data_ptr<scalar_t>();
     const scalar_t* bias2 = b2p ? b2p + e * H : nullptr;
     std::vector<acc_t> dbias2(b2p ? H : 0, acc_t(0));
+    Tensor dab = at::empty({m, I}, opts);  // d act
+    scalar_t* dapw = dab.data_ptr<scalar_t>();
     for (int64_t r = 0; r < m; ++r) {
       const int64_t slot = sorted[begin + r];
       const acc_t w = wp[slot];
-      scalar_t* drow = dybp + r * H;
-      const scalar_t* orow = op + r * H;
+      const scalar_t* grow = gp + r * I;
+      const scalar_t* arow = ap + r * I;
+      scalar_t* darow = dapw + r * I;
       acc_t dot = 0;
+      for (int64_t c = 0; c < I; ++c) {
+        const acc_t g = acc_t(grow[c]);
+        dot += g * acc_t(arow[c]);
+        darow[c] = scalar_t(g * w);
+      }
+      scalar_t* drow = dybp + r * H;
       for (int64_t c = 0; c < H; ++c) {
         const acc_t g = acc_t(drow[c]);
-        dot += g * (acc_t(orow[c]) + (bias2 ? acc_t(bias2[c]) : acc_t(0)));
+        if (bias2) dot += g * acc_t(bias2[c]);
         const acc_t d = g * w;
         if (bias2) dbias2[c] += d;
         drow[c] = scalar_t(d);  // dyb now holds d out
@@ -402,7 +345,6 @@ void moe_backward(const Tensor& dy, const Tensor& x, const Tensor& w13, const Te
       for (int64_t c = 0; c < H; ++c) db2p[e * H + c] = scalar_t(dbias2[c]);
     Tensor dw2e = dw2.select(0, e);
     at::mm_out(dw2e, dyb.t(), ab);
-    Tensor dab = at::mm(dyb, w2e);  // d act [m, I]
     const scalar_t* dap = dab.data_ptr<scalar_t>();
     Tensor dpre = at::empty({m, P}, opts);
     scalar_t* dpp = dpre.data_ptr<scalar_t>();

@@ -199,8 +199,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_mlp_backward(
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xo = x.options();
   Tensor dx = at::zeros({cfg.t, cfg.h}, xo);
-  Tensor dw13 = at::zeros({cfg.e, cfg.p, cfg.h}, xo);
-  Tensor dw2 = at::zeros({cfg.e, cfg.h, cfg.inter}, xo);
+  // dw13 / dw2 are written in full by every backend (the CPU kernel zeroes the experts
+  // without rows itself: zeroing the full-size gradients first would be a second pass).
+  Tensor dw13 = cfg.t > 0 ? at::empty({cfg.e, cfg.p, cfg.h}, xo) : at::zeros({cfg.e, cfg.p, cfg.h}, xo);
+  Tensor dw2 = cfg.t > 0 ? at::empty({cfg.e, cfg.h, cfg.inter}, xo) : at::zeros({cfg.e, cfg.h, cfg.inter}, xo);
   Tensor dweights = at::zeros({cfg.t, cfg.k}, xo.dtype(acc));
   Tensor db13 = cfg.has_b13 ? at::zeros({cfg.e, cfg.p}, xo) : at::empty({0}, xo);
   Tensor db2 = cfg.has_b2 ? at::zeros({cfg.e, cfg.h}, xo) : at::empty({0}, xo);

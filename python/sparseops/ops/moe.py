@@ -312,10 +312,13 @@ def moe_mlp(
             outside [-1, E) are treated as dropped, unchecked) or "reference".
 
     Each token's k slots are summed in slot order at fp32 (fp64 for fp64): deterministic. On
-    CPU the work is cut into tiles of at most 64 routed rows of one expert, fixed by the
-    routing; with two or more tiles the result is bitwise identical for any thread count. A
-    one-tile layer (at most 64 routed rows, all on one expert) lets MKL thread its two GEMMs,
-    and MKL's fp32 results then depend on the thread count in the last bits.
+    CPU an expert with at most 48 routed rows (every expert at decode) runs through a
+    weight-stream kernel (each output element one fp32 dot product over a weight row, bf16
+    pairs with AVX512_BF16 where the CPU has it): its bits depend neither on the thread count
+    nor on the other tokens in the batch. Experts with more rows run as BLAS tiles of at most
+    64 rows, fixed by the routing: bitwise identical for any thread count, except a layer
+    whose only work is one such tile (49 to 64 rows, all on one expert), where MKL threads
+    the two GEMMs and its fp32 results depend on the thread count in the last bits.
 
     Differentiable in x, w13, w2, weights, b13, b2; the backward reads x, the saved
     [T*k, 2I or I] pre-activation and the routing.

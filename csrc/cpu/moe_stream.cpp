@@ -1,0 +1,354 @@
+// The weight-stream forward of moe_mlp on CPU: the path of experts with few routed rows
+// (decode and small prefill), where the layer is a stream of the touched experts' weights and
+// a BLAS call per expert tile would pay for packing and threading on a few rows.
+//
+// Both GEMMs are dot products along a weight row: w13[e] is [P, H] and w2[e] is [H, I] with
+// unit inner stride (HF's layout, read as it is: no packed copy to cache or invalidate), so
+// each output element h[t, p] = <x[t], w13[e, p]> reads one weight row once for all of the
+// expert's rows. Four weight rows stream at a time; for each 64-byte chunk of them the
+// expert's token rows (up to six per pass, from L1) are multiplied in (no software prefetch:
+// a stand-alone stream of 75 MB, Qwen3-30B-A3B's decode, read 5.3-5.4 GB/s with prefetches
+// 1 KB ahead against 5.9-6.4 GB/s without, one thread of the shared 2-core EPYC at load 17): bf16
+// with vdpbf16ps (AVX512_BF16: pairs of bf16 products summed into fp32 lanes, bf16 subnormals read
+// as zero, as oneDNN's bf16 GEMM), fp32 and fp16 (and bf16 without AVX512_BF16) with FMA at fp32.
+// Every output element is one accumulator summed chunk by chunk in order and reduced once,
+// whatever the number of tokens it was computed beside: the bits of a token's output do not
+// depend on the thread count, on which other tokens share its expert, or on the batch.
+//
+// The threads split the columns, not the experts: in GEMM1 thread j owns the intermediate
+// columns [c0, c1) of every stream expert (gate and up rows of those columns, so it applies
+// the bias and activation itself), in GEMM2 the hidden columns [h0, h1) of every stream
+// expert, and then it sums those columns of every token's k slots (the combine, slot order at
+// fp32). Each thread thus reads the same share of every expert's bytes: with k = 8 of 128
+// experts touched at decode, a split over experts could not balance 8 experts over the
+// threads, and with skewed routing it would balance rows, not bytes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "sparseops/moe_cpu.h"
+
+namespace sparseops {
+namespace moe_cpu {
+
+Isa isa() {
+#if SPARSEOPS_MOE_AVX512_PATH
+  static const Isa level = [] {
+    auto set = [](const char* name) {
+      const char* v = std::getenv(name);
+      return v != nullptr && *v != '\0' && *v != '0';
+    };
+    if (set("SPARSEOPS_CPU_NO_AVX512")) return Isa::kPortable;
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+      return Isa::kPortable;
+    if (!set("SPARSEOPS_CPU_NO_AVX512BF16") && __builtin_cpu_supports("avx512bf16"))
+      return Isa::kAvx512Bf16;
+    return Isa::kAvx512;
+  }();
+  return level;
+#else
+  return Isa::kPortable;
+#endif
+}
+
+bool stream_supported(const at::Tensor& w13, const at::Tensor& w2) {
+  const auto dt = w13.scalar_type();
+  return use_avx512() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) &&
+         w13.stride(2) == 1 && w2.stride(2) == 1;
+}
+
+#if SPARSEOPS_MOE_AVX512_PATH
+namespace {
+
+constexpr int kRows = 4;    // weight rows streamed together
+constexpr int kMaxTok = 6;  // token rows per pass over them (4 x 6 accumulators)
+
+// out[t][r] = <x[t], w[r]> over K elements, bf16 pairs with vdpbf16ps.
+template <int NT>
+SPARSEOPS_MOE_AVX512BF16 void dot4_bf16(const c10::BFloat16* const* w,
+                                        const c10::BFloat16* const* x, int64_t K,
+                                        float (*out)[kRows]) {
+  __m512 acc[NT][kRows];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wv[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm512_loadu_si512(w[r] + k);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xv = _mm512_loadu_si512(x[t] + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512i wv[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + k);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(m, x[t] + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+// The same with fp32 FMA, 16 elements per step, inputs widened to fp32 as they are loaded.
+template <typename T, int NT>
+SPARSEOPS_MOE_AVX512 void dot4_fma(const T* const* w, const T* const* x, int64_t K,
+                                   float (*out)[kRows]) {
+  __m512 acc[NT][kRows];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = lanes_below(K - k);
+    __m512 wv[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) wv[r] = load16(w[r] + k, m);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xv = load16(x[t] + k, m);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+template <typename scalar_t, int NT>
+inline void dot4(bool bf16dp, const scalar_t* const* w, const scalar_t* const* x, int64_t K,
+                 float (*out)[kRows]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16dp) return dot4_bf16<NT>(w, x, K, out);
+  }
+  dot4_fma<scalar_t, NT>(w, x, K, out);
+}
+
+// out[t][r] = <x[t], w[r]> for nt <= kMaxTok token rows.
+template <typename scalar_t>
+void dot4_tokens(bool bf16dp, const scalar_t* const* w, const scalar_t* const* x, int nt, int64_t K,
+                 float (*out)[kRows]) {
+  switch (nt) {
+    case 1:
+      return dot4<scalar_t, 1>(bf16dp, w, x, K, out);
+    case 2:
+      return dot4<scalar_t, 2>(bf16dp, w, x, K, out);
+    case 3:
+      return dot4<scalar_t, 3>(bf16dp, w, x, K, out);
+    case 4:
+      return dot4<scalar_t, 4>(bf16dp, w, x, K, out);
+    case 5:
+      return dot4<scalar_t, 5>(bf16dp, w, x, K, out);
+    default:
+      return dot4<scalar_t, kMaxTok>(bf16dp, w, x, K, out);
+  }
+}
+
+// v rounded to scalar_t and back: the GEMM outputs are rounded where a BLAS call in x's dtype
+// (the tile path, and transformers' layer) rounds them, so the two CPU paths differ only in
+// the order of the sums inside each dot product (keeping them at fp32 moved 2 % of a tiny bf16
+// Qwen3-MoE's logits past the 0.05 of tests/test_moe_transformers.py).
+template <typename scalar_t>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<scalar_t>(v));
+}
+
+// [lo, hi) of n columns for part j of parts, boundaries multiples of 16.
+inline void split_columns(int64_t n, int64_t parts, int64_t j, int64_t& lo, int64_t& hi) {
+  const int64_t per = ((n + parts - 1) / parts + 15) / 16 * 16;
+  lo = std::min(n, j * per);
+  hi = std::min(n, lo + per);
+}
+
+template <typename scalar_t>
+void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                    const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
+                    const at::Tensor& b2, const MoeConfig& cfg, const StreamWork& work, float* sbuf,
+                    at::Tensor& y, at::Tensor& pre) {
+  const int64_t T = cfg.t, H = cfg.h, E = cfg.e, K = cfg.k, I = cfg.inter, P = cfg.p;
+  const bool bf16dp = isa() == Isa::kAvx512Bf16;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* w13p = w13.data_ptr<scalar_t>();
+  const scalar_t* w2p = w2.data_ptr<scalar_t>();
+  const int64_t s13e = w13.stride(0), s13r = w13.stride(1), s2e = w2.stride(0), s2r = w2.stride(1);
+  const float* wp = weights.data_ptr<float>();
+  const int32_t* idp = ids.data_ptr<int32_t>();
+  const scalar_t* b13p = cfg.has_b13 ? b13.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b2p = cfg.has_b2 ? b2.data_ptr<scalar_t>() : nullptr;
+  scalar_t* prep = pre.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const bool gated = moe_gated(cfg.act);
+  const bool inter = cfg.interleaved;
+  const bool vec_swiglu = cfg.act == MoeActivation::kSwiglu && !inter;
+  const float alpha = static_cast<float>(cfg.alpha), limit = static_cast<float>(cfg.limit);
+  const int32_t* offs = work.offs;
+  const int32_t* sorted = work.sorted;
+
+  std::vector<int64_t> experts;
+  for (int64_t e = 0; e < E; ++e)
+    if (work.stream[e]) experts.push_back(e);
+  const int64_t n = T * K;
+  // The activations of the stream experts' rows, at the positions of the expert-sorted order.
+  at::Tensor act = at::empty({std::max<int64_t>(n, 1), I}, x.options());
+  scalar_t* ap = act.data_ptr<scalar_t>();
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (std::max(I, H) + 15) / 16));
+
+  // Rows [p0, p1) of w13[e] for every token row of e: pre = bf16/fp16/fp32(h + b13).
+  auto gemm1_rows = [&](int64_t e, int64_t begin, int64_t R, int64_t p0, int64_t p1) {
+    const scalar_t* we = w13p + e * s13e;
+    const scalar_t* bias = b13p ? b13p + e * P : nullptr;
+    for (int64_t p = p0; p < p1; p += kRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, p1 - p));
+      const scalar_t* wr[kRows];
+      for (int r = 0; r < kRows; ++r) wr[r] = we + (p + std::min(r, nr - 1)) * s13r;
+      for (int64_t t0 = 0; t0 < R; t0 += kMaxTok) {
+        const int nt = static_cast<int>(std::min<int64_t>(kMaxTok, R - t0));
+        const scalar_t* xr[kMaxTok];
+        for (int t = 0; t < nt; ++t) xr[t] = xp + (sorted[begin + t0 + t] / K) * H;
+        float out[kMaxTok][kRows];
+        dot4_tokens<scalar_t>(bf16dp, wr, xr, nt, H, out);
+        for (int t = 0; t < nt; ++t) {
+          scalar_t* prow = prep + int64_t(sorted[begin + t0 + t]) * P;
+          for (int r = 0; r < nr; ++r)
+            prow[p + r] = bias ? static_cast<scalar_t>(round_to<scalar_t>(out[t][r]) +
+                                                       static_cast<float>(bias[p + r]))
+                               : static_cast<scalar_t>(out[t][r]);
+        }
+      }
+    }
+  };
+
+  // GEMM1 + bias + activation, intermediate columns [c0, c1) of every stream expert.
+  auto gemm1 = [&](int64_t c0, int64_t c1) {
+    if (c0 >= c1) return;
+    for (const int64_t e : experts) {
+      const int64_t begin = e ? offs[e - 1] : 0, R = offs[e] - begin;
+      if (!gated) {
+        gemm1_rows(e, begin, R, c0, c1);
+      } else if (inter) {
+        gemm1_rows(e, begin, R, 2 * c0, 2 * c1);
+      } else {
+        gemm1_rows(e, begin, R, c0, c1);
+        gemm1_rows(e, begin, R, I + c0, I + c1);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const scalar_t* prow = prep + int64_t(sorted[begin + r]) * P;
+        scalar_t* arow = ap + (begin + r) * I;
+        if (vec_swiglu) {
+          swiglu_avx512(prow + c0, prow + I + c0, arow + c0, c1 - c0);
+        } else if (gated) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
+            arow[c] = static_cast<scalar_t>(act_gated<float>(
+                cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
+          }
+        } else {
+          for (int64_t c = c0; c < c1; ++c)
+            arow[c] = static_cast<scalar_t>(act_plain<float>(cfg.act, static_cast<float>(prow[c])));
+        }
+      }
+    }
+  };
+
+  // GEMM2 + bias + routing weight into the slot rows, hidden columns [h0, h1), then the
+  // combine of those columns for every token.
+  auto gemm2 = [&](int64_t h0, int64_t h1) {
+    if (h0 >= h1) return;
+    for (const int64_t e : experts) {
+      const int64_t begin = e ? offs[e - 1] : 0, R = offs[e] - begin;
+      const scalar_t* we = w2p + e * s2e;
+      const scalar_t* bias = b2p ? b2p + e * H : nullptr;
+      for (int64_t h = h0; h < h1; h += kRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kRows, h1 - h));
+        const scalar_t* wr[kRows];
+        for (int r = 0; r < kRows; ++r) wr[r] = we + (h + std::min(r, nr - 1)) * s2r;
+        for (int64_t t0 = 0; t0 < R; t0 += kMaxTok) {
+          const int nt = static_cast<int>(std::min<int64_t>(kMaxTok, R - t0));
+          const scalar_t* xr[kMaxTok];
+          for (int t = 0; t < nt; ++t) xr[t] = ap + (begin + t0 + t) * I;
+          float out[kMaxTok][kRows];
+          dot4_tokens<scalar_t>(bf16dp, wr, xr, nt, I, out);
+          for (int t = 0; t < nt; ++t) {
+            const int64_t slot = sorted[begin + t0 + t];
+            const float w = wp[slot];
+            float* srow = sbuf + slot * H;
+            for (int r = 0; r < nr; ++r)
+              srow[h + r] = (bias ? round_to<scalar_t>(out[t][r]) + static_cast<float>(bias[h + r])
+                                  : round_to<scalar_t>(out[t][r])) *
+                            w;
+          }
+        }
+      }
+    }
+    for (int64_t t = 0; t < T; ++t)
+      combine_row_avx512(sbuf + t * K * H, idp + t * K, K, H, h0, h1, yp + t * H);
+  };
+
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t end) {
+    for (int64_t j = b; j < end; ++j) {
+      int64_t c0, c1;
+      split_columns(I, parts, j, c0, c1);
+      gemm1(c0, c1);
+    }
+  });
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t end) {
+    for (int64_t j = b; j < end; ++j) {
+      int64_t h0, h1;
+      split_columns(H, parts, j, h0, h1);
+      gemm2(h0, h1);
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+void moe_stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                        const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
+                        const at::Tensor& b2, const MoeConfig& cfg, const StreamWork& work,
+                        float* sbuf, at::Tensor& y, at::Tensor& pre) {
+#if SPARSEOPS_MOE_AVX512_PATH
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return stream_forward<float>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y, pre);
+    case at::kBFloat16:
+      return stream_forward<c10::BFloat16>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y,
+                                           pre);
+    case at::kHalf:
+      return stream_forward<c10::Half>(x, w13, w2, weights, ids, b13, b2, cfg, work, sbuf, y, pre);
+    default:
+      break;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "moe_stream_forward: no stream kernel for ", x.scalar_type(),
+                        " on this CPU (stream_supported() is false)");
+}
+
+}  // namespace moe_cpu
+}  // namespace sparseops

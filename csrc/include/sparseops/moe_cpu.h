@@ -1,0 +1,146 @@
+// Internals of the moe_mlp CPU kernels shared by csrc/cpu/moe.cpp (the layer: routing
+// metadata, BLAS tiles, backward) and csrc/cpu/moe_stream.cpp (the weight-stream kernel of
+// experts with few routed rows): the run-time ISA choice and the AVX-512 elementwise helpers
+// (conversions, exp, SwiGLU, the slot combine), defined once.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "sparseops/moe.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 AVX-512 header false positive
+#define SPARSEOPS_MOE_AVX512_PATH 1
+#define SPARSEOPS_MOE_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2")))
+#define SPARSEOPS_MOE_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2")))
+#else
+#define SPARSEOPS_MOE_AVX512_PATH 0
+#endif
+
+namespace sparseops {
+namespace moe_cpu {
+
+// The instruction set the moe_mlp CPU kernels use, decided once per process from the CPU and
+// the variables SPARSEOPS_CPU_NO_AVX512=1 (portable loops and BLAS tiles only) and
+// SPARSEOPS_CPU_NO_AVX512BF16=1 (bf16 dot products widen to fp32 and use FMA), so the bits of
+// an answer depend on the machine and those variables only.
+enum class Isa : int { kPortable = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+Isa isa();
+inline bool use_avx512() { return isa() != Isa::kPortable; }
+
+template <typename scalar_t>
+constexpr bool kVectorType =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+    std::is_same_v<scalar_t, c10::Half>;
+
+#if SPARSEOPS_MOE_AVX512_PATH
+SPARSEOPS_MOE_AVX512 inline __mmask16 lanes_below(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+SPARSEOPS_MOE_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+SPARSEOPS_MOE_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+SPARSEOPS_MOE_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+SPARSEOPS_MOE_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+// Round to nearest even, as c10::BFloat16(float) does; NaN stays a (quiet) NaN.
+SPARSEOPS_MOE_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+SPARSEOPS_MOE_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// fp32 exp: n = round(x / ln2), r = x - n ln2 (two-part ln2), degree-7 Taylor on |r| <= 0.35,
+// 2^n by scalef (the routing kernel's formula, csrc/cpu/routing.cpp); about 1 ulp.
+SPARSEOPS_MOE_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 y = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+// out[c] = silu(gate[c]) * up[c], c < n.
+template <typename scalar_t>
+SPARSEOPS_MOE_AVX512 void swiglu_avx512(const scalar_t* gate, const scalar_t* up, scalar_t* out,
+                                        int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = lanes_below(n - c);
+    const __m512 g = load16(gate + c, m);
+    const __m512 sig =
+        _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + c, _mm512_mul_ps(_mm512_mul_ps(g, sig), load16(up + c, m)), m);
+  }
+}
+
+// y[c] = sum over the kept rows j of rows[j][c], in j order (the scalar loop's order), for
+// the columns [c0, c1) of rows H apart.
+template <typename scalar_t>
+SPARSEOPS_MOE_AVX512 void combine_row_avx512(const float* sbp, const int32_t* ids, int64_t K,
+                                             int64_t H, int64_t c0, int64_t c1, scalar_t* y) {
+  for (int64_t c = c0; c < c1; c += 16) {
+    const __mmask16 m = lanes_below(c1 - c);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; ++j)
+      if (ids[j] >= 0) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, sbp + j * H + c));
+    store16(y + c, acc, m);
+  }
+}
+#endif
+
+// The experts the weight-stream kernel runs, and where their routed rows are.
+struct StreamWork {
+  const int32_t* offs = nullptr;    // [E] cumulative ends of the expert-sorted slots
+  const int32_t* sorted = nullptr;  // [T*k] slot of each expert-sorted row
+  const char* stream = nullptr;     // [E] 1: the stream kernel runs this expert
+  int64_t num_stream = 0;           // how many experts have stream[e] = 1
+};
+
+// Whether the weight-stream kernel can run these weights: a vector ISA, fp32 / bf16 / fp16,
+// weight rows of unit stride (w13.stride(2) == w2.stride(2) == 1).
+bool stream_supported(const at::Tensor& w13, const at::Tensor& w2);
+
+// The weight-stream forward of the experts with work.stream[e] = 1 (csrc/cpu/moe_stream.cpp),
+// then the combine of every token. Contract of moe_mlp_cpu_kernel, plus: the slot buffer sbuf
+// [T*k, H] fp32 already holds the rows of every kept slot of the other experts, and the
+// pre-activation rows of the dropped slots are written. Writes the stream experts' pre rows,
+// their slot rows and all of y.
+void moe_stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                        const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
+                        const at::Tensor& b2, const MoeConfig& cfg, const StreamWork& work,
+                        float* sbuf, at::Tensor& y, at::Tensor& pre);
+
+}  // namespace moe_cpu
+}  // namespace sparseops
