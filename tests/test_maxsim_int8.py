@@ -18,6 +18,7 @@ import torch
 
 import sparseops
 from conftest import backend_params, rerun_in_subprocess
+from sparseops import _backend
 from sparseops.reference import maxsim as R
 from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
 
@@ -382,13 +383,13 @@ def test_bad_int8_inputs():
 def test_triton_refuses_int8():
     q, d = maxsim_inputs(1, 4, 3, 5, 16, seed=91)
     d8, s = sparseops.maxsim_quantize(d)
-    reasons = sparseops._backend.OPS["maxsim"].reasons(q, d8)
+    reasons = _backend.OPS["maxsim"].reasons(q, d8)
     assert "int8" in reasons["triton"] and reasons["cpu"] is None and reasons["reference"] is None
     assert "triton" not in sparseops.available_backends("maxsim", q, d8)
     with pytest.raises(RuntimeError, match="no int8-document kernel"):
         sparseops.maxsim(q, d8, d_scale=s, backend="triton")
     # A direct op call with backend="triton" reaches the Python kernel, which refuses too.
-    if sparseops._backend.TRITON_INTERPRET:
+    if _backend.TRITON_INTERPRET:
         with pytest.raises(RuntimeError, match="no int8-document kernel"):
             torch.ops.sparseops.maxsim(q, d8, None, None, "sum", False, "triton", s)
 

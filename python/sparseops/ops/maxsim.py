@@ -267,7 +267,9 @@ def _no_int8_triton(op: str, d_scale) -> None:
 
 
 def _reference_kernel(inputs, outputs, options) -> None:
-    q, d, q_mask, d_mask, d_scale = inputs
+    q, d, q_mask, d_mask, d_scale = inputs  # d_scale flat [Nd * Ld] (the C++ op's layout)
+    if d_scale is not None:
+        d_scale = d_scale.view(d.shape[:2])
     scores, argmax = ref.maxsim_ref(
         q, d, q_mask=q_mask, d_mask=d_mask, reduce=options["reduce"], pylate_mask=options["pylate_mask"],
         d_scale=d_scale,
