@@ -81,7 +81,9 @@ def padded_masked_maxsim(q: torch.Tensor, d: torch.Tensor, pad: torch.Tensor) ->
 def segment_reduce_maxsim(q: torch.Tensor, packed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Packed tokens [total, dim]: one GEMM, torch.segment_reduce max per document, sum."""
     sims = torch.mm(q, packed.t())  # [Lq, total]
-    return torch.segment_reduce(sims, "max", lengths=lengths, axis=1).float().sum(dim=0)
+    # segment_reduce wants lengths shaped like the data up to the reduced (last) axis.
+    lens = lengths[None].expand(sims.shape[0], -1)
+    return torch.segment_reduce(sims, "max", lengths=lens, axis=1).float().sum(dim=0)
 
 
 def pylate_einsum(q: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

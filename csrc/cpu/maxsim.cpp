@@ -6,31 +6,33 @@
 // their score and argmax go). The ops differ only in their enumerators (PaddedAllPairs,
 // VarlenAllPairs, VarlenPairs, AlignedPairs, TopkEnum), which say what the items and slots
 // are, and top-k keeps the scores in per-chunk bounded heaps instead of writing them out.
-// Items are split over threads by at::parallel_for.
+// Items are split over threads in contiguous ranges of equal document tokens (run_all).
 //
-// bf16 on AVX512_BF16 machines (even dim) takes the query-lane path instead: the 16 lanes are
-// query tokens (the slot's query packed [dim / 2][Lq]), the document rows are read in place
-// and never packed, each vdpbf16ps adds two coordinates of one broadcast document token, and
-// the running max of 16 query tokens is one vector compare per document token (odd dim:
-// documents packed as bf16 pairs with the tile below).
+// Query-lane paths (AVX-512): the 16 lanes of a vector are 16 query tokens of the slot's
+// query, packed once per slot ([dim][qlp] fp32, [dim / 2][qlp] bf16 pairs, [dim / 4][qlp]
+// int8 quadruples; qlp = Lq rounded up to 16); the document rows are read in place, never
+// packed or widened; each step broadcasts one document coordinate (fp32 FMA), pair
+// (vdpbf16ps) or quadruple (vpdpbusd) of a few document tokens against every query vector,
+// and the running max of 16 query tokens is one compare per document token. Used for fp32
+// documents, bf16 documents of even dim (AVX512_BF16) and int8 documents of dim % 4 == 0
+// (AVX512_VNNI; the query is quantised per token on the fly, see sparseops/maxsim.h). At
+// Lq = 32 a document is read once per slot and never transposed.
 //
-// Otherwise, for each item the document's tokens are widened to the accumulate type and
-// packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer. Each query's
-// tokens are then
-// taken kQueryTile at a time: a register tile of kQueryTile x 32 dot products (one broadcast
-// query coordinate times two document vectors per step; vdpbf16ps takes two coordinates per
-// step for bf16), and the running max and argmax of each query token live in registers
-// across the document's tiles, reduced to one value and the lowest index at the end. The
-// Lq x Ld similarities are never written. Under pylate_mask a masked token's packed column
-// is 0 (its similarity is exactly 0) and it takes part in the max.
+// Otherwise (fp16, fp64, odd-dim bf16, int8 without VNNI or with fp64 queries, machines
+// without AVX-512) the document's tokens are widened to the accumulate type (int8: times
+// their scale) and packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread
+// buffer, and each query's tokens are taken kQueryTile at a time: a register tile of
+// kQueryTile x 32 dot products (one broadcast query coordinate times two document vectors per
+// step), the running max and argmax of each query token in registers across the document's
+// tiles, reduced to one value and the lowest index at the end. The Lq x Ld similarities are
+// never written. Under pylate_mask a masked token's similarity is exactly 0 and it takes part
+// in the max.
 //
-// Measured before this engine (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch
-// 2.13.0+cpu, 2026-12-02, load 2.4-3, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
-// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's flat
-// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The bf16 query-lane
-// path was only compared under load (2026-12-04, load ~3, 1 thread, not a recorded number):
-// about 33 ms against 57-78 ms for the widening path and 34 ms for torch's bf16 mm + amax +
-// sum in the same run; re-measure on a quiet machine.
+// Measured (2-core AMD EPYC Zen 4, torch 2.13.0+cpu, 2026-12-07, load 16-19 from seven other
+// builds, 1 thread, 1 query x 32 tokens x dim 128): 10 documents x 300 tokens fp32 in 0.24 ms
+// = 102 GFLOP/s (the fp32 FMA peak of one core is ~110); 100 documents, best of 40: fp32
+// 4.2 ms, bf16 1.24 ms (198 GFLOP/s), int8 documents 0.65 ms (380 GOP/s). Before (document-
+// lane fp32 tile, 2026-12-02): 74 % of the fp32 GEMM peak on 1 thread, 57-66 % on 2.
 //
 // Every item is computed by the same code whatever the thread split, each score sums its
 // query tokens in index order, and top-k merges the chunks' heaps under the total order
@@ -107,9 +109,9 @@ struct Scratch {
   std::vector<float> qpack_f32;       // query-lane fp32 path: [dim][qlp]
   int64_t qpack_start = -1;           // the query rows qpack holds (repacked only on a change)
   int64_t qpack_len = -1;
-  std::vector<float> lane_best;       // query-lane paths: [Lq rounded up to 16 = qlp]
+  std::vector<float> lane_best;  // query-lane paths: [Lq rounded up to 16 = qlp]
   std::vector<int32_t> lane_arg;
-  std::vector<int32_t> lane_init;     // int8 path: -128 * sum_k q^_ik per lane (the u8 offset)
+  std::vector<int32_t> lane_init;  // int8 path: -128 * sum_k q^_ik per lane (the u8 offset)
 };
 
 // The running max of one query token, kept per lane (value, index as acc_t, -1 = none),
@@ -434,7 +436,8 @@ SPARSEOPS_TARGET_AVX512 void f32_lanes_block(const float* qpack, int64_t qlp, in
     const float* rj = drows + j * dim;
     for (int64_t k = 0; k < dim; ++k) {
       const __m512 db = _mm512_set1_ps(rj[k]);
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(qb + k * qlp + v * 16), db, acc[v]);
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(qb + k * qlp + v * 16), db, acc[v]);
     }
     f32_lanes_update<NV>(j, acc, dmask, pylate, best, idx);
   }
@@ -516,7 +519,8 @@ SPARSEOPS_TARGET_AVX512VNNI void i8_lanes_block(const uint32_t* qpack, int64_t q
       std::memcpy(&w, rj + 4 * k, sizeof(w));
       const __m512i du = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(w)), flip);
       for (int v = 0; v < NV; ++v) {
-        acc[v] = _mm512_dpbusd_epi32(acc[v], du, _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16));
+        acc[v] =
+            _mm512_dpbusd_epi32(acc[v], du, _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16));
       }
     }
     i8_lanes_update<NV>(j, acc, dscale[j], dmask, pylate, best, idx);
@@ -713,8 +717,8 @@ SPARSEOPS_ALWAYS_INLINE void finish_lanes(const Rows<acc_t>& r, const bool* qmas
 // Score one query slot against the packed document (first_real < 0: no token takes part).
 // scalar_t is the document's element type.
 template <typename scalar_t, typename acc_t, int kIsa>
-SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
-                                        Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
+SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc, Scratch<acc_t>& s,
+                                        int64_t lpad, int64_t first_real,
                                         const QuerySlot<acc_t>& slot) {
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
   const int64_t dim = r.dim;
@@ -797,7 +801,8 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
           for (int64_t k = 0; k < dim4; ++k) {
             const uint32_t w = qr[i * dim4 + k];
             s.qpack[k * qlp + i] = w;
-            for (int b = 0; b < 4; ++b) sum += static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * b)));
+            for (int b = 0; b < 4; ++b)
+              sum += static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * b)));
           }
           s.lane_init[i] = -128 * sum;
         }
@@ -1329,7 +1334,8 @@ Rows<acc_t> prepare_rows(const Tensor& q, const Tensor& d, const Tensor& d_scale
   keep.push_back(attach_bf16_pairs<doc_t, acc_t>(r, q));
   if constexpr (std::is_same_v<doc_t, int8_t>) {
     TORCH_INTERNAL_ASSERT(d_scale.defined() && d_scale.is_contiguous() &&
-                          d_scale.scalar_type() == at::kFloat && d_scale.numel() * dim == d.numel());
+                          d_scale.scalar_type() == at::kFloat &&
+                          d_scale.numel() * dim == d.numel());
     r.d_scale = d_scale.data_ptr<float>();
     Tensor scales;
     keep.push_back(attach_i8_query<doc_t, acc_t>(r, qw, scales));
@@ -1338,9 +1344,9 @@ Rows<acc_t> prepare_rows(const Tensor& q, const Tensor& d, const Tensor& d_scale
   return r;
 }
 
-void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale, const Tensor& q_mask,
-                       const Tensor& d_mask, const MaxSimConfig& cfg, Tensor& scores,
-                       Tensor& argmax) {
+void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale,
+                       const Tensor& q_mask, const Tensor& d_mask, const MaxSimConfig& cfg,
+                       Tensor& scores, Tensor& argmax) {
   TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && scores.is_contiguous() &&
                         argmax.is_contiguous());
   TORCH_INTERNAL_ASSERT(cfg.nq > 0 && cfg.nd > 0 && cfg.lq > 0 && cfg.ld > 0);
@@ -1353,9 +1359,8 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale, 
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
     std::vector<Tensor> keep;
-    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(q, d, d_scale, qv, dv, cfg.dim,
-                                                     cfg.reduce == MaxSimReduce::kMean, cfg.pylate,
-                                                     keep);
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, dv, cfg.dim, cfg.reduce == MaxSimReduce::kMean, cfg.pylate, keep);
     PaddedAllPairs<acc_t> en;
     en.nq = cfg.nq;
     en.lq = cfg.lq;
@@ -1379,8 +1384,8 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
                         cu_d.is_contiguous() && scores.is_contiguous() && argmax.is_contiguous());
   dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
     std::vector<Tensor> keep;
-    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(q, d, d_scale, Tensor(), Tensor(), cfg.dim,
-                                                     cfg.reduce == MaxSimReduce::kMean, false, keep);
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, Tensor(), Tensor(), cfg.dim, cfg.reduce == MaxSimReduce::kMean, false, keep);
     const int64_t avg_lq = std::max<int64_t>(1, cfg.total_q / std::max<int64_t>(1, cfg.nq));
     const int64_t avg_ld = std::max<int64_t>(1, cfg.total_d / std::max<int64_t>(1, cfg.nd));
     if (pairs.defined()) {
@@ -1420,9 +1425,8 @@ void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_s
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
     std::vector<Tensor> keep;
-    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(q, d, d_scale, qv, dv, cfg.dim,
-                                                     cfg.reduce == MaxSimReduce::kMean, cfg.pylate,
-                                                     keep);
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, dv, cfg.dim, cfg.reduce == MaxSimReduce::kMean, cfg.pylate, keep);
     AlignedPairs<acc_t> en;
     en.k_per = cfg.k;
     en.lq = cfg.lq;
@@ -1444,8 +1448,8 @@ void maxsim_topk_cpu_kernel(const Tensor& q, const Tensor& q_mask, const Tensor&
   dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     std::vector<Tensor> keep;
-    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(q, d, d_scale, qv, Tensor(), cfg.dim,
-                                                     cfg.reduce == MaxSimReduce::kMean, false, keep);
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, Tensor(), cfg.dim, cfg.reduce == MaxSimReduce::kMean, false, keep);
     TopkState<acc_t> state;
     TopkEnum<acc_t> en;
     en.nq = cfg.nq;
@@ -1512,12 +1516,11 @@ void group_pairs(const int64_t* meta, int64_t np, int col, int64_t groups,
 
 // doc_t: d's element type (q's, or int8_t with d_scale [Rd]; int8 d only ever has for_dq).
 template <typename scalar_t, typename doc_t, typename acc_t, bool kWide>
-SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q,
-                                             const doc_t* d, const float* d_scale,
-                                             const int32_t* argmax, const int64_t* meta,
-                                             const int64_t* off, const int64_t* order,
-                                             int64_t dim, bool for_dq, acc_t* out, int64_t g0,
-                                             int64_t g1) {
+SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q, const doc_t* d,
+                                             const float* d_scale, const int32_t* argmax,
+                                             const int64_t* meta, const int64_t* off,
+                                             const int64_t* order, int64_t dim, bool for_dq,
+                                             acc_t* out, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t o = off[g]; o < off[g + 1]; ++o) {
       const int64_t p = order[o];
@@ -1548,8 +1551,8 @@ SPARSEOPS_TARGET_AVX512 void backward_groups_avx512(const acc_t* grad, const sca
                                                     const int64_t* off, const int64_t* order,
                                                     int64_t dim, bool for_dq, acc_t* out,
                                                     int64_t g0, int64_t g1) {
-  backward_groups<scalar_t, doc_t, acc_t, true>(grad, q, d, d_scale, argmax, meta, off, order,
-                                                dim, for_dq, out, g0, g1);
+  backward_groups<scalar_t, doc_t, acc_t, true>(grad, q, d, d_scale, argmax, meta, off, order, dim,
+                                                for_dq, out, g0, g1);
 }
 #endif
 

@@ -181,12 +181,11 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   if (native) {
     maxsim_cpu_kernel(x, y, ds, qm, dm, cfg, scores, argmax);
   } else {
-    call_python_kernel(
-        "maxsim", backend, {x, y, qm, dm, ds}, {scores, argmax},
-        {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
-         {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
-         {"reduce", std::string(reduce_name(cfg.reduce))},
-         {"pylate_mask", cfg.pylate}});
+    call_python_kernel("maxsim", backend, {x, y, qm, dm, ds}, {scores, argmax},
+                       {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+                        {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
+                        {"reduce", std::string(reduce_name(cfg.reduce))},
+                        {"pylate_mask", cfg.pylate}});
   }
   return {scores, argmax};
 }
@@ -301,8 +300,9 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
 
 std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
                                         const std::optional<Tensor>& q_mask,
-                                        const std::optional<Tensor>& d_mask, c10::string_view reduce,
-                                        bool pylate_mask, c10::string_view backend,
+                                        const std::optional<Tensor>& d_mask,
+                                        c10::string_view reduce, bool pylate_mask,
+                                        c10::string_view backend,
                                         const std::optional<Tensor>& d_scale) {
   check_dim(q, "q", 3);
   check_dim(d, "d", 4);
@@ -468,9 +468,9 @@ std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, 
     if (need_dq) outs.push_back(dq);
     if (need_dd) outs.push_back(dd);
     const bool native_name = backend == "auto" || backend == "cuda" || backend == "cpu";
-    call_python_kernel("maxsim_backward", native_name ? c10::string_view("triton") : backend,
-                       {g, x, y, a, mt, ds}, outs,
-                       {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
+    call_python_kernel(
+        "maxsim_backward", native_name ? c10::string_view("triton") : backend, {g, x, y, a, mt, ds},
+        outs, {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
   }
   if (!need_dq) dq = at::zeros({0}, q.options().dtype(acc));
   if (!need_dd) dd = at::zeros({0}, d.options().dtype(acc));

@@ -93,17 +93,16 @@ void maxsim_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tenso
 // d_scale fp32 [total_d] when cfg.d_int8.
 void maxsim_varlen_cpu_kernel(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& d,
                               const at::Tensor& cu_d, const at::Tensor& d_scale,
-                              const at::Tensor& pairs,
-                              const at::Tensor& arg_off, const MaxSimVarlenConfig& cfg,
-                              at::Tensor& scores, at::Tensor& argmax);
+                              const at::Tensor& pairs, const at::Tensor& arg_off,
+                              const MaxSimVarlenConfig& cfg, at::Tensor& scores,
+                              at::Tensor& argmax);
 
 // maxsim_pairs (CPU): q [B, Lq, dim], d [B * K, Ld, dim] contiguous; masks bool [B, Lq] /
 // [B * K, Ld] or int32 lengths [B] / [B * K]; scores [B, K], argmax [B, K, Lq]; d_scale fp32
 // [B * K * Ld] when cfg.d_int8.
 void maxsim_pairs_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& d_scale,
-                             const at::Tensor& q_mask,
-                             const at::Tensor& d_mask, const MaxSimPairsConfig& cfg,
-                             at::Tensor& scores, at::Tensor& ids);
+                             const at::Tensor& q_mask, const at::Tensor& d_mask,
+                             const MaxSimPairsConfig& cfg, at::Tensor& scores, at::Tensor& ids);
 
 // maxsim_topk (CPU): q [Nq, Lq, dim] contiguous with q_mask (bool [Nq, Lq] / int32 [Nq] /
 // undefined), d [total_d, dim], cu_d int32 [Nd + 1]; candidates undefined, int64 [C] or
@@ -111,8 +110,9 @@ void maxsim_pairs_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at:
 // (-1 padding), best first, ties to the lower document id. d_scale fp32 [total_d] when
 // cfg.d_int8.
 void maxsim_topk_cpu_kernel(const at::Tensor& q, const at::Tensor& q_mask, const at::Tensor& d,
-                            const at::Tensor& d_scale, const at::Tensor& cu_d, const at::Tensor& candidates,
-                            const MaxSimTopkConfig& cfg, at::Tensor& scores, at::Tensor& ids);
+                            const at::Tensor& d_scale, const at::Tensor& cu_d,
+                            const at::Tensor& candidates, const MaxSimTopkConfig& cfg,
+                            at::Tensor& scores, at::Tensor& ids);
 
 // Backward of every MaxSim op from the saved argmax (CPU). grad [P] acc dtype, q [Rq, dim],
 // d [Rd, dim] contiguous (same dtype), argmax int32 flat, meta int64 [P, 6] = (query group,
@@ -121,7 +121,8 @@ void maxsim_topk_cpu_kernel(const at::Tensor& q, const at::Tensor& q_mask, const
 // in full. Deterministic (fixed order per output row, no atomics). int8 d: d_scale fp32 [Rd]
 // (dq[row] += g * d_scale[a] * d[a]; dd must be undefined).
 void maxsim_backward_cpu_kernel(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& d,
-                                const at::Tensor& d_scale, const at::Tensor& argmax, const at::Tensor& meta, int64_t num_q,
-                                int64_t num_d, at::Tensor& dq, at::Tensor& dd);
+                                const at::Tensor& d_scale, const at::Tensor& argmax,
+                                const at::Tensor& meta, int64_t num_q, int64_t num_d,
+                                at::Tensor& dq, at::Tensor& dd);
 
 }  // namespace sparseops
