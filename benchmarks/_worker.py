@@ -8,8 +8,9 @@ Two halves in one file:
   ``WorkerCase.chunk(seconds)`` times single calls there for about ``seconds`` and returns
   the per-call times. While a chunk runs the caller only waits on the pipe, so the two
   processes take turns on the CPU instead of competing for it.
-- the server (``--serve``): needs only torch, plus whatever a spec names (sparseops of
-  *that* interpreter's installation, intel_extension_for_pytorch ...). It is started as a
+- the server (``--serve``): needs torch, plus whatever a spec names (sparseops of *that*
+  interpreter's installation, intel_extension_for_pytorch ...); the numpy-only MaxSim peers
+  run in an interpreter without torch. It is started as a
   script, so ``sys.path[0]`` is this folder and ``import sparseops`` finds the package
   installed in that interpreter, not this checkout's.
 
@@ -33,6 +34,11 @@ Specs (dicts): ``op`` is one of
   zentorch.fused_moe T, H, I, E, k, dtype: AMD zentorch's zentorch_fused_moe (swiglu, the
                      unpacked [E, 2I, H] / [E, H, I] weights; fp32 and bf16), from the
                      zentorch venv (``SPARSEOPS_ZENTORCH_PYTHON``).
+  maxsim_cpu.maxsim_scores | maxsim_cpu.maxsim_scores_variable | maxsim_fast.(same)
+                     dir: a folder holding q.npy [Lq, dim] fp32, d.npy (uniform [Nd, Ld, dim]; variable:
+                     packed [total, dim] with cu.npy) and want.npy [Nd] (the note carries the max error
+                     against it). numpy only: the peers' venv needs no torch; threads through
+                     OMP_NUM_THREADS / RAYON_NUM_THREADS (``Worker(env=...)``).
 Router inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same
 seeds); MoE inputs by ``moe_case_inputs`` below, checked once in the worker against a
 per-expert fp32 loop (the note carries the max relative error).
@@ -59,7 +65,14 @@ class WorkerError(RuntimeError):
 class Worker:
     """A timing server in interpreter ``python``; ``imports`` are imported at start (must work)."""
 
-    def __init__(self, python: str, *, imports: tuple[str, ...] | list[str] = (), threads: int | None = None) -> None:
+    def __init__(
+        self,
+        python: str,
+        *,
+        imports: tuple[str, ...] | list[str] = (),
+        threads: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if threads is None:
             try:
                 import torch
@@ -75,7 +88,7 @@ class Worker:
             stderr=None,  # the worker's warnings show up in the caller's log
             text=True,
             cwd=tempfile.gettempdir(),  # nothing from the caller's folder on its sys.path
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.info: dict[str, Any] = self._ask({"cmd": "hello", "imports": list(imports), "threads": threads})
 
@@ -136,17 +149,40 @@ class WorkerCase:
 def _serve() -> int:  # pragma: no cover - runs in the other interpreter
     import gc
     import importlib
+    import importlib.metadata
     import platform
     import time
     import traceback
 
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
-    import torch
+    try:
+        import torch
+    except ImportError:  # a numpy-only peer's interpreter (the MaxSim peers)
+        torch = None
 
     cases: dict[int, Any] = {}
     next_id = [0]
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} if torch else {}
+
+    def no_grad() -> Any:
+        return torch.inference_mode() if torch else contextlib.nullcontext()
+
+    def build_maxsim_peer(spec: dict[str, Any]) -> tuple[Any, str]:
+        import numpy as np
+
+        mod = importlib.import_module(spec["op"].split(".")[0])
+        folder = Path(spec["dir"])
+        q, d, want = (np.load(folder / f"{n}.npy") for n in ("q", "d", "want"))
+        if spec["op"].endswith("_variable"):
+            cu = np.load(folder / "cu.npy")
+            docs = [d[cu[i] : cu[i + 1]] for i in range(len(cu) - 1)]  # views: no copy
+            fn = lambda: mod.maxsim_scores_variable(q, docs)  # noqa: E731
+        else:
+            fn = lambda: mod.maxsim_scores(q, d)  # noqa: E731
+        err = float(np.abs(np.asarray(fn(), dtype=np.float64) - want).max())
+        version = importlib.metadata.version(spec["op"].split(".")[0].replace("_", "-"))
+        return fn, f"{spec['op'].split('.')[0]} {version}, max err {err:.1e}"
 
     def logits_for(spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         E, T = spec["E"], spec["T"]
@@ -161,6 +197,8 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
 
     def build(spec: dict[str, Any]) -> tuple[Any, str]:
         op = spec["op"]
+        if op.startswith(("maxsim_cpu.", "maxsim_fast.")):
+            return build_maxsim_peer(spec)
         if op == "torch.mul":
             x = torch.ones(spec.get("numel", 16))
             return (lambda: torch.mul(x, x)), ""
@@ -298,12 +336,12 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                 reply({"ok": True})
                 return 0
             if cmd == "hello":
-                if msg.get("threads"):
+                if msg.get("threads") and torch:
                     torch.set_num_threads(int(msg["threads"]))
                 for name in msg.get("imports", []):
                     importlib.import_module(name)
-                info = {"ok": True, "torch": torch.__version__, "python": platform.python_version()}
-                info["threads"] = torch.get_num_threads()
+                info = {"ok": True, "torch": torch.__version__ if torch else None, "python": platform.python_version()}
+                info["threads"] = torch.get_num_threads() if torch else msg.get("threads")
                 try:
                     import sparseops
 
@@ -313,7 +351,7 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                     pass
                 reply(info)
             elif cmd == "case":
-                with torch.inference_mode():
+                with no_grad():
                     fn, note = build(msg["spec"])
                     t0 = time.perf_counter()
                     fn()
@@ -332,7 +370,7 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                 fn = cases[msg["id"]]
                 samples = []
                 clock = time.perf_counter
-                with torch.inference_mode():
+                with no_grad():
                     gc.collect()
                     gc.disable()
                     try:

@@ -41,16 +41,19 @@ TORCH_LIBRARY(sparseops, m) {
       "Tensor block_expert, Tensor padded_offs)");
   // MaxSim late interaction: q [Nq, Lq, dim], d [Nd, Ld, dim] -> (scores [Nq, Nd] fp32/fp64,
   // argmax [Nq, Nd, Lq] int32, -1 where nothing was taken); masks are bool [N, L] or lengths [N].
+  // Every MaxSim op takes int8 documents with fp32 per-token scales d_scale (d.shape[:-1]),
+  // last in the schema so that positional calls of the float-only schema keep working.
   m.def(
       "maxsim(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
-      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\") -> "
-      "(Tensor scores, Tensor argmax)");
+      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\", "
+      "Tensor? d_scale=None) -> (Tensor scores, Tensor argmax)");
   // ---- maxsim family (ms-ops): ragged, aligned pairs, top-k search, shared backward.
   // Packed tokens with int32 cu_seqlens; pairs [P, 2] -> scores [P], argmax flat; else
   // scores [Nq, Nd], argmax [Nd, total_q].
   m.def(
       "maxsim_varlen(Tensor q, Tensor cu_q, Tensor d, Tensor cu_d, Tensor? pairs=None, "
-      "str reduce=\"sum\", str backend=\"auto\") -> (Tensor scores, Tensor argmax)");
+      "str reduce=\"sum\", str backend=\"auto\", Tensor? d_scale=None) -> "
+      "(Tensor scores, Tensor argmax)");
   // ---- moe: the routed expert MLPs of one MoE layer. x [T, H], w13 [E, 2I or I, H],
   // w2 [E, H, I], weights / ids [T, k] (-1 = dropped) -> (y [T, H], pre [T*k, 2I or I], the
   // slot-major pre-activation the backward reads), both in x's dtype.
@@ -70,18 +73,20 @@ TORCH_LIBRARY(sparseops, m) {
   // Aligned pairs: q [B, Lq, dim] with d [B, K, Ld, dim] -> scores [B, K], argmax [B, K, Lq].
   m.def(
       "maxsim_pairs(Tensor q, Tensor d, Tensor? q_mask=None, Tensor? d_mask=None, "
-      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\") -> "
-      "(Tensor scores, Tensor argmax)");
+      "str reduce=\"sum\", bool pylate_mask=False, str backend=\"auto\", "
+      "Tensor? d_scale=None) -> (Tensor scores, Tensor argmax)");
   // Top-k documents of a packed corpus: q [Nq, Lq, dim] -> scores [Nq, k], ids [Nq, k] int64.
   m.def(
       "maxsim_topk(Tensor q, Tensor d, Tensor cu_d, int k, Tensor? q_mask=None, "
-      "Tensor? candidates=None, str reduce=\"sum\", str backend=\"auto\") -> "
-      "(Tensor scores, Tensor ids)");
+      "Tensor? candidates=None, str reduce=\"sum\", str backend=\"auto\", "
+      "Tensor? d_scale=None) -> (Tensor scores, Tensor ids)");
   // The backward of every MaxSim op from its saved argmax: per-pair grad [P], token rows,
-  // meta [P, 6] -> (dq, dd) in the accumulate dtype ([0] when not wanted).
+  // meta [P, 6] -> (dq, dd) in the accumulate dtype ([0] when not wanted); int8 d rows come
+  // with d_scale [Rd] and give dq only.
   m.def(
       "maxsim_backward(Tensor grad, Tensor q, Tensor d, Tensor argmax, Tensor meta, int num_q, "
-      "int num_d, bool need_dq, bool need_dd, str backend=\"auto\") -> (Tensor dq, Tensor dd)");
+      "int num_d, bool need_dq, bool need_dd, str backend=\"auto\", Tensor? d_scale=None) -> "
+      "(Tensor dq, Tensor dd)");
   // ---- nm_sparse
   // N:M sparse linear: x [..., in] @ decompress(values, meta)^T + bias (NM_FORMAT).
   m.def(

@@ -6,31 +6,33 @@
 // their score and argmax go). The ops differ only in their enumerators (PaddedAllPairs,
 // VarlenAllPairs, VarlenPairs, AlignedPairs, TopkEnum), which say what the items and slots
 // are, and top-k keeps the scores in per-chunk bounded heaps instead of writing them out.
-// Items are split over threads by at::parallel_for.
+// Items are split over threads in contiguous ranges of equal document tokens (run_all).
 //
-// bf16 on AVX512_BF16 machines (even dim) takes the query-lane path instead: the 16 lanes are
-// query tokens (the slot's query packed [dim / 2][Lq]), the document rows are read in place
-// and never packed, each vdpbf16ps adds two coordinates of one broadcast document token, and
-// the running max of 16 query tokens is one vector compare per document token (odd dim:
-// documents packed as bf16 pairs with the tile below).
+// Query-lane paths (AVX-512): the 16 lanes of a vector are 16 query tokens of the slot's
+// query, packed once per slot ([dim][qlp] fp32, [dim / 2][qlp] bf16 pairs, [dim / 4][qlp]
+// int8 quadruples; qlp = Lq rounded up to 16); the document rows are read in place, never
+// packed or widened; each step broadcasts one document coordinate (fp32 FMA), pair
+// (vdpbf16ps) or quadruple (vpdpbusd) of a few document tokens against every query vector,
+// and the running max of 16 query tokens is one compare per document token. Used for fp32
+// documents, bf16 documents of even dim (AVX512_BF16) and int8 documents of dim % 4 == 0
+// (AVX512_VNNI; the query is quantised per token on the fly, see sparseops/maxsim.h). At
+// Lq = 32 a document is read once per slot and never transposed.
 //
-// Otherwise, for each item the document's tokens are widened to the accumulate type and
-// packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread buffer. Each query's
-// tokens are then
-// taken kQueryTile at a time: a register tile of kQueryTile x 32 dot products (one broadcast
-// query coordinate times two document vectors per step; vdpbf16ps takes two coordinates per
-// step for bf16), and the running max and argmax of each query token live in registers
-// across the document's tiles, reduced to one value and the lowest index at the end. The
-// Lq x Ld similarities are never written. Under pylate_mask a masked token's packed column
-// is 0 (its similarity is exactly 0) and it takes part in the max.
+// Otherwise (fp16, fp64, odd-dim bf16, int8 without VNNI or with fp64 queries, machines
+// without AVX-512) the document's tokens are widened to the accumulate type (int8: times
+// their scale) and packed dimension-major ([dim][Ld rounded up to 32]) into a per-thread
+// buffer, and each query's tokens are taken kQueryTile at a time: a register tile of
+// kQueryTile x 32 dot products (one broadcast query coordinate times two document vectors per
+// step), the running max and argmax of each query token in registers across the document's
+// tiles, reduced to one value and the lowest index at the end. The Lq x Ld similarities are
+// never written. Under pylate_mask a masked token's similarity is exactly 0 and it takes part
+// in the max.
 //
-// Measured before this engine (benchmarks/bench_maxsim.py, 2-core AMD EPYC Zen 4, torch
-// 2.13.0+cpu, 2026-12-02, load 2.4-3, 1 query x 32 tokens x dim 128 vs 1,000 docs x 300):
-// 1 thread fp32 45 ms = 74 % of the same-run fp32 GEMM peak, 1.22x faster than torch's flat
-// mm + amax + sum; bf16 (then widened to fp32 FMAs) 0.63x of torch. The bf16 query-lane
-// path was only compared under load (2026-12-04, load ~3, 1 thread, not a recorded number):
-// about 33 ms against 57-78 ms for the widening path and 34 ms for torch's bf16 mm + amax +
-// sum in the same run; re-measure on a quiet machine.
+// Measured (2-core AMD EPYC Zen 4, torch 2.13.0+cpu, 2026-12-07, load 16-19 from seven other
+// builds, 1 thread, 1 query x 32 tokens x dim 128): 10 documents x 300 tokens fp32 in 0.24 ms
+// = 102 GFLOP/s (the fp32 FMA peak of one core is ~110); 100 documents, best of 40: fp32
+// 4.2 ms, bf16 1.24 ms (198 GFLOP/s), int8 documents 0.65 ms (380 GOP/s). Before (document-
+// lane fp32 tile, 2026-12-02): 74 % of the fp32 GEMM peak on 1 thread, 57-66 % on 2.
 //
 // Every item is computed by the same code whatever the thread split, each score sums its
 // query tokens in index order, and top-k merges the chunks' heaps under the total order
@@ -65,6 +67,8 @@
 #define SPARSEOPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define SPARSEOPS_TARGET_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define SPARSEOPS_TARGET_AVX512VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
 #else
 #define SPARSEOPS_MAXSIM_X86 0
 #endif
@@ -101,9 +105,13 @@ struct Scratch {
   std::vector<acc_t> valid;   // [lpad]: all-ones bits where the token is real, else 0
   std::vector<acc_t> index;   // [lpad]: j as acc_t (exact: Ld < 2^24 is checked by the caller)
   std::vector<uint32_t> packed_bf16;  // [dim / 2][lpad]: bf16 pairs (k even low, k odd high)
-  std::vector<uint32_t> qpack;        // query-lane bf16 path: [dim / 2][Lq rounded up to 16]
-  std::vector<float> lane_best;       // query-lane bf16 path: [Lq rounded up to 16]
+  std::vector<uint32_t> qpack;        // query-lane paths: [dim / 2 (bf16) or dim / 4 (int8)][qlp]
+  std::vector<float> qpack_f32;       // query-lane fp32 path: [dim][qlp]
+  int64_t qpack_start = -1;           // the query rows qpack holds (repacked only on a change)
+  int64_t qpack_len = -1;
+  std::vector<float> lane_best;  // query-lane paths: [Lq rounded up to 16 = qlp]
   std::vector<int32_t> lane_arg;
+  std::vector<int32_t> lane_init;  // int8 path: -128 * sum_k q^_ik per lane (the u8 offset)
 };
 
 // The running max of one query token, kept per lane (value, index as acc_t, -1 = none),
@@ -369,6 +377,159 @@ SPARSEOPS_TARGET_AVX512BF16 void bf16_lanes_block(const uint32_t* qpack, int64_t
     _mm512_storeu_si512(arg_out + (v0 + v) * 16, idx[v]);
   }
 }
+
+// The fp32 query-lane tile (AVX-512): the lanes are 16 query tokens (the slot's query packed
+// [dim][qlp]) and the document rows are read in place, never packed: per coordinate k each of
+// kLaneDocsF32 document tokens broadcasts d[j][k] against NV query vectors (one FMA each),
+// and after a token's dot products the running max of 16 query tokens is one compare. This
+// replaced a document-lane tile that first transposed every document into a [dim][Ld] buffer:
+// that transpose (one scalar load + store per element) cost about as much as the FMAs at
+// Lq = 32 (57-66 % of the fp32 GEMM peak, benchmarks/results/cpu-amd-epyc-2t). Each
+// similarity sums k = 0..dim-1 in order with one FMA per step, as the old tile did.
+template <int NV>
+SPARSEOPS_TARGET_AVX512 inline void f32_lanes_update(int64_t j, const __m512* acc,
+                                                     const bool* dmask, bool pylate, __m512* best,
+                                                     __m512i* idx) {
+  const bool masked = dmask != nullptr && !dmask[j];
+  if (masked && !pylate) return;
+  const __m512i jv = _mm512_set1_epi32(static_cast<int>(j));
+  for (int v = 0; v < NV; ++v) {
+    const __m512 x = masked ? _mm512_setzero_ps() : acc[v];
+    const __mmask16 g = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
+    best[v] = _mm512_mask_blend_ps(g, best[v], x);
+    idx[v] = _mm512_mask_blend_epi32(g, idx[v], jv);
+  }
+}
+
+template <int NV, int TD>
+SPARSEOPS_TARGET_AVX512 void f32_lanes_block(const float* qpack, int64_t qlp, int64_t v0,
+                                             int64_t dim, const float* drows, const bool* dmask,
+                                             bool pylate, int64_t lp, float* best_out,
+                                             int32_t* arg_out) {
+  __m512 best[NV];
+  __m512i idx[NV];
+  for (int v = 0; v < NV; ++v) {
+    best[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    idx[v] = _mm512_set1_epi32(-1);
+  }
+  const float* qb = qpack + v0 * 16;
+  int64_t j = 0;
+  for (; j + TD <= lp; j += TD) {
+    __m512 acc[TD][NV];
+    for (int t = 0; t < TD; ++t) {
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+    }
+    const float* rj = drows + j * dim;
+    for (int64_t k = 0; k < dim; ++k) {
+      __m512 qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(qb + k * qlp + v * 16);
+      for (int t = 0; t < TD; ++t) {
+        const __m512 db = _mm512_set1_ps(rj[t * dim + k]);
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_fmadd_ps(qv[v], db, acc[t][v]);
+      }
+    }
+    for (int t = 0; t < TD; ++t) f32_lanes_update<NV>(j + t, acc[t], dmask, pylate, best, idx);
+  }
+  for (; j < lp; ++j) {
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    const float* rj = drows + j * dim;
+    for (int64_t k = 0; k < dim; ++k) {
+      const __m512 db = _mm512_set1_ps(rj[k]);
+      for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(qb + k * qlp + v * 16), db, acc[v]);
+    }
+    f32_lanes_update<NV>(j, acc, dmask, pylate, best, idx);
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm512_storeu_ps(best_out + (v0 + v) * 16, best[v]);
+    _mm512_storeu_si512(arg_out + (v0 + v) * 16, idx[v]);
+  }
+}
+
+// The int8 query-lane tile (dim % 4 == 0, AVX512_VNNI): int8 documents read in place, 16
+// quantised query tokens per vector. vpdpbusd multiplies unsigned bytes by signed bytes, so
+// the document quadruple (d[j][4k..4k+3], signed) is broadcast and flipped to unsigned
+// (xor 0x80 = d + 128, one vpxord with an embedded broadcast) and the query quadruples are
+// the signed operand; each lane's accumulator starts at -128 * sum_k q^_ik (lane_init), which
+// cancels the +128: acc = <q^_i, d_j> exactly (int32; |acc| <= 127 * 127 * dim). The
+// similarity float(acc) * d_scale[j] then takes the same strict-> running max as the bf16
+// tile; the caller multiplies the winner by the query token's scale a_i (> 0, the same for
+// every j, so it does not change the max).
+template <int NV>
+SPARSEOPS_TARGET_AVX512VNNI void i8_lanes_update(int64_t j, const __m512i* acc, float scale,
+                                                 const bool* dmask, bool pylate, __m512* best,
+                                                 __m512i* idx) {
+  const bool masked = dmask != nullptr && !dmask[j];
+  if (masked && !pylate) return;
+  const __m512i jv = _mm512_set1_epi32(static_cast<int>(j));
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int v = 0; v < NV; ++v) {
+    const __m512 x = masked ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_cvtepi32_ps(acc[v]), sv);
+    const __mmask16 g = _mm512_cmp_ps_mask(x, best[v], _CMP_GT_OQ);
+    best[v] = _mm512_mask_blend_ps(g, best[v], x);
+    idx[v] = _mm512_mask_blend_epi32(g, idx[v], jv);
+  }
+}
+
+constexpr int kLaneDocsI8 = 4;
+
+template <int NV>
+SPARSEOPS_TARGET_AVX512VNNI void i8_lanes_block(const uint32_t* qpack, int64_t qlp, int64_t v0,
+                                                int64_t dim4, const int32_t* init,
+                                                const int8_t* drows, const float* dscale,
+                                                const bool* dmask, bool pylate, int64_t lp,
+                                                float* best_out, int32_t* arg_out) {
+  __m512 best[NV];
+  __m512i idx[NV], start[NV];
+  for (int v = 0; v < NV; ++v) {
+    best[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    idx[v] = _mm512_set1_epi32(-1);
+    start[v] = _mm512_loadu_si512(init + (v0 + v) * 16);
+  }
+  const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u));
+  const int64_t row = dim4 * 4;  // bytes per document token
+  int64_t j = 0;
+  for (; j + kLaneDocsI8 <= lp; j += kLaneDocsI8) {
+    __m512i acc[kLaneDocsI8][NV];
+    for (int t = 0; t < kLaneDocsI8; ++t) {
+      for (int v = 0; v < NV; ++v) acc[t][v] = start[v];
+    }
+    const int8_t* rj = drows + j * row;
+    for (int64_t k = 0; k < dim4; ++k) {
+      __m512i qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16);
+      for (int t = 0; t < kLaneDocsI8; ++t) {
+        uint32_t w;
+        std::memcpy(&w, rj + t * row + 4 * k, sizeof(w));
+        const __m512i du = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(w)), flip);
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], du, qv[v]);
+      }
+    }
+    for (int t = 0; t < kLaneDocsI8; ++t) {
+      i8_lanes_update<NV>(j + t, acc[t], dscale[j + t], dmask, pylate, best, idx);
+    }
+  }
+  for (; j < lp; ++j) {
+    __m512i acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = start[v];
+    const int8_t* rj = drows + j * row;
+    for (int64_t k = 0; k < dim4; ++k) {
+      uint32_t w;
+      std::memcpy(&w, rj + 4 * k, sizeof(w));
+      const __m512i du = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(w)), flip);
+      for (int v = 0; v < NV; ++v) {
+        acc[v] =
+            _mm512_dpbusd_epi32(acc[v], du, _mm512_loadu_si512(qpack + k * qlp + (v0 + v) * 16));
+      }
+    }
+    i8_lanes_update<NV>(j, acc, dscale[j], dmask, pylate, best, idx);
+  }
+  for (int v = 0; v < NV; ++v) {
+    _mm512_storeu_ps(best_out + (v0 + v) * 16, best[v]);
+    _mm512_storeu_si512(arg_out + (v0 + v) * 16, idx[v]);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -390,6 +551,9 @@ struct Rows {
   bool pylate = false;  // masked document tokens score 0 and take part in the max
   const uint32_t* q_bf16 = nullptr;  // [Rq, dim2] bf16 pairs of q (the vdpbf16ps path only)
   int64_t dim2 = 0;                  // ceil(dim / 2)
+  const float* d_scale = nullptr;    // [Rd] int8 documents: the scale of each row of d
+  const uint32_t* q_i8 = nullptr;    // [Rq, dim / 4] int8 quadruples of q quantised (VNNI path)
+  const float* q_i8_scale = nullptr;  // [Rq] a_i: q_ik ~ a_i * q^_ik
 };
 
 struct DocRun {
@@ -423,6 +587,14 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
   }
   lpad = 0;
   if (first_real < 0) return -1;
+  // The query-lane paths read the document rows in place: nothing to pack.
+  if constexpr (kIsa == 3 && std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (dim % 2 == 0) return first_real;
+  }
+  if constexpr (kIsa == 4 && std::is_same_v<scalar_t, int8_t>) {
+    if (r.q_i8 != nullptr) return first_real;
+  }
+  if constexpr (kIsa >= 2 && std::is_same_v<scalar_t, float>) return first_real;
   lpad = (lp + tile_j - 1) / tile_j * tile_j;
   const acc_t ones = all_ones<acc_t>();
   s.valid.resize(lpad);
@@ -434,7 +606,6 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
   }
   const scalar_t* dm = static_cast<const scalar_t*>(r.d) + doc.start * dim;
   if constexpr (kIsa == 3 && std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (dim % 2 == 0) return first_real;  // the query-lane path reads the rows in place
     // Odd dim: bf16 pairs, no widening: [dim2][lpad] of (d[j][2k] | d[j][2k + 1] << 16).
     const int64_t dim2 = r.dim2;
     s.packed_bf16.assign(static_cast<size_t>(dim2 * lpad), 0u);
@@ -456,6 +627,22 @@ SPARSEOPS_ALWAYS_INLINE int64_t pack_doc(const Rows<acc_t>& r, const DocRun& doc
     return first_real;
   }
   s.packed.assign(static_cast<size_t>(dim * lpad), acc_t(0));
+  if constexpr (std::is_same_v<scalar_t, int8_t>) {
+    // int8 documents on the float path: each value widened and multiplied by its token's
+    // scale (the float form of d_j * s_j; the product rounds once in acc_t).
+    const float* sc = r.d_scale + doc.start;
+    for (int64_t jb = 0; jb < lp; jb += tile_j) {
+      const int64_t je = std::min(lp, jb + tile_j);
+      for (int64_t j = jb; j < je; ++j) {
+        if (r.pylate && dmask != nullptr && !dmask[j]) continue;
+        const int8_t* row = dm + j * dim;
+        const acc_t sj = static_cast<acc_t>(sc[j]);
+        acc_t* dst = s.packed.data() + j;
+        for (int64_t k = 0; k < dim; ++k) dst[k * lpad] = static_cast<acc_t>(row[k]) * sj;
+      }
+    }
+    return first_real;
+  }
   // Transposed 32 tokens at a time: the block's dim x 32 destination (16 KB at dim 128)
   // stays in L1, where a whole-document pass would miss on every strided store. Under
   // pylate a masked token's column stays 0, so its similarity is exactly 0.
@@ -501,11 +688,39 @@ SPARSEOPS_ALWAYS_INLINE void tile_dispatch(int tq, const acc_t* qt, int64_t dim,
   }
 }
 
+// The query-lane paths' end: lane i holds query token i's max (times lane_scale[i] when
+// given) and argmax; sum the real tokens in index order (deterministic) and write them out.
+template <typename acc_t>
+SPARSEOPS_ALWAYS_INLINE void finish_lanes(const Rows<acc_t>& r, const bool* qmask,
+                                          const bool* dmask, int64_t first_real,
+                                          const float* lane_scale, Scratch<acc_t>& s,
+                                          const QuerySlot<acc_t>& slot) {
+  int32_t* arg_row = slot.arg;
+  acc_t total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < slot.len; ++i) {
+    if (qmask != nullptr && !qmask[i]) {
+      arg_row[i] = -1;
+      continue;
+    }
+    // Every similarity -inf (overflow): the first token that takes part holds the max.
+    const int32_t a = s.lane_arg[i] < 0 ? static_cast<int32_t>(first_real) : s.lane_arg[i];
+    total += lane_scale != nullptr ? s.lane_best[i] * lane_scale[i] : s.lane_best[i];
+    ++count;
+    arg_row[i] = (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a;
+  }
+  std::fill(arg_row + std::max<int64_t>(slot.len, 0), arg_row + slot.cap, int32_t(-1));
+  if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
+  *slot.score = total;
+}
+
 // Score one query slot against the packed document (first_real < 0: no token takes part).
-template <typename acc_t, int kIsa, bool kBf16>
-SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
-                                        Scratch<acc_t>& s, int64_t lpad, int64_t first_real,
+// scalar_t is the document's element type.
+template <typename scalar_t, typename acc_t, int kIsa>
+SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc, Scratch<acc_t>& s,
+                                        int64_t lpad, int64_t first_real,
                                         const QuerySlot<acc_t>& slot) {
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
   const int64_t dim = r.dim;
   const bool* qmask = r.q_valid ? r.q_valid + slot.start : nullptr;
   const bool* dmask = r.d_valid ? r.d_valid + doc.start : nullptr;
@@ -518,12 +733,17 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
 #if SPARSEOPS_MAXSIM_X86
   if constexpr (kIsa == 3 && kBf16 && std::is_same_v<acc_t, float>) {
     if (dim % 2 == 0) {
-      // Query-lane bf16 path: pack this slot's query [dim / 2][qlp], score, then sum below.
+      // Query-lane bf16 path: pack this slot's query [dim / 2][qlp] (unless qpack holds it
+      // already: a query block scores many documents in a row), score, then sum.
       const int64_t dim2 = r.dim2, ql = slot.len, qlp = (ql + 15) / 16 * 16;
-      s.qpack.assign(static_cast<size_t>(dim2 * qlp), 0u);
-      const uint32_t* qr = r.q_bf16 + slot.start * dim2;
-      for (int64_t i = 0; i < ql; ++i) {
-        for (int64_t k = 0; k < dim2; ++k) s.qpack[k * qlp + i] = qr[i * dim2 + k];
+      if (s.qpack_start != slot.start || s.qpack_len != ql) {
+        s.qpack.assign(static_cast<size_t>(dim2 * qlp), 0u);
+        const uint32_t* qr = r.q_bf16 + slot.start * dim2;
+        for (int64_t i = 0; i < ql; ++i) {
+          for (int64_t k = 0; k < dim2; ++k) s.qpack[k * qlp + i] = qr[i * dim2 + k];
+        }
+        s.qpack_start = slot.start;
+        s.qpack_len = ql;
       }
       s.lane_best.resize(qlp);
       s.lane_arg.resize(qlp);
@@ -538,23 +758,71 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
         bf16_lanes_block<1>(s.qpack.data(), qlp, v0, dim2, drows, dmask, r.pylate, doc.len,
                             s.lane_best.data(), s.lane_arg.data());
       }
-      acc_t total = 0;
-      int64_t count = 0;
+      return finish_lanes(r, qmask, dmask, first_real, nullptr, s, slot);
+    }
+  }
+  if constexpr (kIsa >= 2 && std::is_same_v<scalar_t, float>) {
+    // Query-lane fp32 path: the slot's query [dim][qlp] (repacked only when it changes).
+    const int64_t ql = slot.len, qlp = (ql + 15) / 16 * 16;
+    if (s.qpack_start != slot.start || s.qpack_len != ql) {
+      s.qpack_f32.assign(static_cast<size_t>(dim * qlp), 0.f);
+      const float* qr = r.q + slot.start * dim;
       for (int64_t i = 0; i < ql; ++i) {
-        if (qmask != nullptr && !qmask[i]) {
-          arg_row[i] = -1;
-          continue;
-        }
-        // Every similarity -inf (overflow): the first token that takes part holds the max.
-        const int32_t a = s.lane_arg[i] < 0 ? static_cast<int32_t>(first_real) : s.lane_arg[i];
-        total += s.lane_best[i];  // query tokens summed in index order: deterministic
-        ++count;
-        arg_row[i] = (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a;
+        for (int64_t k = 0; k < dim; ++k) s.qpack_f32[k * qlp + i] = qr[i * dim + k];
       }
-      std::fill(arg_row + std::max<int64_t>(ql, 0), arg_row + slot.cap, int32_t(-1));
-      if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
-      *slot.score = total;
-      return;
+      s.qpack_start = slot.start;
+      s.qpack_len = ql;
+    }
+    s.lane_best.resize(qlp);
+    s.lane_arg.resize(qlp);
+    const float* drows = static_cast<const float*>(r.d) + doc.start * dim;
+    int64_t v0 = 0;
+    for (; v0 + 2 <= qlp / 16; v0 += 2) {
+      f32_lanes_block<2, 6>(s.qpack_f32.data(), qlp, v0, dim, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+    }
+    if (v0 < qlp / 16) {
+      f32_lanes_block<1, 8>(s.qpack_f32.data(), qlp, v0, dim, drows, dmask, r.pylate, doc.len,
+                            s.lane_best.data(), s.lane_arg.data());
+    }
+    return finish_lanes(r, qmask, dmask, first_real, nullptr, s, slot);
+  }
+  if constexpr (kIsa == 4 && std::is_same_v<scalar_t, int8_t> && std::is_same_v<acc_t, float>) {
+    if (r.q_i8 != nullptr) {
+      // Query-lane int8 path (VNNI): the slot's quantised query [dim / 4][qlp] quadruples
+      // and its per-lane offsets (-128 * sum_k q^_ik), then the integer tile.
+      const int64_t dim4 = dim / 4, ql = slot.len, qlp = (ql + 15) / 16 * 16;
+      if (s.qpack_start != slot.start || s.qpack_len != ql) {
+        s.qpack.assign(static_cast<size_t>(dim4 * qlp), 0u);
+        s.lane_init.assign(qlp, 0);
+        const uint32_t* qr = r.q_i8 + slot.start * dim4;
+        for (int64_t i = 0; i < ql; ++i) {
+          int32_t sum = 0;
+          for (int64_t k = 0; k < dim4; ++k) {
+            const uint32_t w = qr[i * dim4 + k];
+            s.qpack[k * qlp + i] = w;
+            for (int b = 0; b < 4; ++b)
+              sum += static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * b)));
+          }
+          s.lane_init[i] = -128 * sum;
+        }
+        s.qpack_start = slot.start;
+        s.qpack_len = ql;
+      }
+      s.lane_best.resize(qlp);
+      s.lane_arg.resize(qlp);
+      const int8_t* drows = static_cast<const int8_t*>(r.d) + doc.start * dim;
+      const float* dsc = r.d_scale + doc.start;
+      int64_t v0 = 0;
+      for (; v0 + 2 <= qlp / 16; v0 += 2) {
+        i8_lanes_block<2>(s.qpack.data(), qlp, v0, dim4, s.lane_init.data(), drows, dsc, dmask,
+                          r.pylate, doc.len, s.lane_best.data(), s.lane_arg.data());
+      }
+      if (v0 < qlp / 16) {
+        i8_lanes_block<1>(s.qpack.data(), qlp, v0, dim4, s.lane_init.data(), drows, dsc, dmask,
+                          r.pylate, doc.len, s.lane_best.data(), s.lane_arg.data());
+      }
+      return finish_lanes(r, qmask, dmask, first_real, r.q_i8_scale + slot.start, s, slot);
     }
   }
 #endif
@@ -618,10 +886,9 @@ SPARSEOPS_ALWAYS_INLINE void run_range(const Rows<acc_t>& r, const E& en, int64_
     en.item(it, doc);
     int64_t lpad = 0;
     const int64_t first_real = pack_doc<scalar_t, acc_t, kIsa>(r, doc, s, lpad);
-    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
     for (int64_t k = 0; k < doc.slots; ++k) {
       en.slot(it, k, slots[k], local);
-      score_slot<acc_t, kIsa, kBf16>(r, doc, s, lpad, first_real, slots[k]);
+      score_slot<scalar_t, acc_t, kIsa>(r, doc, s, lpad, first_real, slots[k]);
     }
     en.done(it, doc, slots, local);
   }
@@ -637,6 +904,11 @@ template <typename scalar_t, typename acc_t, typename E>
 SPARSEOPS_TARGET_AVX512BF16 void range_avx512bf16(const Rows<acc_t>& r, const E& en, int64_t b,
                                                   int64_t e) {
   run_range<scalar_t, acc_t, 3>(r, en, b, e);
+}
+template <typename scalar_t, typename acc_t, typename E>
+SPARSEOPS_TARGET_AVX512VNNI void range_avx512vnni(const Rows<acc_t>& r, const E& en, int64_t b,
+                                                  int64_t e) {
+  run_range<scalar_t, acc_t, 4>(r, en, b, e);
 }
 template <typename scalar_t, typename acc_t, typename E>
 SPARSEOPS_TARGET_AVX512 void range_avx512(const Rows<acc_t>& r, const E& en, int64_t b, int64_t e) {
@@ -672,21 +944,64 @@ int isa_level() {
 #endif
 }
 
-// Runs every item of en over the threads. work_per_item: multiply-adds of one item (for the
-// grain: split only when a thread's share is at least ~256 K of them).
+// AVX512_VNNI on an AVX-512 machine (int8 documents take vpdpbusd with quantised queries);
+// SPARSEOPS_CPU_NO_AVX512VNNI=1 turns it off (int8 documents then take the float path).
+bool has_vnni() {
+#if SPARSEOPS_MAXSIM_X86
+  static const bool yes = [] {
+    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512VNNI");
+    const bool no = off != nullptr && *off != '\0' && *off != '0';
+    return !no && isa_level() >= 2 && __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Runs every item of en over the threads. work_per_item: multiply-adds of an average item;
+// the run stays on the calling thread below ~256 K of them in all. Otherwise the items are cut
+// into one contiguous range per thread of equal document tokens (tokens x query slots, plus a
+// little per item), not equal item counts: a ragged or length-sorted corpus splits evenly.
+// Every item is computed by the same code whatever the split, so the bits do not depend on
+// the thread count.
 template <typename scalar_t, typename acc_t, typename E>
 void run_all(const Rows<acc_t>& r, const E& en, int64_t items, int64_t work_per_item) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, work_per_item));
   const int level = isa_level();
-  at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+  const auto range = [&](int64_t b, int64_t e) {
 #if SPARSEOPS_MAXSIM_X86
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (level == 3) return range_avx512bf16<scalar_t, acc_t, E>(r, en, b, e);
+    }
+    if constexpr (std::is_same_v<scalar_t, int8_t>) {
+      if (r.q_i8 != nullptr) return range_avx512vnni<scalar_t, acc_t, E>(r, en, b, e);
     }
     if (level >= 2) return range_avx512<scalar_t, acc_t, E>(r, en, b, e);
     if (level == 1) return range_avx2<scalar_t, acc_t, E>(r, en, b, e);
 #endif
     range_default<scalar_t, acc_t, E>(r, en, b, e);
+  };
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = items * std::max<int64_t>(1, work_per_item);
+  const int64_t parts = std::min<int64_t>({threads, items, total >> 18});
+  if (parts <= 1 || at::in_parallel_region()) return range(0, items);
+  std::vector<int64_t> cost(items + 1, 0);
+  for (int64_t it = 0; it < items; ++it) {
+    DocRun doc;
+    en.item(it, doc);
+    cost[it + 1] = cost[it] + doc.len * std::max<int64_t>(doc.slots, 1) + 8;
+  }
+  std::vector<int64_t> cut(parts + 1, items);
+  cut[0] = 0;
+  for (int64_t c = 1; c < parts; ++c) {
+    const int64_t target = cost[items] / parts * c;
+    cut[c] = std::lower_bound(cost.begin(), cost.end(), target) - cost.begin();
+    cut[c] = std::max(cut[c - 1], std::min(cut[c], items));
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      if (cut[c] < cut[c + 1]) range(cut[c], cut[c + 1]);
+    }
   });
 }
 
@@ -933,6 +1248,43 @@ Tensor attach_bf16_pairs(Rows<acc_t>& r, const Tensor& q) {
   }
 }
 
+// The VNNI int8 path's query (int8 documents, fp32 accumulation, dim % 4 == 0, AVX512_VNNI):
+// every query row quantised symmetrically per token, a_i = max_k |q_ik| / 127 and q^_ik =
+// round-half-even(q_ik / a_i) in [-127, 127] (0 for a zero row), from the fp32-widened q.
+// Returns the [Rq, dim] int8 rows and sets r.q_i8 / r.q_i8_scale (scales kept alive in
+// `scales`); an empty tensor otherwise (the float path).
+template <typename doc_t, typename acc_t>
+Tensor attach_i8_query(Rows<acc_t>& r, const Tensor& qw, Tensor& scales) {
+  if constexpr (!std::is_same_v<doc_t, int8_t> || !std::is_same_v<acc_t, float>) {
+    return Tensor();
+  } else {
+    const int64_t dim = r.dim;
+    if (!has_vnni() || dim % 4 != 0 || dim == 0) return Tensor();
+    const int64_t rows = qw.numel() / dim;
+    Tensor out = at::empty({rows, dim}, qw.options().dtype(at::kChar));
+    scales = at::empty({rows}, qw.options().dtype(at::kFloat));
+    const float* src = qw.data_ptr<float>();
+    int8_t* dst = out.data_ptr<int8_t>();
+    float* sc = scales.data_ptr<float>();
+    at::parallel_for(0, rows, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float* x = src + i * dim;
+        float amax = 0.f;
+        for (int64_t k = 0; k < dim; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float a = amax / 127.f;
+        sc[i] = a;
+        for (int64_t k = 0; k < dim; ++k) {
+          const float v = a > 0.f ? std::nearbyint(x[k] / a) : 0.f;
+          dst[i * dim + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+        }
+      }
+    });
+    r.q_i8 = reinterpret_cast<const uint32_t*>(out.data_ptr<int8_t>());
+    r.q_i8_scale = sc;
+    return out;
+  }
+}
+
 template <typename acc_t>
 Tensor widen(const Tensor& q) {
   return q.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -955,10 +1307,46 @@ void dispatch_dtype(const Tensor& x, F&& f) {
   }
 }
 
+// Calls f.template operator()<doc_t, acc_t>() with doc_t the element type of the documents:
+// q's, or int8_t for int8 documents.
+template <typename F>
+void dispatch_doc(const Tensor& q, bool d_int8, F&& f) {
+  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
+    if (d_int8) {
+      f.template operator()<int8_t, acc_t>();
+    } else {
+      f.template operator()<scalar_t, acc_t>();
+    }
+  });
+}
+
 }  // namespace
 
-void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask, const Tensor& d_mask,
-                       const MaxSimConfig& cfg, Tensor& scores, Tensor& argmax) {
+// The rows of every op: widened query, document rows, masks, and the int8 extras (scales,
+// the quantised query of the VNNI path); keep `keep` alive while r is used.
+template <typename doc_t, typename acc_t>
+Rows<acc_t> prepare_rows(const Tensor& q, const Tensor& d, const Tensor& d_scale,
+                         const Tensor& q_valid, const Tensor& d_valid, int64_t dim, bool mean,
+                         bool pylate, std::vector<Tensor>& keep) {
+  const Tensor qw = widen<acc_t>(q);
+  Rows<acc_t> r = make_rows<acc_t>(qw, d, q_valid, d_valid, dim, mean, pylate);
+  keep.push_back(qw);
+  keep.push_back(attach_bf16_pairs<doc_t, acc_t>(r, q));
+  if constexpr (std::is_same_v<doc_t, int8_t>) {
+    TORCH_INTERNAL_ASSERT(d_scale.defined() && d_scale.is_contiguous() &&
+                          d_scale.scalar_type() == at::kFloat &&
+                          d_scale.numel() * dim == d.numel());
+    r.d_scale = d_scale.data_ptr<float>();
+    Tensor scales;
+    keep.push_back(attach_i8_query<doc_t, acc_t>(r, qw, scales));
+    keep.push_back(scales);
+  }
+  return r;
+}
+
+void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale,
+                       const Tensor& q_mask, const Tensor& d_mask, const MaxSimConfig& cfg,
+                       Tensor& scores, Tensor& argmax) {
   TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && scores.is_contiguous() &&
                         argmax.is_contiguous());
   TORCH_INTERNAL_ASSERT(cfg.nq > 0 && cfg.nd > 0 && cfg.lq > 0 && cfg.ld > 0);
@@ -967,13 +1355,12 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask, c
   // Under pylate the op layer has turned lengths masks into bool masks.
   TORCH_INTERNAL_ASSERT(!cfg.pylate || (cfg.q_mask != TokenMask::kLengths &&
                                         cfg.d_mask != TokenMask::kLengths));
-  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
-    const Tensor qw = widen<acc_t>(q);
+  dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
-    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
-                                           cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
-    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    std::vector<Tensor> keep;
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, dv, cfg.dim, cfg.reduce == MaxSimReduce::kMean, cfg.pylate, keep);
     PaddedAllPairs<acc_t> en;
     en.nq = cfg.nq;
     en.lq = cfg.lq;
@@ -984,21 +1371,21 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask, c
     en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
     en.scores = scores.data_ptr<acc_t>();
     en.argmax = argmax.data_ptr<int32_t>();
-    run_all<scalar_t, acc_t>(r, en, cfg.nd * en.nqb,
-                             std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
+    run_all<doc_t, acc_t>(r, en, cfg.nd * en.nqb,
+                          std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
   });
 }
 
 void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor& d,
-                              const Tensor& cu_d, const Tensor& pairs, const Tensor& arg_off,
-                              const MaxSimVarlenConfig& cfg, Tensor& scores, Tensor& argmax) {
+                              const Tensor& cu_d, const Tensor& d_scale, const Tensor& pairs,
+                              const Tensor& arg_off, const MaxSimVarlenConfig& cfg, Tensor& scores,
+                              Tensor& argmax) {
   TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && cu_q.is_contiguous() &&
                         cu_d.is_contiguous() && scores.is_contiguous() && argmax.is_contiguous());
-  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
-    const Tensor qw = widen<acc_t>(q);
-    Rows<acc_t> r = make_rows<acc_t>(qw, d, Tensor(), Tensor(), cfg.dim,
-                                           cfg.reduce == MaxSimReduce::kMean, false);
-    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+  dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
+    std::vector<Tensor> keep;
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, Tensor(), Tensor(), cfg.dim, cfg.reduce == MaxSimReduce::kMean, false, keep);
     const int64_t avg_lq = std::max<int64_t>(1, cfg.total_q / std::max<int64_t>(1, cfg.nq));
     const int64_t avg_ld = std::max<int64_t>(1, cfg.total_d / std::max<int64_t>(1, cfg.nd));
     if (pairs.defined()) {
@@ -1009,7 +1396,7 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
       en.cu_d = cu_d.data_ptr<int32_t>();
       en.scores = scores.data_ptr<acc_t>();
       en.argmax = argmax.data_ptr<int32_t>();
-      run_all<scalar_t, acc_t>(r, en, cfg.np, avg_lq * avg_ld * cfg.dim);
+      run_all<doc_t, acc_t>(r, en, cfg.np, avg_lq * avg_ld * cfg.dim);
     } else {
       VarlenAllPairs<acc_t> en;
       en.nq = cfg.nq;
@@ -1020,27 +1407,26 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
       en.cu_d = cu_d.data_ptr<int32_t>();
       en.scores = scores.data_ptr<acc_t>();
       en.argmax = argmax.data_ptr<int32_t>();
-      run_all<scalar_t, acc_t>(r, en, cfg.nd * en.nqb,
-                               std::min(cfg.nq, kQueryBlock) * avg_lq * avg_ld * cfg.dim);
+      run_all<doc_t, acc_t>(r, en, cfg.nd * en.nqb,
+                            std::min(cfg.nq, kQueryBlock) * avg_lq * avg_ld * cfg.dim);
     }
   });
 }
 
-void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_mask,
-                             const Tensor& d_mask, const MaxSimPairsConfig& cfg, Tensor& scores,
-                             Tensor& argmax) {
+void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale,
+                             const Tensor& q_mask, const Tensor& d_mask,
+                             const MaxSimPairsConfig& cfg, Tensor& scores, Tensor& argmax) {
   TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && scores.is_contiguous() &&
                         argmax.is_contiguous());
   TORCH_INTERNAL_ASSERT(cfg.b > 0 && cfg.k > 0 && cfg.lq > 0 && cfg.ld > 0);
   TORCH_INTERNAL_ASSERT(!cfg.pylate || (cfg.q_mask != TokenMask::kLengths &&
                                         cfg.d_mask != TokenMask::kLengths));
-  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
-    const Tensor qw = widen<acc_t>(q);
+  dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
     const Tensor dv = cfg.d_mask == TokenMask::kBool ? d_mask : Tensor();
-    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, dv, cfg.dim,
-                                           cfg.reduce == MaxSimReduce::kMean, cfg.pylate);
-    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    std::vector<Tensor> keep;
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, dv, cfg.dim, cfg.reduce == MaxSimReduce::kMean, cfg.pylate, keep);
     AlignedPairs<acc_t> en;
     en.k_per = cfg.k;
     en.lq = cfg.lq;
@@ -1049,22 +1435,21 @@ void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& q_m
     en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
     en.scores = scores.data_ptr<acc_t>();
     en.argmax = argmax.data_ptr<int32_t>();
-    run_all<scalar_t, acc_t>(r, en, cfg.b * cfg.k, cfg.lq * cfg.ld * cfg.dim);
+    run_all<doc_t, acc_t>(r, en, cfg.b * cfg.k, cfg.lq * cfg.ld * cfg.dim);
   });
 }
 
 void maxsim_topk_cpu_kernel(const Tensor& q, const Tensor& q_mask, const Tensor& d,
-                            const Tensor& cu_d, const Tensor& candidates,
+                            const Tensor& d_scale, const Tensor& cu_d, const Tensor& candidates,
                             const MaxSimTopkConfig& cfg, Tensor& scores, Tensor& ids) {
   TORCH_INTERNAL_ASSERT(q.is_contiguous() && d.is_contiguous() && cu_d.is_contiguous() &&
                         scores.is_contiguous() && ids.is_contiguous());
   TORCH_INTERNAL_ASSERT(cfg.nq > 0 && cfg.lq > 0 && cfg.k > 0);
-  dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
-    const Tensor qw = widen<acc_t>(q);
+  dispatch_doc(q, cfg.d_int8, [&]<typename doc_t, typename acc_t>() {
     const Tensor qv = cfg.q_mask == TokenMask::kBool ? q_mask : Tensor();
-    Rows<acc_t> r = make_rows<acc_t>(qw, d, qv, Tensor(), cfg.dim,
-                                           cfg.reduce == MaxSimReduce::kMean, false);
-    const Tensor q_pairs = attach_bf16_pairs<scalar_t, acc_t>(r, q);
+    std::vector<Tensor> keep;
+    const Rows<acc_t> r = prepare_rows<doc_t, acc_t>(
+        q, d, d_scale, qv, Tensor(), cfg.dim, cfg.reduce == MaxSimReduce::kMean, false, keep);
     TopkState<acc_t> state;
     TopkEnum<acc_t> en;
     en.nq = cfg.nq;
@@ -1081,7 +1466,7 @@ void maxsim_topk_cpu_kernel(const Tensor& q, const Tensor& q_mask, const Tensor&
     const int64_t items = en.per_query ? cfg.nq * en.c : en.c * en.nqb;
     const int64_t per_item =
         (en.per_query ? 1 : std::min(cfg.nq, kQueryBlock)) * cfg.lq * avg_ld * cfg.dim;
-    if (items > 0) run_all<scalar_t, acc_t>(r, en, items, per_item);
+    if (items > 0) run_all<doc_t, acc_t>(r, en, items, per_item);
     // Deterministic merge: the union of the chunks' k best holds the k best under the total
     // order (score desc, id asc), which does not depend on how the items were split.
     acc_t* out_s = scores.data_ptr<acc_t>();
@@ -1129,9 +1514,10 @@ void group_pairs(const int64_t* meta, int64_t np, int col, int64_t groups,
   for (int64_t p = 0; p < np; ++p) order[pos[meta[p * 6 + col]]++] = p;
 }
 
-template <typename scalar_t, typename acc_t, bool kWide>
-SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q,
-                                             const scalar_t* d, const int32_t* argmax,
+// doc_t: d's element type (q's, or int8_t with d_scale [Rd]; int8 d only ever has for_dq).
+template <typename scalar_t, typename doc_t, typename acc_t, bool kWide>
+SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q, const doc_t* d,
+                                             const float* d_scale, const int32_t* argmax,
                                              const int64_t* meta, const int64_t* off,
                                              const int64_t* order, int64_t dim, bool for_dq,
                                              acc_t* out, int64_t g0, int64_t g1) {
@@ -1147,7 +1533,8 @@ SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* 
         const int32_t a = arg[t];
         if (a < 0) continue;
         if (for_dq) {
-          axpy<scalar_t, acc_t>(out + (qs + t) * dim, d + (ds + a) * dim, c, dim);
+          const acc_t cs = d_scale != nullptr ? c * static_cast<acc_t>(d_scale[ds + a]) : c;
+          axpy<doc_t, acc_t>(out + (qs + t) * dim, d + (ds + a) * dim, cs, dim);
         } else {
           axpy<scalar_t, acc_t>(out + (ds + a) * dim, q + (qs + t) * dim, c, dim);
         }
@@ -1157,54 +1544,64 @@ SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* 
 }
 
 #if SPARSEOPS_MAXSIM_X86
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename doc_t, typename acc_t>
 SPARSEOPS_TARGET_AVX512 void backward_groups_avx512(const acc_t* grad, const scalar_t* q,
-                                                    const scalar_t* d, const int32_t* argmax,
-                                                    const int64_t* meta, const int64_t* off,
-                                                    const int64_t* order, int64_t dim,
-                                                    bool for_dq, acc_t* out, int64_t g0,
-                                                    int64_t g1) {
-  backward_groups<scalar_t, acc_t, true>(grad, q, d, argmax, meta, off, order, dim, for_dq, out,
-                                         g0, g1);
+                                                    const doc_t* d, const float* d_scale,
+                                                    const int32_t* argmax, const int64_t* meta,
+                                                    const int64_t* off, const int64_t* order,
+                                                    int64_t dim, bool for_dq, acc_t* out,
+                                                    int64_t g0, int64_t g1) {
+  backward_groups<scalar_t, doc_t, acc_t, true>(grad, q, d, d_scale, argmax, meta, off, order, dim,
+                                                for_dq, out, g0, g1);
 }
 #endif
 
 }  // namespace
 
 void maxsim_backward_cpu_kernel(const Tensor& grad, const Tensor& q, const Tensor& d,
-                                const Tensor& argmax, const Tensor& meta, int64_t num_q,
-                                int64_t num_d, Tensor& dq, Tensor& dd) {
+                                const Tensor& d_scale, const Tensor& argmax, const Tensor& meta,
+                                int64_t num_q, int64_t num_d, Tensor& dq, Tensor& dd) {
   TORCH_INTERNAL_ASSERT(grad.is_contiguous() && q.is_contiguous() && d.is_contiguous() &&
                         argmax.is_contiguous() && meta.is_contiguous());
+  const bool d_int8 = d.scalar_type() == at::kChar;
+  TORCH_INTERNAL_ASSERT(!d_int8 || (d_scale.defined() && d_scale.is_contiguous() && !dd.defined()));
   const int64_t np = meta.size(0), dim = q.size(1);
   const int64_t* mt = meta.data_ptr<int64_t>();
   const int level = isa_level();
+  const float* sc = d_int8 ? d_scale.data_ptr<float>() : nullptr;
   dispatch_dtype(q, [&]<typename scalar_t, typename acc_t>() {
-    const acc_t* g = grad.data_ptr<acc_t>();
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* dp = d.data_ptr<scalar_t>();
-    const int32_t* ap = argmax.data_ptr<int32_t>();
-    for (int pass = 0; pass < 2; ++pass) {
-      Tensor& out = pass == 0 ? dq : dd;
-      if (!out.defined()) continue;
-      out.zero_();
-      const int col = pass == 0 ? 0 : 3;
-      const int64_t groups = pass == 0 ? num_q : num_d;
-      std::vector<int64_t> off, order;
-      group_pairs(mt, np, col, groups, off, order);
-      acc_t* o = out.data_ptr<acc_t>();
-      const int64_t work = std::max<int64_t>(1, np / std::max<int64_t>(1, groups)) * dim * 32;
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
-      at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    const auto body = [&]<typename doc_t>() {
+      const acc_t* g = grad.data_ptr<acc_t>();
+      const scalar_t* qp = q.data_ptr<scalar_t>();
+      const doc_t* dp = static_cast<const doc_t*>(d.data_ptr());
+      const int32_t* ap = argmax.data_ptr<int32_t>();
+      for (int pass = 0; pass < 2; ++pass) {
+        Tensor& out = pass == 0 ? dq : dd;
+        if (!out.defined()) continue;
+        out.zero_();
+        const int col = pass == 0 ? 0 : 3;
+        const int64_t groups = pass == 0 ? num_q : num_d;
+        std::vector<int64_t> off, order;
+        group_pairs(mt, np, col, groups, off, order);
+        acc_t* o = out.data_ptr<acc_t>();
+        const int64_t work = std::max<int64_t>(1, np / std::max<int64_t>(1, groups)) * dim * 32;
+        const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
+        at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
 #if SPARSEOPS_MAXSIM_X86
-        if (level >= 2) {
-          return backward_groups_avx512<scalar_t, acc_t>(g, qp, dp, ap, mt, off.data(),
-                                                         order.data(), dim, pass == 0, o, g0, g1);
-        }
+          if (level >= 2) {
+            return backward_groups_avx512<scalar_t, doc_t, acc_t>(
+                g, qp, dp, sc, ap, mt, off.data(), order.data(), dim, pass == 0, o, g0, g1);
+          }
 #endif
-        backward_groups<scalar_t, acc_t, false>(g, qp, dp, ap, mt, off.data(), order.data(), dim,
-                                                pass == 0, o, g0, g1);
-      });
+          backward_groups<scalar_t, doc_t, acc_t, false>(g, qp, dp, sc, ap, mt, off.data(),
+                                                         order.data(), dim, pass == 0, o, g0, g1);
+        });
+      }
+    };
+    if (d_int8) {
+      body.template operator()<int8_t>();
+    } else {
+      body.template operator()<scalar_t>();
     }
   });
 }

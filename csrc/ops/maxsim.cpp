@@ -92,15 +92,45 @@ TokenMask lengths_to_bool(TokenMask kind, Tensor& m, int64_t L) {
 
 const char* reduce_name(MaxSimReduce r) { return r == MaxSimReduce::kMean ? "mean" : "sum"; }
 
+const std::initializer_list<at::ScalarType> kQueryDtypes = {at::kFloat, at::kHalf, at::kBFloat16,
+                                                            at::kDouble};
+
+// d's dtype: q's, or int8 (documents quantised per token, with d_scale). Returns whether d is
+// int8; `prepared` becomes the scales as the kernels take them (contiguous fp32, flattened to
+// one per row of d) or stays undefined. Scale values are not checked (any finite fp32; a
+// negative scale flips that token's similarities).
+bool parse_d_scale(const Tensor& q, const Tensor& d, const std::optional<Tensor>& d_scale,
+                   Tensor& prepared) {
+  const bool int8 = d.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || d.scalar_type() == q.scalar_type(), "d must have the dtype of q (",
+              q.scalar_type(), ") or be int8 (with d_scale), got ", describe(d));
+  if (!int8) {
+    TORCH_CHECK(!d_scale.has_value(), "d_scale is only taken with int8 d (per-token scales of ",
+                "quantised documents), got d ", describe(d), " and d_scale ", describe(*d_scale));
+    return false;
+  }
+  const auto lead = d.sizes().slice(0, d.dim() - 1);
+  TORCH_CHECK(d_scale.has_value(), "d is int8: d_scale (fp32 ", lead,
+              ", one scale per document token) is required; sparseops.maxsim_quantize(d) ",
+              "returns both, got d ", describe(d));
+  const Tensor& s = *d_scale;
+  check_same_device(s, "d_scale", q, "q");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.sizes() == lead, "d_scale must be fp32 ", lead,
+              " (d.shape[:-1], one scale per document token of d ", describe(d), "), got ",
+              describe(s));
+  prepared = s.reshape({-1}).contiguous();
+  return true;
+}
+
 MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
-                          const std::optional<Tensor>& d_mask, c10::string_view reduce, Tensor& qm,
-                          Tensor& dm, bool pylate = false) {
+                          const std::optional<Tensor>& d_mask, const std::optional<Tensor>& d_scale,
+                          c10::string_view reduce, Tensor& qm, Tensor& dm, Tensor& ds,
+                          bool pylate = false) {
   check_dim(q, "q", 3);
   check_dim(d, "d", 3);
-  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(d.scalar_type() == q.scalar_type(), "d must have the dtype of q (", q.scalar_type(),
-              "), got ", describe(d));
+  check_dtype(q, "q", kQueryDtypes);
   check_same_device(d, "d", q, "q");
+  const bool d_int8 = parse_d_scale(q, d, d_scale, ds);
   check_size(d, "d", 2, q.size(2), "the embedding size q.size(2)");
   MaxSimConfig cfg;
   cfg.nq = q.size(0);
@@ -117,6 +147,7 @@ MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<
   cfg.q_mask = parse_token_mask(q_mask, "q_mask", q, "q", qm);
   cfg.d_mask = parse_token_mask(d_mask, "d_mask", d, "d", dm);
   cfg.pylate = pylate;
+  cfg.d_int8 = d_int8;
   if (pylate) {
     cfg.q_mask = lengths_to_bool(cfg.q_mask, qm, cfg.lq);
     cfg.d_mask = lengths_to_bool(cfg.d_mask, dm, cfg.ld);
@@ -127,9 +158,11 @@ MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<
 std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
                                   const std::optional<Tensor>& q_mask,
                                   const std::optional<Tensor>& d_mask, c10::string_view reduce,
-                                  bool pylate_mask, c10::string_view backend) {
-  Tensor qm, dm;
-  const MaxSimConfig cfg = parse_maxsim(q, d, q_mask, d_mask, reduce, qm, dm, pylate_mask);
+                                  bool pylate_mask, c10::string_view backend,
+                                  const std::optional<Tensor>& d_scale) {
+  Tensor qm, dm, ds;
+  const MaxSimConfig cfg =
+      parse_maxsim(q, d, q_mask, d_mask, d_scale, reduce, qm, dm, ds, pylate_mask);
   const bool native = runs_native("maxsim", backend, q);
   TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim has no CUDA C++ kernel yet: use ",
               "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
@@ -146,14 +179,13 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   const Tensor x = q.contiguous();
   const Tensor y = d.contiguous();
   if (native) {
-    maxsim_cpu_kernel(x, y, qm, dm, cfg, scores, argmax);
+    maxsim_cpu_kernel(x, y, ds, qm, dm, cfg, scores, argmax);
   } else {
-    call_python_kernel(
-        "maxsim", backend, {x, y, qm, dm}, {scores, argmax},
-        {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
-         {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
-         {"reduce", std::string(reduce_name(cfg.reduce))},
-         {"pylate_mask", cfg.pylate}});
+    call_python_kernel("maxsim", backend, {x, y, qm, dm, ds}, {scores, argmax},
+                       {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+                        {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
+                        {"reduce", std::string(reduce_name(cfg.reduce))},
+                        {"pylate_mask", cfg.pylate}});
   }
   return {scores, argmax};
 }
@@ -183,23 +215,27 @@ int64_t check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& x, co
   return n;
 }
 
+// Packed token rows [total, dim]: q itself (a float dtype), or d (q's dtype, or int8 when
+// d_scale says so: parse_d_scale checks the pairing).
 void check_tokens(const Tensor& x, const char* name, const Tensor& q) {
   check_dim(x, name, 2);
-  check_dtype(x, name, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  if (&x != &q) {
-    TORCH_CHECK(x.scalar_type() == q.scalar_type(), name, " must have the dtype of q (",
-                q.scalar_type(), "), got ", describe(x));
-    check_same_device(x, name, q, "q");
-    check_size(x, name, 1, q.size(-1), "the embedding size q.size(-1)");
+  if (&x == &q) {
+    check_dtype(x, name, kQueryDtypes);
+    return;
   }
+  check_same_device(x, name, q, "q");
+  check_size(x, name, 1, q.size(-1), "the embedding size q.size(-1)");
 }
 
 std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, const Tensor& d,
                                          const Tensor& cu_d, const std::optional<Tensor>& pairs,
-                                         c10::string_view reduce, c10::string_view backend) {
+                                         c10::string_view reduce, c10::string_view backend,
+                                         const std::optional<Tensor>& d_scale) {
   check_tokens(q, "q", q);
   check_tokens(d, "d", q);
   MaxSimVarlenConfig cfg;
+  Tensor ds;
+  cfg.d_int8 = parse_d_scale(q, d, d_scale, ds);
   cfg.nq = check_cu_seqlens(cu_q, "cu_q", q, "q");
   cfg.nd = check_cu_seqlens(cu_d, "cu_d", d, "d");
   cfg.total_q = q.size(0);
@@ -252,9 +288,9 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
   const Tensor x = q.contiguous(), y = d.contiguous();
   const Tensor cq = cu_q.contiguous(), cd = cu_d.contiguous();
   if (native) {
-    maxsim_varlen_cpu_kernel(x, cq, y, cd, pr, arg_off, cfg, scores, argmax);
+    maxsim_varlen_cpu_kernel(x, cq, y, cd, ds, pr, arg_off, cfg, scores, argmax);
   } else {
-    call_python_kernel("maxsim_varlen", backend, {x, cq, y, cd, pr, arg_off}, {scores, argmax},
+    call_python_kernel("maxsim_varlen", backend, {x, cq, y, cd, pr, arg_off, ds}, {scores, argmax},
                        {{"reduce", std::string(reduce_name(cfg.reduce))}});
   }
   return {scores, argmax};
@@ -264,14 +300,16 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
 
 std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
                                         const std::optional<Tensor>& q_mask,
-                                        const std::optional<Tensor>& d_mask, c10::string_view reduce,
-                                        bool pylate_mask, c10::string_view backend) {
+                                        const std::optional<Tensor>& d_mask,
+                                        c10::string_view reduce, bool pylate_mask,
+                                        c10::string_view backend,
+                                        const std::optional<Tensor>& d_scale) {
   check_dim(q, "q", 3);
   check_dim(d, "d", 4);
-  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  TORCH_CHECK(d.scalar_type() == q.scalar_type(), "d must have the dtype of q (", q.scalar_type(),
-              "), got ", describe(d));
+  check_dtype(q, "q", kQueryDtypes);
   check_same_device(d, "d", q, "q");
+  Tensor ds;
+  const bool d_int8 = parse_d_scale(q, d, d_scale, ds);
   check_size(d, "d", 0, q.size(0), "the batch size q.size(0)");
   check_size(d, "d", 3, q.size(2), "the embedding size q.size(2)");
   MaxSimPairsConfig cfg;
@@ -305,6 +343,7 @@ std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
   }
   cfg.d_mask = parse_token_mask(dmask_flat, "d_mask", y, "d", dm);
   cfg.pylate = pylate_mask;
+  cfg.d_int8 = d_int8;
   if (pylate_mask) {
     cfg.q_mask = lengths_to_bool(cfg.q_mask, qm, cfg.lq);
     cfg.d_mask = lengths_to_bool(cfg.d_mask, dm, cfg.ld);
@@ -323,9 +362,9 @@ std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
   }
   const Tensor x = q.contiguous();
   if (native) {
-    maxsim_pairs_cpu_kernel(x, y, qm, dm, cfg, scores, argmax);
+    maxsim_pairs_cpu_kernel(x, y, ds, qm, dm, cfg, scores, argmax);
   } else {
-    call_python_kernel("maxsim_pairs", backend, {x, y, qm, dm}, {scores, argmax},
+    call_python_kernel("maxsim_pairs", backend, {x, y, qm, dm, ds}, {scores, argmax},
                        {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
                         {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
                         {"reduce", std::string(reduce_name(cfg.reduce))},
@@ -339,12 +378,15 @@ std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
 std::tuple<Tensor, Tensor> maxsim_topk(const Tensor& q, const Tensor& d, const Tensor& cu_d,
                                        int64_t k, const std::optional<Tensor>& q_mask,
                                        const std::optional<Tensor>& candidates,
-                                       c10::string_view reduce, c10::string_view backend) {
+                                       c10::string_view reduce, c10::string_view backend,
+                                       const std::optional<Tensor>& d_scale) {
   check_dim(q, "q", 3);
-  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_dtype(q, "q", kQueryDtypes);
   check_tokens(d, "d", q);
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
   MaxSimTopkConfig cfg;
+  Tensor ds;
+  cfg.d_int8 = parse_d_scale(q, d, d_scale, ds);
   cfg.nq = q.size(0);
   cfg.lq = q.size(1);
   cfg.dim = q.size(2);
@@ -381,11 +423,11 @@ std::tuple<Tensor, Tensor> maxsim_topk(const Tensor& q, const Tensor& d, const T
   if (cfg.nq == 0) return {scores, ids};
   const Tensor x = q.contiguous(), y = d.contiguous(), cd = cu_d.contiguous();
   if (native && cfg.lq > 0) {
-    maxsim_topk_cpu_kernel(x, qm, y, cd, cand, cfg, scores, ids);
+    maxsim_topk_cpu_kernel(x, qm, y, ds, cd, cand, cfg, scores, ids);
   } else {
     // Lq = 0 (every score 0) goes to the reference kernel, which handles it.
     call_python_kernel("maxsim_topk", native ? c10::string_view("reference") : backend,
-                       {x, y, cd, qm, cand}, {scores, ids},
+                       {x, y, cd, qm, cand, ds}, {scores, ids},
                        {{"k", k},
                         {"q_mask", std::string(mask_kind_name(cfg.q_mask))},
                         {"reduce", std::string(reduce_name(cfg.reduce))}});
@@ -398,9 +440,14 @@ std::tuple<Tensor, Tensor> maxsim_topk(const Tensor& q, const Tensor& d, const T
 std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, const Tensor& d,
                                            const Tensor& argmax, const Tensor& meta, int64_t num_q,
                                            int64_t num_d, bool need_dq, bool need_dd,
-                                           c10::string_view backend) {
+                                           c10::string_view backend,
+                                           const std::optional<Tensor>& d_scale) {
   check_tokens(q, "q", q);
   check_tokens(d, "d", q);
+  Tensor ds;
+  const bool d_int8 = parse_d_scale(q, d, d_scale, ds);
+  TORCH_CHECK(!(d_int8 && need_dd), "int8 documents are not differentiable (a quantised index ",
+              "is frozen): need_dd must be false with int8 d, got d ", describe(d));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(grad.scalar_type() == acc && grad.dim() == 1, "grad must be a 1-D ", acc,
               " tensor [P], got ", describe(grad));
@@ -414,16 +461,16 @@ std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, 
   const Tensor g = grad.contiguous(), x = q.contiguous(), y = d.contiguous();
   const Tensor a = argmax.contiguous(), mt = meta.contiguous();
   if (native) {
-    maxsim_backward_cpu_kernel(g, x, y, a, mt, num_q, num_d, dq, dd);
+    maxsim_backward_cpu_kernel(g, x, y, ds, a, mt, num_q, num_d, dq, dd);
   } else {
     // CUDA tensors under "auto": the Triton kernel (no CUDA C++ backward yet).
     std::vector<Tensor> outs;
     if (need_dq) outs.push_back(dq);
     if (need_dd) outs.push_back(dd);
     const bool native_name = backend == "auto" || backend == "cuda" || backend == "cpu";
-    call_python_kernel("maxsim_backward", native_name ? c10::string_view("triton") : backend,
-                       {g, x, y, a, mt}, outs,
-                       {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
+    call_python_kernel(
+        "maxsim_backward", native_name ? c10::string_view("triton") : backend, {g, x, y, a, mt, ds},
+        outs, {{"need_dq", need_dq}, {"need_dd", need_dd}, {"num_q", num_q}, {"num_d", num_d}});
   }
   if (!need_dq) dq = at::zeros({0}, q.options().dtype(acc));
   if (!need_dd) dd = at::zeros({0}, d.options().dtype(acc));

@@ -20,7 +20,7 @@ from .nm_convert import (
 )
 from .nn.nm_linear import sparsify_
 from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
-from .ops.maxsim import maxsim, maxsim_pairs, maxsim_topk, maxsim_varlen
+from .ops.maxsim import maxsim, maxsim_pairs, maxsim_quantize, maxsim_topk, maxsim_varlen
 from .ops.moe import MOE_ACTIVATIONS, moe_mlp
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
 from .ops.routing import (
@@ -50,6 +50,7 @@ __all__ = [
     "load_balancing_loss",
     "maxsim",
     "maxsim_pairs",
+    "maxsim_quantize",
     "maxsim_topk",
     "maxsim_varlen",
     "moe_mlp",

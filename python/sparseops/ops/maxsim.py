@@ -19,7 +19,7 @@ from ..reference import maxsim as ref
 from ._common import accumulate_dtype as _accumulate_dtype
 from ._common import describe as _describe
 
-__all__ = ["maxsim", "maxsim_pairs", "maxsim_topk", "maxsim_varlen"]
+__all__ = ["maxsim", "maxsim_pairs", "maxsim_quantize", "maxsim_topk", "maxsim_varlen"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -30,8 +30,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # mask with CPU q selects the Meta kernel, which is this function).
 
 
-def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto"):
-    for name, t in (("d", d), ("q_mask", q_mask), ("d_mask", d_mask)):
+def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto", d_scale=None):
+    for name, t in (("d", d), ("q_mask", q_mask), ("d_mask", d_mask), ("d_scale", d_scale)):
         if t is not None and t.device != q.device:
             raise RuntimeError(f"{name} must be on the same device as q ({q.device}), got {_describe(t)}")
     if q.dim() != 3 or d.dim() != 3:
@@ -49,8 +49,8 @@ def _same_device(q, **named) -> None:
             raise RuntimeError(f"{name} must be on the same device as q ({q.device}), got {_describe(t)}")
 
 
-def _varlen_fake(q, cu_q, d, cu_d, pairs=None, reduce="sum", backend="auto"):
-    _same_device(q, cu_q=cu_q, d=d, cu_d=cu_d, pairs=pairs)
+def _varlen_fake(q, cu_q, d, cu_d, pairs=None, reduce="sum", backend="auto", d_scale=None):
+    _same_device(q, cu_q=cu_q, d=d, cu_d=cu_d, pairs=pairs, d_scale=d_scale)
     acc = _accumulate_dtype(q.dtype)
     if pairs is None:
         Nq, Nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
@@ -60,8 +60,8 @@ def _varlen_fake(q, cu_q, d, cu_d, pairs=None, reduce="sum", backend="auto"):
     return q.new_empty((pairs.shape[0],), dtype=acc), q.new_empty((total,), dtype=torch.int32)
 
 
-def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto"):
-    _same_device(q, d=d, q_mask=q_mask, d_mask=d_mask)
+def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto", d_scale=None):
+    _same_device(q, d=d, q_mask=q_mask, d_mask=d_mask, d_scale=d_scale)
     B, K = d.shape[0], d.shape[1]
     return (
         q.new_empty((B, K), dtype=_accumulate_dtype(q.dtype)),
@@ -69,13 +69,13 @@ def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False,
     )
 
 
-def _topk_fake(q, d, cu_d, k, q_mask=None, candidates=None, reduce="sum", backend="auto"):
-    _same_device(q, d=d, cu_d=cu_d, q_mask=q_mask, candidates=candidates)
+def _topk_fake(q, d, cu_d, k, q_mask=None, candidates=None, reduce="sum", backend="auto", d_scale=None):
+    _same_device(q, d=d, cu_d=cu_d, q_mask=q_mask, candidates=candidates, d_scale=d_scale)
     Nq = q.shape[0]
     return q.new_empty((Nq, k), dtype=_accumulate_dtype(q.dtype)), q.new_empty((Nq, k), dtype=torch.int64)
 
 
-def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, backend="auto"):
+def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, backend="auto", d_scale=None):
     acc = _accumulate_dtype(q.dtype)
     dq = q.new_empty(q.shape, dtype=acc) if need_dq else q.new_empty((0,), dtype=acc)
     dd = d.new_empty(d.shape, dtype=acc) if need_dd else d.new_empty((0,), dtype=acc)
@@ -92,6 +92,10 @@ def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, bac
 # [Nq, Nd, Lq, dim] temporary. Masked tokens and empty documents have argmax -1 and get zero
 # gradient. On CUDA tensors it runs the Triton kernel (kernels/maxsim_backward.py: grouped the
 # same way, deterministic, no atomics; no CUDA C++ backward yet).
+#
+# int8 documents are not differentiable (a quantised index is frozen; int8 tensors cannot
+# require grad): the backward gives dq only, reading d * d_scale at the argmax, and a d_scale
+# that requires grad is refused by the public functions (and here, for direct op calls).
 
 
 def _query_counts(q_mask, Nq: int, Lq: int, like: torch.Tensor) -> torch.Tensor:
@@ -108,23 +112,36 @@ def _mean_scale(g: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, g / count.clamp_min(1), torch.zeros_like(g))
 
 
-def _run_backward(ctx, g, q_rows, d_rows, argmax, q_id, q_start, q_len, d_id, d_start, arg_off, num_q, num_d):
+def _check_scale_grad(ctx, name: str) -> None:
+    if ctx.needs_input_grad[-1]:
+        raise RuntimeError(
+            f"sparseops.{name}: d_scale is not differentiable (int8 documents are a frozen, quantised "
+            "index); detach it, or score float documents to train them"
+        )
+
+
+def _run_backward(
+    ctx, g, q_rows, d_rows, argmax, q_id, q_start, q_len, d_id, d_start, arg_off, num_q, num_d, d_scale=None
+):
     meta = torch.stack([q_id, q_start, q_len, d_id, d_start, arg_off], dim=1).to(torch.int64).contiguous()
     need_dq, need_dd = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[2 if ctx.varlen else 1])
+    need_dd = need_dd and d_scale is None
     dq, dd = torch.ops.sparseops.maxsim_backward(
-        g.contiguous(), q_rows, d_rows, argmax.reshape(-1), meta, num_q, num_d, need_dq, need_dd
-    )
+        g.contiguous(), q_rows, d_rows, argmax.reshape(-1), meta, num_q, num_d, need_dq, need_dd,
+        d_scale=None if d_scale is None else d_scale.reshape(-1),
+    )  # fmt: skip
     return (dq if need_dq else None), (dd if need_dd else None)
 
 
 def _maxsim_setup(ctx, inputs, output) -> None:
-    q, d, q_mask, d_mask, reduce, _pylate, _backend_name = inputs
+    q, d, q_mask, d_mask, reduce, _pylate, _backend_name, d_scale = inputs
     ctx.reduce, ctx.varlen = reduce, False
-    ctx.save_for_backward(q, d, output[1], q_mask)
+    ctx.save_for_backward(q, d, output[1], q_mask, d_scale)
 
 
 def _maxsim_backward(ctx, grad_scores, _grad_argmax):
-    q, d, argmax, q_mask = ctx.saved_tensors
+    _check_scale_grad(ctx, "maxsim")
+    q, d, argmax, q_mask, d_scale = ctx.saved_tensors
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
     g = grad_scores.to(_accumulate_dtype(q.dtype))  # may be a stride-0 expand
@@ -135,21 +152,22 @@ def _maxsim_backward(ctx, grad_scores, _grad_argmax):
     m = torch.arange(Nd, device=dev)[None, :].expand(Nq, Nd).reshape(-1)
     dq, dd = _run_backward(
         ctx, g.reshape(-1), q.reshape(Nq * Lq, dim), d.reshape(Nd * Ld, dim), argmax,
-        n, n * Lq, torch.full_like(n, Lq), m, m * Ld, (n * Nd + m) * Lq, Nq, Nd,
+        n, n * Lq, torch.full_like(n, Lq), m, m * Ld, (n * Nd + m) * Lq, Nq, Nd, d_scale,
     )  # fmt: skip
     dq = None if dq is None else dq.view(Nq, Lq, dim).to(q.dtype)
     dd = None if dd is None else dd.view(Nd, Ld, dim).to(d.dtype)
-    return dq, dd, None, None, None, None, None
+    return dq, dd, None, None, None, None, None, None
 
 
 def _varlen_setup(ctx, inputs, output) -> None:
-    q, cu_q, d, cu_d, pairs, reduce, _backend_name = inputs
+    q, cu_q, d, cu_d, pairs, reduce, _backend_name, d_scale = inputs
     ctx.reduce, ctx.varlen = reduce, True
-    ctx.save_for_backward(q, cu_q, d, cu_d, pairs, output[1])
+    ctx.save_for_backward(q, cu_q, d, cu_d, pairs, output[1], d_scale)
 
 
 def _varlen_backward(ctx, grad_scores, _grad_argmax):
-    q, cu_q, d, cu_d, pairs, argmax = ctx.saved_tensors
+    _check_scale_grad(ctx, "maxsim_varlen")
+    q, cu_q, d, cu_d, pairs, argmax, d_scale = ctx.saved_tensors
     Nq, Nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
     g = grad_scores.to(_accumulate_dtype(q.dtype))
     cq, cd = cu_q.to(torch.int64), cu_d.to(torch.int64)
@@ -166,20 +184,23 @@ def _varlen_backward(ctx, grad_scores, _grad_argmax):
         off = torch.cumsum(lens, 0) - lens
     if ctx.reduce == "mean":
         g = _mean_scale(g, lq[n].to(g.dtype))
-    dq, dd = _run_backward(ctx, g, q.contiguous(), d.contiguous(), argmax, n, cq[n], lq[n], m, cd[m], off, Nq, Nd)
+    dq, dd = _run_backward(
+        ctx, g, q.contiguous(), d.contiguous(), argmax, n, cq[n], lq[n], m, cd[m], off, Nq, Nd, d_scale
+    )
     dq = None if dq is None else dq.to(q.dtype)
     dd = None if dd is None else dd.to(d.dtype)
-    return dq, None, dd, None, None, None, None
+    return dq, None, dd, None, None, None, None, None
 
 
 def _pairs_setup(ctx, inputs, output) -> None:
-    q, d, q_mask, d_mask, reduce, _pylate, _backend_name = inputs
+    q, d, q_mask, d_mask, reduce, _pylate, _backend_name, d_scale = inputs
     ctx.reduce, ctx.varlen = reduce, False
-    ctx.save_for_backward(q, d, output[1], q_mask)
+    ctx.save_for_backward(q, d, output[1], q_mask, d_scale)
 
 
 def _pairs_backward(ctx, grad_scores, _grad_argmax):
-    q, d, argmax, q_mask = ctx.saved_tensors
+    _check_scale_grad(ctx, "maxsim_pairs")
+    q, d, argmax, q_mask, d_scale = ctx.saved_tensors
     B, Lq, dim = q.shape
     _, K, Ld, _ = d.shape
     g = grad_scores.to(_accumulate_dtype(q.dtype))
@@ -190,11 +211,11 @@ def _pairs_backward(ctx, grad_scores, _grad_argmax):
     j = torch.arange(B * K, device=dev)
     dq, dd = _run_backward(
         ctx, g.reshape(-1), q.reshape(B * Lq, dim), d.reshape(B * K * Ld, dim), argmax,
-        b, b * Lq, torch.full_like(b, Lq), j, j * Ld, j * Lq, B, B * K,
+        b, b * Lq, torch.full_like(b, Lq), j, j * Ld, j * Lq, B, B * K, d_scale,
     )  # fmt: skip
     dq = None if dq is None else dq.view(B, Lq, dim).to(q.dtype)
     dd = None if dd is None else dd.view(B, K, Ld, dim).to(d.dtype)
-    return dq, dd, None, None, None, None, None
+    return dq, dd, None, None, None, None, None, None
 
 
 if _backend.HAS_C:
@@ -213,27 +234,46 @@ if _backend.HAS_C:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. Facts: (device type, dtype, dim < 16): the Triton kernel takes a path without
-# tl.dot below 16 (tl.dot needs K >= 16), so reasons and future ranks can depend on it.
+# Backends. Facts: (device type, dtype, dim < 16, int8 documents): the Triton kernel takes a
+# path without tl.dot below 16 (tl.dot needs K >= 16), so reasons and future ranks can depend
+# on it; the Triton kernels have no int8 path yet. The C++ op hands a Python kernel only its
+# inputs, so the Triton kernels also refuse int8 documents themselves (_no_int8_triton).
 
 
-def _facts(q, *_):
+def _facts(q, d=None, *_):
     if isinstance(q, torch.Tensor):
-        return (q.device.type, q.dtype, q.dim() >= 1 and q.shape[-1] < 16)
+        int8 = isinstance(d, torch.Tensor) and d.dtype == torch.int8
+        return (q.device.type, q.dtype, q.dim() >= 1 and q.shape[-1] < 16, int8)
     if isinstance(q, (str, torch.device)):
-        return (torch.device(q).type, None, None)
+        return (torch.device(q).type, None, None, False)
     raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
 
 
-def _triton_reason(device, dtype, small_dim):
+_TRITON_INT8 = (
+    "has no int8-document kernel yet (the GPU kernels will load int8 and scale in the epilogue); "
+    'use backend="cpu" or "reference", or dequantise: d.float() * d_scale[..., None]'
+)
+
+
+def _triton_reason(device, dtype, small_dim, int8=False):
+    if int8:
+        return _TRITON_INT8
     return _backend.triton_kernels(device)
 
 
+def _no_int8_triton(op: str, d_scale) -> None:
+    if d_scale is not None:
+        raise RuntimeError(f"sparseops.{op}: backend 'triton' {_TRITON_INT8}")
+
+
 def _reference_kernel(inputs, outputs, options) -> None:
-    q, d, q_mask, d_mask = inputs
+    q, d, q_mask, d_mask, d_scale = inputs  # d_scale flat [Nd * Ld] (the C++ op's layout)
+    if d_scale is not None:
+        d_scale = d_scale.view(d.shape[:2])
     scores, argmax = ref.maxsim_ref(
-        q, d, q_mask=q_mask, d_mask=d_mask, reduce=options["reduce"], pylate_mask=options["pylate_mask"]
-    )
+        q, d, q_mask=q_mask, d_mask=d_mask, reduce=options["reduce"], pylate_mask=options["pylate_mask"],
+        d_scale=d_scale,
+    )  # fmt: skip
     outputs[0].copy_(scores)
     outputs[1].copy_(argmax)
 
@@ -241,7 +281,8 @@ def _reference_kernel(inputs, outputs, options) -> None:
 def _triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim import maxsim_triton
 
-    q, d, q_mask, d_mask = inputs
+    q, d, q_mask, d_mask, d_scale = inputs
+    _no_int8_triton("maxsim", d_scale)
     maxsim_triton(
         q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], *outputs,
         pylate=options["pylate_mask"],
@@ -249,36 +290,37 @@ def _triton_kernel(inputs, outputs, options) -> None:
 
 
 def _varlen_reference_kernel(inputs, outputs, options) -> None:
-    q, cu_q, d, cu_d, pairs, _arg_off = inputs
-    scores, argmax = ref.maxsim_varlen_ref(q, cu_q, d, cu_d, pairs=pairs, reduce=options["reduce"])
+    q, cu_q, d, cu_d, pairs, _arg_off, d_scale = inputs
+    scores, argmax = ref.maxsim_varlen_ref(q, cu_q, d, cu_d, pairs=pairs, reduce=options["reduce"], d_scale=d_scale)
     outputs[0].copy_(scores)
     outputs[1].copy_(argmax)
 
 
 def _pairs_reference_kernel(inputs, outputs, options) -> None:
-    q, d, q_mask, d_mask = inputs  # d [B * K, Ld, dim]; masks per row of d
+    q, d, q_mask, d_mask, d_scale = inputs  # d [B * K, Ld, dim]; masks per row of d; d_scale flat
     B, K = outputs[0].shape
     dm = None if d_mask is None else d_mask.reshape(B, K, *d_mask.shape[1:])
+    ds = None if d_scale is None else d_scale.reshape(B, K, d.shape[1])
     scores, argmax = ref.maxsim_pairs_ref(
         q, d.reshape(B, K, *d.shape[1:]), q_mask=q_mask, d_mask=dm, reduce=options["reduce"],
-        pylate_mask=options["pylate_mask"],
+        pylate_mask=options["pylate_mask"], d_scale=ds,
     )  # fmt: skip
     outputs[0].copy_(scores)
     outputs[1].copy_(argmax)
 
 
 def _topk_reference_kernel(inputs, outputs, options) -> None:
-    q, d, cu_d, q_mask, candidates = inputs
+    q, d, cu_d, q_mask, candidates, d_scale = inputs
     scores, ids = ref.maxsim_topk_ref(
-        q, d, cu_d, options["k"], q_mask=q_mask, candidates=candidates, reduce=options["reduce"]
+        q, d, cu_d, options["k"], q_mask=q_mask, candidates=candidates, reduce=options["reduce"], d_scale=d_scale
     )
     outputs[0].copy_(scores)
     outputs[1].copy_(ids)
 
 
 def _backward_reference_kernel(inputs, outputs, options) -> None:
-    grad, q, d, argmax, meta = inputs
-    dq, dd = ref.maxsim_backward_ref(grad, q, d, argmax, meta, options["need_dq"], options["need_dd"])
+    grad, q, d, argmax, meta, d_scale = inputs
+    dq, dd = ref.maxsim_backward_ref(grad, q, d, argmax, meta, options["need_dq"], options["need_dd"], d_scale)
     outs = iter(outputs)
     if dq is not None:
         next(outs).copy_(dq)
@@ -296,13 +338,15 @@ _MAXSIM.register("reference", rank=9, unsupported_reason=_backend.always, kernel
 def _varlen_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_varlen_triton
 
-    maxsim_varlen_triton(*inputs, options["reduce"], *outputs)
+    _no_int8_triton("maxsim_varlen", inputs[-1])
+    maxsim_varlen_triton(*inputs[:-1], options["reduce"], *outputs)
 
 
 def _pairs_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_pairs_triton
 
-    q, d, q_mask, d_mask = inputs
+    q, d, q_mask, d_mask, d_scale = inputs
+    _no_int8_triton("maxsim_pairs", d_scale)
     maxsim_pairs_triton(
         q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], options["pylate_mask"], *outputs
     )
@@ -311,7 +355,8 @@ def _pairs_triton_kernel(inputs, outputs, options) -> None:
 def _topk_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_topk_triton
 
-    q, d, cu_d, q_mask, candidates = inputs
+    q, d, cu_d, q_mask, candidates, d_scale = inputs
+    _no_int8_triton("maxsim_topk", d_scale)
     maxsim_topk_triton(q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs)
 
 
@@ -335,7 +380,8 @@ _TOPK.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_
 def _backward_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_backward import maxsim_backward_triton
 
-    grad, q, d, argmax, meta = inputs
+    grad, q, d, argmax, meta, d_scale = inputs
+    _no_int8_triton("maxsim_backward", d_scale)
     outs = iter(outputs)
     dq = next(outs) if options["need_dq"] else None
     dd = next(outs) if options["need_dd"] else None
@@ -364,6 +410,7 @@ def maxsim(
     pylate_mask: bool = False,
     return_argmax: bool = False,
     backend: str | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Late-interaction (ColBERT / ColPali) scores of every query against every document.
 
@@ -376,7 +423,8 @@ def maxsim(
             ``colbert_scores`` and colpali's ``score_multi_vector`` always batch queries and
             get [Nq, Nd]). fp32 (scored exactly in fp32: no tf32 or fp16 downcast), bf16 or
             fp16 (products accumulated in fp32), fp64 (scored in fp64); any strides.
-        d: [Nd, Ld, dim] document token embeddings, same dtype and device as q.
+        d: [Nd, Ld, dim] document token embeddings, same dtype and device as q; or int8
+            documents quantised per token (``maxsim_quantize``) with ``d_scale``.
         q_mask: None, bool [Nq, Lq] (True = real token; [Lq] for a 2-D q) or int32/int64
             lengths [Nq] (the first lengths[n] tokens are real; a 0-dim tensor for a 2-D q).
         d_mask: None, bool [Nd, Ld] or int32/int64 lengths [Nd]. Lengths must lie in
@@ -395,6 +443,21 @@ def maxsim(
             document, masked winner under pylate_mask).
         backend: None/"auto", "cpu", "triton" or "reference". There is no CUDA C++ kernel
             yet: on CUDA tensors auto picks "triton".
+        d_scale: fp32 [Nd, Ld], required with int8 d (and refused otherwise): the scale of
+            each document token. The similarity is <q_i, d_j> * d_scale[m, j] (asymmetric:
+            the query stays float; ``reference`` computes exactly that).
+
+    int8 documents: the "cpu" backend, on processors with AVX512_VNNI and dim % 4 == 0,
+    quantises each query token on the fly (symmetric per token: a_i = max_k |q_ik| / 127,
+    q^_ik = round-half-even(q_ik / a_i)) and multiplies integers (vpdpbusd, exact int32), so
+    each similarity is a_i * float(<q^_i, d_j>) * d_scale[j], within e_ij = (a_i / 2) *
+    ||d_j||_1 * |d_scale[j]| (plus fp32 rounding) of the exact one, and each query token's
+    max within max_j e_ij; a score is within the sum (or mean) of those. For unit-norm
+    tokens at dim 128 that is ~1e-3 relative per similarity in the worst case, and argmax may
+    differ from the reference's where two similarities are closer than that. fp64 queries
+    (gradcheck) and other processors take the exact float path. The "triton" backend has no
+    int8 kernel yet (an error says so). Differentiable in q only: d int8 cannot require
+    grad, and a d_scale that requires grad is an error (the index is frozen).
 
     Returns:
         scores [Nq, Nd] (or [Nd]) fp32 (fp64 for fp64 inputs), contiguous, differentiable in
@@ -410,7 +473,8 @@ def maxsim(
     Backward: dq[n, i] = sum_m g[n, m] * d[m, argmax[n, m, i]] and the matching scatter-add
     into dd, from the argmax saved by the forward; masked tokens get zero gradient.
     """
-    name = _MAXSIM.choose(backend, q)
+    name = _MAXSIM.choose(backend, q, d)
+    _check_scale("maxsim", d_scale, similarity)
     single = isinstance(q, torch.Tensor) and q.dim() == 2
     if single:
         q = q.unsqueeze(0)
@@ -418,12 +482,58 @@ def maxsim(
             q_mask = q_mask.unsqueeze(0) if q_mask.dtype == torch.bool else q_mask.reshape(1)
     q, d = _similarity(similarity, q, d)
     if _backend.HAS_C:
-        scores, argmax = _maxsim_op(q, d, q_mask, d_mask, reduce, pylate_mask, name)
+        scores, argmax = _maxsim_op(q, d, q_mask, d_mask, reduce, pylate_mask, name, d_scale)
     else:
-        scores, argmax = ref.maxsim_ref(q, d, q_mask=q_mask, d_mask=d_mask, reduce=reduce, pylate_mask=pylate_mask)
+        scores, argmax = ref.maxsim_ref(
+            q, d, q_mask=q_mask, d_mask=d_mask, reduce=reduce, pylate_mask=pylate_mask, d_scale=d_scale
+        )
     if single:
         scores, argmax = scores[0], argmax[0]
     return (scores, argmax) if return_argmax else scores
+
+
+def _check_scale(op: str, d_scale: torch.Tensor | None, similarity: str) -> None:
+    """int8 documents: d_scale is frozen, and cosine needs float documents."""
+    if d_scale is None:
+        return
+    if isinstance(d_scale, torch.Tensor) and d_scale.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"sparseops.{op}: d_scale requires grad, but int8 documents are not differentiable (a "
+            "quantised index is frozen): pass d_scale.detach(), or score float documents to train them"
+        )
+    if similarity == "cosine":
+        raise ValueError(
+            f'sparseops.{op}: similarity="cosine" needs float documents; quantise normalised documents '
+            '(maxsim_quantize(F.normalize(d, dim=-1))) and use similarity="dot"'
+        )
+
+
+def maxsim_quantize(d: torch.Tensor, *, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise document token embeddings to int8 with one scale per token (symmetric).
+
+    Args:
+        d: [..., dim] float token embeddings (any float dtype, any device, any strides).
+        dim: the embedding dimension (only the last one is supported: -1 or d.dim() - 1).
+
+    Returns:
+        (values int8 [..., dim], scale fp32 [...]): scale = max_k |d_k| / 127 per token
+        (computed in fp32; 0 for a zero token) and values = round-half-even(d / scale)
+        clamped to [-127, 127] (-128 is never used, so negation is exact), so
+        d ~ values * scale[..., None] within scale / 2 per coordinate. What every MaxSim op
+        takes as ``d`` and ``d_scale``; a packed corpus [total, dim] gives scale [total] for
+        maxsim_varlen / maxsim_topk. Not differentiable.
+    """
+    if not isinstance(d, torch.Tensor) or not d.is_floating_point():
+        raise TypeError(f"maxsim_quantize: d must be a float tensor, got {_describe(d)}")
+    if d.dim() < 1 or dim not in (-1, d.dim() - 1):
+        raise ValueError(f"maxsim_quantize: dim must be the last dimension of d (-1), got dim={dim} for {_describe(d)}")
+    with torch.no_grad():
+        x = d.detach().to(torch.float32)
+        amax = x.abs().amax(dim=-1) if x.shape[-1] > 0 else x.new_zeros(x.shape[:-1])
+        scale = amax / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        values = torch.round(x / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return values, scale.contiguous()
 
 
 def _similarity(similarity: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -452,6 +562,7 @@ def maxsim_varlen(
     similarity: str = "dot",
     return_argmax: bool = False,
     backend: str | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """MaxSim of packed, ragged token sequences (FlashAttention's cu_seqlens): no padding.
 
@@ -460,7 +571,8 @@ def maxsim_varlen(
         cu_q: int32 [Nq + 1] cumulative lengths: cu_q[0] = 0, non-decreasing, cu_q[-1] =
             total_q (checked on CPU tensors; trusted on CUDA tensors, where checking would
             need a host synchronisation).
-        d: [total_d, dim] document tokens, same dtype and device; cu_d: int32 [Nd + 1].
+        d: [total_d, dim] document tokens, same dtype and device (or int8 with d_scale fp32
+            [total_d], as in ``maxsim``); cu_d: int32 [Nd + 1].
         pairs: None (every query against every document: scores [Nq, Nd]) or int32/int64
             [P, 2] rows (query, document) (scores [P]; ids checked on CPU tensors). With
             pairs on CUDA tensors the op reads one number back to size its argmax.
@@ -472,9 +584,10 @@ def maxsim_varlen(
     Empty queries and documents score 0. Differentiable in q and d (backward from the
     argmax). Backends: "cpu" (C++), "triton", "reference".
     """
-    name = _VARLEN.choose(backend, q)
+    name = _VARLEN.choose(backend, q, d)
+    _check_scale("maxsim_varlen", d_scale, similarity)
     q, d = _similarity(similarity, q, d)
-    scores, argmax = _varlen_op(q, cu_q, d, cu_d, pairs, reduce, name)
+    scores, argmax = _varlen_op(q, cu_q, d, cu_d, pairs, reduce, name, d_scale)
     return (scores, argmax) if return_argmax else scores
 
 
@@ -489,6 +602,7 @@ def maxsim_pairs(
     pylate_mask: bool = False,
     return_argmax: bool = False,
     backend: str | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """MaxSim of aligned pairs: query b against its own document(s) only.
 
@@ -501,17 +615,21 @@ def maxsim_pairs(
         d_mask: None, bool [B, Ld] / [B, K, Ld] or lengths [B] / [B, K].
         reduce, similarity, pylate_mask: as in ``maxsim``.
         return_argmax: also return the int32 argmax [B, Lq] / [B, K, Lq].
+        d_scale: with int8 d, fp32 [B, Ld] / [B, K, Ld] (as in ``maxsim``).
 
     Differentiable in q and d. Backends: "cpu" (C++), "triton", "reference".
     """
-    name = _PAIRS.choose(backend, q)
+    name = _PAIRS.choose(backend, q, d)
+    _check_scale("maxsim_pairs", d_scale, similarity)
     three = isinstance(d, torch.Tensor) and d.dim() == 3
     if three:
         d = d.unsqueeze(1)
         if d_mask is not None and isinstance(d_mask, torch.Tensor):
             d_mask = d_mask.unsqueeze(1)
+        if isinstance(d_scale, torch.Tensor) and d_scale.dim() == 2:
+            d_scale = d_scale.unsqueeze(1)
     q, d = _similarity(similarity, q, d)
-    scores, argmax = _pairs_op(q, d, q_mask, d_mask, reduce, pylate_mask, name)
+    scores, argmax = _pairs_op(q, d, q_mask, d_mask, reduce, pylate_mask, name, d_scale)
     if three:
         scores, argmax = scores[:, 0], argmax[:, 0]
     return (scores, argmax) if return_argmax else scores
@@ -528,6 +646,7 @@ def maxsim_topk(
     reduce: str = "sum",
     similarity: str = "dot",
     backend: str | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best documents of a packed corpus for each query, memory bounded by k.
 
@@ -541,6 +660,7 @@ def maxsim_topk(
             query) or [Nq, C] (per query); -1 marks an unused slot; a repeated id is scored
             (and may be returned) once per occurrence.
         reduce, similarity: as in ``maxsim``.
+        d_scale: with int8 d, fp32 [total_d] (as in ``maxsim``).
 
     Returns:
         (scores [Nq, k] fp32 (fp64 for fp64 inputs), ids [Nq, k] int64), best first; equal
@@ -551,7 +671,8 @@ def maxsim_topk(
         merges it into the running k best (memory bounded by k + chunk). Backends: "cpu"
         (C++), "triton", "reference".
     """
-    name = _TOPK.choose(backend, q)
+    name = _TOPK.choose(backend, q, d)
+    _check_scale("maxsim_topk", d_scale, similarity)
     single = isinstance(q, torch.Tensor) and q.dim() == 2
     if single:
         q = q.unsqueeze(0)
@@ -560,5 +681,5 @@ def maxsim_topk(
         if candidates is not None and isinstance(candidates, torch.Tensor) and candidates.dim() == 2:
             raise RuntimeError(f"candidates for a single query must be [C], got {_describe(candidates)}")
     q, d = _similarity(similarity, q, d)
-    scores, ids = _topk_op(q, d, cu_d, k, q_mask, candidates, reduce, name)
+    scores, ids = _topk_op(q, d, cu_d, k, q_mask, candidates, reduce, name, d_scale)
     return (scores[0], ids[0]) if single else (scores, ids)

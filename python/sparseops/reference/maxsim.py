@@ -7,6 +7,11 @@ unique (and exactly on inputs whose dot products are exact, such as the tie grid
 
 This is the naive einsum: it materialises the [Nq, Nd, Lq, Ld] similarity tensor, which is
 exactly what the kernels avoid. Use it on small inputs only.
+
+int8 documents (every function takes ``d_scale``): d is int8 and ``d_scale`` fp32 holds one
+scale per document token (``d.shape[:-1]``); the similarity is <q_i, d_j> * d_scale[j],
+computed in the accumulate dtype from q widened and the integers of d (exact float query x
+int8 document; kernels that quantise the query state their error against this).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 __all__ = [
     "maxsim_accumulate_dtype",
+    "maxsim_dequantize_ref",
     "maxsim_backward_ref",
     "maxsim_normalize_ref",
     "maxsim_pairs_ref",
@@ -28,6 +34,21 @@ __all__ = [
 def maxsim_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 inputs are scored in fp64 (for gradcheck); fp32, bf16 and fp16 in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def maxsim_dequantize_ref(d: torch.Tensor, d_scale: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """d in the accumulate dtype: float d widened, or int8 d times its per-token d_scale."""
+    if d_scale is None:
+        return d.to(acc)
+    return d.to(acc) * d_scale.to(acc)[..., None]
+
+
+def _similarities(q: torch.Tensor, d: torch.Tensor, d_scale: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """[Nq, Nd, Lq, Ld]: <q_i, d_j> in acc (times d_scale[j] for int8 d, after the dot)."""
+    sim = torch.einsum("nid,mjd->nmij", q.to(acc), d.to(acc))
+    if d_scale is not None:
+        sim = sim * d_scale.to(acc)[None, :, None, :]
+    return sim
 
 
 def maxsim_token_mask_ref(mask: torch.Tensor | None, n: int, length: int, device) -> torch.Tensor:
@@ -55,12 +76,14 @@ def maxsim_ref(
     reduce: str = "sum",
     similarity: str = "dot",
     pylate_mask: bool = False,
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Late-interaction scores of every query against every document, with the argmax.
 
     Args:
         q: [Nq, Lq, dim] query token embeddings (fp32 / bf16 / fp16 / fp64).
-        d: [Nd, Ld, dim] document token embeddings, same dtype and device as q.
+        d: [Nd, Ld, dim] document token embeddings, same dtype and device as q, or int8 with
+            ``d_scale`` fp32 [Nd, Ld] (similarity <q_i, d_j> * d_scale[m, j]).
         q_mask: None, bool [Nq, Lq] (True = real token) or int lengths [Nq].
         d_mask: None, bool [Nd, Ld] or int lengths [Nd].
         reduce: "sum" or "mean" (the sum divided by the number of real query tokens).
@@ -89,6 +112,8 @@ def maxsim_ref(
     """
     acc = maxsim_accumulate_dtype(q.dtype)
     if similarity == "cosine":
+        if d_scale is not None:
+            raise ValueError('similarity="cosine" needs float documents (quantise normalised documents instead)')
         q, d = maxsim_normalize_ref(q), maxsim_normalize_ref(d)
     elif similarity != "dot":
         raise ValueError(f'similarity must be "dot" or "cosine", got {similarity!r}')
@@ -96,7 +121,7 @@ def maxsim_ref(
     Nd, Ld, _ = d.shape
     qv = maxsim_token_mask_ref(q_mask, Nq, Lq, q.device)
     dv = maxsim_token_mask_ref(d_mask, Nd, Ld, q.device)
-    sim = torch.einsum("nid,mjd->nmij", q.to(acc), d.to(acc))  # [Nq, Nd, Lq, Ld]
+    sim = _similarities(q, d, d_scale, acc)  # [Nq, Nd, Lq, Ld]
     if pylate_mask:
         # Masked tokens become 0 and take part; the winner is the lowest index of the max.
         sim = torch.where(dv[None, :, None, :], sim, torch.zeros((), dtype=acc, device=q.device))
@@ -153,11 +178,11 @@ def maxsim_normalize_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(x: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows [total, dim] + cu_seqlens [N + 1] -> padded [N, Lmax, dim] and lengths [N]."""
+    """Packed rows [total, ...] + cu_seqlens [N + 1] -> padded [N, Lmax, ...] and lengths [N]."""
     lens = (cu[1:] - cu[:-1]).to(torch.int64)
     n = lens.numel()
     lmax = int(lens.max()) if n else 0
-    out = x.new_zeros(n, lmax, x.shape[-1])
+    out = x.new_zeros(n, lmax, *x.shape[1:])
     for i in range(n):
         out[i, : int(lens[i])] = x[int(cu[i]) : int(cu[i + 1])]
     return out, lens
@@ -172,12 +197,14 @@ def maxsim_varlen_ref(
     pairs: torch.Tensor | None = None,
     reduce: str = "sum",
     similarity: str = "dot",
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MaxSim of packed ragged tokens (FlashAttention cu_seqlens), the padded reference's
     semantics with every token real.
 
     Args:
-        q: [total_q, dim] query tokens, query n = rows cu_q[n]:cu_q[n + 1]; d: [total_d, dim].
+        q: [total_q, dim] query tokens, query n = rows cu_q[n]:cu_q[n + 1]; d: [total_d, dim]
+            (int8 with d_scale fp32 [total_d]: see the module docstring).
         cu_q, cu_d: int [N + 1] cumulative lengths (0 first, non-decreasing, last = rows).
         pairs: None (every query x every document) or int [P, 2] (query, document).
 
@@ -191,7 +218,8 @@ def maxsim_varlen_ref(
         q, d = maxsim_normalize_ref(q), maxsim_normalize_ref(d)
     qp, ql = _unpack(q, cu_q)
     dp, dl = _unpack(d, cu_d)
-    scores, arg = maxsim_ref(qp, dp, q_mask=ql, d_mask=dl, reduce=reduce)  # [Nq, Nd], [Nq, Nd, Lq]
+    sp = None if d_scale is None else _unpack(d_scale, cu_d)[0]
+    scores, arg = maxsim_ref(qp, dp, q_mask=ql, d_mask=dl, reduce=reduce, d_scale=sp)  # [Nq, Nd], [Nq, Nd, Lq]
     Nq, Nd = ql.numel(), dl.numel()
     if pairs is None:
         argmax = torch.empty(Nd, q.shape[0], dtype=torch.int32, device=q.device)
@@ -213,10 +241,11 @@ def maxsim_pairs_ref(
     reduce: str = "sum",
     similarity: str = "dot",
     pylate_mask: bool = False,
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned pairs: q [B, Lq, dim] with d [B, K, Ld, dim] -> scores [B, K], argmax
     [B, K, Lq] (query b against each of its K documents); masks bool [B, Lq] / [B, K, Ld] or
-    lengths [B] / [B, K]. maxsim_ref's semantics pair by pair."""
+    lengths [B] / [B, K]; int8 d with d_scale [B, K, Ld]. maxsim_ref's semantics pair by pair."""
     B, K, Ld, dim = d.shape
     Lq = q.shape[1]
     acc = maxsim_accumulate_dtype(q.dtype)
@@ -226,8 +255,9 @@ def maxsim_pairs_ref(
         qm = None if q_mask is None else q_mask[b : b + 1]
         dm = None if d_mask is None else d_mask[b]
         s, a = maxsim_ref(
-            q[b : b + 1], d[b], q_mask=qm, d_mask=dm, reduce=reduce, similarity=similarity, pylate_mask=pylate_mask
-        )
+            q[b : b + 1], d[b], q_mask=qm, d_mask=dm, reduce=reduce, similarity=similarity, pylate_mask=pylate_mask,
+            d_scale=None if d_scale is None else d_scale[b],
+        )  # fmt: skip
         scores[b], argmax[b] = s[0], a[0]
     return scores, argmax
 
@@ -242,23 +272,26 @@ def maxsim_topk_ref(
     candidates: torch.Tensor | None = None,
     reduce: str = "sum",
     similarity: str = "dot",
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best documents of a packed corpus for each query: the scores of maxsim over the
     corpus (or over each query's candidate ids; -1 = no candidate) sorted best first, ties to
     the lower document id; fewer than k scored documents pad with -inf / -1.
 
     q [Nq, Lq, dim] (+ q_mask as in maxsim_ref), d [total_d, dim], cu_d int [Nd + 1],
-    candidates None, int [C] (shared) or [Nq, C]. Returns (scores [Nq, k], ids [Nq, k] int64).
+    candidates None, int [C] (shared) or [Nq, C]; int8 d with d_scale fp32 [total_d]. Returns
+    (scores [Nq, k], ids [Nq, k] int64).
     """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     acc = maxsim_accumulate_dtype(q.dtype)
     Nq = q.shape[0]
     dp, dl = _unpack(d, cu_d)
+    sp = None if d_scale is None else _unpack(d_scale, cu_d)[0]
     Nd = dl.numel()
     if similarity == "cosine":
         q, dp = maxsim_normalize_ref(q), maxsim_normalize_ref(dp)
-    full = maxsim_ref(q, dp, q_mask=q_mask, d_mask=dl, reduce=reduce)[0]  # [Nq, Nd]
+    full = maxsim_ref(q, dp, q_mask=q_mask, d_mask=dl, reduce=reduce, d_scale=sp)[0]  # [Nq, Nd]
     out_s = torch.full((Nq, k), float("-inf"), dtype=acc, device=q.device)
     out_i = torch.full((Nq, k), -1, dtype=torch.int64, device=q.device)
     for n in range(Nq):
@@ -289,6 +322,7 @@ def maxsim_backward_ref(
     meta: torch.Tensor,
     need_dq: bool = True,
     need_dd: bool = True,
+    d_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backward every MaxSim op shares, from the saved argmax (index_add over the taken
     token pairs; it never forms Lq x Ld, but holds one [sum of query lengths, dim] temporary).
@@ -297,8 +331,11 @@ def maxsim_backward_ref(
     int32 flat, meta int64 [P, 6] = (query group, first query row, query rows, document
     group, first document row, argmax offset). Returns dq [Rq, dim], dd [Rd, dim] in the
     accumulate dtype: dq[qs + t] += g * d[ds + a] and dd[ds + a] += g * q[qs + t] for every
-    pair and query token t with a = argmax[off + t] >= 0.
+    pair and query token t with a = argmax[off + t] >= 0. int8 d with d_scale [Rd]: d[ds + a]
+    is read as d * d_scale (dq only: quantised documents are not differentiable).
     """
+    if d_scale is not None and need_dd:
+        raise RuntimeError("int8 documents are not differentiable: need_dd must be False with d_scale")
     acc = maxsim_accumulate_dtype(q.dtype)
     qs, ql, ds, off = meta[:, 1], meta[:, 2], meta[:, 4], meta[:, 5]
     P = meta.shape[0]
@@ -312,7 +349,8 @@ def maxsim_backward_ref(
     g = grad[pair].to(acc)[:, None]
     dq = dd = None
     if need_dq:
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device).index_add_(0, qrow, g * d.to(acc)[drow])
+        rows = maxsim_dequantize_ref(d[drow], None if d_scale is None else d_scale[drow], acc)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device).index_add_(0, qrow, g * rows)
     if need_dd:
         dd = torch.zeros(d.shape, dtype=acc, device=q.device).index_add_(0, drow, g * q.to(acc)[qrow])
     return dq, dd
