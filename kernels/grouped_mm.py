@@ -75,6 +75,8 @@ __all__ = [
     "grouped_mm_plan",
     "ensure_allocator",
 ]
+# Device helpers kernels/moe.py shares: ragged_count, ragged_tile, swizzle_tile, make_b_desc,
+# mainloop (k_step), mma.
 
 # DOT modes: 0 = operands in their 16-bit dtype (compiled), 1 = fp32 "ieee", 2 = fp64 FMA.
 _DOT_NATIVE, _DOT_IEEE, _DOT_FMA = 0, 1, 2
@@ -91,37 +93,55 @@ _INTERP_PROGS = 6  # persistent programs under the interpreter (it runs programs
 
 
 @triton.jit
-def ragged_tile(t, offs_ptr, G, S, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-    """The M tile ``t`` of the group-major tile list of a ragged dimension of length S cut
-    by the cumulative ends ``offs`` [G] (int32): returns (g, r0, r1, real, last) with g the
-    group of tile t (-1 when t is not a real tile), [r0, min(r0 + BLOCK_M, r1)) its rows, r1
-    the group's end, ``real`` the number of real tiles and ``last`` = offs[-1] (0 for G = 0).
-    Ends are clamped to [0, S] and sizes to >= 0, so invalid offs (unchecked on CUDA) can
-    never address memory out of bounds."""
+def ragged_count(offs_ptr, G, S, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(real, last) of the ragged dimension of length S cut by the cumulative ends ``offs`` [G]
+    (int32): the number of BLOCK_M tiles of the group-major tile list and offs[-1] (0 for
+    G = 0). Ends are clamped to [0, S] and sizes to >= 0 (here and in ``ragged_tile``), so
+    invalid offs (unchecked on CUDA) never address memory out of bounds."""
     lanes = tl.arange(0, BLOCK_G)
-    zero = t * 0
-    g = zero - 1
-    r0 = zero
-    r1 = zero
-    real = zero
-    last = zero
-    c0 = zero
+    real = G * 0
+    last = G * 0
+    c0 = G * 0
     while c0 < G:
         idx = c0 + lanes
         inb = idx < G
         end = tl.minimum(tl.maximum(tl.load(offs_ptr + idx, mask=inb, other=0), 0), S)
         start = tl.minimum(tl.maximum(tl.load(offs_ptr + idx - 1, mask=inb & (idx > 0), other=0), 0), S)
         ntile = tl.where(inb, (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M, 0)
-        incl = tl.cumsum(ntile, 0) + real
+        real += tl.sum(ntile)
+        last = tl.maximum(last, tl.max(tl.where(inb, end, 0)))
+        c0 += BLOCK_G
+    return real, last
+
+
+@triton.jit
+def ragged_tile(t, offs_ptr, G, S, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The real tile ``t`` (0 <= t < real) of that list: (g, r0, r1) with g its group,
+    [r0, min(r0 + BLOCK_M, r1)) its rows and r1 the group's end. A vector scan of offs in
+    chunks of BLOCK_G groups: per-group tile counts, their cumsum, one compare; no tile
+    table, no second launch, no host sync. Four reductions per chunk (each a jit call under
+    the interpreter, where they dominate the cost: the reason for their small number)."""
+    lanes = tl.arange(0, BLOCK_G)
+    g = t * 0 - 1
+    r0 = t * 0
+    r1 = t * 0
+    base = t * 0
+    c0 = t * 0
+    while c0 < G:
+        idx = c0 + lanes
+        inb = idx < G
+        end = tl.minimum(tl.maximum(tl.load(offs_ptr + idx, mask=inb, other=0), 0), S)
+        start = tl.minimum(tl.maximum(tl.load(offs_ptr + idx - 1, mask=inb & (idx > 0), other=0), 0), S)
+        ntile = tl.where(inb, (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+        incl = tl.cumsum(ntile, 0) + base
         excl = incl - ntile
         hit = (excl <= t) & (t < incl)
         g += tl.sum(tl.where(hit, idx + 1, 0))
         r0 += tl.sum(tl.where(hit, start + (t - excl) * BLOCK_M, 0))
         r1 += tl.sum(tl.where(hit, end, 0))
-        real += tl.sum(ntile)
-        last = tl.maximum(last, tl.max(tl.where(inb, end, 0)))
+        base = tl.max(incl)  # incl is non-decreasing: its last entry
         c0 += BLOCK_G
-    return g, r0, r1, real, last
+    return g, r0, r1
 
 
 @triton.jit
@@ -165,63 +185,73 @@ def make_b_desc(b_ptr, G, d1, d2, d3, s0, s1, s2, B_DESC: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def load_b(b_ptr, b_desc, g, part, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n,
-           B_DESC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """B tile [BLOCK_K, BLOCK_N] of group g, part ``part`` (0: the only one, or gate; 1: up):
-    element (k, n) at b_ptr + g*s_g + part*s_part + k*s_k + n*s_n; zeros for k >= k_hi or
-    n >= NB (a descriptor zero-fills past the operand's edges)."""
-    if B_DESC == 1:
-        b = tl.trans(tl.reshape(b_desc.load([g, part, n0, k0]), [BLOCK_N, BLOCK_K]))
-    elif B_DESC == 2:
-        b = tl.trans(tl.reshape(b_desc.load([g, n0, part, k0]), [BLOCK_N, BLOCK_K]))
-    elif B_DESC == 3:
-        b = tl.reshape(b_desc.load([g, k0, part, n0]), [BLOCK_K, BLOCK_N])
-    else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        ns = n0 + tl.arange(0, BLOCK_N)
-        base = b_ptr + g.to(tl.int64) * s_g + part * s_part
-        b = tl.load(
-            base + ks.to(tl.int64)[:, None] * s_k + ns.to(tl.int64)[None, :] * s_n,
-            mask=(ks < k_hi)[:, None] & (ns < NB)[None, :],
-            other=0.0,
-        )
-    return b
+def k_step(acc, acc2, a_ptr, a_rows, a_mask, s_ak, b_ptr, b_desc, g, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n,
+           TWO: tl.constexpr, B_DESC: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K step: acc += A[rows, k0:k0+BLOCK_K] @ B_0[g, k0:k0+BLOCK_K, n0:n0+BLOCK_N] (and acc2
+    with part 1 when TWO). B element (k, n) of part p at b_ptr + g*s_g + p*s_part + k*s_k +
+    n*s_n, or through the descriptor (which zero-fills past the operand's edges); zeros for
+    k >= k_hi or n >= NB. One helper for loads and dots (the interpreter pays per call)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(
+        a_ptr + a_rows[:, None] + ks.to(tl.int64)[None, :] * s_ak,
+        mask=a_mask[:, None] & (ks < k_hi)[None, :],
+        other=0.0,
+    )
+    if DOT == 1:
+        a = a.to(tl.float32)
+    elif DOT == 2:
+        a = a.to(tl.float64)
+    for part in tl.static_range(2 if TWO else 1):
+        if B_DESC == 1:
+            b = tl.trans(tl.reshape(b_desc.load([g, part, n0, k0]), [BLOCK_N, BLOCK_K]))
+        elif B_DESC == 2:
+            b = tl.trans(tl.reshape(b_desc.load([g, n0, part, k0]), [BLOCK_N, BLOCK_K]))
+        elif B_DESC == 3:
+            b = tl.reshape(b_desc.load([g, k0, part, n0]), [BLOCK_K, BLOCK_N])
+        else:
+            ns = n0 + tl.arange(0, BLOCK_N)
+            b = tl.load(
+                b_ptr + g.to(tl.int64) * s_g + part * s_part + ks.to(tl.int64)[:, None] * s_k
+                + ns.to(tl.int64)[None, :] * s_n,
+                mask=(ks < k_hi)[:, None] & (ns < NB)[None, :],
+                other=0.0,
+            )  # fmt: skip
+        # The accumulator goes into tl.dot (wgmma / mma accumulate in place).
+        if part == 0:
+            if DOT == 0:
+                acc = tl.dot(a, b, acc)
+            elif DOT == 1:
+                acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc += tl.sum(a[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+        else:
+            if DOT == 0:
+                acc2 = tl.dot(a, b, acc2)
+            elif DOT == 1:
+                acc2 = tl.dot(a, b.to(tl.float32), acc2, input_precision="ieee")
+            else:
+                acc2 += tl.sum(a[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    return acc, acc2
 
 
 @triton.jit
 def mainloop(acc, acc2, a_ptr, a_rows, a_mask, s_ak, b_ptr, b_desc, g, n0, NB, k_lo, k_hi,
              s_g, s_part, s_k, s_n, TWO: tl.constexpr, B_DESC: tl.constexpr, DOT: tl.constexpr,
              K_FOR: tl.constexpr, STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """acc += A[rows, k_lo:k_hi] @ B_part0[g, k_lo:k_hi, n0:n0+BLOCK_N] (and acc2 with part 1
-    when TWO). a_rows: [BLOCK_M] int64 element offsets of A's rows (a gather is already
-    applied), a_mask: which rows exist."""
+    """acc (and acc2) += the K steps of ``k_step`` over [k_lo, k_hi). a_rows: [BLOCK_M] int64
+    element offsets of A's rows (a gather is already applied), a_mask: which rows exist.
+    K_FOR: a ``tl.range`` loop (compiled: the software pipeliner works on ``for`` loops);
+    otherwise ``while`` (the interpreter: ``for`` over a runtime bound fails in triton 3.4-3.6)."""
     if K_FOR:
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                a_ptr + a_rows[:, None] + ks.to(tl.int64)[None, :] * s_ak,
-                mask=a_mask[:, None] & (ks < k_hi)[None, :],
-                other=0.0,
-            )
-            b = load_b(b_ptr, b_desc, g, 0, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n, B_DESC, BLOCK_N, BLOCK_K)
-            acc = mma(acc, a, b, DOT)
-            if TWO:
-                b2 = load_b(b_ptr, b_desc, g, 1, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n, B_DESC, BLOCK_N, BLOCK_K)
-                acc2 = mma(acc2, a, b2, DOT)
+            acc, acc2 = k_step(acc, acc2, a_ptr, a_rows, a_mask, s_ak, b_ptr, b_desc, g, n0, k0, NB, k_hi,
+                               s_g, s_part, s_k, s_n, TWO, B_DESC, DOT, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         k0 = k_lo
         while k0 < k_hi:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                a_ptr + a_rows[:, None] + ks.to(tl.int64)[None, :] * s_ak,
-                mask=a_mask[:, None] & (ks < k_hi)[None, :],
-                other=0.0,
-            )
-            b = load_b(b_ptr, b_desc, g, 0, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n, B_DESC, BLOCK_N, BLOCK_K)
-            acc = mma(acc, a, b, DOT)
-            if TWO:
-                b2 = load_b(b_ptr, b_desc, g, 1, n0, k0, NB, k_hi, s_g, s_part, s_k, s_n, B_DESC, BLOCK_N, BLOCK_K)
-                acc2 = mma(acc2, a, b2, DOT)
+            acc, acc2 = k_step(acc, acc2, a_ptr, a_rows, a_mask, s_ak, b_ptr, b_desc, g, n0, k0, NB, k_hi,
+                               s_g, s_part, s_k, s_n, TWO, B_DESC, DOT, BLOCK_N, BLOCK_K)  # fmt: skip
             k0 += BLOCK_K
     return acc, acc2
 
@@ -276,7 +306,7 @@ def _ragged_m_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    _g, _r0, _r1, real, last = ragged_tile(pid * 0 - 1, offs_ptr, G, S, BLOCK_M, BLOCK_G)
+    real, last = ragged_count(offs_ptr, G, S, BLOCK_M, BLOCK_G)
     num_m = real
     if ZERO_TAIL:
         num_m += (S - last + BLOCK_M - 1) // BLOCK_M
@@ -288,7 +318,7 @@ def _ragged_m_kernel(
     tile = pid
     while tile < total:
         mt, nt = swizzle_tile(tile, num_m, num_n, GROUP_M)
-        g, r0, r1, _real, _last = ragged_tile(mt, offs_ptr, G, S, BLOCK_M, BLOCK_G)
+        g, r0, r1 = ragged_tile(mt, offs_ptr, G, S, BLOCK_M, BLOCK_G)
         tail = mt >= real
         r0 = tl.where(tail, last + (mt - real) * BLOCK_M, r0)
         r1 = tl.where(tail, S, r1)
@@ -488,9 +518,13 @@ def tile_config(avg_rows: float, n: int, k: int, dtype: torch.dtype, gpu: bool, 
         return TileConfig(bm, 32, 32, 2, 4, 1)
     if dtype == torch.float64:
         return TileConfig(32, 32, 8, 1, 4, 2)
-    if dtype == torch.float32:  # ieee fp32 runs on the FMA units: square, modest tiles
+    # Register budgets below were checked by compiling for sm_90 offline (triton 3.6,
+    # GPUTarget("cuda", 90, 32), ptxas resource usage; no spills): see DESIGN.md.
+    if dtype == torch.float32:
+        # ieee fp32 runs on the FMA units; 64 x 64 x 32 with 4 warps spilled 464 bytes per
+        # thread, 64 x 64 x 16 with 8 warps fits (173 registers).
         bm = 32 if avg_rows <= 32 else 64
-        cfg = TileConfig(bm, 64, 32, 1, 4, 3)
+        cfg = TileConfig(bm, 64, 16, 1, 8, 3)
     elif avg_rows <= 16:  # decode: one weight stream, 16-row MMA tiles, deep K steps
         cfg = TileConfig(16, 64, 128, 1, 4, 4)
     elif avg_rows <= 32:
@@ -499,8 +533,12 @@ def tile_config(avg_rows: float, n: int, k: int, dtype: torch.dtype, gpu: bool, 
         cfg = TileConfig(64, 128, 64, 1, 4, 4)
     elif avg_rows <= 256:  # DeepSeek-V3 T=4096 (128 rows): one M tile per expert
         cfg = TileConfig(128, 128, 64, 1, 8, 4)
-    else:  # compute-bound: wide tiles, weight tiles reused by 8 M tiles from L2
-        cfg = TileConfig(128, 256 // parts, 64, 8, 8, 3)
+    else:  # compute-bound: wide tiles (255 registers, no spill), weight tiles reused by 8 M tiles from L2
+        cfg = TileConfig(128, 256, 64, 8, 8, 3)
+    if parts > 1 and dtype != torch.float32:
+        # Two accumulators (gate and up) of at most 64 columns each: 128 x 128 x 2 spilled 176
+        # bytes per thread with the swiglu_oai epilogue, 128 x 64 x 2 takes 188 registers.
+        cfg = cfg._replace(block_n=max(16, min(64, cfg.block_n // parts)))
     bn = max(16, min(cfg.block_n, next_pow2(n)))
     bk = max(16, min(cfg.block_k, next_pow2(k)))
     return cfg._replace(block_n=bn, block_k=bk)

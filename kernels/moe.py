@@ -67,6 +67,7 @@ from .grouped_mm import (
     ensure_allocator,
     mainloop,
     make_b_desc,
+    ragged_count,
     ragged_k_mm,
     ragged_m_mm,
     ragged_tile,
@@ -97,87 +98,67 @@ ACTIVATION_CODES = {
 
 
 @triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
-
-
-@triton.jit
-def _tanh(v):
-    # tanh(v) = 2 sigmoid(2v) - 1: tl has no tanh that runs both compiled and interpreted.
-    return 2.0 * _sigmoid(2.0 * v) - 1.0
-
-
-@triton.jit
-def act_plain(v, ACT: tl.constexpr):
-    if ACT == 5:  # silu
-        r = v * _sigmoid(v)
-    elif ACT == 6:  # gelu (erf)
-        r = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-    elif ACT == 7:  # gelu_tanh
-        r = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    elif ACT == 8:  # relu
-        r = tl.where(v > 0, v, 0.0)
-    else:  # relu2
-        r = tl.where(v > 0, v * v, 0.0)
+def act_fwd(g, u, alpha, limit, ACT: tl.constexpr):
+    """act(gate g, up u) for the gated activations (ACT 0-4), act(g) for the others (u
+    unused). One helper without nested calls: the interpreter pays per jit call.
+    tanh(v) = 2 sigmoid(2v) - 1 (tl has no tanh that runs both compiled and interpreted)."""
+    if ACT == 0 or ACT == 5:  # silu
+        r = g / (1.0 + tl.exp(-g))
+    elif ACT == 1 or ACT == 6:  # gelu (erf)
+        r = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACT == 2 or ACT == 7:  # gelu_tanh
+        t = 2.0 / (1.0 + tl.exp(-1.5957691216057308 * (g + 0.044715 * g * g * g))) - 1.0
+        r = 0.5 * g * (1.0 + t)
+    elif ACT == 3 or ACT == 8:  # relu
+        r = tl.where(g > 0, g, 0.0)
+    elif ACT == 9:  # relu2
+        r = tl.where(g > 0, g * g, 0.0)
+    else:  # swiglu_oai: gate.clamp(max=limit), up.clamp(-limit, limit), (up + 1) gate sigmoid(alpha gate)
+        gc = tl.minimum(g, limit)
+        uc = tl.maximum(tl.minimum(u, limit), -limit)
+        r = (uc + 1.0) * (gc / (1.0 + tl.exp(-gc * alpha)))
+    if ACT <= 3:
+        r = r * u
     return r
 
 
 @triton.jit
-def dact_plain(v, ACT: tl.constexpr):
-    if ACT == 5:
-        s = _sigmoid(v)
-        r = s * (1.0 + v * (1.0 - s))
-    elif ACT == 6:
-        cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
-        r = cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
-    elif ACT == 7:
-        t = _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
-        r = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v)
-    elif ACT == 8:
-        r = tl.where(v > 0, 1.0, 0.0)
+def act_bwd(g, u, da, alpha, limit, ACT: tl.constexpr):
+    """(d gate, d up) of ``act_fwd`` for the incoming gradient da (d up = 0 for the plain
+    activations); the formulas of sparseops/moe.h."""
+    if ACT == 0 or ACT == 5:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        f = g * s
+        d = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1 or ACT == 6:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        f = g * cdf
+        d = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    elif ACT == 2 or ACT == 7:
+        t = 2.0 / (1.0 + tl.exp(-1.5957691216057308 * (g + 0.044715 * g * g * g))) - 1.0
+        f = 0.5 * g * (1.0 + t)
+        d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    elif ACT == 3 or ACT == 8:
+        f = tl.where(g > 0, g, 0.0)
+        d = tl.where(g > 0, 1.0, 0.0)
+    elif ACT == 9:
+        f = tl.where(g > 0, g * g, 0.0)
+        d = tl.where(g > 0, 2.0 * g, 0.0)
     else:
-        r = tl.where(v > 0, 2.0 * v, 0.0)
-    return r
-
-
-@triton.jit
-def act_gated(g, u, alpha, limit, ACT: tl.constexpr):
-    if ACT == 0:
-        r = act_plain(g, 5) * u
-    elif ACT == 1:
-        r = act_plain(g, 6) * u
-    elif ACT == 2:
-        r = act_plain(g, 7) * u
-    elif ACT == 3:
-        r = act_plain(g, 8) * u
-    else:  # swiglu_oai
+        f = g  # unused
+        d = g  # unused
+    if ACT == 4:  # swiglu_oai; the clamps pass the gradient inside their bounds (as torch's)
         gc = tl.minimum(g, limit)
         uc = tl.maximum(tl.minimum(u, limit), -limit)
-        r = (uc + 1.0) * (gc * _sigmoid(gc * alpha))
-    return r
-
-
-@triton.jit
-def dact_gated(g, u, da, alpha, limit, ACT: tl.constexpr):
-    """(d gate, d up) of act_gated for the incoming gradient da."""
-    if ACT == 0:
-        dg = da * u * dact_plain(g, 5)
-        du = da * act_plain(g, 5)
-    elif ACT == 1:
-        dg = da * u * dact_plain(g, 6)
-        du = da * act_plain(g, 6)
-    elif ACT == 2:
-        dg = da * u * dact_plain(g, 7)
-        du = da * act_plain(g, 7)
-    elif ACT == 3:
-        dg = tl.where(g > 0, da * u, 0.0)
-        du = tl.where(g > 0, da * g, 0.0)
-    else:  # swiglu_oai: the clamps pass the gradient inside their bounds (as torch's)
-        gc = tl.minimum(g, limit)
-        uc = tl.maximum(tl.minimum(u, limit), -limit)
-        s = _sigmoid(gc * alpha)
+        s = 1.0 / (1.0 + tl.exp(-gc * alpha))
         dg = tl.where(g <= limit, da * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
         du = tl.where((u >= -limit) & (u <= limit), da * gc * s, 0.0)
+    elif ACT <= 3:
+        dg = da * u * d
+        du = da * f
+    else:
+        dg = da * d
+        du = da * 0.0
     return dg, du
 
 
@@ -234,7 +215,7 @@ def _moe_up_kernel(
     pid = tl.program_id(0)
     alpha = f64_from_bits(alpha_bits).to(ACC)
     limit = f64_from_bits(limit_bits).to(ACC)
-    _g, _r0, _r1, real, last = ragged_tile(pid * 0 - 1, offs_ptr, E, S, BLOCK_M, BLOCK_G)
+    real, last = ragged_count(offs_ptr, E, S, BLOCK_M, BLOCK_G)
     num_m = real + (S - last + BLOCK_M - 1) // BLOCK_M  # tail tiles zero the dropped slots' rows
     num_n = (INTER + BLOCK_N - 1) // BLOCK_N
     total = num_m * num_n
@@ -244,7 +225,7 @@ def _moe_up_kernel(
     tile = pid
     while tile < total:
         mt, nt = swizzle_tile(tile, num_m, num_n, GROUP_M)
-        e, r0, r1, _real, _last = ragged_tile(mt, offs_ptr, E, S, BLOCK_M, BLOCK_G)
+        e, r0, r1 = ragged_tile(mt, offs_ptr, E, S, BLOCK_M, BLOCK_G)
         tail = mt >= real
         r0 = tl.where(tail, last + (mt - real) * BLOCK_M, r0)
         r1 = tl.where(tail, S, r1)
@@ -279,9 +260,9 @@ def _moe_up_kernel(
         if GATED:
             zu = acc_u.to(pre_ptr.dtype.element_ty)
             tl.store(pre_ptr + prow + ucol[None, :], zu, mask=m2)
-            a = act_gated(zg.to(ACC), zu.to(ACC), alpha, limit, ACT)
+            a = act_fwd(zg.to(ACC), zu.to(ACC), alpha, limit, ACT)
         else:
-            a = act_plain(zg.to(ACC), ACT)
+            a = act_fwd(zg.to(ACC), zg.to(ACC), alpha, limit, ACT)
         tl.store(
             h_ptr + rows.to(tl.int64)[:, None] * INTER + cols[None, :],
             a.to(h_ptr.dtype.element_ty),
@@ -339,7 +320,7 @@ def _moe_dh_kernel(
     pid = tl.program_id(0)
     alpha = f64_from_bits(alpha_bits).to(ACC)
     limit = f64_from_bits(limit_bits).to(ACC)
-    _g, _r0, _r1, real, _last = ragged_tile(pid * 0 - 1, offs_ptr, E, S, BLOCK_M, BLOCK_G)
+    real, _last = ragged_count(offs_ptr, E, S, BLOCK_M, BLOCK_G)
     num_n = (INTER + BLOCK_N - 1) // BLOCK_N
     total = real * num_n
     b_desc = make_b_desc(w_ptr, E, d1, d2, d3, ds0, ds1, ds2, B_DESC, BLOCK_N, BLOCK_K)
@@ -348,7 +329,7 @@ def _moe_dh_kernel(
     tile = pid
     while tile < total:
         mt, nt = swizzle_tile(tile, real, num_n, GROUP_M)
-        e, r0, r1, _real, _last2 = ragged_tile(mt, offs_ptr, E, S, BLOCK_M, BLOCK_G)
+        e, r0, r1 = ragged_tile(mt, offs_ptr, E, S, BLOCK_M, BLOCK_G)
         e = tl.maximum(e, 0)
         rows = r0 + lanes_m
         rmask = rows < r1
@@ -371,12 +352,12 @@ def _moe_dh_kernel(
         da = acc * w[:, None]
         if GATED:
             zu = tl.load(pre_ptr + prow + ucol[None, :], mask=m2, other=0.0).to(ACC)
-            a = act_gated(zg, zu, alpha, limit, ACT)
-            dzg, dzu = dact_gated(zg, zu, da, alpha, limit, ACT)
+            a = act_fwd(zg, zu, alpha, limit, ACT)
+            dzg, dzu = act_bwd(zg, zu, da, alpha, limit, ACT)
             tl.store(dz_ptr + srow + ucol[None, :], dzu.to(dz_ptr.dtype.element_ty), mask=m2)
         else:
-            a = act_plain(zg, ACT)
-            dzg = da * dact_plain(zg, ACT)
+            a = act_fwd(zg, zg, alpha, limit, ACT)
+            dzg, _dzu = act_bwd(zg, zg, da, alpha, limit, ACT)
         tl.store(dz_ptr + srow + gcol[None, :], dzg.to(dz_ptr.dtype.element_ty), mask=m2)
         tl.store(
             hw_ptr + rows.to(tl.int64)[:, None] * INTER + cols[None, :],
@@ -488,11 +469,22 @@ def moe_plan(T: int, H: int, inter: int, E: int, k: int, dtype: torch.dtype, gpu
     return {
         "up": tile_config(avg, inter, H, dtype, gpu, parts=2 if gated else 1),
         "down": tile_config(avg, H, inter, dtype, gpu),
-        "dh": tile_config(avg, inter, H, dtype, gpu),
+        "dh": _dh_config(tile_config(avg, inter, H, dtype, gpu), gpu),
         "dx": tile_config(avg, H, P, dtype, gpu),
         "dw2": tile_config(H, inter, avg, dtype, gpu),
         "dw13": tile_config(P, H, avg, dtype, gpu),
     }
+
+
+def _dh_config(cfg, gpu: bool):
+    """The dH kernel's epilogue keeps ~10 live values per output element (z gate and up, the
+    activation, its derivative, dz, h): at more than 16 elements per thread it spilled on
+    sm_90 (128 x 64 with 8 warps: 56-200 bytes per thread depending on the activation), so
+    its tiles are 32 columns wide with 16 elements per thread (128 x 32: 8 warps, <= 238
+    registers, no spill)."""
+    if not gpu or cfg.block_n <= 32:
+        return cfg
+    return cfg._replace(block_n=32, num_warps=max(4, cfg.block_m * 32 // (16 * 32)), group_m=1)
 
 
 def _gate_up(act: str, interleaved: bool, inter: int) -> tuple[bool, int, int]:
