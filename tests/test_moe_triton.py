@@ -13,6 +13,7 @@ import torch
 
 import sparseops
 from conftest import HAS_CUDA
+from sparseops import _backend
 from sparseops.reference.moe import ACTIVATIONS, GATED, moe_mlp_ref
 from sparseops.testing import moe_inputs
 
@@ -50,24 +51,26 @@ def _ref(a, **kw):
 
 def _check_fwd_bwd(inp, **kw):
     """y and pre against the reference; every gradient against autograd through the fp64
-    reference (relative to the gradient's largest entry)."""
+    reference (relative to the gradient's largest entry). One forward of the op, whose
+    autograd runs the triton backward."""
     dtype = inp["x"].dtype
+    leaves = {n: inp[n].detach().clone().requires_grad_(True) for n in NAMES if inp[n] is not None}
+    a = dict(inp, **leaves)
     y, pre = torch.ops.sparseops.moe_mlp(
-        inp["x"], inp["w13"], inp["w2"], inp["weights"], inp["ids"], kw.get("activation", "swiglu"),
-        kw.get("gate_up_layout", "concat"), inp["b13"], inp["b2"], kw.get("alpha", 1.702), kw.get("limit", 7.0),
-        "triton",
+        a["x"], a["w13"], a["w2"], a["weights"], a["ids"], kw.get("activation", "swiglu"),
+        kw.get("gate_up_layout", "concat"), a["b13"], a["b2"], kw.get("alpha", 1.702), kw.get("limit", 7.0), "triton",
     )  # fmt: skip
     y_ref, pre_ref = _ref(inp, return_pre=True, **kw)
     tol = TOL[dtype]
-    torch.testing.assert_close(y.cpu(), y_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(pre.cpu(), pre_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(y.detach().cpu(), y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(pre.detach().cpu(), pre_ref, rtol=tol, atol=tol)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
-    _, got = _grads(lambda a: _run(a, **kw), inp, NAMES, dy.to(DEVICE))
+    (y * dy.to(DEVICE)).sum().backward()
     wide = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for n, v in inp.items()}
-    _, want = _grads(lambda a: _ref(a, **kw), wide, NAMES, dy.double())
+    _, want = _grads(lambda r: _ref(r, **kw), wide, NAMES, dy.double())
     gtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
     for n, w in want.items():
-        g = got[n].cpu().double()
+        g = leaves[n].grad.cpu().double()
         err = (g - w).abs().max().item() / max(1.0, w.abs().max().item()) if w.numel() else 0.0
         assert err <= gtol, (n, err)
     return y
@@ -204,7 +207,7 @@ def test_auto_prefers_decode_kernel_for_small_T():
     assert moe_ops._decode_max_tokens(8, 256, bytes_bf16(7168, 2048)) == 4  # DeepSeek-V3
     assert moe_ops._decode_max_tokens(2, 8, bytes_bf16(4096, 14336)) == 1  # Mixtral-8x7B
     assert moe_ops._decode_max_tokens(4, 128, bytes_bf16(2880, 2880)) == 7  # gpt-oss-120b
-    op = sparseops._backend.OPS["moe_mlp"]
+    op = _backend.OPS["moe_mlp"]
     small, large = ("cuda", torch.bfloat16, True), ("cuda", torch.bfloat16, False)
     if sparseops.build_info()["cuda"]:
         assert op._resolve(small, None) == "cuda"
@@ -276,8 +279,8 @@ def test_gpu_graph_capture_no_host_sync_and_decode_choice():
     assert torch.equal(captured, out)  # deterministic: no atomics decide an order
     assert_no_host_sync(lambda: _run(inp))
     x = inp["x"]
-    assert sparseops._backend.OPS["moe_mlp"].choose(None, x, inp["w13"], inp["w2"], inp["ids"]) == "triton"
-    assert sparseops._backend.OPS["moe_mlp"].choose(None, x[:4], inp["w13"], inp["w2"], inp["ids"][:4]) == "cuda"
+    assert _backend.OPS["moe_mlp"].choose(None, x, inp["w13"], inp["w2"], inp["ids"]) == "triton"
+    assert _backend.OPS["moe_mlp"].choose(None, x[:4], inp["w13"], inp["w2"], inp["ids"][:4]) == "cuda"
     small = {n: (v[:4] if n in ("x", "weights", "ids") else v) for n, v in inp.items()}
     torch.testing.assert_close(_run(small, backend=None), _run(small), rtol=3e-2, atol=3e-2)
 
