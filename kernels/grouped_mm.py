@@ -43,6 +43,17 @@ yet (no GPU was available when this was written; the tables below are first choi
 Tile shapes come from ``tile_config``: a small table keyed by (average rows per group, N, K,
 dtype), never a runtime autotune (deterministic, graph-capturable, no first-call sweep).
 
+Offline sm_90 compile (``python scripts/compile_triton_sm90.py``: triton 3.6, GPUTarget("cuda",
+90, 32), ptxas resource usage, 2026-12-07, no GPU): every table variant of every kernel here
+and in kernels/moe.py compiles with no spill (no local stack), TMA (cp.async.bulk.tensor) for
+the weights, wgmma for BLOCK_M >= 64 (mma.sync below), a software-pipelined K loop (async
+copies), and shared memory within the H100's 227 KB: ragged-M bf16 128 x 128 x 64 (4 stages)
+165 registers / 128 KB, 128 x 256 x 64 (3 stages) 255 / 144 KB, decode 16 x 64 x 128 96 / 60 KB;
+the MoE GEMM-1 128 x 64 (x 2 accumulators) 153-201 / 128 KB; the dH kernel 128 x 32 191-202 /
+80 KB. Wider first choices spilled and were narrowed (see tile_config and moe._dh_config). The
+gathered ragged-K (weight-gradient) kernels pipeline with less shared memory (52 KB: fewer
+stages in flight) than the plain one (128 KB): a tuning lead for the H100 run.
+
 Interpreter and portability rules (kernels/_common.py): runtime-bound loops are ``while``
 loops under the interpreter and ``tl.range`` loops compiled (``K_FOR``: the software
 pipeliner only transforms ``for`` loops, and ``for`` over a runtime bound fails in the
@@ -504,6 +515,7 @@ def _max_programs(device: torch.device, cfg: TileConfig, dtype: torch.dtype) -> 
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_config(avg_rows: float, n: int, k: int, dtype: torch.dtype, gpu: bool, *, parts: int = 1) -> TileConfig:
     """Tile shape for a grouped GEMM with ``avg_rows`` rows per group (the jagged side),
     ``n`` output columns (per part: the MoE GLU kernel computes ``parts`` = 2 accumulators of
@@ -569,11 +581,17 @@ class BOperand(NamedTuple):
     dstrides: tuple[int, int, int]
 
 
+@functools.lru_cache(maxsize=8)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _tma_allowed(t: torch.Tensor, use_tma: bool | None) -> bool:
     if use_tma is False or t.dtype == torch.float64:
         return False
     if t.is_cuda and not interpreting():
-        if use_tma is None and torch.cuda.get_device_capability(t.device)[0] < 9:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if use_tma is None and _capability_major(index) < 9:
             return False  # sm80: no TMA
     elif not interpreting():
         return False

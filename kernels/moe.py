@@ -52,6 +52,8 @@ kernels) and the reference; activation codes follow its ``MoeActivation`` enum.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -461,6 +463,7 @@ def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=256)
 def moe_plan(T: int, H: int, inter: int, E: int, k: int, dtype: torch.dtype, gpu: bool, *, gated: bool = True) -> dict:
     """The tile configs of the layer's GEMMs (forward up / down, backward dH / dx / dW2 /
     dW13), from the average rows per expert T*k/E, the GEMM's N and K and the dtype."""

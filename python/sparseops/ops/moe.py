@@ -317,7 +317,7 @@ def _moe_facts(x, w13=None, w2=None, ids=None, *_):
     device, dtype = _backend.tensor_facts("x")(x)
     if device != "cuda" or w13 is None or w2 is None or ids is None:
         return (device, dtype, None)
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     limit = _decode_max_tokens(int(ids.shape[1]), int(w13.shape[0]), int(expert_bytes))
     return (device, dtype, bool(x.shape[0] <= limit))
 
