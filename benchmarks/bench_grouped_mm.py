@@ -20,8 +20,19 @@ Implementations:
                       the GEMM floor, measured in the same run.
   sparseops:cpu       sparseops.grouped_mm(backend="cpu").
 
-CLI: python -m benchmarks.bench_grouped_mm [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
-     [--no-wgrad] [--out DIR] [--threads N]
+GPU (--device cuda, or the demo on a GPU; bf16): the full-size layers' up ([T*k, H] x [E, H, 2I])
+and down ([T*k, I] x [E, I, H]) projections, T 1, 16, 64, 4096, 16384, balanced routing (and
+skewed routing, max/mean ~ 5 with empty experts, at T = 4096), plus the weight gradient (ragged
+K: [H, T*k] x [T*k, 2I] -> [E, H, 2I]) at T = 4096:
+  torch:_grouped_mm   baseline: torch._grouped_mm (CUTLASS on sm90).
+  floor:dense-mm      baseline: one dense torch.mm of the same FLOPs.
+  sparseops:triton    sparseops.grouped_mm(backend="triton").
+GB/s counts the expert weights actually read (experts with rows) plus the rows in and out;
+the first call's time (compilation) shows in the notes, peak memory per implementation in the
+log.
+
+CLI: python -m benchmarks.bench_grouped_mm [--device cpu|cuda] [--quick] [--tokens T ...] [--dtypes fp32 bf16]
+     [--shapes NAME ...] [--no-wgrad] [--out DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -87,6 +98,8 @@ def run(
     wgrad: bool = True,
 ) -> list[H.Result]:
     """Time sparseops.grouped_mm (the CPU kernel) against torch's grouped GEMM, a loop and the floor."""
+    if session.device.type == "cuda":
+        return run_gpu(session, out_dir=out_dir, tokens=tokens)
     so = H.import_sparseops()
     if shapes:
         shapes = {name: {**SHAPES, **QUICK_SHAPES, **FULL_SHAPES}[name] for name in shapes}
@@ -188,10 +201,109 @@ def run_wgrad(session: H.Session, so: Any, name: str, E: int, k: int, Hd: int, N
         bytes=(E * Hd * N + n * (Hd + N)) * x.element_size(), flops=2 * n * Hd * N, headline=False,
     )  # fmt: skip
     session.write_csv(FAMILY, out_dir)
+# ---------------------------------------------------------------------------------------------
+# GPU: full-size layers, bf16, sparseops' Triton kernel against torch._grouped_mm.
+
+# name: (E, k, H, I)
+GPU_SHAPES = {
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "deepseek-v3": (256, 8, 7168, 2048),
+    "gpt-oss-120b": (128, 4, 2880, 2880),
+}
+GPU_TOKENS = (1, 16, 64, 4096, 16384)
+QUICK_GPU_TOKENS = (64, 4096)
+
+
+def skewed_offs(T: int, k: int, E: int, seed: int) -> torch.Tensor:
+    """offs [E] of T*k rows with max/mean ~ 5 and about an eighth of the experts empty."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(E, generator=gen) ** 4
+    w[torch.randperm(E, generator=gen)[: max(1, E // 8)]] = 0
+    sizes = (w / w.sum() * T * k).floor().long()
+    sizes[int(w.argmax())] += T * k - int(sizes.sum())
+    return sizes.cumsum(0).to(torch.int32)
+
+
+def peak_mib(fn: Any) -> float:
+    """Peak CUDA memory allocated by one call beyond what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_gpu(session: H.Session, *, out_dir: Path, tokens: Sequence[int] | None = None) -> list[H.Result]:
+    so = H.import_sparseops()
+    dev = session.device
+    dtype = torch.bfloat16
+    tokens = tokens or (QUICK_GPU_TOKENS if session.quick else GPU_TOKENS)
+    shapes = dict(list(GPU_SHAPES.items())[1:3]) if session.quick else GPU_SHAPES
+    problems = []
+    for name, (E, k, Hd, inter) in shapes.items():
+        for proj, (K, N) in (("up", (Hd, 2 * inter)), ("down", (inter, Hd))):
+            for T in tokens:
+                problems.append((name, E, k, proj, K, N, T, "balanced"))
+                if T == 4096:
+                    problems.append((name, E, k, proj, K, N, T, "skewed"))
+        if 4096 in tokens:
+            problems.append((name, E, k, "wgrad", Hd, 2 * inter, 4096, "balanced"))
+    session.plan(len(problems))
+    weights: dict[tuple, torch.Tensor] = {}
+    for name, E, k, proj, K, N, T, routing in problems:
+        gen = torch.Generator(device=dev).manual_seed(E + K)
+        n = T * k
+        offs = (expert_rows(T, k, E, seed=T) if routing == "balanced" else skewed_offs(T, k, E, seed=T)).to(dev)
+        touched = int((offs.diff(prepend=offs.new_zeros(1)) > 0).sum())
+        if proj == "wgrad":  # dW[e] = x_e^T dy_e: a [K, n] (transposed view), b [n, N] -> [E, K, N]
+            a = torch.randn(n, K, device=dev, dtype=dtype, generator=gen).t()
+            b = torch.randn(n, N, device=dev, dtype=dtype, generator=gen)
+            nbytes = (n * (K + N) + E * K * N) * 2
+            desc = f"[{K}, T*k] x [T*k, {N}] -> [E, {K}, {N}] ragged K"
+        else:
+            key = (name, proj)
+            if key not in weights:  # [E, N, K] storage read as its [E, K, N] transposed view (HF layout)
+                weights.clear()
+                weights[key] = (torch.randn(E, N, K, device=dev, dtype=dtype, generator=gen) / K**0.5).transpose(1, 2)
+            b = weights[key]
+            a = torch.randn(n, K, device=dev, dtype=dtype, generator=gen)
+            nbytes = (touched * K * N + n * (K + N)) * 2
+            desc = f"[T*k, {K}] x [E, {K}, {N}]"
+        with torch.inference_mode():
+            want = torch._grouped_mm(a, b, offs=offs)
+        end = int(offs[-1]) if proj != "wgrad" else None
+        scale = want[:end].float().abs().max().item() or 1.0
+
+        def check(out: Any, want=want, end=end, scale=scale) -> str:
+            err = (out[:end].float() - want[:end].float()).abs().max().item() / scale
+            return "ok" if err <= 2e-2 else f"max rel err {err:.2e}"
+
+        xa, wa = torch.randn(n, K, device=dev, dtype=dtype), torch.randn(K, N, device=dev, dtype=dtype)
+        cases = [
+            H.Case("torch:_grouped_mm", "baseline", lambda a=a, b=b, o=offs: torch._grouped_mm(a, b, offs=o),
+                   check=check),
+            H.Case("floor:dense-mm", "baseline", lambda x=xa, w=wa: torch.mm(x, w)),
+            H.Case("sparseops:triton", "sparseops", lambda a=a, b=b, o=offs: so.grouped_mm(a, b, o, backend="triton"),
+                   check=check),
+        ]  # fmt: skip
+        rows = session.measure_group(
+            cases, family=FAMILY, op=f"grouped_mm {proj}", shape=f"{name} {proj} {routing} E={E} k={k}",
+            params=f"E={E} k={k} {desc} {routing}", size=T, size_name="T", dtype="bf16", bytes=nbytes,
+            flops=2 * n * K * N, headline=proj == "up" and routing == "balanced",
+        )  # fmt: skip
+        peaks = ", ".join(f"{c.impl} {peak_mib(c.fn):.0f} MiB" for c, r in zip(cases, rows) if r.median_us)
+        session.log(f"    peak memory beyond the inputs: {peaks}")
+        session.write_csv(FAMILY, out_dir)
+        del a, b, want, xa, wa
+    return session.family_results(FAMILY)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_grouped_mm", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda (full-size, bf16)")
     p.add_argument("--quick", action="store_true", help="one small shape, T 1 and 64, short budgets")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 8 64 4096)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
@@ -206,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     args = p.parse_args(argv)
     H.set_threads(args.threads)
-    device = torch.device("cpu")
+    device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)

@@ -37,8 +37,22 @@ the problem. benchmarks/results/README.md says how to make the two venvs. Full-s
 same-run bf16 mm ceiling and, per problem, the experts touched and their bytes (the rows'
 GB/s and % of copy bandwidth count those bytes: decode is a weight stream).
 
-CLI: python -m benchmarks.bench_moe [--quick] [--tokens T ...] [--dtypes fp32 bf16] [--shapes NAME ...]
-     [--no-training] [--out DIR] [--threads N]
+GPU (--device cuda, or the demo on a GPU; bf16, full-size Qwen3-30B-A3B, Mixtral-8x7B,
+DeepSeek-V3 and gpt-oss-120b layers, swiglu; T 1, 16, 64, 4096, 16384):
+  torch:grouped_mm    baseline: the layer above on torch._grouped_mm (CUTLASS on sm90).
+  torch:compile       baseline: torch.compile of that layer (first-call compile time in the notes).
+  liger:fused_moe     baseline: Liger-Kernel's LigerFusedMoEFunction when liger-kernel is installed
+                      (LIGER_FUSED_MOE_AUTOTUNE=0: one config per kernel, no autotune sweep).
+  sparseops:triton    sparseops.moe_mlp(backend="triton").
+  sparseops:cuda      sparseops.moe_mlp(backend="cuda"), the decode kernel (T <= 64 only).
+  sparseops:auto      what backend=None picks (the decode kernel for small T, Triton otherwise).
+Training rows (fwd+bwd, grads of x, w13, w2 and the routing weights): Qwen3-30B-A3B at
+T = 16384 and Mixtral-8x7B at T = 8192 (Qwen3 T = 4096 with --quick), with the bytes each
+implementation saves for its backward and its peak memory in the log. GB/s counts the expert
+weights actually read (experts with tokens).
+
+CLI: python -m benchmarks.bench_moe [--device cpu|cuda] [--quick] [--tokens T ...] [--dtypes fp32 bf16]
+     [--shapes NAME ...] [--no-training] [--out DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -194,6 +208,8 @@ def run(
     training: bool = True,
 ) -> list[H.Result]:
     """Time sparseops.moe_mlp (the CPU kernel) against the torch layers, the CPU peers and the GEMM floor."""
+    if session.device.type == "cuda":
+        return run_gpu(session, out_dir=out_dir, tokens=tokens, training=training)
     so = H.import_sparseops()
     from sparseops.reference.moe import moe_mlp_hf_loop
 
@@ -350,8 +366,127 @@ def run_training(
     session.write_csv(FAMILY, out_dir)
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU: full-size layers, bf16: sparseops' Triton path (and CUDA decode kernel) against the torch
+# layer, its torch.compile and Liger-Kernel.
+
+GPU_SHAPES = {**FULL_SHAPES, "deepseek-v3": (256, 8, 7168, 2048), "gpt-oss-120b": (128, 4, 2880, 2880)}
+GPU_TOKENS = (1, 16, 64, 4096, 16384)
+QUICK_GPU_TOKENS = (16, 4096)
+GPU_TRAINING = {"qwen3-30b-a3b": 16384, "mixtral-8x7b": 8192}
+QUICK_GPU_TRAINING = {"qwen3-30b-a3b": 4096}
+
+
+def liger_fused_moe() -> Any:
+    """Liger-Kernel's LigerFusedMoEFunction.apply, or None when liger-kernel is not installed."""
+    os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # read at import: one config per kernel
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except Exception:  # noqa: BLE001 - absent, or built for another triton
+        return None
+    return LigerFusedMoEFunction.apply
+
+
+def liger_layer(fn: Any, x, w13, w2, weights, ids):
+    return fn(x, w13, w2, ids.long(), weights.to(x.dtype))
+
+
+def _peak_mib(fn: Any) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_gpu(
+    session: H.Session, *, out_dir: Path, tokens: Sequence[int] | None = None, training: bool = True
+) -> list[H.Result]:
+    so = H.import_sparseops()
+    from sparseops.testing import moe_inputs
+
+    dev = session.device
+    tokens = tokens or (QUICK_GPU_TOKENS if session.quick else GPU_TOKENS)
+    shapes = {"qwen3-30b-a3b": GPU_SHAPES["qwen3-30b-a3b"]} if session.quick else GPU_SHAPES
+    trains = (QUICK_GPU_TRAINING if session.quick else GPU_TRAINING) if training else {}
+    session.plan(len(shapes) * len(tokens) + len(trains))
+    liger = liger_fused_moe()
+    if liger is None:
+        session.log("liger:fused_moe skipped (pip install liger-kernel==0.8.5)")
+    compiled = torch.compile(grouped_mm_layer)
+    for name, (E, k, Hd, inter) in shapes.items():
+        for T in tokens:
+            inp = moe_inputs(T, Hd, inter, E, k, dtype=torch.bfloat16, device=dev, seed=T)
+            args = tuple(inp[n] for n in ("x", "w13", "w2", "weights", "ids"))
+            with torch.inference_mode():
+                want = grouped_mm_layer(*args).float()
+            scale = want.abs().max().item() or 1.0
+
+            def check(out: Any, want=want, scale=scale) -> str:
+                err = (out.float() - want).abs().max().item() / scale
+                return "ok" if err <= 5e-2 else f"max rel err {err:.2e}"
+
+            cases = [
+                H.Case("torch:grouped_mm", "baseline", lambda a=args: grouped_mm_layer(*a), check=check, graph=False),
+                H.Case("torch:compile", "baseline", lambda a=args: compiled(*a), check=check, graph=False),
+                H.Case("sparseops:triton", "sparseops", lambda a=args: so.moe_mlp(*a, backend="triton"), check=check),
+                H.Case("sparseops:auto", "sparseops", lambda a=args: so.moe_mlp(*a), check=check),
+            ]  # fmt: skip
+            if liger is not None:
+                cases.insert(2, H.Case("liger:fused_moe", "baseline", lambda a=args: liger_layer(liger, *a),
+                                       check=check, graph=False))  # fmt: skip
+            if T <= 64:
+                cases.append(H.Case("sparseops:cuda", "sparseops", lambda a=args: so.moe_mlp(*a, backend="cuda"),
+                                    check=check))  # fmt: skip
+            touched = int(torch.unique(args[4]).numel())
+            weight_bytes = touched * (args[1][0].numel() + args[2][0].numel()) * 2
+            session.measure_group(
+                cases, family=FAMILY, op="moe_mlp", shape=f"{name} E={E} k={k} H={Hd} I={inter}",
+                params=f"E={E} k={k} H={Hd} I={inter} swiglu", size=T, size_name="T", dtype="bf16",
+                bytes=weight_bytes + 2 * T * Hd * 2, flops=2 * T * k * 3 * Hd * inter, headline=True,
+            )  # fmt: skip
+            session.log(f"    auto picks {so.resolve_backend('moe_mlp', args[0], args[1], args[2], args[4])}")
+            session.write_csv(FAMILY, out_dir)
+    for name, T in trains.items():
+        E, k, Hd, inter = GPU_SHAPES[name]
+        inp = moe_inputs(T, Hd, inter, E, k, dtype=torch.bfloat16, device=dev, seed=T)
+        leaves = [inp[n].detach().requires_grad_(True) for n in ("x", "w13", "w2", "weights")]
+        ids = inp["ids"]
+        dy = torch.randn(T, Hd, dtype=torch.bfloat16, device=dev)
+        layers = {
+            "torch:grouped_mm": grouped_mm_layer,
+            "torch:compile": compiled,
+            "sparseops:triton": lambda x, w13, w2, w, i: so.moe_mlp(x, w13, w2, w, i, backend="triton"),
+        }
+        if liger is not None:
+            layers["liger:fused_moe"] = lambda x, w13, w2, w, i: liger_layer(liger, x, w13, w2, w, i)
+        cases = [
+            H.Case(impl, "sparseops" if impl.startswith("sparseops") else "baseline",
+                   lambda f=f, lv=leaves, i=ids, d=dy: fwd_bwd(f, lv, i, d), graph=False)
+            for impl, f in layers.items()
+        ]  # fmt: skip
+        session.measure_group(
+            cases, family=FAMILY, op="moe_mlp fwd+bwd", shape=f"{name} E={E} k={k} H={Hd} I={inter}",
+            params=f"E={E} k={k} H={Hd} I={inter} swiglu fwd+bwd", size=T, size_name="T", dtype="bf16",
+            bytes=3 * E * 3 * Hd * inter * 2, flops=3 * 2 * T * k * 3 * Hd * inter,
+        )  # fmt: skip
+        mem = []
+        for impl, f in layers.items():
+            try:
+                saved = saved_bytes(f, leaves, ids) / 2**20
+                peak = _peak_mib(lambda f=f, lv=leaves, i=ids, d=dy: fwd_bwd(f, lv, i, d))
+                mem.append(f"{impl} saves {saved:.0f} MiB, peak {peak:.0f} MiB")
+            except Exception as exc:  # noqa: BLE001 - reported with the others
+                mem.append(f"{impl}: {type(exc).__name__}")
+        session.log(f"    activation memory (bf16, T={T}): " + "; ".join(mem))
+        session.write_csv(FAMILY, out_dir)
+    return session.family_results(FAMILY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_moe", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda (full-size, bf16)")
     p.add_argument("--quick", action="store_true", help="one small shape, T 1 and 16, short budgets")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 16 128 1024)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
@@ -366,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     args = p.parse_args(argv)
     H.set_threads(args.threads)
-    device = torch.device("cpu")
+    device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)

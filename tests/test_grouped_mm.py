@@ -17,7 +17,9 @@ from sparseops.reference.grouped_mm import (
     scatter_rows_ref,
 )
 
-BACKENDS = backend_params("grouped_mm")
+# Triton on CPU tensors (the interpreter) runs test_grouped_mm_triton.py's interpreter-sized matrix instead of
+# this one; on a GPU the triton backend runs this whole matrix.
+BACKENDS = [p for p in backend_params("grouped_mm") if p.id != "cpu-triton"]
 GATHER_BACKENDS = backend_params("gather_rows")
 SCATTER_BACKENDS = backend_params("scatter_rows")
 SCALE_BACKENDS = backend_params("row_scale")

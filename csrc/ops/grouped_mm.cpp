@@ -2,8 +2,9 @@
 // of the user-facing checks for every backend), output allocation and the backend switch
 // (native CPU kernel, or the Python kernel of the triton / reference backends, see
 // sparseops/backend.h). Kernels: csrc/cpu/grouped_mm.cpp, python/sparseops/reference/
-// grouped_mm.py. No CUDA C++ kernel exists yet: backend="cuda" is an error here; on CUDA
-// tensors the Python registry picks another backend.
+// grouped_mm.py, kernels/grouped_mm.py (Triton). No CUDA C++ kernel exists yet:
+// backend="cuda" (and "auto" on CUDA tensors, which the Python registry resolves to "triton")
+// is an error here.
 //
 // offs is checked on CPU (non-decreasing, in [0, jagged length]); on CUDA it is NOT checked,
 // to keep the op free of host syncs: an invalid offs there is undefined behaviour.
@@ -155,7 +156,7 @@ Tensor grouped_mm(const Tensor& a, const Tensor& b, const std::optional<Tensor>&
   const GroupedMmConfig cfg = parse_grouped_mm(a, b, offs, bias, out_dtype);
   const bool native = runs_native("grouped_mm", backend, a);
   TORCH_CHECK(!native || a.is_cpu(), "sparseops.grouped_mm has no CUDA C++ kernel yet: use ",
-              "backend=\"reference\"");
+              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
   Tensor out = at::empty(out_shape(cfg), a.options().dtype(cfg.out_dtype));
   if (out.numel() == 0) return out;
   const Tensor oc = offs.has_value() ? offs->contiguous() : Tensor();

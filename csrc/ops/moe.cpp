@@ -1,8 +1,10 @@
 // moe_mlp op layer: argument parsing (the one owner of the user-facing checks for every
 // backend), output allocation and the backend switch (native CPU kernel, or the Python
 // kernel of the triton / reference backends, see sparseops/backend.h). The kernels live in
-// csrc/cpu/moe.cpp and python/sparseops/reference/moe.py. No CUDA C++ kernel is registered
-// yet: backend="cuda" is an error here; on CUDA tensors the Python registry picks another.
+// csrc/cpu/moe.cpp, csrc/cuda/moe.cu (the decode / small-T forward), kernels/moe.py (Triton,
+// forward and backward) and python/sparseops/reference/moe.py. The backward has no CUDA C++
+// kernel: backend="cuda" (or "auto" on CUDA tensors) is an error there; from Python, auto
+// picks "triton".
 //
 // The autograd formula is registered from Python (sparseops/ops/moe.py): the op returns the
 // pre-activation of every slot, which the backward reads with x and the routing metadata.
@@ -195,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_mlp_backward(
               describe(pre));
   const bool native = runs_native("moe_mlp_backward", backend, x);
   TORCH_CHECK(!native || x.is_cpu(), "sparseops.moe_mlp_backward has no CUDA C++ kernel yet: ",
-              "use backend=\"reference\"");
+              "use backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xo = x.options();
   Tensor dx = at::zeros({cfg.t, cfg.h}, xo);

@@ -56,7 +56,9 @@ PythonKernel = Callable[[list, list, dict], None]
 
 
 class Backend(NamedTuple):
-    rank: int  # auto picks the lowest rank that can take the inputs
+    # auto picks the lowest rank that can take the inputs; a callable rank (*facts) -> int
+    # lets an op prefer one backend for some inputs (moe_mlp: the CUDA decode kernel at small T).
+    rank: int | Callable[..., int]
     unsupported_reason: Callable[..., str | None]  # (*facts) -> None when it can run them
     kernel: PythonKernel | None  # (inputs, outputs, options) for backends run in Python
 
@@ -79,13 +81,18 @@ class Op:
         self,
         backend: str,
         *,
-        rank: int,
+        rank: int | Callable[..., int],
         unsupported_reason: Callable[..., str | None],
         kernel: PythonKernel | None = None,
     ) -> None:
         assert backend in BACKENDS, backend
         self.backends[backend] = Backend(rank, unsupported_reason, kernel)
         self._cache.clear()
+
+    def rank_of(self, backend: str, facts: Facts) -> int:
+        """The rank of ``backend`` for inputs with these facts."""
+        rank = self.backends[backend].rank
+        return rank(*facts) if callable(rank) else rank
 
     def reasons(self, *inputs: Any) -> dict[str, str | None]:
         """Each registered backend's reason for refusing these inputs (None: it can run them)."""
@@ -113,7 +120,7 @@ class Op:
             # A plain loop (not min(key=...)): torch.compile traces this on a cache miss.
             chosen = None
             for b, why in reasons.items():
-                if why is None and (chosen is None or self.backends[b].rank < self.backends[chosen].rank):
+                if why is None and (chosen is None or self.rank_of(b, facts) < self.rank_of(chosen, facts)):
                     chosen = b
             if chosen == "reference" and not HAS_C:
                 _warn_no_c()
@@ -255,7 +262,8 @@ def available_backends(op: str, *inputs: Any) -> list[str]:
     """The backends that can run ``op`` on these inputs (or a device), best first."""
     entry = _op(op)
     usable = [b for b, why in entry.reasons(*inputs).items() if why is None]
-    return sorted(usable, key=lambda b: (entry.backends[b].rank, BACKENDS.index(b)))
+    facts = entry.facts(*inputs)
+    return sorted(usable, key=lambda b: (entry.rank_of(b, facts), BACKENDS.index(b)))
 
 
 def resolve_backend(op: str, *inputs: Any, backend: str | None = None) -> str:

@@ -181,14 +181,27 @@ if _backend.HAS_C:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: the C++ CPU kernels (csrc/cpu/grouped_mm.cpp) and the reference. No CUDA C++ or
-# Triton kernel is registered yet, so CUDA tensors run the reference.
+# Backends: the C++ CPU kernels (csrc/cpu/grouped_mm.cpp), the Triton grouped_mm
+# (kernels/grouped_mm.py; on CUDA tensors what auto picks, on CPU tensors only under
+# TRITON_INTERPRET=1) and the reference. The fusion helpers have no CUDA or Triton kernel:
+# CUDA tensors run their reference.
 
 
 def _grouped_reference_kernel(inputs, outputs, options) -> None:
     a, b, offs, bias = inputs
     out = outputs[0]
     out.copy_(ref.grouped_mm_ref(a, b, offs, bias=bias, out_dtype=out.dtype))
+
+
+def _grouped_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.grouped_mm import grouped_mm_triton
+
+    a, b, offs, bias = inputs
+    grouped_mm_triton(a, b, offs, bias, options["layout"], outputs[0])
+
+
+def _triton_reason(device, *_):
+    return _backend.triton_kernels(device)
 
 
 def _gather_reference_kernel(inputs, outputs, options) -> None:
@@ -208,6 +221,7 @@ def _row_scale_reference_kernel(inputs, outputs, options) -> None:
 
 _GROUPED = _backend.Op("grouped_mm", _backend.tensor_facts("a"))
 _GROUPED.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_GROUPED.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_grouped_triton_kernel)
 _GROUPED.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_grouped_reference_kernel)
 _GATHER = _backend.Op("gather_rows", _backend.tensor_facts("a"))
 _GATHER.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
@@ -254,7 +268,8 @@ def grouped_mm(
     fp16 inputs. Products are summed at fp32 (fp64 for fp64) and rounded once.
 
     Differentiable in a, b and bias (the backward is grouped_mm again, over the same offs).
-    backend: None/"auto", "cpu" or "reference" (CUDA tensors run the reference for now).
+    backend: None/"auto", "cpu", "triton" (what auto picks on CUDA tensors; CPU tensors only
+    under TRITON_INTERPRET=1) or "reference".
     """
     name = _GROUPED.choose(backend, a)
     if _backend.HAS_C:

@@ -11,11 +11,14 @@ kernel of the reference backend, and the public function. The semantics are spec
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .. import _backend
 from ..reference import moe as ref
+from . import routing as _routing
 from ._common import accumulate_dtype as _accumulate_dtype
 from ._common import describe as _describe
 
@@ -234,8 +237,9 @@ if _backend.HAS_C:
 
 # ---------------------------------------------------------------------------------------------
 # Backends. "cuda" is the decode / small-T CUDA kernel (csrc/cuda/moe.cu: three launches over
-# all routed slots). No Triton backend is registered yet (it awaits the shared grouped-GEMM
-# kernel). The backward has a CPU kernel and the reference (on CUDA tensors: the reference).
+# all routed slots, one C++ call); "triton" the grouped path (kernels/moe.py: routing metadata,
+# GEMM-1 with gather and activation, GEMM-2 with bias and routing weight, combine; its backward
+# too). The backward has a CPU kernel, the Triton kernels and the reference.
 
 
 def _reference_kernel(inputs, outputs, options) -> None:
@@ -258,12 +262,82 @@ def _reference_kernel(inputs, outputs, options) -> None:
     outputs[1].copy_(pre)
 
 
-_MOE = _backend.Op("moe_mlp", _backend.tensor_facts("x"))
-_MOE.register("cuda", rank=0, unsupported_reason=_backend.native_cuda)
+def _triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.moe import moe_mlp_triton
+
+    x, w13, w2, weights, ids, b13, b2 = inputs
+    meta = _routing.route_metadata(ids, w13.shape[0])
+    moe_mlp_triton(
+        x, w13, w2, weights, ids, b13, b2, meta.offs, meta.sorted_slots, meta.inverse, meta.tokens,
+        options["activation"], options["gate_up_layout"] == "interleaved", options["alpha"], options["limit"],
+        outputs[0], outputs[1],
+    )  # fmt: skip
+
+
+def _backward_triton_kernel(inputs, outputs, options) -> None:
+    from ..kernels.moe import moe_mlp_backward_triton
+
+    dy, x, w13, w2, weights, ids, pre, b13, b2 = inputs
+    meta = _routing.route_metadata(ids, w13.shape[0])
+    moe_mlp_backward_triton(
+        dy, x, w13, w2, weights, ids, pre, b13, b2, meta.offs, meta.sorted_slots, meta.inverse, meta.tokens,
+        options["activation"], options["gate_up_layout"] == "interleaved", options["alpha"], options["limit"],
+        *outputs,
+    )  # fmt: skip
+
+
+# The CUDA decode kernel against the Triton grouped path, on CUDA tensors. The decode kernel
+# reads all of expert e's weights once per routed slot (T*k expert reads); the grouped path
+# reads each touched expert once (U of them, U ~ E (1 - (1 - 1/E)^(T k)) for random routing,
+# U = k at T = 1), but costs more host time per call: one C++ op (~9.5 us) against the
+# metadata op plus three Triton launches from Python (~9.5 + 3 x 19 us; DESIGN.md's H100 host
+# measurements, torch 2.11, 2026-11), ~57 us more, the time an H100 streams ~170 MB of weights
+# (~3 TB/s). So auto takes the decode kernel while its extra weight traffic
+# (T*k - U) x (bytes of one expert's w13 + w2) stays under 170 MB: in bf16 T <= 9 for
+# Qwen3-30B-A3B (9.4 MB per expert), T <= 7 for gpt-oss-120b (50 MB), T <= 4 for DeepSeek-V3
+# (88 MB), T = 1 for Mixtral-8x7B (352 MB). A model of the two paths from those measured
+# per-call costs; the kernels' own times still await an H100.
+_DECODE_EXTRA_BYTES = 170e6
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_max_tokens(k: int, E: int, expert_bytes: int) -> int:
+    """The largest T for which auto prefers the CUDA decode kernel (0: never)."""
+    best = 0
+    for T in range(1, 4097):
+        n = T * k
+        unique = k if T == 1 else E * (1.0 - (1.0 - 1.0 / E) ** n)
+        if (n - unique) * expert_bytes > _DECODE_EXTRA_BYTES:
+            break
+        best = T
+    return best
+
+
+def _moe_facts(x, w13=None, w2=None, ids=None, *_):
+    device, dtype = _backend.tensor_facts("x")(x)
+    if device != "cuda" or w13 is None or w2 is None or ids is None:
+        return (device, dtype, None)
+    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
+    limit = _decode_max_tokens(int(ids.shape[1]), int(w13.shape[0]), int(expert_bytes))
+    return (device, dtype, bool(x.shape[0] <= limit))
+
+
+def _cuda_rank(device, dtype, decode):
+    return 0 if decode else 2
+
+
+def _triton_reason(device, *_):
+    return _backend.triton_kernels(device)
+
+
+_MOE = _backend.Op("moe_mlp", _moe_facts)
+_MOE.register("cuda", rank=_cuda_rank, unsupported_reason=_backend.native_cuda)
+_MOE.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_triton_kernel)
 _MOE.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MOE.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
 _MOE_BWD = _backend.Op("moe_mlp_backward", _backend.tensor_facts("x"))
 _MOE_BWD.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
+_MOE_BWD.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_backward_triton_kernel)
 _MOE_BWD.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_backward_reference_kernel)
 
 
@@ -309,7 +383,12 @@ def moe_mlp(
         b13: optional [E, 2I or I] bias of the first projection; b2: optional [E, H].
         alpha, limit: swiglu_oai's constants (gpt-oss: 1.702 and 7.0).
         backend: None/"auto", "cpu", "cuda" (a decode / small-T kernel; on CUDA tensors ids
-            outside [-1, E) are treated as dropped, unchecked) or "reference".
+            outside [-1, E) are treated as dropped, unchecked), "triton" (the grouped path:
+            route metadata, two grouped GEMMs with the gather, activation, bias and routing
+            weight fused, a deterministic combine; CPU tensors only under TRITON_INTERPRET=1)
+            or "reference". Auto on CUDA tensors takes "cuda" for decode-sized T (while its
+            per-slot weight reads cost less than the grouped path's host time) and "triton"
+            otherwise; the backward runs on "triton" there.
 
     Each token's k slots are summed in slot order at fp32 (fp64 for fp64): deterministic. On
     CPU an expert with at most 48 routed rows (every expert at decode) runs through a
@@ -323,7 +402,7 @@ def moe_mlp(
     Differentiable in x, w13, w2, weights, b13, b2; the backward reads x, the saved
     [T*k, 2I or I] pre-activation and the routing.
     """
-    name = _MOE.choose(backend, x)
+    name = _MOE.choose(backend, x, w13, w2, ids)
     if _backend.HAS_C:
         return _moe_op(x, w13, w2, weights, ids, activation, gate_up_layout, b13, b2, alpha, limit, name)[0]
     return ref.moe_mlp_ref(
