@@ -46,6 +46,10 @@ def run(
     session: H.Session, *, out_dir: Path, docs: Sequence[int] | None = None, dtypes: Sequence[str] = ("fp32", "bf16")
 ) -> list[H.Result]:
     """Time sparseops.maxsim (the CPU kernel on CPU, what auto picks on GPU) against the flat GEMM."""
+    if session.device.type == "cuda":  # the GPU problems and baselines: benchmarks/bench_maxsim_gpu.py
+        from benchmarks.bench_maxsim_gpu import run_gpu
+
+        return run_gpu(session, out_dir=out_dir, docs=docs)
     so = H.import_sparseops()
     docs = docs or (QUICK_DOCS if session.quick else DOCS)
     backend = "cpu" if session.device.type == "cpu" else "auto"
@@ -91,9 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU problems of bench_maxsim_gpu")
     args = p.parse_args(argv)
     H.set_threads(args.threads)
-    device = torch.device("cpu")
+    device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)

@@ -222,3 +222,23 @@ def test_per_call_path_has_no_python_autograd_wrapper():
     assert not any("autograd" in n.lower() and "maxsim" in n.lower() for n in names), names
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("maxsim_fused_kernel" in k for k in kernels) and len(kernels) == 1, kernels
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float16, 24), (torch.float32, 96), (torch.bfloat16, 12)])
+def test_sanitizer_ragged_tails(dtype, dim):
+    """Small ragged shapes for compute-sanitizer (scripts/gpu_check.sh runs `-k sanitizer`
+    under memcheck / racecheck / synccheck): documents of every length mod 32 (zero-filled
+    tails never read past the document), lengths masks, packed documents cut between warps
+    and blocks, and several query chunks."""
+    for Nq, Lq, Nd, Ld in [(1, 32, 37, 33), (3, 50, 11, 65), (2, 7, 64, 1)]:
+        q, d = maxsim_inputs(Nq, Lq, Nd, Ld, dim, dtype=dtype, device=DEV, seed=Nd)
+        lengths = maxsim_lengths(Nd, Ld, device=DEV, seed=Nd)
+        got = sparseops.maxsim(q, d, d_mask=lengths, backend="cuda", return_argmax=True)
+        _assert_close(*got, *_ref_chunked(q, d, d_mask=lengths), q, d, Lq)
+        cu_d = torch.zeros(Nd + 1, dtype=torch.int32, device=DEV)
+        cu_d[1:] = torch.cumsum(lengths, 0)
+        keep = torch.arange(Ld, device=DEV)[None, :] < lengths[:, None]
+        cu_q = torch.arange(Nq + 1, dtype=torch.int32, device=DEV) * Lq
+        s = sparseops.maxsim_varlen(q.reshape(-1, dim), cu_q, d[keep], cu_d, backend="cuda")
+        torch.testing.assert_close(s, got[0], rtol=1e-6, atol=1e-5)
+    torch.cuda.synchronize()

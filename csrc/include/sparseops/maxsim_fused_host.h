@@ -62,24 +62,6 @@ void with_tile(TileChoice c, at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Chunk rows, row stride and the most warps (<= max_warps) whose shared memory fits in
-// max_smem bytes; false when not even one warp fits (the embedding is too wide).
-template <class K>
-bool plan_block(Params& p, int64_t max_smem, int max_warps, int64_t& smem) {
-  p.chunk_rows = 32 * K::kMtp;
-  p.row_stride = K::row_stride(p.dim);
-  p.dim_pad = K::dim_pad(p.dim);
-  for (int w = max_warps; w >= 1; --w) {
-    const Layout<K::kStages> L(p.chunk_rows, p.row_stride, K::kElem, w);
-    if (L.total <= max_smem) {
-      p.warps = w;
-      smem = L.total;
-      return true;
-    }
-  }
-  return false;
-}
-
 inline void set_masks(Params& p, const at::Tensor& q_mask, const at::Tensor& d_mask, TokenMask qk, TokenMask dk) {
   p.q_mask = int(qk);
   if (qk == TokenMask::kBool) p.q_bool = reinterpret_cast<const uint8_t*>(q_mask.data_ptr());
