@@ -604,6 +604,27 @@ SO_HD void finish_doc(Arch& a, const Params& p, const uint8_t* row_real, Slot s,
     s.v[r] = live ? s.v[r] : 0.f;
   }
   a.syncwarp();
+  if (n1 - n0 == 1) {
+    // One query in the chunk (a single ColBERT query): the whole warp sums its rows (lane
+    // partial sums, then a butterfly: every lane ends with the same bits).
+    const int64_t n = n0, qs = q_start(p, n), qe = q_start(p, n + 1);
+    const int64_t lo = (qs > r0 ? qs : r0) - r0, hi = (qe < r1 ? qe : r1) - r0;
+    float sum = 0.f;
+    for (int64_t r = lo + lane; r < hi; r += kWarpSize) sum += s.v[r];
+#pragma unroll
+    for (int off = kWarpSize / 2; off >= 1; off /= 2) sum += a.shfl_xor(sum, off);
+    if (lane == 0) {
+      float* out = p.scores + n * p.nd + m;
+      if (qs < r0) sum = *out + sum;
+      if ((qe <= r1 || last_chunk) && p.mean) {
+        const float c = q_count(p, n);
+        sum = c > 0.f ? sum / c : 0.f;
+      }
+      *out = sum;
+    }
+    a.syncwarp();
+    return;
+  }
   for (int64_t n = n0 + lane; n < n1; n += kWarpSize) {
     const int64_t qs = q_start(p, n), qe = q_start(p, n + 1);
     const int64_t lo = (qs > r0 ? qs : r0) - r0, hi = (qe < r1 ? qe : r1) - r0;
