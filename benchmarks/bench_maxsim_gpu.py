@@ -80,9 +80,11 @@ def _peers() -> dict[str, Callable[..., Any] | str]:
     try:
         import late_interaction_kernels as lik
 
-        out["late-interaction-kernels"] = lambda q, d, lengths=None: lik.maxsim(
-            q, d, d_mask=None if lengths is None else torch.arange(d.shape[1], device=d.device)[None, :] < lengths[:, None]
-        )
+        def lik_call(q, d, lengths=None):
+            mask = None if lengths is None else torch.arange(d.shape[1], device=d.device)[None, :] < lengths[:, None]
+            return lik.maxsim(q, d, d_mask=mask)
+
+        out["late-interaction-kernels"] = lik_call
     except Exception as exc:  # noqa: BLE001 - optional peer
         out["late-interaction-kernels"] = f"not importable: {type(exc).__name__}: {exc}"[:160]
     return out
@@ -150,10 +152,12 @@ def _forward_group(session: H.Session, so: Any, *, shape: str, q, d, lengths=Non
         pq, cu_q, pd, cu_d = packed
         cases.append(H.Case("sparseops:varlen-cuda", "sparseops",
                             lambda: so.maxsim_varlen(pq, cu_q, pd, cu_d, backend="cuda"), check=check))  # fmt: skip
+    # Document bytes read once (ragged: only the real tokens).
+    tokens = Nd * Ld if lengths is None else int(lengths.sum())
     session.measure_group(
         cases, family=FAMILY, op="maxsim", shape=shape, params=f"Nq={Nq} Lq={Lq} Ld={Ld} dim={dim}", size=size,
-        size_name=size_name, dtype=dt, bytes=d.numel() * d.element_size() if lengths is None else int(lengths.sum()) * dim * d.element_size(),
-        flops=2 * Nq * Lq * Nd * Ld * dim, headline=headline,
+        size_name=size_name, dtype=dt, bytes=tokens * dim * d.element_size(), flops=2 * Nq * Lq * tokens * dim,
+        headline=headline,
     )  # fmt: skip
 
 

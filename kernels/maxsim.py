@@ -16,8 +16,10 @@ misbehaves (DESIGN.md). Compiled bf16 / fp16 tiles stay 16-bit into ``tl.dot`` (
 cores, fp32 accumulation): widening them first made every dot an fp32 "ieee" one, FMA
 units instead of tensor cores. Many query rows (Nq * Lq >= 64, dim >= 16, not fp64) go to
 the multi-query kernel (``kernels/maxsim_multi.py``), which reads each document tile once
-per 128 query rows instead of once per query. Single config, no autotune (the interpreter cannot run autotune, and a fixed
-table keeps launches deterministic and graph-friendly). Loops over runtime bounds are
+per 128 query rows instead of once per query.
+
+Single config, no autotune (the interpreter cannot run autotune, and a fixed table keeps
+launches deterministic and graph-friendly). Loops over runtime bounds are
 ``while`` loops (``for i in range(x)`` with a runtime x fails in the interpreter under
 numpy >= 2.3); masks are tensor comparisons only (see ``kernels/_common.py``).
 

@@ -132,10 +132,12 @@ def _maxsim_multi_kernel(
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for kc in tl.static_range(NUM_K):
                 kk = kc * BLOCK_K + offs_k
-                qk = tl.load(q_ptr + row[:, None] * dim + kk[None, :], mask=row_in[:, None] & (kk < dim)[None, :], other=0.0)
-                dk = tl.load(d_ptr + cols[:, None] * dim + kk[None, :], mask=in_rng[:, None] & (kk < dim)[None, :], other=0.0)
+                k_ok = (kk < dim)[None, :]
+                qk = tl.load(q_ptr + row[:, None] * dim + kk[None, :], mask=row_in[:, None] & k_ok, other=0.0)
+                dk = tl.load(d_ptr + cols[:, None] * dim + kk[None, :], mask=in_rng[:, None] & k_ok, other=0.0)
                 if WIDEN:
-                    s += tl.dot(qk.to(tl.float32), tl.trans(dk.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
+                    qk, dk = qk.to(tl.float32), dk.to(tl.float32)
+                    s += tl.dot(qk, tl.trans(dk), input_precision="ieee", out_dtype=tl.float32)
                 else:
                     s += tl.dot(qk, tl.trans(dk), out_dtype=tl.float32)
         tile_hi = tl.minimum(t0 + BLOCK_N, t_end)
@@ -151,7 +153,7 @@ def _maxsim_multi_kernel(
                 present = seg & (j < d_len)
             else:
                 present = seg
-            if D_MASK == 1:
+            if D_MASK == 1:  # noqa: SIM108 - a constexpr branch, traced once per mask kind
                 real = present & (tl.load(dmask_ptr + cols, mask=seg, other=0) != 0)
             else:
                 real = present

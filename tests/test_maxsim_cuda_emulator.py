@@ -45,7 +45,7 @@ def _emulate(q, d, q_mask=None, d_mask=None, *, reduce="sum", pylate=False, cu_q
 def _check(q, d, *, exact=False, q_mask=None, d_mask=None, reduce="sum", pylate=False, **plan):
     scores, argmax, used = _emulate(q, d, q_mask, d_mask, reduce=reduce, pylate=pylate, **plan)
     kw = {"q_mask": q_mask, "d_mask": d_mask, "reduce": reduce, "pylate_mask": pylate}
-    want, want_arg = maxsim_ref(q.float() if q.dtype != torch.float32 else q, d.float() if d.dtype != torch.float32 else d, **kw)
+    want, want_arg = maxsim_ref(q.float(), d.float(), **kw)
     if exact:
         assert torch.equal(scores, want), (used, (scores - want).abs().max())
         assert torch.equal(argmax, want_arg), used

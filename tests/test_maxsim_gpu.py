@@ -224,7 +224,9 @@ def test_per_call_path_has_no_python_autograd_wrapper():
     assert any("maxsim_fused_kernel" in k for k in kernels) and len(kernels) == 1, kernels
 
 
-@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float16, 24), (torch.float32, 96), (torch.bfloat16, 12)])
+@pytest.mark.parametrize(
+    "dtype,dim", [(torch.bfloat16, 128), (torch.float16, 24), (torch.float32, 96), (torch.bfloat16, 12)]
+)
 def test_sanitizer_ragged_tails(dtype, dim):
     """Small ragged shapes for compute-sanitizer (scripts/gpu_check.sh runs `-k sanitizer`
     under memcheck / racecheck / synccheck): documents of every length mod 32 (zero-filled

@@ -48,7 +48,9 @@ struct DeviceArch {
                  "r"(src_bytes)
                  : "memory");
   }
-  __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+  __device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
   template <int N>
   __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -59,21 +61,25 @@ struct DeviceArch {
                  : "r"(smem_addr(p))
                  : "memory");
   }
-  __device__ __forceinline__ void mma(BF16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  __device__ __forceinline__ void mma(BF16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                      uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  __device__ __forceinline__ void mma(FP16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  __device__ __forceinline__ void mma(FP16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                      uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+  __device__ __forceinline__ float shfl_xor(float v, int mask) {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+  }
   __device__ __forceinline__ int32_t shfl_xor(int32_t v, int mask) {
     return __shfl_xor_sync(0xffffffffu, v, mask);
   }
@@ -85,13 +91,17 @@ struct DeviceArch {
     w[3] = v.w;
   }
   __device__ __forceinline__ float bits_to_float(uint32_t b) { return __uint_as_float(b); }
-  __device__ __forceinline__ float half_to_float(BF16, uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
-  __device__ __forceinline__ float half_to_float(FP16, uint16_t h) { return __half2float(__ushort_as_half(h)); }
+  __device__ __forceinline__ float half_to_float(BF16, uint16_t h) {
+    return __uint_as_float(uint32_t(h) << 16);
+  }
+  __device__ __forceinline__ float half_to_float(FP16, uint16_t h) {
+    return __half2float(__ushort_as_half(h));
+  }
   __device__ __forceinline__ float fma(float x, float y, float z) { return __fmaf_rn(x, y, z); }
 };
 
 template <class K>
-__global__ void __launch_bounds__(kMaxWarps * kWarpSize) maxsim_fused_kernel(const Params p) {
+__global__ void __launch_bounds__(kMaxWarps* kWarpSize) maxsim_fused_kernel(const Params p) {
   DeviceArch a;
   maxsim_block<K>(a, p);
 }
@@ -127,7 +137,8 @@ int blocks_per_sm(const void* fn, int device, int threads, int64_t smem, int64_t
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   if (!raised[{fn, device}]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(max_smem)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(max_smem)));
     raised[{fn, device}] = true;
   }
   int blocks = 0;
@@ -144,8 +155,9 @@ void launch(Params p, TileChoice choice, at::ScalarType dtype, const at::Tensor&
   with_tile(choice, dtype, [&](auto k) {
     using K = decltype(k);
     int64_t smem = 0;
-    TORCH_CHECK(plan_block<K>(p, f.max_smem, kMaxWarps, smem), "sparseops.maxsim (cuda): an embedding of ",
-                p.dim, " does not fit this GPU's shared memory (", f.max_smem,
+    TORCH_CHECK(plan_block<K>(p, f.max_smem, kMaxWarps, smem),
+                "sparseops.maxsim (cuda): an embedding of ", p.dim,
+                " does not fit this GPU's shared memory (", f.max_smem,
                 " bytes per block); use backend=\"triton\"");
     const void* fn = reinterpret_cast<const void*>(&maxsim_fused_kernel<K>);
     const int threads = p.warps * kWarpSize;
@@ -167,7 +179,8 @@ void maxsim_cuda_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tens
   using namespace maxsim_fused;
   const c10::cuda::CUDAGuard guard(q.device());
   Params p = padded_params(q, d, q_mask, d_mask, cfg, scores, argmax);
-  const TileChoice c = choose_tile(q.scalar_type(), cfg.dim, p.rows_q, aligned16(q) && aligned16(d));
+  const TileChoice c =
+      choose_tile(q.scalar_type(), cfg.dim, p.rows_q, aligned16(q) && aligned16(d));
   launch(p, c, q.scalar_type(), q);
 }
 
@@ -181,7 +194,8 @@ void maxsim_varlen_cuda_kernel(const at::Tensor& q, const at::Tensor& cu_q, cons
     return;
   }
   Params p = packed_params(q, cu_q, d, cu_d, cfg, scores, argmax);
-  const TileChoice c = choose_tile(q.scalar_type(), cfg.dim, p.rows_q, aligned16(q) && aligned16(d));
+  const TileChoice c =
+      choose_tile(q.scalar_type(), cfg.dim, p.rows_q, aligned16(q) && aligned16(d));
   launch(p, c, q.scalar_type(), q);
 }
 

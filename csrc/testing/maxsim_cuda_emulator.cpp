@@ -19,6 +19,8 @@
 // Products are exact in fp32 for bf16 / fp16 inputs, and the emulated mma adds its 16 terms
 // in fp64 before rounding, so on inputs whose dot products are exact (small grids) the
 // emulator and the GPU agree bit for bit; elsewhere they differ by summation rounding only.
+#include "maxsim_cuda_emulator.h"
+
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
@@ -32,21 +34,22 @@
 #include "sparseops/maxsim.h"
 #include "sparseops/maxsim_fused.cuh"
 #include "sparseops/maxsim_fused_host.h"
-#include "maxsim_cuda_emulator.h"
 
 namespace sparseops {
 namespace maxsim_fused {
 namespace {
 
-
-
-TileChoice parse_tile(const std::string& tile, at::ScalarType dtype, int64_t dim, int64_t rows, bool aligned,
-                      int64_t mtp) {
+TileChoice parse_tile(const std::string& tile, at::ScalarType dtype, int64_t dim, int64_t rows,
+                      bool aligned, int64_t mtp) {
   TileChoice c = choose_tile(dtype, dim, rows, aligned);
-  if (tile == "tc") c.kind = TileKind::kTensorCore;
-  else if (tile == "simt") c.kind = TileKind::kSimtAsync;
-  else if (tile == "simt_sync") c.kind = TileKind::kSimtSync;
-  else TORCH_CHECK(tile == "auto", "tile must be auto, tc, simt or simt_sync, got ", tile);
+  if (tile == "tc")
+    c.kind = TileKind::kTensorCore;
+  else if (tile == "simt")
+    c.kind = TileKind::kSimtAsync;
+  else if (tile == "simt_sync")
+    c.kind = TileKind::kSimtSync;
+  else
+    TORCH_CHECK(tile == "auto", "tile must be auto, tc, simt or simt_sync, got ", tile);
   if (mtp > 0) c.mtp = int(mtp);
   if (c.kind == TileKind::kSimtSync) c.mtp = 1;
   if (c.kind == TileKind::kSimtAsync && c.mtp > 2) c.mtp = 2;
@@ -56,13 +59,16 @@ TileChoice parse_tile(const std::string& tile, at::ScalarType dtype, int64_t dim
 
 // q, d and the masks as the op layer prepares them (contiguous; bool masks; int32 lengths);
 // cu_q / cu_d given: the packed all-pairs form. Fills scores / argmax like the CUDA kernel.
-std::string maxsim_cuda_emulate(const at::Tensor& q, const at::Tensor& d, const std::optional<at::Tensor>& q_mask,
-                                const std::optional<at::Tensor>& d_mask, const std::optional<at::Tensor>& cu_q,
-                                const std::optional<at::Tensor>& cu_d, bool mean, bool pylate, at::Tensor scores,
-                                at::Tensor argmax, const std::string& tile, int64_t mtp, int64_t ctas,
-                                int64_t max_smem, int64_t max_warps) {
+std::string maxsim_cuda_emulate(const at::Tensor& q, const at::Tensor& d,
+                                const std::optional<at::Tensor>& q_mask,
+                                const std::optional<at::Tensor>& d_mask,
+                                const std::optional<at::Tensor>& cu_q,
+                                const std::optional<at::Tensor>& cu_d, bool mean, bool pylate,
+                                at::Tensor scores, at::Tensor argmax, const std::string& tile,
+                                int64_t mtp, int64_t ctas, int64_t max_smem, int64_t max_warps) {
 #if defined(__linux__)
-  TORCH_CHECK(q.is_cpu() && q.is_contiguous() && d.is_contiguous(), "emulator: contiguous CPU tensors");
+  TORCH_CHECK(q.is_cpu() && q.is_contiguous() && d.is_contiguous(),
+              "emulator: contiguous CPU tensors");
   const bool packed = cu_q.has_value();
   Params p;
   std::vector<at::Tensor> keep;
@@ -99,13 +105,17 @@ std::string maxsim_cuda_emulate(const at::Tensor& q, const at::Tensor& d, const 
   }
   std::vector<emu::Range> global = {
       {static_cast<const char*>(q.data_ptr()), static_cast<const char*>(q.data_ptr()) + q.nbytes()},
-      {static_cast<const char*>(d.data_ptr()), static_cast<const char*>(d.data_ptr()) + d.nbytes()}};
-  const TileChoice c = parse_tile(tile, q.scalar_type(), p.dim, p.rows_q, aligned16(q) && aligned16(d), mtp);
+      {static_cast<const char*>(d.data_ptr()),
+       static_cast<const char*>(d.data_ptr()) + d.nbytes()}};
+  const TileChoice c =
+      parse_tile(tile, q.scalar_type(), p.dim, p.rows_q, aligned16(q) && aligned16(d), mtp);
   std::string name;
   with_tile(c, q.scalar_type(), [&](auto k) {
     using K = decltype(k);
     emu::emulate_grid<K>(p, max_smem, int(max_warps), ctas, global);
-    name = c.kind == TileKind::kTensorCore ? "tc" : (c.kind == TileKind::kSimtAsync ? "simt" : "simt_sync");
+    name = c.kind == TileKind::kTensorCore
+               ? "tc"
+               : (c.kind == TileKind::kSimtAsync ? "simt" : "simt_sync");
     name += "/mtp" + std::to_string(K::kMtp) + "/warps" + std::to_string(p.warps) + "/ctas" +
             std::to_string(p.ctas) + "/chunk" + std::to_string(p.chunk_rows);
   });
@@ -119,11 +129,12 @@ std::string maxsim_cuda_emulate(const at::Tensor& q, const at::Tensor& d, const 
 }  // namespace maxsim_fused
 
 void bind_maxsim_emulator(pybind11::module_& m) {
-  m.def("_maxsim_cuda_emulate", &maxsim_fused::maxsim_cuda_emulate, pybind11::arg("q"), pybind11::arg("d"),
-        pybind11::arg("q_mask"), pybind11::arg("d_mask"), pybind11::arg("cu_q"), pybind11::arg("cu_d"),
-        pybind11::arg("mean"), pybind11::arg("pylate"), pybind11::arg("scores"), pybind11::arg("argmax"),
-        pybind11::arg("tile") = "auto", pybind11::arg("mtp") = 0, pybind11::arg("ctas") = 0,
-        pybind11::arg("max_smem") = 232448, pybind11::arg("max_warps") = maxsim_fused::kMaxWarps,
+  m.def("_maxsim_cuda_emulate", &maxsim_fused::maxsim_cuda_emulate, pybind11::arg("q"),
+        pybind11::arg("d"), pybind11::arg("q_mask"), pybind11::arg("d_mask"), pybind11::arg("cu_q"),
+        pybind11::arg("cu_d"), pybind11::arg("mean"), pybind11::arg("pylate"),
+        pybind11::arg("scores"), pybind11::arg("argmax"), pybind11::arg("tile") = "auto",
+        pybind11::arg("mtp") = 0, pybind11::arg("ctas") = 0, pybind11::arg("max_smem") = 232448,
+        pybind11::arg("max_warps") = maxsim_fused::kMaxWarps,
         "Runs the fused MaxSim CUDA forward's block body on the CPU (tests only); returns the "
         "tile / plan it used.");
 }

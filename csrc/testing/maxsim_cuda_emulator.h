@@ -142,10 +142,11 @@ struct EmuArch {
   void check_smem(const char* p, int bytes, const char* what) {
     const char* lo = blk->smem.data();
     if (p < lo || p + bytes > lo + blk->smem.size()) {
-      fail(std::string(what) + ": shared-memory access out of bounds (offset " + std::to_string(p - lo) +
-           ", size " + std::to_string(blk->smem.size()) + ")");
+      fail(std::string(what) + ": shared-memory access out of bounds (offset " +
+           std::to_string(p - lo) + ", size " + std::to_string(blk->smem.size()) + ")");
     }
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0 && bytes == 16) fail(std::string(what) + ": unaligned 16-byte access");
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0 && bytes == 16)
+      fail(std::string(what) + ": unaligned 16-byte access");
   }
 
   void cp_async16(char* dst, const char* src, int src_bytes) {
@@ -169,7 +170,10 @@ struct EmuArch {
     auto& g = self().groups;
     while (int(g.size()) > N) {
       for (const PendingCopy& c : g.front()) {
-        if (c.bytes) std::memcpy(c.dst, c.src, 16); else std::memset(c.dst, 0, 16);
+        if (c.bytes)
+          std::memcpy(c.dst, c.src, 16);
+        else
+          std::memset(c.dst, 0, 16);
       }
       g.erase(g.begin());
     }
@@ -228,8 +232,8 @@ inline void run_warp_collective(Block& blk, int w) {
   const Op op = lanes[0].waiting;
   for (int l = 1; l < kWarpSize; ++l) {
     if (lanes[l].waiting != op) {
-      fail("warp " + std::to_string(w) + " diverged: lane 0 at " + op_name(op) + ", lane " + std::to_string(l) +
-           " at " + op_name(lanes[l].waiting));
+      fail("warp " + std::to_string(w) + " diverged: lane 0 at " + op_name(op) + ", lane " +
+           std::to_string(l) + " at " + op_name(lanes[l].waiting));
     }
   }
   if (op == Op::kShfl) {
@@ -333,7 +337,8 @@ inline void run_block(Block& blk) {
         released = true;
       } else if (any_done && !all) {
         for (int l = 0; l < kWarpSize; ++l) {
-          if (!lanes[l].done && lanes[l].waiting != Op::kNone && lanes[l].waiting != Op::kSyncThreads) {
+          if (!lanes[l].done && lanes[l].waiting != Op::kNone &&
+              lanes[l].waiting != Op::kSyncThreads) {
             fail("warp " + std::to_string(w) + ": some lanes exited while others wait at " +
                  op_name(lanes[l].waiting));
           }
@@ -372,7 +377,8 @@ void block_body(Block& blk, int me) {
 }
 
 template <class K>
-void emulate_grid(Params& p, int64_t max_smem, int max_warps, int64_t ctas, std::vector<Range> global) {
+void emulate_grid(Params& p, int64_t max_smem, int max_warps, int64_t ctas,
+                  std::vector<Range> global) {
   int64_t smem = 0;
   if (!plan_block<K>(p, max_smem, max_warps, smem)) {
     throw std::runtime_error("maxsim emulator: dim " + std::to_string(p.dim) + " does not fit " +

@@ -82,8 +82,8 @@ struct Params {
   int d_mask = kNoMask;
   const uint8_t* d_bool = nullptr;
   const int32_t* d_len = nullptr;
-  bool pylate = false;  // PyLate's multiplicative masking (d_mask is none or bool then)
-  bool mean = false;    // reduce="mean"
+  bool pylate = false;        // PyLate's multiplicative masking (d_mask is none or bool then)
+  bool mean = false;          // reduce="mean"
   float* scores = nullptr;    // [nq, nd]
   int32_t* argmax = nullptr;  // padded: [nq, nd, lq]; packed: [nd, rows_q]
   // Launch plan (plan_launch): rows per chunk, warps per block, blocks, shared-memory row
@@ -140,7 +140,10 @@ SO_HD float q_count(const Params& p, int64_t n) {
 SO_HD int64_t first_start_at_least(const int32_t* cu, int64_t lo, int64_t hi, int64_t t) {
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (int64_t(cu[mid]) >= t) hi = mid; else lo = mid + 1;
+    if (int64_t(cu[mid]) >= t)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   return lo;
 }
@@ -150,7 +153,10 @@ SO_HD int64_t first_start_at_least(const int32_t* cu, int64_t lo, int64_t hi, in
 SO_HD int64_t first_reaching(const int32_t* cu, int64_t lo, int64_t hi, int64_t t) {
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (int64_t(cu[mid + 1]) > t || int64_t(cu[mid]) >= t) hi = mid; else lo = mid + 1;
+    if (int64_t(cu[mid + 1]) > t || int64_t(cu[mid]) >= t)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   return lo;
 }
@@ -237,7 +243,8 @@ SO_HD void take_better(float& v, int32_t& i, float ov, int32_t oi) {
 // ((lane >> shift) & (N - 1)). Step by step, lanes differing in one bit exchange the half of
 // the rows they do not keep: N - 1 shuffle pairs instead of N * k.
 template <int N, class Arch>
-SO_HD Best reduce_scatter(Arch& a, const float (&v)[N], const int32_t (&i)[N], int lane, int shift) {
+SO_HD Best reduce_scatter(Arch& a, const float (&v)[N], const int32_t (&i)[N], int lane,
+                          int shift) {
   float cv[N];
   int32_t ci[N];
 #pragma unroll
@@ -295,7 +302,9 @@ struct TcTile {
   }
   // Shared-memory row stride (elements): K rounded up to 16, plus 8 so that the 8 rows an
   // ldmatrix phase reads fall in 8 different 16-byte bank groups (stride = 4 mod 32 words).
-  SPARSEOPS_HOST_DEVICE static int row_stride(int64_t dim) { return int(((dim + 15) / 16) * 16 + 8); }
+  SPARSEOPS_HOST_DEVICE static int row_stride(int64_t dim) {
+    return int(((dim + 15) / 16) * 16 + 8);
+  }
   SPARSEOPS_HOST_DEVICE static int dim_pad(int64_t dim) { return int(((dim + 15) / 16) * 16); }
 
   template <class Arch>
@@ -339,7 +348,8 @@ struct TcTile {
         uint32_t af[2][4], bf[kNTiles / 2][4];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-          a.ldmatrix_x4(af[mi], qs + (int64_t(pp * 32 + mi * 16 + a_row) * stride + ks * 16 + a_col) * 2);
+          a.ldmatrix_x4(af[mi],
+                        qs + (int64_t(pp * 32 + mi * 16 + a_row) * stride + ks * 16 + a_col) * 2);
         }
 #pragma unroll
         for (int np = 0; np < kNTiles / 2; ++np) {
@@ -410,7 +420,9 @@ struct SimtTile {
     int32_t i[kMTP];
   };
   SPARSEOPS_HOST_DEVICE static int row_of_lane(int lane) { return (lane >> 3) + 4 * (lane & 7); }
-  SPARSEOPS_HOST_DEVICE static int dim_pad(int64_t dim) { return int(((dim + kVec - 1) / kVec) * kVec); }
+  SPARSEOPS_HOST_DEVICE static int dim_pad(int64_t dim) {
+    return int(((dim + kVec - 1) / kVec) * kVec);
+  }
   SPARSEOPS_HOST_DEVICE static int row_stride(int64_t dim) { return dim_pad(dim) + kVec; }
 
   template <class Arch>
@@ -519,7 +531,8 @@ SO_HD void copy_rows(Arch& a, char* dst, const char* base, const Params& p, int6
     for (int64_t c = thread; c < int64_t(rows) * p.dim; c += nthreads) {
       const int r = int(c / p.dim);
       const int64_t k = c - int64_t(r) * p.dim;
-      const S v = r < valid_rows ? reinterpret_cast<const S*>(base)[(first_row + r) * p.dim + k] : S(0);
+      const S v =
+          r < valid_rows ? reinterpret_cast<const S*>(base)[(first_row + r) * p.dim + k] : S(0);
       reinterpret_cast<S*>(dst + r * stride_b)[k] = v;
     }
   }
@@ -529,8 +542,8 @@ SO_HD void copy_rows(Arch& a, char* dst, const char* base, const Params& p, int6
 // The per-warp document stream and the epilogues.
 
 struct WarpRange {
-  int64_t t0, t1;        // token positions [t0, t1) of this warp
-  int64_t first, stop;   // documents [first, stop) it touches
+  int64_t t0, t1;       // token positions [t0, t1) of this warp
+  int64_t first, stop;  // documents [first, stop) it touches
 };
 
 // Tokens of document m inside the warp's range, document-local: [lo, hi) (lo >= hi: none).
@@ -665,9 +678,12 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
   char* my = smem + L.warps + warp * L.per_warp;
   char* ring = my + L.ring;
   const int64_t tile_bytes = int64_t(kTileTokens) * p.row_stride * K::kElem;
-  Slot scratch{reinterpret_cast<float*>(my + L.scratch), reinterpret_cast<int32_t*>(my + L.scratch + p.chunk_rows * 4)};
-  Slot head{reinterpret_cast<float*>(my + L.head), reinterpret_cast<int32_t*>(my + L.head + p.chunk_rows * 4)};
-  Slot tail{reinterpret_cast<float*>(my + L.tail), reinterpret_cast<int32_t*>(my + L.tail + p.chunk_rows * 4)};
+  Slot scratch{reinterpret_cast<float*>(my + L.scratch),
+               reinterpret_cast<int32_t*>(my + L.scratch + p.chunk_rows * 4)};
+  Slot head{reinterpret_cast<float*>(my + L.head),
+            reinterpret_cast<int32_t*>(my + L.head + p.chunk_rows * 4)};
+  Slot tail{reinterpret_cast<float*>(my + L.tail),
+            reinterpret_cast<int32_t*>(my + L.tail + p.chunk_rows * 4)};
   int64_t* ids = reinterpret_cast<int64_t*>(my + L.ids);  // [head doc, tail doc]
   uint8_t* row_real = reinterpret_cast<uint8_t*>(smem + L.row_real);
   const char* qs = smem + L.q_chunk;
@@ -680,9 +696,10 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
     const int64_t rows_total = p.chunk_rows + int64_t(nw) * S * kTileTokens;
     for (int64_t c = tid; c < rows_total * pad; c += int64_t(nw) * kWarpSize) {
       const int64_t r = c / pad, k = p.dim + (c - r * pad);
-      char* row = r < p.chunk_rows ? smem + L.q_chunk + r * row_b
-                                   : smem + L.warps + ((r - p.chunk_rows) / (S * kTileTokens)) * L.per_warp +
-                                         ((r - p.chunk_rows) % (S * kTileTokens)) * row_b;
+      char* row = r < p.chunk_rows
+                      ? smem + L.q_chunk + r * row_b
+                      : smem + L.warps + ((r - p.chunk_rows) / (S * kTileTokens)) * L.per_warp +
+                            ((r - p.chunk_rows) % (S * kTileTokens)) * row_b;
       reinterpret_cast<St*>(row)[k] = St(0);
     }
   }
@@ -697,7 +714,8 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
     const bool last = c == nchunks - 1;
     const int64_t n0 = chunk_first_query(p, r0), n1 = chunk_stop_query(p, r1, last);
     a.syncthreads();  // everyone is done with the previous chunk's query rows and slots
-    copy_rows<K>(a, smem + L.q_chunk, qbase, p, r0, int(r1 - r0), p.chunk_rows, tid, nw * kWarpSize);
+    copy_rows<K>(a, smem + L.q_chunk, qbase, p, r0, int(r1 - r0), p.chunk_rows, tid,
+                 nw * kWarpSize);
     for (int r = tid; r < p.chunk_rows; r += nw * kWarpSize) {
       row_real[r] = (r0 + r < r1 && q_row_real(p, r0 + r)) ? 1 : 0;
     }
@@ -714,7 +732,8 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
       int64_t tm, tj;
       int tc;
       if (prod.next(p, w, tm, tj, tc)) {
-        copy_rows<K>(a, ring + s * tile_bytes, dbase, p, d_start(p, tm) + tj, tc, kTileTokens, lane, kWarpSize);
+        copy_rows<K>(a, ring + s * tile_bytes, dbase, p, d_start(p, tm) + tj, tc, kTileTokens, lane,
+                     kWarpSize);
       }
       a.cp_async_commit();
     }
@@ -728,8 +747,8 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
         int64_t tm, tj;
         int tc;
         if (prod.next(p, w, tm, tj, tc)) {
-          copy_rows<K>(a, ring + ((stage + S - 1) % S) * tile_bytes, dbase, p, d_start(p, tm) + tj, tc,
-                       kTileTokens, lane, kWarpSize);
+          copy_rows<K>(a, ring + ((stage + S - 1) % S) * tile_bytes, dbase, p, d_start(p, tm) + tj,
+                       tc, kTileTokens, lane, kWarpSize);
         }
         a.cp_async_commit();
         const int cnt = int(cend - cpos < kTileTokens ? cend - cpos : kTileTokens);
@@ -768,7 +787,8 @@ SO_HD void maxsim_block(Arch& a, const Params& p) {
         if (reinterpret_cast<const int64_t*>(other + L.ids)[0] != mt) break;
         const float* ov = reinterpret_cast<const float*>(other + L.head);
         const int32_t* oi = reinterpret_cast<const int32_t*>(other + L.head + p.chunk_rows * 4);
-        for (int r = lane; r < p.chunk_rows; r += kWarpSize) take_better(tail.v[r], tail.i[r], ov[r], oi[r]);
+        for (int r = lane; r < p.chunk_rows; r += kWarpSize)
+          take_better(tail.v[r], tail.i[r], ov[r], oi[r]);
       }
       a.syncwarp();
       finish_doc(a, p, row_real, tail, mt, r0, r1, n0, n1, last, lane);

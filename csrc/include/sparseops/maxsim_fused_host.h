@@ -33,8 +33,10 @@ inline bool aligned16(const at::Tensor& t) {
 // with FFMA (its [32 x 32] tiles are 4x larger per row in registers and shared memory).
 inline TileChoice choose_tile(at::ScalarType dtype, int64_t dim, int64_t rows, bool aligned) {
   const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (half && dim % 8 == 0 && aligned) return {TileKind::kTensorCore, rows <= 32 ? 1 : (rows <= 64 ? 2 : 4)};
-  if (dtype == at::kFloat && dim % 4 == 0 && aligned) return {TileKind::kSimtAsync, rows <= 32 ? 1 : 2};
+  if (half && dim % 8 == 0 && aligned)
+    return {TileKind::kTensorCore, rows <= 32 ? 1 : (rows <= 64 ? 2 : 4)};
+  if (dtype == at::kFloat && dim % 4 == 0 && aligned)
+    return {TileKind::kSimtAsync, rows <= 32 ? 1 : 2};
   return {TileKind::kSimtSync, 1};
 }
 
@@ -44,7 +46,8 @@ void with_tile(TileChoice c, at::ScalarType dtype, Fn&& fn) {
   const bool bf16 = dtype == at::kBFloat16;
   switch (c.kind) {
     case TileKind::kTensorCore: {
-      TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "maxsim cuda: tensor-core tile needs bf16/fp16");
+      TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+                  "maxsim cuda: tensor-core tile needs bf16/fp16");
       if (c.mtp == 1) return bf16 ? fn(TcTile<BF16, 1>{}) : fn(TcTile<FP16, 1>{});
       if (c.mtp == 2) return bf16 ? fn(TcTile<BF16, 2>{}) : fn(TcTile<FP16, 2>{});
       return bf16 ? fn(TcTile<BF16, 4>{}) : fn(TcTile<FP16, 4>{});
@@ -62,7 +65,8 @@ void with_tile(TileChoice c, at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-inline void set_masks(Params& p, const at::Tensor& q_mask, const at::Tensor& d_mask, TokenMask qk, TokenMask dk) {
+inline void set_masks(Params& p, const at::Tensor& q_mask, const at::Tensor& d_mask, TokenMask qk,
+                      TokenMask dk) {
   p.q_mask = int(qk);
   if (qk == TokenMask::kBool) p.q_bool = reinterpret_cast<const uint8_t*>(q_mask.data_ptr());
   if (qk == TokenMask::kLengths) p.q_len = q_mask.data_ptr<int32_t>();
@@ -95,8 +99,8 @@ inline Params padded_params(const at::Tensor& q, const at::Tensor& d, const at::
 
 // maxsim_varlen's all-pairs contract: q [total_q, dim], d [total_d, dim], cu_q / cu_d int32.
 inline Params packed_params(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& d,
-                            const at::Tensor& cu_d, const MaxSimVarlenConfig& cfg, at::Tensor& scores,
-                            at::Tensor& argmax) {
+                            const at::Tensor& cu_d, const MaxSimVarlenConfig& cfg,
+                            at::Tensor& scores, at::Tensor& argmax) {
   Params p;
   p.q = q.data_ptr();
   p.d = d.data_ptr();
