@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sparseops
+from sparseops import _backend
 from sparseops.reference import maxsim_ref
 from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
 
@@ -139,7 +140,7 @@ def test_gpu_matches_the_cpu_emulator_bit_for_bit(dtype):
     gpu = torch.ops.sparseops.maxsim(q.to(DEV), d.to(DEV), None, lengths.to(DEV), "mean", False, "cuda")
     scores = torch.empty(3, 40)
     argmax = torch.empty(3, 40, 21, dtype=torch.int32)
-    sparseops._backend._C._maxsim_cuda_emulate(q, d, None, lengths.to(torch.int32), None, None, True, False,
+    _backend._C._maxsim_cuda_emulate(q, d, None, lengths.to(torch.int32), None, None, True, False,
                                                scores, argmax, ctas=7)  # fmt: skip
     assert torch.equal(gpu[0].cpu(), scores) and torch.equal(gpu[1].cpu(), argmax)
 
