@@ -237,6 +237,10 @@ def run(
     problems: Sequence[str] = PROBLEMS,
 ) -> list[H.Result]:
     """Time every problem (see the module docstring); returns this family's rows."""
+    if session.device.type == "cuda":  # the GPU problems and baselines: benchmarks/bench_maxsim_gpu.py
+        from benchmarks.bench_maxsim_gpu import run_gpu
+
+        return run_gpu(session, out_dir=out_dir, docs=docs)
     so = H.import_sparseops()
     quick = session.quick
     docs = docs or (QUICK_DOCS if quick else DOCS)
@@ -438,9 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU problems of bench_maxsim_gpu")
     args = p.parse_args(argv)
     H.set_threads(args.threads)
-    device = torch.device("cpu")
+    device = H.pick_device(args.device)
     so = H.import_sparseops()
     session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
     out_dir = args.out or H.default_out_dir(device, args.quick)

@@ -115,6 +115,7 @@ TORCH_LIBRARY(sparseops, m) {
 namespace sparseops {
 void bind_python_kernels(pybind11::module_& m);  // csrc/ops/python_kernels.cpp
 void bind_routing_eager(pybind11::module_& m);   // csrc/ops/routing_eager.cpp
+void bind_maxsim_emulator(pybind11::module_& m);  // csrc/testing/maxsim_cuda_emulator.cpp
 }  // namespace sparseops
 
 namespace {
@@ -151,4 +152,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("limits", &limits, "Size limits the C++ ops check (max experts, max top-k).");
   sparseops::bind_python_kernels(m);
   sparseops::bind_routing_eager(m);
+  sparseops::bind_maxsim_emulator(m);
 }

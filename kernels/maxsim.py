@@ -10,10 +10,16 @@ then the tile's row max and its lowest column folded into a running max / argmax
 registers. The Lq x Ld similarities never leave registers. Below dim 16 (``tl.dot`` needs
 K >= 16) the tile is a broadcast multiply and a sum over dim instead.
 
-Inputs are loaded in their dtype and widened to fp32 (fp64 for fp64) at once: the
-interpreter's bf16 ``tl.dot`` is silently wrong and its bf16 arithmetic misbehaves
-(DESIGN.md). Single config, no autotune (the interpreter cannot run autotune, and a fixed
-table keeps launches deterministic and graph-friendly). Loops over runtime bounds are
+Under the interpreter (and for fp32 / fp64, and below dim 16) tiles are widened to fp32
+(fp64) at load: the interpreter's bf16 ``tl.dot`` is silently wrong and its bf16 arithmetic
+misbehaves (DESIGN.md). Compiled bf16 / fp16 tiles stay 16-bit into ``tl.dot`` (tensor
+cores, fp32 accumulation): widening them first made every dot an fp32 "ieee" one, FMA
+units instead of tensor cores. Many query rows (Nq * Lq >= 64, dim >= 16, not fp64) go to
+the multi-query kernel (``kernels/maxsim_multi.py``), which reads each document tile once
+per 128 query rows instead of once per query.
+
+Single config, no autotune (the interpreter cannot run autotune, and a fixed table keeps
+launches deterministic and graph-friendly). Loops over runtime bounds are
 ``while`` loops (``for i in range(x)`` with a runtime x fails in the interpreter under
 numpy >= 2.3); masks are tensor comparisons only (see ``kernels/_common.py``).
 
@@ -29,9 +35,18 @@ import triton.language as tl
 
 from ._common import cdiv, next_pow2, on_gpu
 
-__all__ = ["maxsim_triton"]
+__all__ = ["MULTI_QUERY_ROWS", "maxsim_triton", "use_multi_query"]
 
 _MASK_KINDS = {"none": 0, "bool": 1, "lengths": 2}
+# Query rows from which the multi-query kernel takes over: from two ColBERT queries on, the
+# per-query kernel reads every document tile once per query.
+MULTI_QUERY_ROWS = 64
+
+
+def use_multi_query(rows: int, dim: int, dtype: torch.dtype) -> bool:
+    """The launcher's choice: the multi-query kernel for many query rows (it needs tl.dot,
+    so dim >= 16, and no fp64: triton 3.4's interpreter has no fp64 tl.dot)."""
+    return rows >= MULTI_QUERY_ROWS and dim >= 16 and dtype != torch.float64
 _NONE = 2**30  # "no token taken" while scanning: larger than every token index
 
 
@@ -60,6 +75,7 @@ def _maxsim_kernel(
     DOCS: tl.constexpr,
     NONE: tl.constexpr,
     PYLATE: tl.constexpr,  # masked document tokens score 0 and take part (D_MASK is 0 or 1)
+    WIDEN: tl.constexpr,  # tiles widened to ACC at load (interpreter, fp32 / fp64, no tl.dot)
 ):
     pid = tl.program_id(0)
     n = pid // blocks_per_query
@@ -87,7 +103,9 @@ def _maxsim_kernel(
             q_ptr + (n64 * Lq + rows)[:, None] * dim + offs_k[None, :],
             mask=(rows < Lq)[:, None] & k_in[None, :],
             other=0.0,
-        ).to(ACC)
+        )
+        if WIDEN:
+            q_tile = q_tile.to(ACC)
         m = m_start
         while m < m_end:
             m64 = m.to(tl.int64)
@@ -107,9 +125,14 @@ def _maxsim_kernel(
                     d_ptr + (m64 * Ld + cols)[:, None] * dim + offs_k[None, :],
                     mask=(cols < d_len)[:, None] & k_in[None, :],
                     other=0.0,
-                ).to(ACC)
-                if USE_DOT:
+                )
+                if WIDEN:
+                    d_tile = d_tile.to(ACC)
+                if USE_DOT and WIDEN:
                     s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=ACC)
+                elif USE_DOT:
+                    # bf16 / fp16 on the GPU's tensor cores, fp32 accumulation.
+                    s = tl.dot(q_tile, tl.trans(d_tile), out_dtype=ACC)
                 else:
                     s = tl.sum(q_tile[:, None, :] * d_tile[None, :, :], axis=2)
                 if PYLATE:
@@ -153,14 +176,25 @@ def maxsim_triton(
     argmax: torch.Tensor,
     *,
     pylate: bool = False,
+    multi_query: bool | None = None,
 ) -> None:
     """Fill ``scores`` [Nq, Nd] and ``argmax`` [Nq, Nd, Lq] (the op layer's contract:
     contiguous inputs, masks as uint8-viewable bool [N, L] or int32 lengths in [0, L],
-    Nq, Nd, Lq, Ld >= 1)."""
+    Nq, Nd, Lq, Ld >= 1). ``multi_query`` forces (True) or rules out (False) the multi-query
+    kernel; None: ``use_multi_query``."""
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
     assert q.is_contiguous() and d.is_contiguous() and scores.is_contiguous() and argmax.is_contiguous()
     assert min(Nq, Nd, Lq, Ld) >= 1
+    if multi_query is None:
+        multi_query = use_multi_query(Nq * Lq, dim, q.dtype)
+    if multi_query:
+        from .maxsim_multi import maxsim_multi_query_triton
+
+        maxsim_multi_query_triton(
+            q, d, q_mask, d_mask, _MASK_KINDS[q_kind], _MASK_KINDS[d_kind], reduce == "mean", pylate, scores, argmax
+        )
+        return
     fp64 = q.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
     scores.zero_()
@@ -217,4 +251,5 @@ def maxsim_triton(
         DOCS=docs,
         NONE=_NONE,
         PYLATE=pylate,
+        WIDEN=not on_gpu(q) or not use_dot or q.dtype in (torch.float32, torch.float64),
     )

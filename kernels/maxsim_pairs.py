@@ -11,8 +11,9 @@ broadcast multiply below dim 16), the running max and lowest argmax folded in re
 exactly as ``kernels/maxsim.py`` does for the padded op. Optional per-row bool masks
 (``maxsim_pairs``) and PyLate's multiplicative masking are constexpr paths.
 
-Inputs are loaded in their dtype and widened to fp32 (fp64 for fp64) at once (the
-interpreter's bf16 arithmetic misbehaves; DESIGN.md). Single config, no autotune; loops over
+Under the interpreter, for fp32 / fp64 and below dim 16 tiles are widened to fp32 (fp64) at
+load (the interpreter's bf16 arithmetic misbehaves; DESIGN.md); compiled bf16 / fp16 tiles go
+to ``tl.dot`` as they are (tensor cores, fp32 accumulation). Single config, no autotune; loops over
 runtime bounds are ``while`` loops.
 
 ``maxsim_topk_triton`` bounds memory by k + a constant chunk of documents: it scores
@@ -55,6 +56,7 @@ def _maxsim_pair_list_kernel(
     BLOCK_LD: tl.constexpr,
     DIM_PAD: tl.constexpr,
     NONE: tl.constexpr,
+    WIDEN: tl.constexpr,  # widen tiles to ACC at load (interpreter, fp32 / fp64, no tl.dot)
 ):
     pid = tl.program_id(0).to(tl.int64)
     qs = tl.load(meta_ptr + pid * 7 + 0)
@@ -79,7 +81,9 @@ def _maxsim_pair_list_kernel(
             q_valid = q_valid & (tl.load(qv_ptr + qs + rows, mask=in_q, other=0) != 0)
         q_tile = tl.load(
             q_ptr + (qs + rows)[:, None] * dim + offs_k[None, :], mask=in_q[:, None] & k_in[None, :], other=0.0
-        ).to(ACC)
+        )
+        if WIDEN:
+            q_tile = q_tile.to(ACC)
         best = tl.full([BLOCK_LQ], float("-inf"), ACC)
         arg = tl.full([BLOCK_LQ], NONE, tl.int32)
         j0 = 0
@@ -91,9 +95,13 @@ def _maxsim_pair_list_kernel(
                 c_valid = c_valid & (tl.load(dv_ptr + ds + cols, mask=in_d, other=0) != 0)
             d_tile = tl.load(
                 d_ptr + (ds + cols)[:, None] * dim + offs_k[None, :], mask=in_d[:, None] & k_in[None, :], other=0.0
-            ).to(ACC)
-            if USE_DOT:
+            )
+            if WIDEN:
+                d_tile = d_tile.to(ACC)
+            if USE_DOT and WIDEN:
                 s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=ACC)
+            elif USE_DOT:
+                s = tl.dot(q_tile, tl.trans(d_tile), out_dtype=ACC)  # tensor cores, fp32 accumulation
             else:
                 s = tl.sum(q_tile[:, None, :] * d_tile[None, :, :], axis=2)
             if PYLATE:
@@ -141,6 +149,7 @@ def maxsim_pair_list_triton(q, d, q_valid, d_valid, meta, qcount, scores, argmax
         Q_MASK=q_valid is not None, D_MASK=d_valid is not None, MEAN=qcount is not None, PYLATE=pylate,
         USE_DOT=use_dot, ACC=tl.float64 if fp64 else tl.float32,
         BLOCK_LQ=block_lq, BLOCK_LD=block_ld, DIM_PAD=dim_pad, NONE=_NONE,
+        WIDEN=not on_gpu(q) or not use_dot or q.dtype in (torch.float32, torch.float64),
     )  # fmt: skip
 
 

@@ -2,9 +2,11 @@
 // argument parsing (the one owner of the user-facing checks for every backend), output
 // allocation and the backend switch (native kernel or Python kernel, see sparseops/backend.h).
 // Knows nothing of tiles: the kernels live in csrc/cpu/maxsim.cpp, kernels/maxsim.py and
-// kernels/maxsim_pairs.py. There is no CUDA C++ kernel yet: on CUDA tensors "auto" is resolved
-// to "triton" by the Python registry, and an explicit backend="cuda" is an error here (the
-// backward op runs its torch index_add kernel on CUDA tensors).
+// kernels/maxsim_pairs.py. The CUDA C++ kernel (csrc/cuda/maxsim.cu, the "cuda" backend) is
+// the fused forward of maxsim and of maxsim_varlen without a pairs list, for fp32 / bf16 /
+// fp16 and dim <= 256; other CUDA inputs under "auto" go to the Triton kernels, and an
+// explicit backend="cuda" names the limit. maxsim_pairs, maxsim_topk and maxsim_backward
+// have no CUDA C++ kernel (Triton on CUDA tensors).
 //
 // The autograd formulas are registered from Python (sparseops/ops/maxsim.py,
 // torch.library.register_autograd) and all call sparseops::maxsim_backward: the forward
@@ -74,6 +76,41 @@ TokenMask parse_token_mask(const std::optional<Tensor>& mask, const char* name, 
     prepared = m.clamp(0, L).to(at::kInt).contiguous();
   }
   return TokenMask::kLengths;
+}
+
+// Why the CUDA C++ kernel cannot take these inputs (nullptr when it can). Mirrored by the
+// "cuda" backend's reason in sparseops/ops/maxsim.py.
+const char* cuda_kernel_refusal(const Tensor& q, int64_t dim) {
+  const auto t = q.scalar_type();
+  if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) {
+    return "takes fp32, bf16 and fp16 (fp64 runs on \"triton\" or \"reference\")";
+  }
+  if (dim > 256) return "keeps 32-token tiles of the documents in shared memory: dim <= 256";
+  return nullptr;
+}
+
+// For a native backend on CUDA tensors: true to run the CUDA kernel; false to hand "auto"
+// to the Triton kernel (inputs the CUDA kernel does not take); an error for an explicit
+// backend="cuda" it cannot take.
+bool use_cuda_kernel(const char* op, c10::string_view backend, const Tensor& q, int64_t dim,
+                     const char* extra_refusal = nullptr) {
+  const char* why = extra_refusal ? extra_refusal : cuda_kernel_refusal(q, dim);
+  if (why == nullptr) return true;
+  TORCH_CHECK(backend == "auto", "sparseops.", op, ": backend \"cuda\" ", why, ", got q ", describe(q));
+  return false;
+}
+
+// The Python kernel that runs when the native one does not: "auto" on CUDA tensors -> Triton,
+// or the reference for int8 documents (neither the CUDA kernel nor Triton takes them yet).
+c10::string_view native_or(c10::string_view backend, const Tensor& d_scale) {
+  if (backend != "auto") return backend;
+  return d_scale.defined() ? c10::string_view("reference") : c10::string_view("triton");
+}
+
+// The CUDA kernel's refusal of int8 documents (nullptr for float ones).
+const char* int8_refusal(const Tensor& d_scale) {
+  return d_scale.defined() ? "takes float documents (int8 documents with d_scale run on \"reference\" on CUDA)"
+                           : nullptr;
 }
 
 MaxSimReduce parse_reduce(c10::string_view reduce) {
@@ -163,9 +200,8 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   Tensor qm, dm, ds;
   const MaxSimConfig cfg =
       parse_maxsim(q, d, q_mask, d_mask, d_scale, reduce, qm, dm, ds, pylate_mask);
-  const bool native = runs_native("maxsim", backend, q);
-  TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim has no CUDA C++ kernel yet: use ",
-              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
+  bool native = runs_native("maxsim", backend, q);
+  if (native && q.is_cuda()) native = use_cuda_kernel("maxsim", backend, q, cfg.dim, int8_refusal(ds));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor scores = at::empty({cfg.nq, cfg.nd}, q.options().dtype(acc));
   Tensor argmax = at::empty({cfg.nq, cfg.nd, cfg.lq}, q.options().dtype(at::kInt));
@@ -178,14 +214,19 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   }
   const Tensor x = q.contiguous();
   const Tensor y = d.contiguous();
-  if (native) {
+  if (native && q.is_cpu()) {
     maxsim_cpu_kernel(x, y, ds, qm, dm, cfg, scores, argmax);
+  } else if (native) {
+#ifdef SPARSEOPS_WITH_CUDA
+    maxsim_cuda_kernel(x, y, qm, dm, cfg, scores, argmax);
+#endif
   } else {
-    call_python_kernel("maxsim", backend, {x, y, qm, dm, ds}, {scores, argmax},
-                       {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
-                        {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
-                        {"reduce", std::string(reduce_name(cfg.reduce))},
-                        {"pylate_mask", cfg.pylate}});
+    call_python_kernel(
+        "maxsim", native_or(backend, ds), {x, y, qm, dm, ds}, {scores, argmax},
+        {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
+         {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
+         {"reduce", std::string(reduce_name(cfg.reduce))},
+         {"pylate_mask", cfg.pylate}});
   }
   return {scores, argmax};
 }
@@ -246,9 +287,13 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
                   cfg.nq * cfg.nd <= kInt32Max,
               "maxsim_varlen needs fewer than 2^24 document tokens and Nq * Nd in int32, got q ",
               describe(q), " and d ", describe(d));
-  const bool native = runs_native("maxsim_varlen", backend, q);
-  TORCH_CHECK(!native || q.is_cpu(), "sparseops.maxsim_varlen has no CUDA C++ kernel yet: use ",
-              "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
+  bool native = runs_native("maxsim_varlen", backend, q);
+  if (native && q.is_cuda()) {
+    native = use_cuda_kernel("maxsim_varlen", backend, q, cfg.dim,
+                             pairs.has_value() ? "scores all pairs only (pairs=None); pair lists run on "
+                                                 "\"triton\""
+                                               : int8_refusal(ds));
+  }
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor pr, arg_off, scores, argmax;
   if (pairs.has_value()) {
@@ -287,10 +332,14 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
   }
   const Tensor x = q.contiguous(), y = d.contiguous();
   const Tensor cq = cu_q.contiguous(), cd = cu_d.contiguous();
-  if (native) {
+  if (native && q.is_cpu()) {
     maxsim_varlen_cpu_kernel(x, cq, y, cd, ds, pr, arg_off, cfg, scores, argmax);
+  } else if (native) {
+#ifdef SPARSEOPS_WITH_CUDA
+    maxsim_varlen_cuda_kernel(x, cq, y, cd, cfg, scores, argmax);
+#endif
   } else {
-    call_python_kernel("maxsim_varlen", backend, {x, cq, y, cd, pr, arg_off, ds}, {scores, argmax},
+    call_python_kernel("maxsim_varlen", native_or(backend, ds), {x, cq, y, cd, pr, arg_off, ds}, {scores, argmax},
                        {{"reduce", std::string(reduce_name(cfg.reduce))}});
   }
   return {scores, argmax};
@@ -495,8 +544,8 @@ TORCH_LIBRARY_IMPL(sparseops, Autograd, m) {
 }
 
 #ifdef SPARSEOPS_WITH_CUDA
-// The same op body for CUDA tensors: it checks, allocates and hands the Triton and reference
-// backends their Python kernels.
+// The same op body for CUDA tensors: it checks, allocates, and runs the CUDA kernel
+// (maxsim, maxsim_varlen) or hands the Triton and reference backends their Python kernels.
 TORCH_LIBRARY_IMPL(sparseops, CUDA, m) {
   m.impl("maxsim", &maxsim);
   m.impl("maxsim_varlen", &maxsim_varlen);

@@ -125,4 +125,16 @@ void maxsim_backward_cpu_kernel(const at::Tensor& grad, const at::Tensor& q, con
                                 const at::Tensor& meta, int64_t num_q, int64_t num_d,
                                 at::Tensor& dq, at::Tensor& dd);
 
+// ---- CUDA (csrc/cuda/maxsim.cu; the block body is sparseops/maxsim_fused.cuh) ----------
+// The fused forward of the "cuda" backend. Same contracts as maxsim_cpu_kernel and the
+// all-pairs form of maxsim_varlen_cpu_kernel, on CUDA tensors, for fp32 / bf16 / fp16 and
+// dim <= 256 (the op layer checks both); scores fp32, argmax int32, written in full by one
+// launch (no host synchronisation).
+void maxsim_cuda_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_mask,
+                        const at::Tensor& d_mask, const MaxSimConfig& cfg, at::Tensor& scores,
+                        at::Tensor& argmax);
+void maxsim_varlen_cuda_kernel(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& d,
+                               const at::Tensor& cu_d, const MaxSimVarlenConfig& cfg,
+                               at::Tensor& scores, at::Tensor& argmax);
+
 }  // namespace sparseops

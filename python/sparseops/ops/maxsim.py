@@ -255,7 +255,7 @@ _TRITON_INT8 = (
 )
 
 
-def _triton_reason(device, dtype, small_dim, int8=False):
+def _triton_reason(device, dtype, small_dim, int8=False, *_):
     if int8:
         return _TRITON_INT8
     return _backend.triton_kernels(device)
@@ -264,6 +264,69 @@ def _triton_reason(device, dtype, small_dim, int8=False):
 def _no_int8_triton(op: str, d_scale) -> None:
     if d_scale is not None:
         raise RuntimeError(f"sparseops.{op}: backend 'triton' {_TRITON_INT8}")
+
+
+
+
+# The ops with a CUDA C++ kernel (maxsim, maxsim_varlen) add three facts: dim > 256 (the
+# kernel keeps 32-token document tiles in shared memory), more query rows than one pass of
+# it holds (Nq * Lq or total_q > 128: compute-bound, where auto prefers Triton's multi-query
+# kernel, which reads each document tile once per 128 query rows whatever Nq is), and a
+# pairs list (maxsim_varlen; the CUDA kernel scores all pairs).
+_CUDA_MAX_DIM = 256
+_CUDA_PASS_ROWS = 128
+
+
+def _fused_facts(q, d=None, pairs=None, *_):
+    if isinstance(q, torch.Tensor):
+        # On every call of the public functions: the is_cuda / is_cpu flags and one shape
+        # tuple, not q.device.type (~0.7 us, _backend.tensor_facts).
+        shape = q.shape
+        nd = len(shape)
+        rows = shape[0] * shape[1] if nd == 3 else (shape[0] if nd == 2 else 0)
+        dim = shape[-1] if nd >= 1 else 0
+        device = "cuda" if q.is_cuda else "cpu" if q.is_cpu else q.device.type
+        int8 = isinstance(d, torch.Tensor) and d.dtype == torch.int8
+        return (device, q.dtype, dim < 16, int8, dim > _CUDA_MAX_DIM, rows > _CUDA_PASS_ROWS, _is_pairs(pairs))
+    if isinstance(q, (str, torch.device)):
+        return (torch.device(q).type, None, None, False, False, False, False)
+    raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+
+
+_SINGLE_QUERY = object()  # maxsim's q is one [Lq, dim] query (rows = Lq), not a pairs list
+
+
+def _is_pairs(pairs) -> bool:
+    return pairs is not None and pairs is not _SINGLE_QUERY
+
+
+def _cuda_reason(device, dtype, small_dim=None, int8=False, wide=False, many_rows=False, pairs=False):
+    why = _backend.native_cuda(device)
+    if why is not None:
+        return why
+    if int8:
+        return "takes float documents (int8 documents run on cpu or reference)"
+    if dtype == torch.float64:  # other dtypes are the C++ op's errors, for every backend
+        return "takes fp32, bf16 and fp16 (fp64 runs on triton)"
+    if wide:
+        return f"takes dim <= {_CUDA_MAX_DIM} (32-token document tiles live in shared memory)"
+    if pairs:
+        return "scores all pairs only (pairs=None); pair lists run on triton"
+    return None
+
+
+class _FusedOp(_backend.Op):
+    """An op whose auto choice on CUDA also weighs the number of query rows: above one pass
+    of the CUDA kernel (> 128 rows) the work is compute-bound and Triton's multi-query kernel
+    takes it. An explicit backend="cuda" still runs the CUDA kernel (in passes of 128 rows)."""
+
+    def _resolve(self, facts, name):
+        chosen = super()._resolve(facts, name)
+        if (name is None or name == "auto") and chosen == "cuda" and facts[5]:
+            triton = self.backends.get("triton")
+            if triton is not None and triton.unsupported_reason(*facts) is None:
+                return "triton"
+        return chosen
 
 
 def _reference_kernel(inputs, outputs, options) -> None:
@@ -328,8 +391,10 @@ def _backward_reference_kernel(inputs, outputs, options) -> None:
         next(outs).copy_(dd)
 
 
-_MAXSIM = _backend.Op("maxsim", _facts)
-# No "cuda" backend yet (no CUDA C++ kernel): on CUDA tensors auto picks Triton.
+_MAXSIM = _FusedOp("maxsim", _fused_facts)
+# "cuda": the fused CUDA C++ forward, launched by the C++ op (no Python between the op and
+# the launch: what small re-ranks pay for).
+_MAXSIM.register("cuda", rank=0, unsupported_reason=_cuda_reason)
 _MAXSIM.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _MAXSIM.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_triton_kernel)
 _MAXSIM.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_reference_kernel)
@@ -360,8 +425,10 @@ def _topk_triton_kernel(inputs, outputs, options) -> None:
     maxsim_topk_triton(q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs)
 
 
-# The pair-list ops: no CUDA C++ kernel yet, so on CUDA tensors auto picks Triton.
-_VARLEN = _backend.Op("maxsim_varlen", _facts)
+# maxsim_varlen: the CUDA kernel scores all pairs; pair lists, maxsim_pairs and maxsim_topk
+# have no CUDA C++ kernel, so on CUDA tensors auto picks Triton for them.
+_VARLEN = _FusedOp("maxsim_varlen", _fused_facts)
+_VARLEN.register("cuda", rank=0, unsupported_reason=_cuda_reason)
 _VARLEN.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _VARLEN.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_varlen_triton_kernel)
 _VARLEN.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_varlen_reference_kernel)
@@ -441,8 +508,10 @@ def maxsim(
         return_argmax: also return the int32 argmax [Nq, Nd, Lq] (or [Nd, Lq]): the document
             token each query token took, -1 where none was (masked query token, empty
             document, masked winner under pylate_mask).
-        backend: None/"auto", "cpu", "triton" or "reference". There is no CUDA C++ kernel
-            yet: on CUDA tensors auto picks "triton".
+        backend: None/"auto", "cuda", "cpu", "triton" or "reference". On CUDA tensors auto
+            picks "cuda" (the fused CUDA C++ forward: fp32 / bf16 / fp16, dim <= 256) up to
+            128 query rows (Nq * Lq), and "triton" above (its multi-query kernel, for
+            compute-bound batches) or where "cuda" refuses (fp64, dim > 256).
         d_scale: fp32 [Nd, Ld], required with int8 d (and refused otherwise): the scale of
             each document token. The similarity is <q_i, d_j> * d_scale[m, j] (asymmetric:
             the query stays float; ``reference`` computes exactly that).
@@ -473,16 +542,16 @@ def maxsim(
     Backward: dq[n, i] = sum_m g[n, m] * d[m, argmax[n, m, i]] and the matching scatter-add
     into dd, from the argmax saved by the forward; masked tokens get zero gradient.
     """
-    name = _MAXSIM.choose(backend, q, d)
     _check_scale("maxsim", d_scale, similarity)
     single = isinstance(q, torch.Tensor) and q.dim() == 2
+    name = _MAXSIM.choose(backend, q, d, _SINGLE_QUERY if single else None)
     if single:
         q = q.unsqueeze(0)
         if q_mask is not None and isinstance(q_mask, torch.Tensor):
             q_mask = q_mask.unsqueeze(0) if q_mask.dtype == torch.bool else q_mask.reshape(1)
     q, d = _similarity(similarity, q, d)
     if _backend.HAS_C:
-        scores, argmax = _maxsim_op(q, d, q_mask, d_mask, reduce, pylate_mask, name, d_scale)
+        scores, argmax = _call(_maxsim_op, (q, d), q, d, q_mask, d_mask, reduce, pylate_mask, name, d_scale)
     else:
         scores, argmax = ref.maxsim_ref(
             q, d, q_mask=q_mask, d_mask=d_mask, reduce=reduce, pylate_mask=pylate_mask, d_scale=d_scale
@@ -536,6 +605,20 @@ def maxsim_quantize(d: torch.Tensor, *, dim: int = -1) -> tuple[torch.Tensor, to
     return values, scale.contiguous()
 
 
+def _call(op, differentiable, *args):
+    """op(*args), below the autograd key when no input needs a gradient: the Python autograd
+    wrapper that ``register_autograd`` installs costs ~9 us per call even then (H100 host,
+    torch 2.11, DESIGN.md), as much as the whole C++ op. Under torch.compile the op is called
+    as it is (the guard is not traceable, and compiled graphs pay no per-call wrapper)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        for x in differentiable:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return op(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 def _similarity(similarity: str, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """similarity="cosine": L2-normalise the tokens once, before the op (autograd carries the
     gradient through the normalisation)."""
@@ -582,12 +665,13 @@ def maxsim_varlen(
             [m, cu_q[n]:cu_q[n + 1]]), flat [sum of the pairs' query lengths] with pairs.
 
     Empty queries and documents score 0. Differentiable in q and d (backward from the
-    argmax). Backends: "cpu" (C++), "triton", "reference".
+    argmax). Backends: "cuda" (the fused CUDA C++ forward, all pairs only; auto picks it up
+    to 128 query rows), "cpu" (C++), "triton", "reference".
     """
-    name = _VARLEN.choose(backend, q, d)
+    name = _VARLEN.choose(backend, q, d, pairs)
     _check_scale("maxsim_varlen", d_scale, similarity)
     q, d = _similarity(similarity, q, d)
-    scores, argmax = _varlen_op(q, cu_q, d, cu_d, pairs, reduce, name, d_scale)
+    scores, argmax = _call(_varlen_op, (q, d), q, cu_q, d, cu_d, pairs, reduce, name, d_scale)
     return (scores, argmax) if return_argmax else scores
 
 
