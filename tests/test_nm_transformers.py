@@ -44,9 +44,14 @@ def _config(kind: str):
 
 def _model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     cfg, cls = _config(kind)
-    cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return cls(cfg).to(dtype).eval()
+    # built under the default dtype, as from_pretrained(dtype=...) does (RoPE frequencies stay fp32)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def _ids(seed: int, batch: int = 2, length: int = 12) -> torch.Tensor:
