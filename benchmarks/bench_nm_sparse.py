@@ -92,6 +92,13 @@ def _csr_linear_runs(x: torch.Tensor, w_csr: torch.Tensor) -> bool:
         return False
 
 
+def _csr_linear(x: torch.Tensor, w_csr: torch.Tensor) -> torch.Tensor:
+    """F.linear with a CSR weight outside inference mode: torch's CSR matmul fails inside it
+    ("Cannot set version_counter for inference tensor"), and the harness times under it."""
+    with torch.inference_mode(False):
+        return F.linear(x, w_csr)
+
+
 def _semi_structured(w: torch.Tensor) -> Any | None:
     """torch's 2:4 semi-structured tensor of w, or None where torch cannot make one here."""
     try:
@@ -230,7 +237,7 @@ def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, ba
                     ]  # fmt: skip
                     if w_csr is not None:
                         if _csr_linear_runs(x, w_csr):
-                            csr = lambda a=(x, w_csr): F.linear(*a)
+                            csr = lambda a=(x, w_csr): _csr_linear(*a)
                             csr = H.Case("torch:csr", "baseline", csr, check=check, graph=False)
                             cases.insert(1, csr)
                         else:
