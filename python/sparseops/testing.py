@@ -282,3 +282,26 @@ def nm_weight(
     dense = w * mask
     values, meta, _ = ref.nm_compress_ref(dense, n, m, mask=mask)
     return dense.to(device), NMWeight(values.to(device), meta.to(device), n, m, (out, k))
+
+
+def unshadow_hub_kernels(repo_root: str) -> None:
+    """Import Hugging Face's PyPI package ``kernels`` (a transformers dependency, looked up by
+    ``generate()``) without ``repo_root`` on sys.path: ``python -m pytest`` from the repository
+    root puts the root there, where this repository's ``kernels/`` folder (installed as
+    ``sparseops.kernels``) would shadow it ("cannot import name 'CUDAProperties' from 'kernels'").
+    A no-op when ``kernels`` is imported already or not installed."""
+    import importlib
+    import os
+    import sys
+
+    if "kernels" in sys.modules:
+        return
+    root = os.path.realpath(repo_root)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: transformers then never imports it
+    finally:
+        sys.path[:] = saved
