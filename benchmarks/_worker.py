@@ -39,6 +39,16 @@ Specs (dicts): ``op`` is one of
                      packed [total, dim] with cu.npy) and want.npy [Nd] (the note carries the max error
                      against it). numpy only: the peers' venv needs no torch; threads through
                      OMP_NUM_THREADS / RAYON_NUM_THREADS (``Worker(env=...)``).
+  nm.deepsparse | nm.onnxruntime | nm.zentorch | nm.zentorch_prepacked
+                     file (a torch.save of {"w": dense [out, in], "x": [R, in]}, written by the
+                     caller: the same masked weight and input as the in-process rows), dtype: y =
+                     x @ w^T by deepsparse 1.8.0 (fp32; an ONNX model of one MatMul with the
+                     pruned weight as an initializer, compiled for batch R), dense onnxruntime
+                     (fp32; the same model) or zentorch's ``zentorch_linear_unary`` (fp32 / bf16;
+                     the plain weight, or prepacked once by ``zentorch_weight_prepack_for_linear``).
+                     deepsparse and onnxruntime get the worker's thread count (num_cores,
+                     intra_op_num_threads). The note carries the max relative error against an
+                     fp64 torch product.
 Router inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same
 seeds); MoE inputs by ``moe_case_inputs`` below, checked once in the worker against a
 per-expert fp32 loop (the note carries the max relative error).
@@ -141,6 +151,11 @@ class WorkerCase:
     def chunk(self, seconds: float) -> list[float]:
         """Per-call times (seconds) of single calls made for about ``seconds`` (at least 3 calls)."""
         return self.worker._ask({"cmd": "time", "id": self.id, "seconds": seconds})["samples"]
+
+    def drop(self) -> None:
+        """Free the case in the worker (its inputs, engines, prepacked weights)."""
+        with contextlib.suppress(WorkerError, OSError, ValueError):
+            self.worker._ask({"cmd": "drop", "id": self.id})
 
 
 # --------------------------------------------------------------------------- server
@@ -245,6 +260,8 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
             return build_vllm(spec)
         if op == "zentorch.fused_moe":
             return build_zentorch(spec)
+        if op.startswith("nm."):
+            return build_nm_peer(spec)
         raise ValueError(f"unknown spec op {op!r}")
 
     def moe_case_inputs(spec: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -324,6 +341,69 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
         err = ((fn().float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
         return fn, f"zentorch {zentorch.__version__}, max rel err {err:.1e} vs an fp32 loop"
 
+    def onnx_linear(w: torch.Tensor, rows: int) -> str:
+        """An ONNX file of y = x @ w^T (one MatMul, w^T an initializer) for a static batch."""
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        out_f, in_f = w.shape
+        wt = numpy_helper.from_array(np.ascontiguousarray(w.t().numpy()), "wT")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "wT"], ["y"])],
+            "linear",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, in_f])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, out_f])],
+            [wt],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8  # what deepsparse 1.8's onnx (1.14) and onnxruntime both read
+        path = os.path.join(tempfile.mkdtemp(prefix="sparseops-nm-"), "linear.onnx")
+        onnx.save(model, path)
+        return path
+
+    def build_nm_peer(spec: dict[str, Any]) -> tuple[Any, str]:
+        data = torch.load(spec["file"], weights_only=True)
+        op, dtype = spec["op"], dtypes[spec.get("dtype", "fp32")]
+        w, x = data["w"].to(dtype), data["x"].to(dtype)
+        threads = torch.get_num_threads()
+        if op in ("nm.deepsparse", "nm.onnxruntime"):
+            if dtype != torch.float32:
+                raise ValueError(f"{op}: fp32 only")
+            xn = x.numpy()
+            path = onnx_linear(w, x.shape[0])
+            if op == "nm.deepsparse":
+                import deepsparse
+
+                engine = deepsparse.Engine(model=path, batch_size=x.shape[0], num_cores=threads)
+                fn = lambda: engine.run([xn])[0]  # noqa: E731
+                note = f"deepsparse {deepsparse.__version__}, {threads} cores"
+            else:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+                fn = lambda: sess.run(None, {"x": xn})[0]  # noqa: E731
+                note = f"onnxruntime {ort.__version__}, {threads} threads"
+            got = torch.from_numpy(fn())
+        elif op in ("nm.zentorch", "nm.zentorch_prepacked"):
+            import zentorch  # noqa: F401 - registers torch.ops.zentorch
+
+            zt = torch.ops.zentorch
+            if op == "nm.zentorch":
+                fn = lambda: zt.zentorch_linear_unary(x, w)  # noqa: E731
+            else:
+                wp = zt.zentorch_weight_prepack_for_linear(w)
+                fn = lambda: zt.zentorch_linear_unary(x, wp, is_weight_prepacked=True)  # noqa: E731
+            note = f"zentorch {zentorch.__version__}"
+            got = fn()
+        else:
+            raise ValueError(f"unknown spec op {op!r}")
+        want = x.double() @ w.double().t()
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        return fn, f"{note}; max rel err {err:.1e} vs fp64"
+
     def reply(msg: dict[str, Any]) -> None:
         out.write(json.dumps(msg) + "\n")
         out.flush()
@@ -362,8 +442,11 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
                 next_id[0] += 1
                 cases[case_id] = fn
                 reply({"ok": True, "id": case_id, "first_s": first, "note": note})
-            elif cmd == "drop":
-                cases.clear()  # ids keep counting up: a dropped case is never reused
+            elif cmd == "drop":  # one case ("id") or all; ids keep counting up, never reused
+                if "id" in msg:
+                    cases.pop(msg["id"], None)
+                else:
+                    cases.clear()
                 gc.collect()
                 reply({"ok": True})
             elif cmd == "time":

@@ -17,6 +17,21 @@ Implementations:
                             its CUDA-graph replay.
   sparseops:<backend>       sparseops.nm_linear on the compressed weight (CPU: the C++
                             kernel; GPU: what auto picks).
+  zentorch:linear, zentorch:linear(prepacked)
+                            baseline (CPU, fp32 / bf16; optional, ANCHORS.md §4): AMD zentorch
+                            2.13.0.1's dense zentorch_linear_unary on the masked weight, plain
+                            and prepacked once (zentorch_weight_prepack_for_linear). In this
+                            process when zentorch imports here, else in a worker process of
+                            SPARSEOPS_ZENTORCH_PYTHON's venv; skipped with a note otherwise.
+  deepsparse                baseline (CPU, fp32; optional): deepsparse 1.8.0, the one sparse CPU
+                            engine, on an ONNX model of one MatMul whose initializer is the
+                            pruned weight (compiled for the batch); out of process, in
+                            SPARSEOPS_DEEPSPARSE_PYTHON's venv.
+  onnxruntime               baseline (CPU, fp32; optional): dense onnxruntime on the same ONNX
+                            model, in the same venv as deepsparse.
+  Out-of-process peers run in benchmarks/_worker.py servers whose timing chunks alternate with
+  this process's rounds, on the same masked weight and input (handed over in a temporary
+  file); the venv recipes are in benchmarks/results/README.md.
 
 Floor: max(bytes / copy bandwidth, kept FLOP / GEMM peak), with bytes = the compressed
 weight (values + meta) + x + out: what an N:M kernel must move. The dense F.linear row's
@@ -34,6 +49,9 @@ CLI: python -m benchmarks.bench_nm_sparse [--quick] [--batch R ...] [--patterns 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +92,13 @@ def _csr_linear_runs(x: torch.Tensor, w_csr: torch.Tensor) -> bool:
         return False
 
 
+def _csr_linear(x: torch.Tensor, w_csr: torch.Tensor) -> torch.Tensor:
+    """F.linear with a CSR weight outside inference mode: torch's CSR matmul fails inside it
+    ("Cannot set version_counter for inference tensor"), and the harness times under it."""
+    with torch.inference_mode(False):
+        return F.linear(x, w_csr)
+
+
 def _semi_structured(w: torch.Tensor) -> Any | None:
     """torch's 2:4 semi-structured tensor of w, or None where torch cannot make one here."""
     try:
@@ -92,11 +117,100 @@ def topk_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).view(out, k)
 
 
+DEEPSPARSE_ENV = "SPARSEOPS_DEEPSPARSE_PYTHON"  # venv with deepsparse 1.8.0, onnxruntime, onnx
+ZENTORCH_ENV = "SPARSEOPS_ZENTORCH_PYTHON"  # venv with zentorch 2.13.0.1 (when it does not import here)
+
+
+def _zentorch_here() -> Any | None:
+    """torch.ops.zentorch when zentorch imports in this process (None otherwise)."""
+    try:
+        import zentorch  # noqa: F401 - registers torch.ops.zentorch
+    except Exception:  # noqa: BLE001 - ImportError, or a zentorch built for another torch
+        return None
+    return torch.ops.zentorch
+
+
+class Peers:
+    """The optional CPU peers: zentorch (here or in a worker), deepsparse + onnxruntime (worker)."""
+
+    def __init__(self, session: H.Session) -> None:
+        self.log = session.log
+        self.zt = _zentorch_here()
+        self.workers: dict[str, Any] = {}
+        self.dir = tempfile.TemporaryDirectory(prefix="sparseops-bench-nm-")
+        if self.zt is None:
+            self._start("zentorch", ZENTORCH_ENV, "zentorch")
+        else:
+            self.log("zentorch: in this process")
+        self._start("deepsparse", DEEPSPARSE_ENV, "deepsparse")
+
+    def _start(self, name: str, env: str, module: str) -> None:
+        py = os.environ.get(env)
+        if not py:
+            self.log(f"{name}: skipped ({env} is not set; venv recipe in benchmarks/results/README.md)")
+            return
+        from benchmarks import _worker
+
+        try:
+            self.workers[name] = _worker.Worker(py, imports=(module,))
+        except _worker.WorkerError as exc:
+            self.log(f"{name}: skipped: {py} did not start a worker importing {module}: {exc}")
+            return
+        self.log(f"{name} worker: {self.workers[name].info}")
+
+    def cases(self, x: torch.Tensor, dense: torch.Tensor, dt: str, check: Any) -> tuple[list[H.Case], list[Any]]:
+        """This problem's peer cases, and the worker cases to drop after it."""
+        cases: list[H.Case] = []
+        live: list[Any] = []
+        if self.zt is not None:
+            zt = self.zt
+            wp = zt.zentorch_weight_prepack_for_linear(dense)
+            cases.append(H.Case("zentorch:linear", "baseline", lambda: zt.zentorch_linear_unary(x, dense), check=check))
+            prepacked = lambda: zt.zentorch_linear_unary(x, wp, is_weight_prepacked=True)  # noqa: E731
+            cases.append(H.Case("zentorch:linear(prepacked)", "baseline", prepacked, check=check))
+        wanted = [("zentorch", "nm.zentorch", "zentorch:linear"),
+                  ("zentorch", "nm.zentorch_prepacked", "zentorch:linear(prepacked)")]  # fmt: skip
+        if dt == "fp32":
+            wanted += [("deepsparse", "nm.deepsparse", "deepsparse"), ("deepsparse", "nm.onnxruntime", "onnxruntime")]
+        wanted = [w for w in wanted if w[0] in self.workers]
+        if not wanted:
+            return cases, live
+        from benchmarks import _worker
+
+        path = os.path.join(self.dir.name, "problem.pt")
+        torch.save({"w": dense.float(), "x": x.float()}, path)  # fp32 carries bf16 exactly
+        for worker_name, op, impl in wanted:
+            try:
+                ext = self.workers[worker_name].case({"op": op, "file": path, "dtype": dt})
+            except _worker.WorkerError as exc:
+                self.log(f"{impl}: skipped for {dt}: {exc}")
+                continue
+            live.append(ext)
+            cases.append(H.Case(impl, "baseline", external=ext, note=f"out of process; {ext.note}"))
+        return cases, live
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+        with contextlib.suppress(OSError):
+            self.dir.cleanup()
+
+
 def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns, batches, dtypes) -> None:
+    gpu = session.device.type == "cuda"
+    backend = "auto" if gpu else "cpu"
+    peers = Peers(session) if not gpu else None
+    try:
+        _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers)
+    finally:
+        if peers is not None:
+            peers.close()
+
+
+def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers) -> None:
     from sparseops.testing import nm_weight
 
     gpu = session.device.type == "cuda"
-    backend = "auto" if gpu else "cpu"
     for dt in dtypes:
         dtype = DTYPES[dt]
         for name, (NO, K) in shapes.items():
@@ -123,7 +237,7 @@ def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns,
                     ]  # fmt: skip
                     if w_csr is not None:
                         if _csr_linear_runs(x, w_csr):
-                            csr = lambda a=(x, w_csr): F.linear(*a)
+                            csr = lambda a=(x, w_csr): _csr_linear(*a)
                             csr = H.Case("torch:csr", "baseline", csr, check=check, graph=False)
                             cases.insert(1, csr)
                         else:
@@ -131,12 +245,18 @@ def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns,
                     if w_semi is not None:
                         cases.insert(1, H.Case("torch:semi-structured", "baseline",
                                                lambda a=(x, w_semi): F.linear(*a), check=check))  # fmt: skip
+                    live: list[Any] = []
+                    if peers is not None:
+                        extra, live = peers.cases(x, dense, dt, check)
+                        cases[1:1] = extra
                     session.measure_group(
                         cases, family=FAMILY, op=f"nm_linear {pat}", shape=f"{name} {pat}",
                         params=f"out={NO} in={K} n={n} m={m}", size=R, size_name="batch", dtype=dt,
                         bytes=weight_bytes + R * (K + NO) * x.element_size(), flops=2 * R * NO * K * n // m,
                         headline=(n, m) == (2, 4),
                     )  # fmt: skip
+                    for ext in live:
+                        ext.drop()
                     session.write_csv(FAMILY, out_dir)
 
 

@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import sparseops  # noqa: E402
+from sparseops.testing import unshadow_hub_kernels  # noqa: E402
+
+# Hugging Face's `kernels` package (imported by transformers) before this checkout's kernels/
+# folder can shadow it: pytest runs from the repository root.
+unshadow_hub_kernels()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

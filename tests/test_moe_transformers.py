@@ -8,9 +8,6 @@ step (with the model's own aux loss) gives the same gradients for every paramete
 from __future__ import annotations
 
 import copy
-import importlib
-import os
-import sys
 
 import pytest
 import torch
@@ -18,26 +15,6 @@ import torch
 from sparseops.integrations.transformers import HFMoEBlock, is_hf_moe_block, patch, unpatch
 from sparseops.nn import MoE
 
-
-def _unshadow_hub_kernels() -> None:
-    """transformers imports the PyPI package ``kernels`` (Hugging Face's hub kernels, one of its
-    dependencies) when it is installed; ``python -m pytest`` from the repository root puts the
-    root on sys.path, where this repository's ``kernels/`` folder (installed as
-    ``sparseops.kernels``) would shadow it. Import the real one first, without the root."""
-    if "kernels" in sys.modules:
-        return
-    root = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass  # not installed: transformers then never imports it
-    finally:
-        sys.path[:] = saved
-
-
-_unshadow_hub_kernels()
 tf = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
 COMMON = dict(

@@ -76,6 +76,21 @@ bool use_avx512() {
 
 inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 
+// Software prefetch distance of the batch-1 weight streams: every cache line of the values is
+// prefetched this far ahead (and the meta stream an eighth of it). 2:4 fp32 4096x4096, one
+// thread, load ~17 on the 2-core EPYC (2026-12-07): 512 bytes ahead on every other line (the
+// previous code) streamed 12.0 GB/s, 4096 bytes on every line 15.0 GB/s, 8192 12.7 GB/s; a bare
+// read loop 19-21 GB/s.
+constexpr int64_t kPrefetchBytes = 4096;
+
+#if SPARSEOPS_NM_X86
+inline void prefetch_ahead(const void* values, int64_t bytes, const uint8_t* meta) {
+  const char* p = static_cast<const char*>(values) + kPrefetchBytes;
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(meta) + kPrefetchBytes / 8, _MM_HINT_T0);
+}
+#endif
+
 // The dense column bitmask of a row of meta, 16 columns (one uint16) per chunk: chunk ch has bit
 // t set when column 16*ch + t is stored. Where groups align with meta bytes the mask of a chunk
 // comes straight from a 256-entry table of meta bytes (chunk()); otherwise (3:4, 3:8, 15:16,
@@ -128,6 +143,18 @@ struct RowDecoder {
     const uint8_t* gm = meta + g * group_bytes;
     for (int t = 0; t < group_bytes; ++t) mask |= lut[gm[t]];
     return mask;
+  }
+
+  // Table modes only, a full chunk (ch < in / 16): its meta bytes lie inside the row and all its
+  // columns are valid, so no bound checks.
+  inline uint16_t chunk_inside(const uint8_t* meta, int64_t ch) const {
+    if (mode == kBytesToCols) {
+      if (col_bytes == 1)
+        return static_cast<uint16_t>(lut[meta[2 * ch]] | (lut[meta[2 * ch + 1]] << 8));
+      if (col_bytes == 2) return static_cast<uint16_t>(lut[meta[ch]]);
+      return static_cast<uint16_t>(lut[meta[ch >> 1]] >> (16 * (ch & 1)));
+    }
+    return chunk(meta, ch);
   }
 
   // Table modes only.
@@ -293,6 +320,32 @@ SPARSEOPS_NM_AVX512 inline __m512 load_kept(const scalar_t* v, __mmask16 lm) {
   }
 }
 
+// The 16-column mask of a full chunk by decode kind CB, a compile-time constant so that the
+// batch-1 loops carry no mode branches: -1 generic (pre-decoded words), 0 the other table modes,
+// 1 / 2 / 4 bytes-to-columns with that many mask bytes per meta byte (2:4, 1:4 / 1:2 / 1:16 ...).
+// Measured on the bare loop (bf16 2:4, one thread, load ~15): 14 GB/s without the branches
+// against 11 GB/s with them.
+template <int CB>
+inline uint16_t mask_inside(const RowDecoder& dec, const uint8_t* meta, const uint16_t* words,
+                            int64_t ch) {
+  if constexpr (CB < 0) {
+    return words[ch];
+  } else if constexpr (CB == 0) {
+    return dec.chunk_inside(meta, ch);
+  } else if constexpr (CB == 1) {
+    return static_cast<uint16_t>(dec.lut[meta[2 * ch]] | (dec.lut[meta[2 * ch + 1]] << 8));
+  } else if constexpr (CB == 2) {
+    return static_cast<uint16_t>(dec.lut[meta[ch]]);
+  } else {
+    return static_cast<uint16_t>(dec.lut[meta[ch >> 1]] >> (16 * (ch & 1)));
+  }
+}
+
+inline int decode_kind(const RowDecoder& dec) {
+  if (dec.mode == RowDecoder::kGeneric) return -1;
+  return dec.mode == RowDecoder::kBytesToCols ? dec.col_bytes : 0;
+}
+
 // One 16-column chunk of one weight row (kept values expanded into place by the chunk's column
 // mask k) times the same chunk of RB rows of x, into accumulator a of each row.
 template <typename scalar_t, int RB>
@@ -306,10 +359,10 @@ SPARSEOPS_NM_AVX512 inline void fma_chunk(const scalar_t* v, __mmask16 lm, uint1
 // sums[r] = (weight row) . (x row r) for RB rows of x, straight from the compressed row: no dense
 // row is written. Chunk ch goes to accumulator ch % 4 for every RB, and the four are added in
 // one order: a row's result has the same bits at every batch size below the crossover.
-template <typename scalar_t, int RB>
-SPARSEOPS_NM_AVX512 void dot_compressed(const scalar_t* v, const uint8_t* meta, const RowDecoder& dec,
-                                        const uint16_t* words, const float* x, int64_t in_pad,
-                                        float* sums) {
+template <typename scalar_t, int RB, int CB>
+SPARSEOPS_NM_AVX512 void dot_compressed(const scalar_t* v, const uint8_t* meta,
+                                        const RowDecoder& dec, const uint16_t* words,
+                                        const float* x, int64_t in_pad, float* sums) {
   const bool generic = dec.mode == RowDecoder::kGeneric;
   // m divides 16, so a full chunk holds 16 / m whole groups: exactly 16 * n / m kept values at a
   // fixed offset; a partial last chunk holds (in % 16) / m groups. Register-form expand of a
@@ -322,16 +375,17 @@ SPARSEOPS_NM_AVX512 void dot_compressed(const scalar_t* v, const uint8_t* meta, 
     for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
   }
   int64_t ch = 0;
+  const int64_t iter_bytes = 4 * per * static_cast<int64_t>(sizeof(scalar_t));
   for (; ch + 4 <= full; ch += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 512, _MM_HINT_T0);
+    prefetch_ahead(v + ch * per, iter_bytes, meta + (ch * 16 * dec.n * dec.bits / dec.m) / 8);
 #pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {
-      const uint16_t k = generic ? words[ch + a] : dec.chunk(meta, ch + a);
+      const uint16_t k = mask_inside<CB>(dec, meta, words, ch + a);
       fma_chunk<scalar_t, RB>(v + (ch + a) * per, lm, k, x + 16 * (ch + a), in_pad, acc, a);
     }
   }
   for (; ch < full; ++ch) {
-    const uint16_t k = generic ? words[ch] : dec.chunk(meta, ch);
+    const uint16_t k = mask_inside<CB>(dec, meta, words, ch);
     fma_chunk<scalar_t, RB>(v + ch * per, lm, k, x + 16 * ch, in_pad, acc, static_cast<int>(ch & 3));
   }
   if (full < dec.chunks) {
@@ -382,10 +436,10 @@ SPARSEOPS_NM_BF16DOT inline void dp_chunk(const uint16_t* v, __mmask32 lm, uint3
 
 // The dot products of dot_compressed for bf16 rows of x padded to ldx (a multiple of 32) with
 // zeros; chunk j of 32 columns into accumulator j % 4, the same order at every RB.
-template <int RB>
-SPARSEOPS_NM_BF16DOT void dot_compressed_bf16(const uint16_t* v, const uint8_t* meta, const RowDecoder& dec,
-                                              const uint16_t* words, const uint16_t* x, int64_t ldx,
-                                              float* sums) {
+template <int RB, int CB>
+SPARSEOPS_NM_BF16DOT void dot_compressed_bf16(const uint16_t* v, const uint8_t* meta,
+                                              const RowDecoder& dec, const uint16_t* words,
+                                              const uint16_t* x, int64_t ldx, float* sums) {
   const bool generic = dec.mode == RowDecoder::kGeneric;
   const int64_t per = 32 * dec.n / dec.m;  // kept values per full 32-column chunk (< 32)
   const int64_t full = dec.in / 32;
@@ -401,11 +455,13 @@ SPARSEOPS_NM_BF16DOT void dot_compressed_bf16(const uint16_t* v, const uint8_t* 
   }
   int64_t ch = 0;
   for (; ch + 4 <= full; ch += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(v + ch * per) + 512, _MM_HINT_T0);
+    prefetch_ahead(v + ch * per, 8 * per, meta + (ch * 32 * dec.n * dec.bits / dec.m) / 8);
 #pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {
       const int64_t j = ch + a;
-      const uint32_t k = mask(2 * j) | (mask(2 * j + 1) << 16);
+      // full 32-column chunks: both 16-column halves lie inside the row
+      const uint32_t k = mask_inside<CB>(dec, meta, words, 2 * j) |
+                         (uint32_t(mask_inside<CB>(dec, meta, words, 2 * j + 1)) << 16);
       dp_chunk<RB>(v + j * per, lm, k, x + 32 * j, ldx, acc, a);
     }
   }
@@ -431,11 +487,34 @@ template <typename scalar_t, typename x_t, int RB>
 SPARSEOPS_NM_AVX512 inline void dot_rows(const scalar_t* v, const uint8_t* meta, const RowDecoder& dec,
                                          const uint16_t* words, const x_t* x, int64_t ldx, float* sums) {
   if constexpr (std::is_same_v<x_t, float>) {
-    dot_compressed<scalar_t, RB>(v, meta, dec, words, x, ldx, sums);
+    switch (decode_kind(dec)) {
+      case -1:
+        return dot_compressed<scalar_t, RB, -1>(v, meta, dec, words, x, ldx, sums);
+      case 1:
+        return dot_compressed<scalar_t, RB, 1>(v, meta, dec, words, x, ldx, sums);
+      case 2:
+        return dot_compressed<scalar_t, RB, 2>(v, meta, dec, words, x, ldx, sums);
+      case 4:
+        return dot_compressed<scalar_t, RB, 4>(v, meta, dec, words, x, ldx, sums);
+      default:
+        return dot_compressed<scalar_t, RB, 0>(v, meta, dec, words, x, ldx, sums);
+    }
   } else {
     static_assert(std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<x_t, c10::BFloat16>);
-    dot_compressed_bf16<RB>(reinterpret_cast<const uint16_t*>(v), meta, dec, words,
-                            reinterpret_cast<const uint16_t*>(x), ldx, sums);
+    const auto* v16 = reinterpret_cast<const uint16_t*>(v);
+    const auto* x16 = reinterpret_cast<const uint16_t*>(x);
+    switch (decode_kind(dec)) {
+      case -1:
+        return dot_compressed_bf16<RB, -1>(v16, meta, dec, words, x16, ldx, sums);
+      case 1:
+        return dot_compressed_bf16<RB, 1>(v16, meta, dec, words, x16, ldx, sums);
+      case 2:
+        return dot_compressed_bf16<RB, 2>(v16, meta, dec, words, x16, ldx, sums);
+      case 4:
+        return dot_compressed_bf16<RB, 4>(v16, meta, dec, words, x16, ldx, sums);
+      default:
+        return dot_compressed_bf16<RB, 0>(v16, meta, dec, words, x16, ldx, sums);
+    }
   }
 }
 
@@ -469,6 +548,158 @@ SPARSEOPS_NM_AVX512 void linear_rows_avx512(const x_t* x, int64_t ldx, const sca
       put(r, sums[0]);
     }
   }
+}
+
+// ---- AVX-512 medium-batch path: x-stationary tables, sparse arithmetic -------------------------
+//
+// From a dozen rows of x on, the expand-based rows above do dense arithmetic (zeros included) and
+// stream every x row from L2 once per weight row. Here x is laid out once per call: xt[block][col]
+// holds the 16 x rows of a row block at one column (64 bytes, fp32, zero rows past R); per kept
+// value one FMA of its broadcast value with xt[col] (a weight row's column offsets come from its
+// 16-column masks by vpcompressd), so the arithmetic is the sparse one. Used for fp32 and fp16
+// weights (and bf16 where the CPU lacks VBMI2); 16-bit inputs with VBMI2 go to the bf16 / fp16
+// tiles from 8 rows instead (see nm_linear_cpu_kernel).
+// Work is split over weight rows (threads stream disjoint row ranges) and, inside a thread, over
+// column chunks of kChunkCols so that a chunk's tables stay in L2; a weight row's result is the
+// chunks' partial sums added in chunk order, each chunk in a fixed order: the bits depend on
+// neither the thread count nor R.
+
+constexpr int64_t kChunkCols = 2048;  // columns per chunk (a multiple of 64; see the tables' sizes)
+constexpr int64_t kRowsPerBlock = 16;  // x rows per table (one zmm of fp32 lanes)
+constexpr int64_t kOutBlock = 32;      // weight rows whose chunk partial sums are kept together
+
+// Columns [k0, k1) of the fp32 table of one row block (`rows` rows of x from x):
+// xt[k][r] = x[r][k], zero for r >= rows.
+template <typename x_t>
+void build_fp32_table(const x_t* x, int64_t ldx, int64_t rows, int64_t k0, int64_t k1, float* xt) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float* d = xt + k * kRowsPerBlock;
+    for (int64_t r = rows; r < kRowsPerBlock; ++r) d[r] = 0.f;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const x_t* s = x + r * ldx;
+    for (int64_t k = k0; k < k1; ++k) xt[k * kRowsPerBlock + r] = static_cast<float>(s[k]);
+  }
+}
+
+// Byte offsets (col * 64) of the kept values of columns [k0, k1) of one row (k0 a multiple of
+// 16), in order, from the 16-column masks; returns their count.
+SPARSEOPS_NM_AVX512 int64_t column_offsets(const uint8_t* meta, const RowDecoder& dec, int64_t k0,
+                                           int64_t k1, int32_t* offs) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t cnt = 0;
+  for (int64_t ch = k0 / 16; ch * 16 < k1; ++ch) {
+    const uint16_t k = dec.chunk(meta, ch);  // table modes only (see nm_linear_cpu_kernel)
+    const __m512i cols = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(16 * ch)));
+    const __m512i sel = _mm512_maskz_compress_epi32(static_cast<__mmask16>(k), cols);
+    _mm512_storeu_si512(offs + cnt, _mm512_slli_epi32(sel, 6));
+    cnt += __builtin_popcount(k);
+  }
+  return cnt;
+}
+
+// 16 dot products (one per lane: the 16 rows of a table) of `count` fp32 kept values with the
+// table entries at byte offsets offs; four accumulators by index % 4, added in one order.
+SPARSEOPS_NM_AVX512 inline __m512 fma_entry(const float* v, const int32_t* offs, const char* xt,
+                                            int64_t i, __m512 acc) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(v[i]),
+                         _mm512_loadu_ps(reinterpret_cast<const float*>(xt + offs[i])), acc);
+}
+
+SPARSEOPS_NM_AVX512 inline __m512 dot_table_fp32(const float* v, const int32_t* offs, int64_t count,
+                                                 const char* xt) {
+#define SPARSEOPS_NM_FMA(i, acc) fma_entry(v, offs, xt, i, acc)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    a0 = SPARSEOPS_NM_FMA(j, a0);
+    a1 = SPARSEOPS_NM_FMA(j + 1, a1);
+    a2 = SPARSEOPS_NM_FMA(j + 2, a2);
+    a3 = SPARSEOPS_NM_FMA(j + 3, a3);
+  }
+  if (j < count) a0 = SPARSEOPS_NM_FMA(j, a0);
+  if (j + 1 < count) a1 = SPARSEOPS_NM_FMA(j + 1, a1);
+  if (j + 2 < count) a2 = SPARSEOPS_NM_FMA(j + 2, a2);
+#undef SPARSEOPS_NM_FMA
+  return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+}
+
+// Output rows [o0, o1) for all R rows of x through the tables (see the section comment).
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 void linear_rows_tables(const scalar_t* values, const uint8_t* meta,
+                                            const scalar_t* bias, const NMConfig& c,
+                                            const RowDecoder& dec, const float* tables, int64_t R,
+                                            int64_t o0, int64_t o1, scalar_t* out) {
+  const int64_t nb = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t stride = c.in * kRowsPerBlock;  // floats per row block's table
+  std::vector<int32_t> offs(static_cast<size_t>(kChunkCols + 16));
+  std::vector<float> vbuf(static_cast<size_t>(kChunkCols + 16));
+  // partial sums [weight row in the block][row block][16 rows]
+  std::vector<float> acc(static_cast<size_t>(kOutBlock * nb * kRowsPerBlock));
+  for (int64_t ob = o0; ob < o1; ob += kOutBlock) {
+    const int64_t oe = std::min(o1, ob + kOutBlock);
+    // chunk by chunk: the block's weight rows and every row block's tables of one chunk stay in L2
+    for (int64_t k0 = 0; k0 < c.in; k0 += kChunkCols) {
+      const int64_t k1 = std::min(c.in, k0 + kChunkCols);
+      const int64_t j0 = k0 / c.m * c.n;  // first kept value of the chunk
+      for (int64_t o = ob; o < oe; ++o) {
+        const scalar_t* v = values + o * c.kept;
+        // the chunk's column offsets and fp32 values, decoded once for every row block
+        const int64_t cnt = column_offsets(meta + o * c.meta_bytes, dec, k0, k1, offs.data());
+        const float* vf;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          vf = v + j0;
+        } else {
+          widen16<scalar_t>(v + j0, vbuf.data(), cnt);
+          vf = vbuf.data();
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m512 part = dot_table_fp32(vf, offs.data(), cnt,
+                                             reinterpret_cast<const char*>(tables + b * stride));
+          float* a = acc.data() + ((o - ob) * nb + b) * kRowsPerBlock;
+          _mm512_storeu_ps(a, k0 == 0 ? part : _mm512_add_ps(_mm512_loadu_ps(a), part));
+        }
+      }
+    }
+    for (int64_t o = ob; o < oe; ++o) {
+      const float bo = bias != nullptr ? static_cast<float>(bias[o]) : 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a =
+            acc[((o - ob) * nb + r / kRowsPerBlock) * kRowsPerBlock + r % kRowsPerBlock];
+        out[r * c.out + o] = static_cast<scalar_t>(a + bo);
+      }
+    }
+  }
+}
+
+// The medium-batch driver: the tables of every row block (threads over column pieces), then
+// threads over weight rows.
+template <typename scalar_t>
+void linear_medium(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                   const NMConfig& c, Tensor& out) {
+  const int64_t R = x2d.size(0);
+  const int64_t nb = (R + kRowsPerBlock - 1) / kRowsPerBlock;
+  const RowDecoder dec(c);
+  const scalar_t* xp = x2d.data_ptr<scalar_t>();
+  const int64_t stride = c.in * kRowsPerBlock;
+  Tensor tables = at::empty({nb * stride}, x2d.options().dtype(at::kFloat));
+  float* tp = tables.data_ptr<float>();
+  const int64_t pieces = (c.in + 255) / 256;
+  at::parallel_for(0, nb * pieces, 4, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / pieces, k0 = (i % pieces) * 256;
+      build_fp32_table(xp + b * kRowsPerBlock * c.in, c.in,
+                       std::min(kRowsPerBlock, R - b * kRowsPerBlock), k0, std::min(c.in, k0 + 256),
+                       tp + b * stride);
+    }
+  });
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, c.out, kOutBlock, [&](int64_t o0, int64_t o1) {
+    linear_rows_tables<scalar_t>(vp, mp, bp, c, dec, tp, R, o0, o1, op);
+  });
 }
 
 // The dense fp32 tile [o1 - o0, ld] (columns >= in zero) of the large-batch path.
@@ -729,19 +960,190 @@ void compress(const Tensor& w, const double* scores, const bool* keep, const NMC
   });
 }
 
+#if SPARSEOPS_NM_X86
+// ---- nm_compress, AVX-512: 16 columns (16 / m groups) per step --------------------------------
+//
+// Keys are int32 with the ranking's order: |w| as its fp32 bit pattern with every NaN set to the
+// smallest NaN pattern (above +inf: NaN first, NaNs tied), or a score's fp32 bits made monotone
+// (negative values flipped, -0 = +0, NaN the largest key). An element's rank in its group is the
+// number of group members with a larger key or an equal key at a lower position, counted over the
+// m - 1 rotations of the group (one vpermd each); kept = rank < n. Then one compress of the kept
+// values, the bool mask from the kept bits and each group's positions appended to the meta row.
+
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 lm) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(lm, p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lm, p)), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, p));
+  }
+}
+
+SPARSEOPS_NM_AVX512 inline __m512i abs_key(__m512 v) {
+  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+  return _mm512_min_epi32(bits, _mm512_set1_epi32(0x7f800001));
+}
+
+SPARSEOPS_NM_AVX512 inline __m512i score_key(__m512 v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512 z = _mm512_add_ps(v, _mm512_setzero_ps());  // -0 -> +0
+  __m512i bits = _mm512_castps_si512(z);
+  const __mmask16 neg = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+  bits = _mm512_mask_xor_epi32(bits, neg, bits, _mm512_set1_epi32(0x7fffffff));
+  return _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(0x7fffffff));
+}
+
+// Bit writer for a meta row (codes of `width` <= 60 bits, low bits first).
+struct MetaWriter {
+  uint8_t* out;
+  uint64_t acc = 0;
+  int nbits = 0;
+  inline void put(uint64_t code, int width) {
+    if (width > 32) {  // at most 7 pending bits: keep the shifted code inside 64 bits
+      put(code & 0xffffffffu, 32);
+      code >>= 32;
+      width -= 32;
+    }
+    acc |= code << nbits;
+    nbits += width;
+    while (nbits >= 8) {
+      *out++ = static_cast<uint8_t>(acc);
+      acc >>= 8;
+      nbits -= 8;
+    }
+  }
+  inline void flush() {
+    if (nbits > 0) *out++ = static_cast<uint8_t>(acc);
+  }
+};
+
+template <typename scalar_t>
+SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp, const NMConfig& c,
+                                             int64_t o0, int64_t o1, scalar_t* vp, uint8_t* mp,
+                                             bool* kp) {
+  const int m = static_cast<int>(c.m), n = static_cast<int>(c.n), bits = c.bits;
+  const int width = n * bits;  // meta bits per group (<= 60)
+  // Rotation d of every group: lane i takes lane g*m + (i%m + d) % m; `wrapped` lanes compare
+  // with a lower position (ties go to it).
+  __m512i rot[15];
+  __mmask16 wrapped[15];
+  for (int d = 1; d < m; ++d) {
+    alignas(64) int32_t ix[16];
+    uint32_t wm = 0;
+    for (int i = 0; i < 16; ++i) {
+      ix[i] = i - i % m + (i % m + d) % m;
+      if (i % m + d >= m) wm |= 1u << i;
+    }
+    rot[d - 1] = _mm512_load_si512(ix);
+    wrapped[d - 1] = static_cast<__mmask16>(wm);
+  }
+  // Positions code of a group from its kept bits (m <= 8: a table; m = 16: bit by bit).
+  std::array<uint32_t, 256> code_of{};
+  if (m <= 8) {
+    for (int gm = 0; gm < (1 << m); ++gm) {
+      uint32_t code = 0;
+      int t = 0;
+      for (int p = 0; p < m; ++p) {
+        if (gm >> p & 1) code |= static_cast<uint32_t>(p) << (bits * t++);
+      }
+      code_of[gm] = code;
+    }
+  }
+  const int64_t per = 16 * c.n / c.m;
+  const __m512i one = _mm512_set1_epi32(1), nv = _mm512_set1_epi32(n);
+  for (int64_t o = o0; o < o1; ++o) {
+    const scalar_t* wr = wp + o * c.in;
+    const float* sr = sp != nullptr ? sp + o * c.in : nullptr;
+    scalar_t* vr = vp + o * c.kept;
+    bool* kr = kp + o * c.in;
+    MetaWriter mw{mp + o * c.meta_bytes};
+    for (int64_t k0 = 0; k0 < c.in; k0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, c.in - k0);
+      const auto lm = static_cast<__mmask16>(cols == 16 ? 0xffff : (1u << cols) - 1u);
+      const __m512 wv = load16<scalar_t>(wr + k0, lm);
+      const __m512i key =
+          sr != nullptr ? score_key(_mm512_maskz_loadu_ps(lm, sr + k0)) : abs_key(wv);
+      __m512i rank = _mm512_setzero_si512();
+      for (int d = 0; d < m - 1; ++d) {
+        const __m512i other = _mm512_permutexvar_epi32(rot[d], key);
+        const __mmask16 beats = _mm512_cmpgt_epi32_mask(other, key) |
+                                (_mm512_cmpeq_epi32_mask(other, key) & wrapped[d]);
+        rank = _mm512_mask_add_epi32(rank, beats, rank, one);
+      }
+      const __mmask16 kept = _mm512_cmplt_epi32_mask(rank, nv) & lm;
+      const int64_t cnt = cols == 16 ? per : cols / m * n;
+      const auto sm = static_cast<__mmask16>((1u << cnt) - 1u);
+      scalar_t* vdst = vr + k0 / m * n;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_mask_storeu_ps(vdst, sm, _mm512_maskz_compress_ps(kept, wv));
+      } else {
+        // 16-bit values: compress the raw halves (exact, NaN payloads kept)
+        const __m512i raw = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lm, wr + k0));
+        _mm256_mask_storeu_epi16(vdst, sm,
+                                 _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(kept, raw)));
+      }
+      _mm_mask_storeu_epi8(kr + k0, lm, _mm_maskz_set1_epi8(kept, 1));
+      const uint32_t kb = kept;
+      for (int g = 0; g < cols / m; ++g) {
+        const uint32_t gm = (kb >> (g * m)) & ((1u << m) - 1u);
+        uint64_t code;
+        if (m <= 8) {
+          code = code_of[gm];
+        } else {
+          code = 0;
+          uint32_t rest = gm;
+          for (int t = 0; t < n; ++t) {
+            code |= static_cast<uint64_t>(__builtin_ctz(rest)) << (bits * t);
+            rest &= rest - 1;
+          }
+        }
+        mw.put(code, width);
+      }
+    }
+    mw.flush();
+  }
+}
+
+template <typename scalar_t>
+void compress_keyed(const Tensor& w, const float* scores, const NMConfig& c, Tensor& values,
+                    Tensor& meta, Tensor& mask) {
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  scalar_t* vp = values.data_ptr<scalar_t>();
+  uint8_t* mp = meta.data_ptr<uint8_t>();
+  bool* kp = mask.data_ptr<bool>();
+  at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
+    compress_keyed_rows<scalar_t>(wp, scores, c, b0, b1, vp, mp, kp);
+  });
+}
+#endif
+
 }  // namespace
 
 void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor& meta,
                           const Tensor& bias, const NMConfig& cfg, Tensor& out) {
-  static const int64_t cross16 = [] {
-    const char* e = std::getenv("SPARSEOPS_NM_CROSS16");
-    return e ? std::atoll(e) : int64_t(8);
-  }();
+  const int64_t R = x2d.size(0);
   const bool is16 = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
-  const bool large = x2d.size(0) >= (is16 && use_vbmi2() ? cross16 : kNMDenseCrossoverRows) && cfg.out >= 2;
+  const bool large =
+      R >= (is16 && use_vbmi2() ? kNMDense16Rows : kNMDenseCrossoverRows) && cfg.out >= 2;
+  bool medium = false;
+#if SPARSEOPS_NM_X86
+  // The tables need the byte-table decode (every pattern but 3:4, 3:8, 15:16, ...) and 32-bit
+  // byte offsets of columns.
+  const int64_t nb = cfg.n * cfg.bits;
+  medium = !large && R >= kNMTableRows && x2d.scalar_type() != at::kDouble && use_avx512() &&
+           (8 % nb == 0 || nb % 8 == 0) && cfg.in < (int64_t(1) << 24);
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
     if (large) {
       linear_large<scalar_t>(x2d, values, meta, bias, cfg, out);
+    } else if (medium) {
+#if SPARSEOPS_NM_X86
+      if constexpr (!std::is_same_v<scalar_t, double>)
+        linear_medium<scalar_t>(x2d, values, meta, bias, cfg, out);
+#endif
     } else {
       linear_small<scalar_t>(x2d, values, meta, bias, cfg, out);
     }
@@ -750,9 +1152,26 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
 
 void nm_compress_cpu_kernel(const Tensor& w, const Tensor& scores, const Tensor& keep,
                             const NMConfig& cfg, Tensor& values, Tensor& meta, Tensor& mask) {
+  const bool* kp = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+#if SPARSEOPS_NM_X86
+  // Ranking without a keep mask by 32-bit keys: |w| (any float w but fp64) or fp32 / bf16 / fp16
+  // scores; fp64 scores rank in fp64 (a conversion to fp32 could merge distinct scores).
+  const bool keyed_scores = !scores.defined() || scores.scalar_type() != at::kDouble;
+  if (kp == nullptr && keyed_scores && w.scalar_type() != at::kDouble && use_avx512()) {
+    const Tensor sc =
+        scores.defined() && scores.scalar_type() != at::kFloat ? scores.to(at::kFloat) : scores;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, w.scalar_type(), "nm_compress_cpu", [&] {
+          if constexpr (!std::is_same_v<scalar_t, double>) {
+            compress_keyed<scalar_t>(w, sc.defined() ? sc.data_ptr<float>() : nullptr, cfg, values,
+                                     meta, mask);
+          }
+        });
+    return;
+  }
+#endif
   const Tensor s = scores.defined() ? scores.to(at::kDouble).contiguous() : scores;
   const double* sp = s.defined() ? s.data_ptr<double>() : nullptr;
-  const bool* kp = keep.defined() ? keep.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "nm_compress_cpu", [&] {
     compress<scalar_t>(w, sp, kp, cfg, values, meta, mask);
   });

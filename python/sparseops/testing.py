@@ -237,12 +237,14 @@ def maxsim_peers_dir() -> str:
     return os.environ.get("SPARSEOPS_PEERS_DIR", "/tmp/sparseops-peers")
 
 
-def _unshadow_hub_kernels() -> None:
-    """colpali-engine imports transformers, which imports Hugging Face's PyPI package
-    ``kernels`` when that is installed; ``python -m pytest`` from a checkout puts its root on
-    sys.path, where this repository's ``kernels/`` folder would shadow it (and transformers then
-    fails later, in other tests). Import the real one first, without the root (as
-    tests/test_moe_transformers.py does before importing transformers)."""
+def unshadow_hub_kernels() -> None:
+    """Import Hugging Face's PyPI package ``kernels`` (a transformers dependency, looked up by
+    ``generate()`` and by colpali-engine's imports) without a sparseops checkout on sys.path:
+    ``python -m pytest`` or ``python -m benchmarks...`` from the repository root puts the root
+    there, where this repository's ``kernels/`` folder (installed as ``sparseops.kernels``)
+    would shadow it ("cannot import name 'CUDAProperties' from 'kernels'"). tests/conftest.py
+    calls it before any test imports transformers. A no-op when ``kernels`` is imported
+    already or not installed."""
     import importlib
     import os
     import sys
@@ -279,7 +281,7 @@ def import_maxsim_peer(module: str, bare: tuple[str, ...] = ()) -> tuple[Any, st
     import sys
     import types
 
-    _unshadow_hub_kernels()
+    unshadow_hub_kernels()
     package = module.split(".")[0]
     pin = MAXSIM_PEER_PINS.get(package, package)
     if importlib.util.find_spec(package) is None:

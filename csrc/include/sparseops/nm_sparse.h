@@ -25,8 +25,17 @@ struct NMConfig {
   int bits = 0;
 };
 
-// Large-batch crossover of the CPU nm_linear: from this many rows of x the kernel decompresses
-// the weight into a dense buffer and calls at::mm (see csrc/cpu/nm_sparse.cpp).
+// Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): below kNMTableRows rows
+// of x the AVX-512 kernel expands each weight row in registers; from kNMTableRows it lays x out
+// in fp32 tables and does sparse arithmetic; from kNMDenseCrossoverRows it decompresses the
+// weight tile by tile and calls at::mm. bf16 / fp16 inputs on CPUs with VBMI2 go to 16-bit tiles
+// (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows. Measured (4096x4096 2:4, one thread, CPU time,
+// load ~15, 2-core EPYC Zen 4, 2026-12-07): fp32 expand 9.4-10.3 ms at R = 8 against 13.3-13.8 ms
+// for the tables, at R = 16 18.5-19.4 ms against 13.5-14.3 ms (torch 14.2-16.2 ms); bf16 at R = 16
+// expand 10.5-10.7 ms and a bf16 pair-table variant 10.9-11.1 ms, both slower than torch's dense
+// 4.9-5.5 ms (oneDNN avx512_bf16), so 16-bit rows take the tiles from 8 rows as before.
+constexpr int64_t kNMTableRows = 12;
+constexpr int64_t kNMDense16Rows = 8;
 constexpr int64_t kNMDenseCrossoverRows = 64;
 
 // Kernel contracts (CPU):

@@ -2,7 +2,7 @@
 
 from .maxsim import MaxSimContrastiveLoss, MaxSimScorer, maxsim_contrastive_loss
 from .moe import GatedMLP, MoE, MoEAux
-from .nm_linear import NMLinear, sparsify_, wanda_scores
+from .nm_linear import NMLinear, apply_nm_layout_, nm_from_pretrained, nm_layout, sparsify_, wanda_scores
 from .router import RouterOutput, TopKRouter
 
 __all__ = [
@@ -15,6 +15,9 @@ __all__ = [
     "RouterOutput",
     "TopKRouter",
     "maxsim_contrastive_loss",
+    "apply_nm_layout_",
+    "nm_from_pretrained",
+    "nm_layout",
     "sparsify_",
     "wanda_scores",
 ]

@@ -13,11 +13,22 @@ Built only on the public sparseops functions (``nm_compress``, ``nm_linear``, ``
 * ``wanda_scores(model, batches)`` runs calibration batches through the model with forward
   hooks and returns Wanda's |W| * ||x||_2 (per input feature, over every calibration token) for
   each Linear, ready for ``sparsify_(..., scores=...)``.
+* Checkpoints: ``nm_layout(model)`` is ``{name: "n:m"}`` of its NMLinear layers; ``sparsify_``
+  also writes it to ``model.config.sparseops_nm`` when the model has a Hugging Face style
+  config (anything with ``to_dict``), so ``save_pretrained`` stores it in config.json next to
+  the compressed tensors (``<name>.values``, ``<name>.meta``). ``apply_nm_layout_(model,
+  layout)`` turns the named Linears of a freshly built model into empty NMLinear layers, ready
+  for ``load_state_dict``; ``nm_from_pretrained(model_cls, path)`` does the whole reload of a
+  ``save_pretrained`` folder (transformers' own ``from_pretrained`` would build dense Linears
+  and drop the compressed tensors as unexpected keys).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,9 +37,18 @@ from torch import nn
 
 from ..ops.nm_sparse import NMWeight, nm_compress, nm_linear
 
-__all__ = ["NMLinear", "sparsify_", "wanda_scores", "parse_pattern"]
+__all__ = [
+    "NMLinear",
+    "apply_nm_layout_",
+    "nm_from_pretrained",
+    "nm_layout",
+    "parse_pattern",
+    "sparsify_",
+    "wanda_scores",
+]
 
 _BITS = {2: 1, 4: 2, 8: 4, 16: 4}
+CONFIG_KEY = "sparseops_nm"  # model.config attribute (and config.json key) holding the layout
 
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
 Scores = Mapping[str, torch.Tensor] | Callable[[str, nn.Module], torch.Tensor | None] | None
@@ -214,7 +234,135 @@ def sparsify_(
             )
         setattr(parent, child, NMLinear.from_dense(lin, n, m, scores=s))
     model.nm_sparsified = list(getattr(model, "nm_sparsified", [])) + targets
+    _record_layout(model)
     return model
+
+
+def nm_layout(model: nn.Module) -> dict[str, str]:
+    """``{qualified name: "n:m"}`` of every NMLinear in ``model`` (module order)."""
+    return {name: f"{mod.n}:{mod.m}" for name, mod in model.named_modules() if isinstance(mod, NMLinear)}
+
+
+def _record_layout(model: nn.Module) -> None:
+    # A Hugging Face config (PretrainedConfig: has to_dict) serialises unknown attributes into
+    # config.json, so save_pretrained carries the layout beside the tensors.
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        setattr(cfg, CONFIG_KEY, {"format": "sparseops-nm", "version": 1, "modules": nm_layout(model)})
+
+
+def apply_nm_layout_(model: nn.Module, layout: Mapping[str, str | tuple[int, int]]) -> nn.Module:
+    """Replace the ``nn.Linear`` layers named in ``layout`` ({name: "n:m"}) by empty NMLinear
+    layers of that pattern (zero values, same shape, bias, device and dtype), so that a state
+    dict saved from a sparsified model loads into ``model``. A name that is not an nn.Linear of
+    ``model`` is an error naming it; a name that already is an NMLinear of that pattern is kept.
+    Records the layout like ``sparsify_``. Returns ``model``.
+    """
+    for name, pattern in layout.items():
+        n, m = parse_pattern(pattern)
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            lin = getattr(parent, child)
+        except AttributeError:
+            raise ValueError(f"apply_nm_layout_: the model has no module {name!r}") from None
+        if isinstance(lin, NMLinear) and (lin.n, lin.m) == (n, m):
+            continue
+        if type(lin) is not nn.Linear:
+            raise ValueError(f"apply_nm_layout_: {name!r} is a {type(lin).__name__}, not an nn.Linear")
+        w = lin.weight
+        shell = NMLinear(
+            lin.in_features, lin.out_features, n, m, bias=lin.bias is not None, device=w.device, dtype=w.dtype
+        )
+        shell.values.requires_grad_(w.requires_grad)
+        setattr(parent, child, shell)
+    _record_layout(model)
+    return model
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained folder (safetensors, single or sharded; else torch .bin)."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(os.path.join(path, shard)))
+        return sd
+    bin_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"nm_from_pretrained: no model.safetensors(.index.json) or pytorch_model.bin in {path!r}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def nm_from_pretrained(
+    model_cls: Any,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Reload a ``save_pretrained`` folder of a model sparsified with ``sparsify_``.
+
+    ``model_cls``: a transformers model class (``LlamaForCausalLM``, ...) or an Auto class
+    (``AutoModelForCausalLM``). Reads the config (with its ``sparseops_nm`` layout), builds the
+    model under ``dtype`` (default: the dtype of the saved tensors, as transformers'
+    ``dtype="auto"``; non-persistent buffers such as RoPE frequencies stay as the model makes
+    them), turns the layout's Linears into NMLinear (``apply_nm_layout_``), loads every saved
+    tensor (values, meta, biases, the dense rest) strictly, ties the tied weights, loads the
+    generation config when saved, moves to ``device`` and returns the model in eval mode. A
+    missing key other than a tied weight, or an unexpected one, is an error listing them.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    path = os.fspath(path)
+    config = AutoConfig.from_pretrained(path)
+    layout_info = getattr(config, CONFIG_KEY, None)
+    if not isinstance(layout_info, Mapping) or "modules" not in layout_info:
+        raise ValueError(f"nm_from_pretrained: {path!r} has no {CONFIG_KEY!r} layout in its config (not sparsified?)")
+    sd = _read_checkpoint(path)
+    if dtype is None:
+        floats = [t.dtype for k, t in sd.items() if t.is_floating_point() and k.endswith(".values")]
+        dtype = floats[0] if floats else torch.float32
+    try:
+        from transformers.initialization import no_init_weights  # the weights are overwritten below
+    except ImportError:  # transformers 4.x
+        no_init_weights = contextlib.nullcontext
+    with _default_dtype(dtype), no_init_weights():
+        model = model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
+    apply_nm_layout_(model, layout_info["modules"])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"nm_from_pretrained: {path!r} does not match the model: missing {missing}, unexpected {unexpected}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if getattr(model, "generation_config", None) is not None and os.path.exists(
+        os.path.join(path, "generation_config.json")
+    ):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    if device is not None:
+        model.to(device)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,135 @@
+"""The CPU N:M kernel's batch paths and its vectorised prune, against the reference.
+
+csrc/cpu/nm_sparse.cpp runs nm_linear three ways by the rows R of x: weight rows expanded in
+registers (R < 12; bf16 / fp16 with VBMI2: R < 8), x laid out in fp32 column tables with sparse
+arithmetic (12 <= R < 64, fp32 / fp16 without VBMI2), decompressed tiles through BLAS (R >= 64;
+16-bit tiles through oneDNN from 8 rows). These tests pin each path at the batch sizes around the
+crossovers, at widths that cross the tables' column chunks (2048) and partial 16 / 32-column
+chunks, odd group counts, bias, and bit-identical results for 1 and 2 threads. The
+prune (nm_compress(prune=True) / nm_mask) takes a vectorised path for |w| and fp32 / bf16 / fp16
+scores: ties, NaN, infinities, signed zeros and negative scores against the reference.
+"""
+
+import pytest
+import torch
+
+import sparseops
+from sparseops.reference import nm_sparse as ref
+from sparseops.testing import nm_weight
+
+pytestmark = pytest.mark.skipif(not sparseops.build_info()["extension"], reason="needs the C++ extension")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# byte-table decodes (every pattern with 8 % (n * bits) == 0 or (n * bits) % 8 == 0) and the
+# generic decode (3:4, 15:16: the expand path below the tiles)
+PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 2), (8, 16), (3, 4), (15, 16)]
+
+
+def _x(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _check(x, nmw, bias, dense):
+    """Error vs fp64 at most 2x torch's own F.linear error in that dtype plus a few fp32 ulps
+    of the row norms (the rule of tests/test_nm_sparse.py)."""
+    y = sparseops.nm_linear(x, nmw, bias, backend="cpu")
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], nmw.shape[0])
+    b64 = None if bias is None else bias.double()
+    exact = torch.nn.functional.linear(x.double(), dense.double(), b64)
+    own = torch.nn.functional.linear(x, dense, bias).double()
+    own_err = (own - exact).abs().max().item()
+    floor = 1e-5 * (1 + (x.double().abs() @ dense.double().abs().T).max().item())
+    err = (y.double() - exact).abs().max().item()
+    assert err <= 2 * own_err + floor, (err, own_err, floor)
+    return y
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_table_path_patterns(n, m, dtype):
+    # in: 5 or 7 groups past a multiple of 32 (partial chunks, an odd number of groups)
+    k = 32 * m + (5 if m < 16 else 1) * m
+    dense, nmw = nm_weight(37, k, n, m, dtype=dtype, seed=n + m)
+    for R in (3, 11, 12, 16, 17, 40, 63, 64):
+        _check(_x(R, k, dtype=dtype, seed=R), nmw, None, dense)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 8), (8, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_path_wide_rows_and_bias(n, m, dtype):
+    # wider than two 2048-column chunks, with a partial third
+    k = 2 * 2048 + 8 * m
+    dense, nmw = nm_weight(19, k, n, m, dtype=dtype, seed=3)
+    bias = _x(19, dtype=dtype, seed=4)
+    for R in (1, 8, 16, 33):
+        _check(_x(R, k, dtype=dtype, seed=R), nmw, bias, dense)
+
+
+def test_table_path_zero_and_odd_values():
+    # Explicit zeros (short groups), a weight row of zeros, and x with a zero row
+    dense, nmw = nm_weight(9, 96, 2, 4, dtype=torch.bfloat16, seed=5)
+    dense[3] = 0
+    dense[4, :8] = 0
+    nmw = sparseops.nm_compress(dense, 2, 4)
+    x = _x(12, 96, dtype=torch.bfloat16, seed=6)
+    x[5] = 0
+    y = _check(x, nmw, None, dense)
+    assert (y[:, 3] == 0).all() and (y[5] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitwise_independent_of_threads(dtype):
+    prev = torch.get_num_threads()
+    try:
+        for n, m in [(2, 4), (1, 4), (2, 8), (8, 16)]:
+            _, nmw = nm_weight(203, 2048 + 256, n, m, dtype=dtype, seed=m)
+            for R in (1, 4, 12, 16, 23, 64):
+                x = _x(R, 2048 + 256, dtype=dtype, seed=R)
+                outs = []
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    outs.append(sparseops.nm_linear(x, nmw, backend="cpu"))
+                assert torch.equal(outs[0], outs[1]), (n, m, R, dtype)
+    finally:
+        torch.set_num_threads(prev)
+
+
+# ---------------------------------------------------------------------------------------------
+# vectorised prune
+
+
+def _special(out, k, dtype, seed):
+    w = _x(out, k, dtype=dtype, seed=seed)
+    w[0, :8] = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -2.0, -2.0, 2.0])  # ties of |w|
+    w[1, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    w[2, :4] = torch.tensor([float("inf"), float("nan"), -float("inf"), float("nan")])
+    w[3] = w[3].round()  # many ties everywhere
+    return w
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prune_special_values(n, m, dtype):
+    k = 3 * 16 + m  # a partial 16-column step (for m < 16)
+    w = _special(6, k, dtype, seed=n * m)
+    scores_f = _x(6, k, seed=9)  # negative scores too
+    scores_f[0, :4] = torch.tensor([-0.0, 0.0, -1.0, float("nan")])
+    scores_f[1, :4] = torch.tensor([-float("inf"), -3.0, -3.0, -0.5])
+    for s in (None, scores_f, scores_f.to(torch.bfloat16), scores_f.to(torch.float16), scores_f.double()):
+        want_mask = ref.nm_mask_ref(w, n, m, scores=s)
+        values, meta, _ = ref.nm_compress_ref(w, n, m, mask=want_mask)
+        got = sparseops.nm_compress(w, n, m, prune=True, scores=s, backend="cpu")
+        assert torch.equal(got.values.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           values.view(torch.int16 if dtype != torch.float32 else torch.int32))  # fmt: skip
+        assert torch.equal(got.meta, meta)
+        assert torch.equal(sparseops.nm_mask(w, n, m, scores=s, backend="cpu"), want_mask)
+
+
+def test_prune_large_rows_match_reference():
+    w = _x(33, 4096 + 48, dtype=torch.bfloat16, seed=11)
+    for n, m in [(2, 4), (1, 4), (2, 8), (4, 16)]:
+        want_mask = ref.nm_mask_ref(w, n, m)
+        got = sparseops.nm_compress(w, n, m, prune=True, backend="cpu")
+        values, meta, _ = ref.nm_compress_ref(w, n, m, mask=want_mask)
+        assert torch.equal(got.values, values) and torch.equal(got.meta, meta)
