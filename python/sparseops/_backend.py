@@ -56,7 +56,9 @@ PythonKernel = Callable[[list, list, dict], None]
 
 
 class Backend(NamedTuple):
-    rank: int  # auto picks the lowest rank that can take the inputs
+    # auto picks the lowest rank that can take the inputs; a callable(*facts) -> int ranks by
+    # the facts (nm_linear: the cuda backend yields to triton for some patterns at small batch)
+    rank: int | Callable[..., int]
     unsupported_reason: Callable[..., str | None]  # (*facts) -> None when it can run them
     kernel: PythonKernel | None  # (inputs, outputs, options) for backends run in Python
 
@@ -79,7 +81,7 @@ class Op:
         self,
         backend: str,
         *,
-        rank: int,
+        rank: int | Callable[..., int],
         unsupported_reason: Callable[..., str | None],
         kernel: PythonKernel | None = None,
     ) -> None:
@@ -91,6 +93,10 @@ class Op:
         """Each registered backend's reason for refusing these inputs (None: it can run them)."""
         facts = self.facts(*inputs)
         return {name: b.unsupported_reason(*facts) for name, b in self.backends.items()}
+
+    def rank(self, backend: str, facts: Facts) -> int:
+        rank = self.backends[backend].rank
+        return rank(*facts) if callable(rank) else rank
 
     def choose(self, backend: str | None, *inputs: Any) -> str:
         """The backend that runs this call; raises when a forced one cannot take the inputs."""
@@ -113,7 +119,7 @@ class Op:
             # A plain loop (not min(key=...)): torch.compile traces this on a cache miss.
             chosen = None
             for b, why in reasons.items():
-                if why is None and (chosen is None or self.backends[b].rank < self.backends[chosen].rank):
+                if why is None and (chosen is None or self.rank(b, facts) < self.rank(chosen, facts)):
                     chosen = b
             if chosen == "reference" and not HAS_C:
                 _warn_no_c()
@@ -255,7 +261,8 @@ def available_backends(op: str, *inputs: Any) -> list[str]:
     """The backends that can run ``op`` on these inputs (or a device), best first."""
     entry = _op(op)
     usable = [b for b, why in entry.reasons(*inputs).items() if why is None]
-    return sorted(usable, key=lambda b: (entry.backends[b].rank, BACKENDS.index(b)))
+    facts = entry.facts(*inputs)
+    return sorted(usable, key=lambda b: (entry.rank(b, facts), BACKENDS.index(b)))
 
 
 def resolve_backend(op: str, *inputs: Any, backend: str | None = None) -> str:
