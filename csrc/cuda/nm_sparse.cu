@@ -110,6 +110,11 @@ __device__ __forceinline__ __half from_float(float v) {
   return __float2half_rn(v);
 }
 
+// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+
 // Two 16-bit values as one 32-bit shared-memory word (element v0 at the lower address).
 __device__ __forceinline__ uint32_t pack2(__nv_bfloat16 v0, __nv_bfloat16 v1) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(v0)) |
@@ -252,7 +257,7 @@ __global__ void __launch_bounds__(C::kThreads)
       float v = 0.f;
 #pragma unroll
       for (int k = 0; k < C::WK; ++k) v += red[(k * C::BN + nn) * C::kRedStride + r];
-      if (bias != nullptr) v += static_cast<float>(bias[col]);
+      if (bias != nullptr) v += to_float(bias[col]);
       y[row * p.out + col] = from_float<T>(v);
     }
   }
@@ -384,7 +389,7 @@ __device__ __forceinline__ double load_score(const void* s, int64_t i, ScoreKind
 
 template <typename T>
 __device__ __forceinline__ double abs_key(T v) {
-  return fabs(static_cast<double>(static_cast<float>(v)));
+  return fabs(static_cast<double>(to_float(v)));
 }
 template <>
 __device__ __forceinline__ double abs_key(double v) {
