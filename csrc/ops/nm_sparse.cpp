@@ -230,7 +230,10 @@ Tensor nm_sp24_emulate(const Tensor& x, const Tensor& values, const Tensor& meta
                   hw_meta.size(1) == sp24::hw_ksteps(a.cfg.in) && hw_meta.size(2) == 16,
               "hw_meta must be int32 [", sp24::hw_mtiles(a.cfg.out), ", ",
               sp24::hw_ksteps(a.cfg.in), ", 16] (nm_sp24_meta), got ", describe(hw_meta));
-  if (a.out.numel() == 0 || in_features == 0) return a.out.zero_().view(a.oshape);
+  if (a.out.numel() == 0 || in_features == 0) {  // no kernel runs (as nm_linear)
+    if (a.bias.defined()) return a.out.copy_(a.bias.expand(a.out.sizes())).view(a.oshape);
+    return a.out.zero_().view(a.oshape);
+  }
   Tensor y = nm_sp24_emulate_cpu_kernel(a.x2d, a.values, a.meta, hw_meta.contiguous(), a.bias,
                                         a.cfg, config);
   return y.view(a.oshape);
