@@ -97,6 +97,17 @@ TORCH_LIBRARY(sparseops, m) {
   m.def(
       "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
       "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
+  // The 2:4 sparse-tensor-core metadata (int32 [mtiles, ksteps, 16], sparseops/nm_sp24.h) of
+  // an n:m meta with n <= 2, validated; the CUDA nm_linear caches it per meta tensor.
+  m.def("nm_sp24_meta(Tensor meta, int n, int m, int out_features, int in_features) -> Tensor");
+  // Tests only, CPU: nm_linear / nm_compress through the CPU emulators of their CUDA kernels
+  // (config: 0 S, 1 M, 2 L, 3 generic M; csrc/cpu/nm_sp24.cpp).
+  m.def(
+      "_nm_sp24_emulate(Tensor x, Tensor values, Tensor meta, Tensor hw_meta, Tensor? bias, "
+      "int n, int m, int in_features, int config) -> Tensor");
+  m.def(
+      "_nm_compress_emulate(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
+      "bool prune=False) -> (Tensor values, Tensor meta, Tensor mask)");
   // ---- end nm_sparse
   // ---- grouped_mm (gg): one GEMM per group over a jagged dimension (torch._grouped_mm's
   // layouts: 2D x 3D a [S, K] b [G, K, N] -> [S, N]; 2D x 2D ragged K -> [G, M, N]; 3D x 3D

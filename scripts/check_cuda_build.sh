@@ -52,7 +52,7 @@ info = sparseops.build_info()
 print("build_info:", {k: info[k] for k in ("torch_version", "cuda", "cuda_version", "cuda_arches")})
 assert info["extension"] and info["cuda"], info
 assert {"800", "900"} <= set(info["cuda_arches"].split(",")), info["cuda_arches"]
-for op in ("topk_route", "route_metadata"):
+for op in ("topk_route", "route_metadata", "nm_linear", "nm_compress", "nm_sp24_meta", "moe_mlp", "maxsim", "maxsim_varlen"):
     table = torch._C._dispatch_dump(f"sparseops::{op}")
     assert "\nCUDA: registered" in table, table
 print("check_cuda_build: CUDA kernels build, link, load and are registered")

@@ -38,7 +38,12 @@ def _x(*shape, dtype=torch.float32, device="cpu", seed=1):
 
 def _check_linear(x, nmw, bias, backend, dense):
     """Error vs fp64 at most 2x torch's own F.linear error in that dtype (DESIGN.md), plus a
-    floor of a few fp32 ulps of the row norms (fp32 accumulation in another order)."""
+    floor of a few fp32 ulps of the row norms (fp32 accumulation in another order). A forced
+    backend that refuses these inputs (cuda: fp32, n > 2) must say so: returns None then."""
+    if backend is not None and backend not in sparseops.available_backends("nm_linear", x, nmw):
+        with pytest.raises(RuntimeError, match="cannot take"):
+            sparseops.nm_linear(x, nmw, bias, backend=backend)
+        return None
     y = sparseops.nm_linear(x, nmw, bias, backend=backend)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], nmw.shape[0]) and y.device == x.device
     exact = torch.nn.functional.linear(x.double(), dense.double(), None if bias is None else bias.double())
@@ -90,39 +95,46 @@ def test_linear_large_batch_and_wide(device, backend):
         _check_linear(_x(R, k, dtype=torch.bfloat16, device=device), n16, None, backend, d16)
 
 
+def _dtype_for(backend):
+    """fp32, or bf16 for the cuda backend (the sparse tensor cores take fp16 / bf16)."""
+    return torch.bfloat16 if backend == "cuda" else torch.float32
+
+
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_linear_leading_dims_noncontiguous(device, backend):
-    dense, nmw = _weight(9, 32, 2, 4, torch.float32, device)
-    x = _x(3, 2, 32, device=device)
+    dt = _dtype_for(backend)
+    dense, nmw = _weight(9, 32, 2, 4, dt, device)
+    x = _x(3, 2, 32, dtype=dt, device=device)
     y = _check_linear(x, nmw, None, backend, dense)
     assert y.shape == (3, 2, 9)
-    xt = _x(64, 5, device=device).T  # [5, 64] with strides (1, 5)
-    dense, nmw = _weight(7, 64, 1, 4, torch.float32, device)
+    xt = _x(64, 5, dtype=dt, device=device).T  # [5, 64] with strides (1, 5)
+    dense, nmw = _weight(7, 64, 1, 4, dt, device)
     _check_linear(xt, nmw, None, backend, dense)
-    x1 = _x(64, device=device)  # 1-D x
+    x1 = _x(64, dtype=dt, device=device)  # 1-D x
     assert sparseops.nm_linear(x1, nmw, backend=backend).shape == (7,)
 
 
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_linear_zero_sizes(device, backend):
+    dt = _dtype_for(backend)
     for out, k in [(0, 16), (5, 0)]:
         nmw = sparseops.NMWeight(
-            torch.zeros(out, k // 4 * 2, device=device),
+            torch.zeros(out, k // 4 * 2, dtype=dt, device=device),
             torch.zeros(out, (k // 4 * 2 * 2 + 7) // 8, dtype=torch.uint8, device=device),
             2,
             4,
             (out, k),
         )
-        bias = _x(out, device=device)
-        y = sparseops.nm_linear(_x(3, k, device=device), nmw, bias, backend=backend)
+        bias = _x(out, dtype=dt, device=device)
+        y = sparseops.nm_linear(_x(3, k, dtype=dt, device=device), nmw, bias, backend=backend)
         assert y.shape == (3, out)
         torch.testing.assert_close(y, bias.expand(3, out))
 
 
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_linear_fp64(device, backend):
-    if backend == "triton":
-        pytest.skip("the Triton kernel takes fp32 / fp16 / bf16")
+    if backend in ("triton", "cuda"):
+        pytest.skip("the Triton kernel takes fp32 / fp16 / bf16, the sparse tensor cores fp16 / bf16")
     dense, nmw = _weight(13, 48, 2, 8, torch.float64, device)
     _check_linear(_x(5, 48, dtype=torch.float64, device=device), nmw, _x(13, dtype=torch.float64), backend, dense)
 
@@ -324,8 +336,8 @@ def test_roundtrip_safetensors(tmp_path):
 
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_gradcheck_fp64(device, backend):
-    if backend == "triton":
-        pytest.skip("the Triton kernel takes fp32 / fp16 / bf16; the backward is shared torch code")
+    if backend in ("triton", "cuda"):
+        pytest.skip("the Triton and CUDA kernels take 16/32-bit floats; the backward is shared torch code")
     _, nmw = _weight(5, 16, 2, 4, torch.float64, device)
     values = nmw.values.clone().requires_grad_()
     x = _x(3, 16, dtype=torch.float64, device=device).requires_grad_()
@@ -353,7 +365,7 @@ def test_grad_values_is_dense_grad_at_kept_columns():
 
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_opcheck_linear(device, backend):
-    for dtype in [torch.float32, torch.bfloat16]:
+    for dtype in [torch.float32, torch.bfloat16] if backend != "cuda" else [torch.bfloat16, torch.float16]:
         _, nmw = _weight(9, 32, 2, 4, dtype, device)
         x = _x(3, 32, dtype=dtype, device=device)
         bias = _x(9, dtype=dtype, device=device)
@@ -374,8 +386,9 @@ def test_opcheck_compress(device, backend):
 @pytest.mark.parametrize("device,backend", LINEAR)
 def test_compile_dynamic_one_graph(device, backend):
     torch._dynamo.reset()
-    _, nmw = _weight(9, 32, 2, 4, torch.float32, device)
-    bias = _x(9, device=device)
+    dt = _dtype_for(backend)
+    _, nmw = _weight(9, 32, 2, 4, dt, device)
+    bias = _x(9, dtype=dt, device=device)
     counter = torch._dynamo.testing.CompileCounter()
 
     @torch.compile(fullgraph=True, dynamic=True, backend=counter)
@@ -383,7 +396,7 @@ def test_compile_dynamic_one_graph(device, backend):
         return sparseops.nm_linear(x, nmw, bias, backend=backend)
 
     for R in (3, 5, 17, 33):
-        x = _x(R, 32, device=device, seed=R)
+        x = _x(R, 32, dtype=dt, device=device, seed=R)
         want = sparseops.nm_linear(x, nmw, bias, backend=backend)  # eager first: fills the backend cache
         torch.testing.assert_close(f(x), want)
     assert counter.frame_count == 1

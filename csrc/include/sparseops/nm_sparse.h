@@ -51,4 +51,42 @@ void nm_compress_cpu_kernel(const at::Tensor& w, const at::Tensor& scores, const
                             const NMConfig& cfg, at::Tensor& values, at::Tensor& meta,
                             at::Tensor& mask);
 
+// The 2:4 sparse tensor cores (sparseops/nm_sp24.h has the layout) take fp16 / bf16 weights of
+// any n:m with n <= 2 (at most 2 kept values in each aligned group of 4 columns; 1:2 too).
+inline bool nm_maps_to_sp24(int64_t n, int64_t m) { return n <= 2; }
+
+// Hardware metadata (int32 [hw_mtiles(out), hw_ksteps(in), 16], nm_sp24.h) of an NM_FORMAT
+// meta [out, meta_bytes] (contiguous uint8), n <= 2. check: verify strictly increasing
+// positions per group first (an error naming meta otherwise).
+at::Tensor nm_sp24_meta_cpu_kernel(const at::Tensor& meta, const NMConfig& cfg, bool check);
+
+// The CPU emulators of the CUDA kernels (tests only; csrc/cpu/nm_sp24.cpp):
+//  nm_sp24_emulate_cpu_kernel: nm_linear_cuda_kernel's data flow (shared-memory stages,
+//    ldmatrix, mma.sp per the PTX ISA, epilogue) with config (sp24::ConfigId) forced; x2d
+//    [R, in] fp16 / bf16 contiguous, values, meta, hw (from nm_sp24_meta), bias or undefined;
+//    returns out [R, out]. Throws if a stage leaves shared memory unwritten or written twice,
+//    an ldmatrix phase has a bank conflict, or a metadata nibble is invalid.
+//  nm_compress_emulate_cpu_kernel: nm_compress_cuda_kernel's per-thread blocks, same contract.
+at::Tensor nm_sp24_emulate_cpu_kernel(const at::Tensor& x2d, const at::Tensor& values,
+                                      const at::Tensor& meta, const at::Tensor& hw,
+                                      const at::Tensor& bias, const NMConfig& cfg, int64_t config);
+void nm_compress_emulate_cpu_kernel(const at::Tensor& w, const at::Tensor& scores,
+                                    const at::Tensor& keep, const NMConfig& cfg,
+                                    at::Tensor& values, at::Tensor& meta, at::Tensor& mask);
+
+#ifdef SPARSEOPS_WITH_CUDA
+// Kernel contracts (CUDA, csrc/cuda/nm_sparse.cu), on the current device and stream:
+//  nm_linear_cuda_kernel: as nm_linear_cpu_kernel, x2d fp16 / bf16, n <= 2, plus hw = the
+//    weight's hardware metadata (nm_sp24_meta_cuda_kernel, cached by the op layer).
+//  nm_sp24_meta_cuda_kernel: as nm_sp24_meta_cpu_kernel (check: one host sync).
+//  nm_compress_cuda_kernel: as nm_compress_cpu_kernel (keep: bool; scores any float dtype).
+void nm_linear_cuda_kernel(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& meta,
+                           const at::Tensor& hw, const at::Tensor& bias, const NMConfig& cfg,
+                           at::Tensor& out);
+at::Tensor nm_sp24_meta_cuda_kernel(const at::Tensor& meta, const NMConfig& cfg, bool check);
+void nm_compress_cuda_kernel(const at::Tensor& w, const at::Tensor& scores, const at::Tensor& keep,
+                             const NMConfig& cfg, at::Tensor& values, at::Tensor& meta,
+                             at::Tensor& mask);
+#endif
+
 }  // namespace sparseops

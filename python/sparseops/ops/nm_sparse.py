@@ -122,9 +122,25 @@ def _nm_linear_backward(ctx, dy):
     return dx, dv, None, None, None, None, db, None
 
 
+def _nm_sp24_meta_fake(meta, n, m, out_features, in_features):
+    # sparseops/nm_sp24.h: [ceil(out / 128) * 8 m16 tiles, ceil(in / 256) * 8 k32 steps, 16]
+    return meta.new_empty(((out_features + 127) // 128 * 8, (in_features + 255) // 256 * 8, 16), dtype=torch.int32)
+
+
+def _nm_sp24_emulate_fake(x, values, meta, hw_meta, bias, n, m, in_features, config):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _nm_compress_emulate_fake(w, n, m, scores=None, mask=None, prune=False):
+    return _nm_compress_fake(w, n, m, scores, mask, prune)
+
+
 if _backend.HAS_C:
     torch.library.register_fake("sparseops::nm_linear")(_nm_linear_fake)
     torch.library.register_fake("sparseops::nm_compress")(_nm_compress_fake)
+    torch.library.register_fake("sparseops::nm_sp24_meta")(_nm_sp24_meta_fake)
+    torch.library.register_fake("sparseops::_nm_sp24_emulate")(_nm_sp24_emulate_fake)
+    torch.library.register_fake("sparseops::_nm_compress_emulate")(_nm_compress_emulate_fake)
     torch.library.register_autograd("sparseops::nm_linear", _nm_linear_backward, setup_context=_setup_context)
     _linear_op = torch.ops.sparseops.nm_linear.default
     _compress_op = torch.ops.sparseops.nm_compress.default
@@ -169,15 +185,75 @@ def _compress_triton_kernel(inputs, outputs, options) -> None:
     nm_compress_triton(w, scores, options["n"], options["m"], values, meta, mask)
 
 
-def _triton_reason(device, dtype):
+def _triton_reason(device, dtype, *_):
     return _backend.triton_kernels(device)
 
 
-_LINEAR = _backend.Op("nm_linear", _backend.tensor_facts("x"))
+# nm_linear on CUDA: which backend `auto` takes (the cuda one is csrc/cuda/nm_sparse.cu: mma.sp
+# on the 2:4 sparse tensor cores; none of these choices has been measured on a GPU yet):
+#  - fp16 / bf16, 2:4, any batch: cuda. At small batch both kernels read the same bytes
+#    (0.5625x dense), and the tensor cores need no expansion of the kept values in registers;
+#    at large batch mma.sp has twice the dense tensor-core rate, which Triton (no sparse dot,
+#    triton#6891) cannot reach.
+#  - fp16 / bf16, other n <= 2 patterns (1:2, 1:4, 2:8, 1:8, 2:16, 1:16): they map exactly onto
+#    2:4 groups with explicit zeros, so the tensor cores read them as 2:4 (0.5625x dense bytes)
+#    while Triton reads the pattern itself (1:4: 0.31x). Up to _SMALL_BATCH rows (memory-bound)
+#    triton; above it cuda. The crossover is an estimate from bytes and peak rates (H100:
+#    ~3.3 TB/s, mma.sync at roughly half of wgmma's 990 dense TFLOP/s), not a measurement.
+#  - n > 2 (3:4, 4:8, 8:16 ...): a group of 4 columns can hold 3 or 4 kept values, which 2:4
+#    hardware cannot take (even when a given weight happens to fit, the choice would depend on
+#    the data): triton.
+#  - fp32: triton (the tensor cores would need tf32, which rounds the inputs); fp64: reference.
+_SMALL_BATCH = 64
+_X_FACTS = _backend.tensor_facts("x")
+
+
+def _linear_facts(x, nmw=None, *_):
+    """(device, dtype, n, m, small): n, m and small only for CUDA tensors; small (rows <= 64)
+    only for the patterns whose auto choice depends on the batch."""
+    device, dtype = _X_FACTS(x)
+    if device != "cuda" or not isinstance(nmw, NMWeight) or not isinstance(x, torch.Tensor):
+        return (device, dtype, None, None, None)
+    n, m = nmw.n, nmw.m
+    small = None
+    if (n, m) != (2, 4) and n <= 2:
+        rows = 1
+        for s in x.shape[:-1]:
+            rows = rows * s
+        small = bool(rows <= _SMALL_BATCH)
+    return (device, dtype, n, m, small)
+
+
+def _cuda_linear_reason(device, dtype=None, n=None, m=None, small=None):
+    why = _backend.native_cuda(device)
+    if why is not None:
+        return why
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return (
+            f"runs fp16 / bf16 on the 2:4 sparse tensor cores, got {dtype} (tf32 would round fp32 inputs to "
+            "10-bit mantissas; the triton backend runs fp32)"
+        )
+    if n is not None and n > 2:
+        return (
+            f"{n}:{m} can put {min(n, 4)} kept values into one group of 4 columns, and the 2:4 sparse tensor "
+            "cores take at most 2"
+        )
+    return None
+
+
+def _cuda_linear_rank(device, dtype=None, n=None, m=None, small=None):
+    return 2 if small else 0  # 2: behind triton (rank 1)
+
+
+_LINEAR = _backend.Op("nm_linear", _linear_facts)
+_LINEAR.register("cuda", rank=_cuda_linear_rank, unsupported_reason=_cuda_linear_reason)
 _LINEAR.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _LINEAR.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_linear_triton_kernel)
 _LINEAR.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_linear_reference_kernel)
+# nm_compress / nm_mask on CUDA: the fused CUDA kernel for every pattern and dtype (one pass,
+# registers only); triton is the fallback where the build has no CUDA kernels.
 _COMPRESS = _backend.Op("nm_compress", _backend.tensor_facts("w"))
+_COMPRESS.register("cuda", rank=0, unsupported_reason=_backend.native_cuda)
 _COMPRESS.register("cpu", rank=0, unsupported_reason=_backend.native_cpu)
 _COMPRESS.register("triton", rank=1, unsupported_reason=_triton_reason, kernel=_compress_triton_kernel)
 _COMPRESS.register("reference", rank=9, unsupported_reason=_backend.always, kernel=_compress_reference_kernel)
@@ -482,11 +558,12 @@ def nm_linear(
     x [..., in] (any strides, nmw's dtype: fp32 / fp16 / bf16 / fp64), bias [out] or None;
     products accumulated in fp32 (fp64 for fp64). Differentiable in x, nmw.values (the dense
     weight gradient at the kept positions) and bias. backend: None/"auto", "cpu", "triton",
-    "cuda" (where built) or "reference".
+    "cuda" (where built: fp16 / bf16, n <= 2, on the 2:4 sparse tensor cores; the hardware
+    metadata is built on the first call per meta tensor and cached) or "reference".
     """
     if not isinstance(nmw, NMWeight):
         raise TypeError(f"nmw must be an NMWeight, got {type(nmw).__name__}")
-    name = _LINEAR.choose(backend, x)
+    name = _LINEAR.choose(backend, x, nmw)
     if _backend.HAS_C:
         return _linear_op(x, nmw.values, nmw.meta, nmw.n, nmw.m, nmw.shape[1], bias, name)
     return ref.nm_linear_ref(x, nmw.values, nmw.meta, nmw.n, nmw.m, nmw.shape[1], bias)
