@@ -1075,3 +1075,15 @@ def default_out_dir(device: torch.device, quick: bool) -> Path:
     Quick runs get their own folder so they never overwrite a recorded full run.
     """
     return RESULTS_DIR / (device_slug(device) + ("-quick" if quick else ""))
+
+
+def open_session(args: Any, device: torch.device | None = None) -> tuple[Session, Path]:
+    """The start of every benchmark script's main: threads (--threads), device (--device, or
+    ``device``), a Session with the environment header printed, and the results folder (--out,
+    else the device's default)."""
+    set_threads(args.threads)
+    device = device if device is not None else pick_device(args.device)
+    so = import_sparseops()
+    session = Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
+    print(session.header(), flush=True)
+    return session, args.out or default_out_dir(device, args.quick)

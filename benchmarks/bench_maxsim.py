@@ -444,12 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU problems of bench_maxsim_gpu")
     args = p.parse_args(argv)
-    H.set_threads(args.threads)
-    device = H.pick_device(args.device)
-    so = H.import_sparseops()
-    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
-    out_dir = args.out or H.default_out_dir(device, args.quick)
-    print(session.header(), flush=True)
+    session, out_dir = H.open_session(args)
     results = run(session, out_dir=out_dir, docs=args.docs, dtypes=args.dtypes, problems=args.problems)
     for line in summary(results):
         session.log(line)

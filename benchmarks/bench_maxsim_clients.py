@@ -224,12 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
     args = p.parse_args(argv)
-    H.set_threads(args.threads)
-    device = torch.device("cpu")
-    so = H.import_sparseops()
-    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
-    out_dir = args.out or H.default_out_dir(device, args.quick)
-    print(session.header(), flush=True)
+    session, out_dir = H.open_session(args, torch.device("cpu"))
     results = run(session, out_dir=out_dir, dtypes=args.dtypes)
     for r in results:
         print(

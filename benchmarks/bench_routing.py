@@ -479,13 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import report
 
     args = build_parser().parse_args(argv)
-    H.set_threads(args.threads)
-    device = H.pick_device(args.device)
-    so = H.import_sparseops()
-    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
-    out_dir = args.out or H.default_out_dir(device, args.quick)
-    print(session.header(), flush=True)
-    sweeps = default_sweeps(device, args.quick)
+    session, out_dir = H.open_session(args)
+    sweeps = default_sweeps(session.device, args.quick)
     if args.tokens or args.dtypes:
         sweeps = [
             Sweep(d, tuple(args.tokens) if args.tokens else sweeps[0].tokens, sweeps[0].compile)

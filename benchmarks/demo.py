@@ -111,13 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    H.set_threads(args.threads)
-    device = H.pick_device(args.device)
-    so = H.import_sparseops()
-    session = H.Session(device, quick=args.quick, sparseops_version=getattr(so, "__version__", ""))
-    out_dir = args.out or H.default_out_dir(device, args.quick)
-    print(session.header(), flush=True)
-    print(f"expected duration: {EXPECTED[(device.type, args.quick)]}", flush=True)
+    session, out_dir = H.open_session(args)
+    print(f"expected duration: {EXPECTED[(session.device.type, args.quick)]}", flush=True)
     if not args.quick:
         print("(python -m benchmarks.demo --quick: the short version)", flush=True)
     print(f"results -> {out_dir}", flush=True)
