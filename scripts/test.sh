@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 source scripts/_install.sh
 python -c "import sparseops, json; print(json.dumps(sparseops.build_info(), indent=1))"
-echo "== pytest $*"
-python -m pytest -q "$@"
+# One worker per core (pytest-xdist): most of the suite is single-threaded Python (the Triton
+# interpreter, the reference), so two workers on 2 cores cut the wall time.
+echo "== pytest -n auto $*"
+python -m pytest -q -n auto "$@"
 echo "== scripts/test.sh finished in $(( $(date +%s) - start )) s"
