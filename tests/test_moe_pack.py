@@ -74,7 +74,14 @@ def test_packed_matches_reference(dtype, T, H, inter, E, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("activation", "layout"),
-    [("swiglu", "concat"), ("geglu", "concat"), ("swiglu_oai", "interleaved"), ("reglu", "interleaved"), ("gelu", "concat"), ("relu2", "concat")],
+    [
+        ("swiglu", "concat"),
+        ("geglu", "concat"),
+        ("swiglu_oai", "interleaved"),
+        ("reglu", "interleaved"),
+        ("gelu", "concat"),
+        ("relu2", "concat"),
+    ],
 )
 def test_packed_activations_layouts(dtype, activation, layout):
     inp = _inputs(9, 80, 75, 6, 2, activation=activation, dtype=dtype, bias=True, seed=3)
@@ -87,7 +94,9 @@ def test_packed_activations_layouts(dtype, activation, layout):
 def test_packed_routing_edges():
     """Dropped slots, a token with every slot dropped, empty experts, T = 0."""
     inp = _inputs(6, 64, 40, 8, 3, dtype=torch.bfloat16, seed=5)
-    inp["ids"] = torch.tensor([[0, -1, 2], [-1, -1, -1], [2, 0, -1], [0, 2, -1], [-1, 0, 2], [2, -1, 0]], dtype=torch.int32)
+    inp["ids"] = torch.tensor(
+        [[0, -1, 2], [-1, -1, -1], [2, 0, -1], [0, 2, -1], [-1, 0, 2], [2, -1, 0]], dtype=torch.int32
+    )
     packed, _ = _packed_and_plain(inp)
     assert torch.equal(packed[1], torch.zeros_like(packed[1]))
     torch.testing.assert_close(packed, _ref(inp), rtol=3e-2, atol=3e-2)

@@ -191,8 +191,8 @@ inline void split_columns(int64_t n, int64_t parts, int64_t j, int64_t& lo, int6
 // one fp32 accumulator per output, never reduced across lanes, so a token's bits depend
 // neither on the threads nor on the other tokens (a pass of several tokens stores and reloads
 // its fp32 accumulators between K chunks: exact).
-constexpr int kPackTok = 6;            // token rows per pass: 6 x 4 accumulators + 4 weights
-constexpr int64_t kPackChunk = 128;    // k steps per chunk when a block takes several passes
+constexpr int kPackTok = 6;          // token rows per pass: 6 x 4 accumulators + 4 weights
+constexpr int64_t kPackChunk = 128;  // k steps per chunk when a block takes several passes
 constexpr int kPackVec = kPackCols / 16;
 
 // acc[t][0, 64) (+)= sum over k-pairs [q0, q1) of x[t] pair q . block pair q (vdpbf16ps).
@@ -309,7 +309,7 @@ void stream_forward_packed(const at::Tensor& x, const PackedWeight& pw13, const 
                            const at::Tensor& b2, const MoeConfig& cfg,
                            const std::vector<int64_t>& experts, const int32_t* offs,
                            const int32_t* sorted, float* sbuf, at::Tensor& y, at::Tensor& pre) {
-  using X = std::conditional_t<kVnni, int32_t, float>;  // operand as the kernels read it
+  using X = std::conditional_t<kVnni, int32_t, float>;        // operand as the kernels read it
   using S = std::conditional_t<kVnni, c10::BFloat16, float>;  // staged element
   const int64_t T = cfg.t, H = cfg.h, K = cfg.k, I = cfg.inter, P = cfg.p;
   const int64_t n = T * K;
