@@ -21,6 +21,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+
+#include <cstdlib>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -92,6 +98,32 @@ void pack_block(const at::Tensor& w, const PackedWeight& pw, int64_t e, int64_t 
   }
 }
 
+// An uninitialised [E, per] tensor for the packed copy. On Linux it lies on 2 MB boundaries
+// and is advised MADV_HUGEPAGE (transparent huge pages are "madvise" on many servers, this
+// one included), so the stream walks 2 MB pages instead of 4 KB ones: the bf16 block
+// stream above, on 150 MB, read 16.1-16.8 GB/s median (27-30 best) on huge pages against
+// 9.1-9.4 (13-18) on 4 KB pages, one thread, load 6.5, 2026-12-07. The pages are faulted in
+// as experts are packed: at most one 2 MB page past each packed expert holds a neighbour's
+// untouched part.
+at::Tensor alloc_packed(int64_t E, int64_t per, const at::Tensor& w) {
+  const auto opts = w.options().requires_grad(false);
+#if defined(__linux__)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(E * per) * w.element_size();
+  if (bytes > 0) {
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, size);
+    TORCH_CHECK(p != nullptr, "moe_mlp: could not allocate the ", size,
+                " bytes of the packed copy of the expert weight of shape ", w.sizes());
+#if defined(MADV_HUGEPAGE)
+    madvise(p, size, MADV_HUGEPAGE);  // a hint: without it, 4 KB pages
+#endif
+    return at::from_blob(p, {E, per}, [](void* q) { std::free(q); }, opts);
+  }
+#endif
+  return at::empty({E, per}, opts);
+}
+
 }  // namespace
 
 void pack_register(const at::Tensor& w) {
@@ -159,8 +191,7 @@ bool packed_weight(const at::Tensor& w, int64_t groups, bool vnni,
     pw.group_pad = (pw.group_rows + kPackCols - 1) / kPackCols * kPackCols;
     pw.kp = vnni ? (K + 1) / 2 * 2 : K;
     pw.vnni = vnni;
-    // Pages are touched only as experts are packed.
-    pw.data = at::empty({E, groups * pw.group_pad * pw.kp}, w.options().requires_grad(false));
+    pw.data = alloc_packed(E, groups * pw.group_pad * pw.kp, w);
     en->packed = pw;
     en->version = version;
     en->groups = groups;
