@@ -91,6 +91,23 @@ def test_packed_activations_layouts(dtype, activation, layout):
     torch.testing.assert_close(packed, _ref(inp, **kw), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pad", [0, 1])
+def test_packed_strided_weights(dtype, pad):
+    """Weights that are slices of wider rows (row stride H + pad: odd with pad = 1, where
+    bf16 pairs cannot move as 32-bit words) and every other expert of a bigger tensor."""
+    inp = _inputs(5, 64, 48, 6, 2, dtype=dtype, bias=True, seed=11)
+    for name in ("w13", "w2"):
+        w = inp[name]
+        wide = torch.zeros(2 * w.shape[0], w.shape[1], w.shape[2] + pad, dtype=dtype)
+        wide[::2, :, : w.shape[2]] = w
+        inp[name] = wide[::2, :, : w.shape[2]]
+    packed, plain = _packed_and_plain(inp)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(packed, _ref(inp), rtol=rtol, atol=atol)
+    torch.testing.assert_close(packed, plain, rtol=rtol, atol=atol)
+
+
 def test_packed_routing_edges():
     """Dropped slots, a token with every slot dropped, empty experts, T = 0."""
     inp = _inputs(6, 64, 40, 8, 3, dtype=torch.bfloat16, seed=5)
