@@ -61,6 +61,7 @@ def _packed_and_plain(inp, **kw):
         (16, 33, 17, 13, 3),  # H odd (a k-pair tail), I odd and under one block of 64
         (40, 97, 130, 4, 2),  # I = 2 blocks + 2 rows, 20 rows per expert (4 passes)
         (48, 300, 70, 1, 1),  # one expert of 48 rows: 8 passes over chunks of 128 k-steps
+        (100, 64, 40, 1, 1),  # 100 rows: BLAS tiles on the HF layout, the stream kernel packed
     ],
 )
 def test_packed_matches_reference(dtype, T, H, inter, E, k):
@@ -106,6 +107,19 @@ def test_packed_strided_weights(dtype, pad):
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(packed, _ref(inp), rtol=rtol, atol=atol)
     torch.testing.assert_close(packed, plain, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_MOE_STREAM_ROWS")), reason="the bound is moved in this process")
+def test_packed_stream_bound():
+    """Packed experts of up to 256 rows stream; one of 300 rows runs as BLAS tiles (not packed)."""
+    inp = _inputs(556, 32, 24, 2, 1, dtype=torch.float32, seed=13)
+    inp["ids"][:256] = 0
+    inp["ids"][256:] = 1
+    sparseops.prepack_moe_weights(inp["w13"], inp["w2"])
+    torch.testing.assert_close(_run(inp), _ref(inp), rtol=2e-5, atol=2e-5)
+    # Expert 0 only: w13 as gate and up groups of 24 rows padded to 64, x H = 32; w2's 32 rows
+    # padded to 64, x I = 24; fp32.
+    assert sparseops.moe_pack_stats()["packed_bytes"] == (2 * 64 * 32 + 64 * 24) * 4
 
 
 def test_packed_routing_edges():

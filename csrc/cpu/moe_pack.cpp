@@ -179,6 +179,8 @@ void pack_register(const at::Tensor& w) {
   g_entries.push_back(std::move(en));
 }
 
+bool pack_registered(const at::Tensor& w) { return !w.is_inference() && find(w) != nullptr; }
+
 bool pack_unregister(const at::Tensor& w) {
   std::lock_guard<std::mutex> lock(g_mu);
   const auto it = std::find_if(g_entries.begin(), g_entries.end(),

@@ -158,6 +158,8 @@ struct PackedWeight {
 // then remade, expert by expert as they are used). Returns false if w is not registered.
 bool packed_weight(const at::Tensor& w, int64_t groups, bool vnni,
                    const std::vector<int64_t>& experts, PackedWeight& out);
+// Whether w is registered (the stream kernel then takes experts of up to 256 rows).
+bool pack_registered(const at::Tensor& w);
 // Registration, for the Python hooks (csrc/ops/moe_pack_py.cpp).
 void pack_register(const at::Tensor& w);
 bool pack_unregister(const at::Tensor& w);
