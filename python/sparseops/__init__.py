@@ -21,7 +21,7 @@ from .nm_convert import (
 from .nn.nm_linear import sparsify_
 from .ops.grouped_mm import gather_rows, grouped_mm, row_scale, scatter_rows
 from .ops.maxsim import maxsim, maxsim_pairs, maxsim_quantize, maxsim_topk, maxsim_varlen
-from .ops.moe import MOE_ACTIVATIONS, moe_mlp
+from .ops.moe import MOE_ACTIVATIONS, moe_mlp, moe_pack_stats, prepack_moe_weights, release_moe_weights
 from .ops.nm_sparse import NMWeight, nm_compress, nm_decompress, nm_linear, nm_mask
 from .ops.routing import (
     RouteMeta,
@@ -54,6 +54,9 @@ __all__ = [
     "maxsim_topk",
     "maxsim_varlen",
     "moe_mlp",
+    "moe_pack_stats",
+    "prepack_moe_weights",
+    "release_moe_weights",
     "nm_compress",
     "nm_decompress",
     "nm_from_compressed_tensors",

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "sparseops/moe.h"
 
@@ -127,6 +129,43 @@ struct StreamWork {
   const char* stream = nullptr;     // [E] 1: the stream kernel runs this expert
   int64_t num_stream = 0;           // how many experts have stream[e] = 1
 };
+
+// Packed copies of expert weights (csrc/cpu/moe_pack.cpp), made for the weight tensors a user
+// registered with sparseops.prepack_moe_weights. A weight w [E, N, K] (N output rows, K the
+// contraction) is cut per expert into `groups` groups of N / groups rows (gate and up of the
+// concat layout are two groups, so a column range of one is block-aligned with the other),
+// each group padded to blocks of kPackCols rows. A block holds kPackCols rows x Kp: with vnni
+// (bf16 on AVX512_BF16) as [Kp/2][kPackCols][2], K-pairs interleaved for vdpbf16ps (Kp = K
+// rounded up to even, zero padded); otherwise as [K][kPackCols] (Kp = K). One 64-byte line
+// then holds the same k of 16 output rows: the kernels broadcast x and accumulate 16 outputs
+// per instruction, read the block as one sequential stream and need no horizontal sums.
+constexpr int64_t kPackCols = 64;
+
+struct PackedWeight {
+  at::Tensor data;  // [E, groups * group_pad * kp] in w's dtype; holds the memory alive
+  int64_t groups = 0, group_rows = 0, group_pad = 0, kp = 0;
+  bool vnni = false;
+  // Block b (rows [b*kPackCols, (b+1)*kPackCols) of group g) of expert e.
+  const void* block(int64_t e, int64_t g, int64_t b) const {
+    return static_cast<const char*>(data.data_ptr()) +
+           ((e * groups + g) * group_pad + b * kPackCols) * kp * data.element_size();
+  }
+};
+
+// The packed copy of w if w was registered (same storage, data pointer, sizes, strides and
+// dtype) and is not an inference tensor; the experts in `experts` are packed now when they
+// were not yet, or when w's version counter moved (an in-place update: the whole copy is
+// then remade, expert by expert as they are used). Returns false if w is not registered.
+bool packed_weight(const at::Tensor& w, int64_t groups, bool vnni,
+                   const std::vector<int64_t>& experts, PackedWeight& out);
+// Whether w is registered (the stream kernel then takes experts of up to 256 rows).
+bool pack_registered(const at::Tensor& w);
+// Registration, for the Python hooks (csrc/ops/moe_pack_py.cpp).
+void pack_register(const at::Tensor& w);
+bool pack_unregister(const at::Tensor& w);
+void pack_clear();
+// Registered tensors (alive) and the bytes of packed experts they hold.
+std::pair<int64_t, int64_t> pack_stats();
 
 // Whether the weight-stream kernel can run these weights: a vector ISA, fp32 / bf16 / fp16,
 // weight rows of unit stride (w13.stride(2) == w2.stride(2) == 1).

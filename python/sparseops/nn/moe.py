@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.moe import moe_mlp
+from ..ops.moe import moe_mlp, prepack_moe_weights
 from ..ops.routing import load_balancing_loss, route, router_z_loss
 from .router import TopKRouter
 
@@ -245,6 +245,10 @@ class MoE(nn.Module):
         w13 = self.w13.transpose(1, 2) if self._w13_t else self.w13
         w2 = self.w2.transpose(1, 2) if self._w2_t else self.w2
         return w13, w2
+
+    def prepack_weights(self) -> None:
+        """Give the expert weights packed CPU copies for inference (``sparseops.prepack_moe_weights``)."""
+        prepack_moe_weights(*self.expert_weights)
 
     def router_logits(self, x2: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, E]: computed in the router weight's dtype (DeepSeek keeps it fp32)."""
