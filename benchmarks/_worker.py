@@ -169,8 +169,12 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
     import time
     import traceback
 
-    out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    # Stray prints must not corrupt the protocol, native ones included (zentorch's C++ writes
+    # its errors to fd 1): replies go to a private copy of fd 1, and fd 1 itself becomes stderr.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
     try:
         import torch
     except ImportError:  # a numpy-only peer's interpreter (the MaxSim peers)
