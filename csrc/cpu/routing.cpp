@@ -1102,42 +1102,74 @@ SPARSEOPS_AVX512 inline int append_lanes(int32_t* idx, int n, int v, __mmask16 m
   return n + __builtin_popcount(m);
 }
 
-// Each group's m-th best (m = 1, 2) of its scores s (vectors vg per group), in every lane of
-// out[g], by a butterfly over the lanes of the lane-wise best and second.
+// Merges two (best, second) sets lane by lane: the best two of their union, as a multiset.
+SPARSEOPS_AVX512 inline void merge_best2(__m512& b, __m512& c, __m512 b2, __m512 c2) {
+  c = _mm512_max_ps(_mm512_max_ps(c, c2), _mm512_min_ps(b, b2));
+  b = _mm512_max_ps(b, b2);
+}
+
+// Each group's best and second score (as a multiset, as group_score16's m1 and m2) in lane g
+// of best / second; s holds vg vectors per group. Eight groups of two vectors (DeepSeek-V3)
+// pack two, then four groups per register between the merge steps (128-bit shuffles), so
+// the 8 x 4 butterfly steps of the general version become 4 + 2 + 2 + 2: a DeepSeek-V3 row
+// fp32 7.9 -> 7.3 ms at T = 16384 (1 thread, alternating runs).
 template <int G, int vg>
-SPARSEOPS_AVX512 inline void group_best2(const __m512* s, __m512* best, __m512* second) {
+SPARSEOPS_AVX512 inline void group_best2(const __m512* s, __m512& best, __m512& second) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int g = 0; g < G; ++g) {
-    best[g] = ninf;
-    second[g] = ninf;
-    for (int v = g * vg; v < (g + 1) * vg; ++v) {
-      second[g] = _mm512_max_ps(second[g], _mm512_min_ps(best[g], s[v]));
-      best[g] = _mm512_max_ps(best[g], s[v]);
+  if constexpr (G == 8 && vg == 2) {
+    __m512 b[8], c[8];
+    for (int g = 0; g < 8; ++g) {
+      b[g] = _mm512_max_ps(s[2 * g], s[2 * g + 1]);
+      c[g] = _mm512_min_ps(s[2 * g], s[2 * g + 1]);
     }
+    __m512 pb[4], pc[4];  // pair p: lanes 0-7 group 2p, lanes 8-15 group 2p + 1
+    for (int p = 0; p < 4; ++p) {
+      pb[p] = _mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], 0x44);
+      pc[p] = _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0x44);
+      merge_best2(pb[p], pc[p], _mm512_shuffle_f32x4(b[2 * p], b[2 * p + 1], 0xee),
+                  _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0xee));
+    }
+    __m512 qb[2], qc[2];  // quad q: 128-bit lane j holds group 4q + j
+    for (int q = 0; q < 2; ++q) {
+      qb[q] = _mm512_shuffle_f32x4(pb[2 * q], pb[2 * q + 1], 0x88);
+      qc[q] = _mm512_shuffle_f32x4(pc[2 * q], pc[2 * q + 1], 0x88);
+      merge_best2(qb[q], qc[q], _mm512_shuffle_f32x4(pb[2 * q], pb[2 * q + 1], 0xdd),
+                  _mm512_shuffle_f32x4(pc[2 * q], pc[2 * q + 1], 0xdd));
+      merge_best2(qb[q], qc[q], _mm512_shuffle_ps(qb[q], qb[q], _MM_SHUFFLE(1, 0, 3, 2)),
+                  _mm512_shuffle_ps(qc[q], qc[q], _MM_SHUFFLE(1, 0, 3, 2)));
+      merge_best2(qb[q], qc[q], _mm512_shuffle_ps(qb[q], qb[q], _MM_SHUFFLE(2, 3, 0, 1)),
+                  _mm512_shuffle_ps(qc[q], qc[q], _MM_SHUFFLE(2, 3, 0, 1)));
+    }
+    const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    best = _mm512_mask_mov_ps(ninf, 0xff, _mm512_permutex2var_ps(qb[0], pick, qb[1]));
+    second = _mm512_mask_mov_ps(ninf, 0xff, _mm512_permutex2var_ps(qc[0], pick, qc[1]));
+    return;
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 b[G], c[G];
+  for (int g = 0; g < G; ++g) {
+    b[g] = ninf;
+    c[g] = ninf;
+    for (int v = g * vg; v < (g + 1) * vg; ++v) merge_best2(b[g], c[g], s[v], ninf);
   }
   for (int stride = 8; stride >= 1; stride >>= 1) {
     const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));
     for (int g = 0; g < G; ++g) {
-      const __m512 pb = _mm512_permutexvar_ps(idx, best[g]);
-      const __m512 pc = _mm512_permutexvar_ps(idx, second[g]);
-      second[g] = _mm512_max_ps(_mm512_max_ps(second[g], pc), _mm512_min_ps(best[g], pb));
-      best[g] = _mm512_max_ps(best[g], pb);
+      merge_best2(b[g], c[g], _mm512_permutexvar_ps(idx, b[g]), _mm512_permutexvar_ps(idx, c[g]));
     }
+  }
+  best = ninf;
+  second = ninf;
+  for (int g = 0; g < G; ++g) {
+    best = _mm512_mask_mov_ps(best, static_cast<__mmask16>(1u << g), b[g]);
+    second = _mm512_mask_mov_ps(second, static_cast<__mmask16>(1u << g), c[g]);
   }
 }
 
-// Group scores (best + second, or best) as lanes of one vector, and the topk_group best groups
-// (larger score first, then lower group) as choose_groups16 picks them.
 template <int G>
-SPARSEOPS_AVX512 inline uint32_t sig16_choose_groups(const __m512* best, const __m512* second,
-                                                     bool top2, int64_t topk_group,
-                                                     __m512& gscore) {
-  gscore = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int g = 0; g < G; ++g) {
-    gscore = _mm512_mask_mov_ps(gscore, static_cast<__mmask16>(1u << g),
-                                top2 ? _mm512_add_ps(best[g], second[g]) : best[g]);
-  }
+SPARSEOPS_AVX512 inline uint32_t sig16_choose_groups(__m512 best, __m512 second, bool top2,
+                                                     int64_t topk_group, __m512& gscore) {
+  gscore = top2 ? _mm512_add_ps(best, second) : best;
   const __mmask16 real = lanes_below(G);
   const __m512i K = key16(gscore, real);
   __m512i rank = _mm512_setzero_si512();
@@ -1194,7 +1226,7 @@ SPARSEOPS_AVX512 inline void route_row_sig16(const RouteArgs<scalar_t, float>& a
   if (G > 1 && cfg.topk_group < G) {
     const bool top2 = cfg.group_scoring == GroupScoring::kTop2Sum;
     const __mmask16 real = lanes_below(G);
-    __m512 best[G], second[G], gscore;
+    __m512 best, second, gscore;
     group_best2<G, vg>(approx, best, second);
     chosen = sig16_choose_groups<G>(best, second, top2, cfg.topk_group, gscore);
     // The approximate group scores are within 2 delta + 2^-13 (their sum's rounding, |sum| <
@@ -1207,8 +1239,8 @@ SPARSEOPS_AVX512 inline void route_row_sig16(const RouteArgs<scalar_t, float>& a
     if (!(worst_in - best_out > kSigGroupGap)) {
       int n = 0;
       for (int v = 0; v < V; ++v) {
-        const int g = v >> vg_shift;
-        const __m512 thr = _mm512_sub_ps(top2 ? second[g] : best[g], slack);
+        const __m512 thr = _mm512_sub_ps(
+            _mm512_permutexvar_ps(_mm512_set1_epi32(v >> vg_shift), top2 ? second : best), slack);
         known[v] = _mm512_cmp_ps_mask(approx[v], thr, _CMP_GE_OQ);
         n = append_lanes(idx, n, v, known[v]);
       }
@@ -1484,12 +1516,10 @@ SPARSEOPS_AVX512 void route_rows_avx512(const RouteArgs<scalar_t, float>& a, int
     for (; t < end && t % 16 != 0; ++t) route_row_avx512(a, t, ws[0]);
     for (; t + 16 <= end; t += 16) route_block16_avx512(a, t);
   }
-  // DeepSeek-V3 with fp32 logits (16-bit logits read their exact scores from a table, where
-  // the candidate path was no faster: 6.9-7.4 vs 7.0-7.1 ms at T = 16384, 1 thread).
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cfg.num_experts == 256 && cfg.n_group == 8 && sig16_applies(cfg, a.bias, a.enabled)) {
-      for (; t < end; ++t) route_row_sig16<16, 8>(a, t, ws[0]);
-    }
+  // DeepSeek-V3 (topk_route T = 16384, 1 thread, alternating processes, load ~4: fp32
+  // 9.6-10.2 -> 6.7-6.8 ms; bf16, whose exact scores come from the table, 6.8-7.1 -> 5.9-6.7).
+  if (cfg.num_experts == 256 && cfg.n_group == 8 && sig16_applies(cfg, a.bias, a.enabled)) {
+    for (; t < end; ++t) route_row_sig16<16, 8>(a, t, ws[0]);
   }
   if (cfg.num_experts >= 32 && cfg.k <= 16) {
     for (; t + kRowGroup <= end; t += kRowGroup) route_row_group_avx512<kRowGroup>(a, t, ws);
