@@ -43,6 +43,16 @@
 //   * route_cpu_kernel (`route` on CPU): each chunk's ids counted right after its rows, so
 //     the metadata is one placement pass. Pair at T = 16384, 1 thread: Qwen3 3.9 -> 2.3 ms,
 //     gpt-oss 3.6 -> 2.2, DeepSeek-V3 11.8 -> 10.4 (fp32), Mixtral 326 -> 283 us.
+//   * DeepSeek-V3 (route_row_sig16): exact scores only for the experts a cheap fp32 sigmoid
+//     cannot rule out (~19 of 256 a row), the group choice from approximate group scores
+//     when the gap at the cut exceeds the proven bound (~9 rows in 10), groups' best two by
+//     packed 128-bit shuffles, the top-k over the chosen groups' relevant experts only. Pair
+//     x byte floor at T = 4096 / 16384 (1 thread, per-thread CPU time, floor from a 128 MB
+//     copy in the same process, load ~6, alternating processes against main's build): fp32
+//     9.6 / 10.5 -> 6.7-6.9 / 7.2-7.4, bf16 11.9 / 12.7 -> 11.5-11.8 / 11.9-12.2.
+//   Tried and dropped: metadata placement 16 slots at once (vpconflictd + vpopcntd for the
+//   in-bucket ranks, gather / scatter of next[] and of the slots): Mixtral pair T = 16384
+//   266 -> 281 us (Zen 4's scatters cost more than the scalar load-increment-store chain).
 //   Tried and dropped (no gain in the same bench): candidates gathered in registers by
 //   compress + expand instead of stores; per-candidate scalar rank stores instead of a
 //   rank vector + scatter; 1 / d by rcp14 + two Newton steps instead of vdivpd in the fp64
