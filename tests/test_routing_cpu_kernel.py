@@ -317,3 +317,47 @@ def test_scalar_fallback_path():
         " or (test_many_seeds_bitwise_ids and float32) or (test_nan_and_inf_rows and dtype1)"
     )
     rerun_in_subprocess(__file__, selection, SPARSEOPS_CPU_NO_AVX512="1")
+
+
+def _deepseek_near_tie_rows(T, seed, spread):
+    """[T, 256] fp32 logits whose biased sigmoid scores all lie within ~spread of each other:
+    bias = -sigmoid(y), logits = y + noise, so every group cut and top-k boundary is a near
+    tie that the CPU kernel's approximate scores cannot decide (its exact fallbacks run)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(256, generator=g, dtype=torch.float64)
+    bias = (0.5 - torch.sigmoid(y)).float()
+    x = (y + spread * torch.randn(T, 256, generator=g, dtype=torch.float64)).float()
+    return x, bias
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_deepseek_exact_candidates_bitwise(threads, dtype):
+    """DeepSeek-V3 ranks by exact scores of candidate experts only (a cheap
+    approximate sigmoid rules the others out with a proven margin): ids bitwise equal to the
+    reference on ~2.6M random values over bias / logit scales, on near-tie rows whose scores
+    differ by 1e-7..1e-3 (group cuts and k-th boundaries the margin cannot decide), with NaN
+    / inf rows, |bias| past the path's bound, and group_scoring="max"."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    small = threads == 2 or dtype != torch.float32
+    try:
+        E, k = 256, 8
+        base = {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "scale": 2.5}
+        for i, (bscale, xscale) in enumerate([(0.05, 1.0), (1.0, 0.1), (30.0, 4.0), (999.0, 20.0), (2000.0, 1.0)]):
+            x = (xscale * router_logits(512 if small else 2048, E, seed=10 + i)).to(dtype)
+            _compare(x, k, bias=_bias(E, seed=i, scale=bscale), **base)
+        for i, spread in enumerate([1e-7, 1e-5, 1e-4, 3e-4, 1e-3, 1e-2]):
+            x, bias = _deepseek_near_tie_rows(128 if small else 512, seed=i, spread=spread)
+            x = x.to(dtype)
+            _compare(x, k, bias=bias, **base)
+            _compare(x, k, bias=bias, **{**base, "group_scoring": "max"})
+            _compare(x, k, bias=bias, **{**base, "topk_group": 8})
+        x = router_logits(300, E, seed=3).to(dtype)
+        x[5, 7] = float("nan")
+        x[9, :] = float("inf")
+        x[11, 100] = float("-inf")
+        x[12, 3:40] = 0.25  # exact ties
+        _compare(x, k, bias=_bias(E, seed=5), **base)
+    finally:
+        torch.set_num_threads(old)
