@@ -13,6 +13,7 @@ the batch it is in. The prune (nm_compress(prune=True) / nm_mask) takes a vector
 |w| and fp32 / bf16 / fp16 scores (16-bit weights by |w|: 32 columns per step): ties, NaN,
 infinities, signed zeros and negative scores against the reference.
 """
+
 import pytest
 import torch
 
