@@ -3,7 +3,8 @@
 csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: weight rows expanded in registers
 (R = 1, and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
 3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
-column blocks where it outgrows 256 KB), x laid out in fp32 column tables with sparse arithmetic
+column blocks where it outgrows 256 KB), bf16 2:4 pair tables (12 <= R < 48: one vdpbf16ps per
+kept pair against a table of x pairs), x laid out in fp32 column tables with sparse arithmetic
 (fp16, 12 <= R < 64), decompressed tiles through BLAS (R >= 64; 16-bit tiles through oneDNN from
 8 rows for fp16 and from 48 rows for bf16). These tests pin each path at the batch sizes around
 the crossovers, at widths that cross the tables' column chunks (2048), the register blocks'
@@ -99,16 +100,48 @@ def test_register_blocks_column_blocks(dtype):
             _check(_x(R, k, dtype=dtype, seed=R), nmw, _x(31, dtype=dtype, seed=2), dense)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_register_blocks_rows_independent_of_batch(dtype):
-    # One accumulator per (weight row, x row), fed in column order: a row's bits do not depend
-    # on the other rows, the block shapes or the column blocks
-    k = 4096 + 64
-    _, nmw = nm_weight(11, k, 2, 4, dtype=dtype, seed=1)
+@pytest.mark.parametrize(
+    "dtype,n,m,slices",
+    [
+        (torch.float32, 2, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.bfloat16, 1, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.bfloat16, 2, 4, [(0, 12), (3, 16), (13, 30), (20, 47)]),  # pair tables
+    ],
+)
+def test_rows_independent_of_batch(dtype, n, m, slices):
+    # Per (weight row, x row) accumulators fed in column order: a row's bits do not depend on
+    # the other rows, the block shapes or the column blocks (within one path)
+    k = 4096 + 68
+    _, nmw = nm_weight(11, k, n, m, dtype=dtype, seed=1)
     x = _x(47, k, dtype=dtype, seed=3)  # below the tiles of both dtypes
     full = sparseops.nm_linear(x, nmw, backend="cpu")
-    for r0, r1 in [(0, 2), (5, 8), (13, 30), (30, 47)]:
+    for r0, r1 in slices:
         assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, backend="cpu"), full[r0:r1]), (r0, r1)
+
+
+def test_pair_tables_threads_ties_and_zeros():
+    # bf16 2:4 pair tables: several tiles of weight rows over 2 threads, an odd group count,
+    # explicit zeros (a group keeping fewer than 2 non-zeros stores a zero at its lowest unkept
+    # position), a zero weight row, a zero x row
+    k = 4 * 301
+    dense, nmw = nm_weight(600, k, 2, 4, dtype=torch.bfloat16, seed=8)
+    dense[7] = 0
+    dense[9, :40] = 0
+    dense[11, 1::4] = 0
+    nmw = sparseops.nm_compress(dense, 2, 4)
+    x = _x(21, k, dtype=torch.bfloat16, seed=9)
+    x[4] = 0
+    bias = _x(600, dtype=torch.bfloat16, seed=10)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(_check(x, nmw, bias, dense))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0][:, 7] == bias[7]).all() and (outs[0][4] == bias).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -725,6 +725,177 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 #undef SPARSEOPS_NM_INIT
 #undef SPARSEOPS_NM_STORE
 
+// ---- bf16 2:4, kNMPair24Rows <= R < kNMReg16Rows: x-stationary pair tables, sparse arithmetic --
+//
+// vdpbf16ps sums products of bf16 pairs, and a 2:4 group keeps exactly one pair. For a block of 16
+// rows of x, table[g][p] holds, per row (one 32-bit lane), the pair of x values at group g's
+// positions (a, b) for each of the 6 pairs p (a < b): 64 bytes. Then a weight row's group is one
+// vpbroadcastd of its two kept values, one load of table[g][pair of its meta nibble] and one
+// vdpbf16ps: 32 useful products per instruction (the expanded register blocks multiply the zeros
+// too: 16). Columns are blocked by kPairGroups / (row blocks) groups (the tables of a column block
+// stay in L1; the next block's weight lines are prefetched into L2) and the partial sums of a
+// tile of kPairOTile weight rows wait in a buffer between blocks; each
+// (weight row, x row) has two accumulators (even / odd groups) fed in column order and added once
+// at the end: the bits depend on neither the thread count, nor R, nor the blocking.
+
+constexpr int64_t kPairGroups = 64;   // groups per column block of one row block (24 KB of table)
+constexpr int64_t kPairOTile = 256;   // weight rows per tile
+constexpr int64_t kPairLanes = 16;    // x rows per table
+constexpr int64_t kPairBytes = 6 * 64;  // table bytes per group
+
+// Byte offset in a group's table entries of a 2:4 meta nibble (p0 | p1 << 2, p0 < p1); nibbles a
+// valid meta never holds read pair 0.
+constexpr std::array<uint16_t, 16> kPairOffset = [] {
+  std::array<uint16_t, 16> t{};
+  int idx = 0;
+  for (int a = 0; a < 4; ++a) {
+    for (int b = a + 1; b < 4; ++b) t[a | (b << 2)] = static_cast<uint16_t>(64 * idx++);
+  }
+  return t;
+}();
+
+// Groups [g0, g1) of the table of one row block (`rows` <= 16 rows of bf16 x, stride ldx).
+void build_pair_table(const uint16_t* x, int64_t ldx, int64_t rows, int64_t g0, int64_t g1, uint32_t* t) {
+  for (int64_t g = g0; g < g1; ++g) {
+    uint32_t* e = t + g * (kPairBytes / 4);
+    for (int64_t r = 0; r < kPairLanes; ++r) {
+      uint32_t xv[4] = {0, 0, 0, 0};
+      if (r < rows) {
+        for (int i = 0; i < 4; ++i) xv[i] = x[r * ldx + 4 * g + i];
+      }
+      int idx = 0;
+      for (int a = 0; a < 4; ++a) {
+        for (int b = a + 1; b < 4; ++b) e[16 * idx++ + r] = xv[a] | (xv[b] << 16);
+      }
+    }
+  }
+}
+
+// Groups [g0, g1) (g0 even) of OB (1 or 4) weight rows against one row block's table t: the
+// even / odd group partial sums acc[ob * acc_ld + {0, 16}] (zero first when `first`).
+#define SPARSEOPS_NM_PAIR_ROWS(X) X(0) X(1) X(2) X(3)
+template <int OB>
+SPARSEOPS_NM_BF16DOT void pair_block(const uint16_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
+                                     const char* t, int64_t g0, int64_t g1, float* acc, int64_t acc_ld,
+                                     bool first) {
+  // this block's rows in the next column block, into L2 (a row's columns are read a few lines at
+  // a time, kPairOTile rows apart: no stream for the hardware prefetcher)
+  for (int i = 0; i < OB; ++i) {
+    const char* pv = reinterpret_cast<const char*>(v + i * ldv + 2 * g1);
+    for (int64_t l = 0; l < (g1 - g0) * 4; l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(meta + i * ldm + g1 / 2), _MM_HINT_T1);
+  }
+#define SPARSEOPS_NM_PD(i)                                                                        \
+  __m512 e##i = _mm512_setzero_ps(), o##i = e##i;                                                 \
+  if constexpr (OB > i) {                                                                         \
+    if (!first) e##i = _mm512_loadu_ps(acc + i * acc_ld), o##i = _mm512_loadu_ps(acc + i * acc_ld + 16); \
+  }
+  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PD)
+#undef SPARSEOPS_NM_PD
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) {
+    const char* tg = t + g * kPairBytes;
+#define SPARSEOPS_NM_PS(i)                                                                                  \
+  if constexpr (OB > i) {                                                                                   \
+    const uint32_t byte = meta[i * ldm + (g >> 1)];                                                         \
+    uint32_t p0, p1;                                                                                        \
+    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                               \
+    std::memcpy(&p1, v + i * ldv + 2 * g + 2, 4);                                                           \
+    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[byte & 15]);                                    \
+    const __m512i x1 = _mm512_loadu_si512(tg + kPairBytes + kPairOffset[byte >> 4]);                        \
+    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);        \
+    o##i = _mm512_dpbf16_ps(o##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p1)), (__m512bh)x1);        \
+  }
+    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PS)
+#undef SPARSEOPS_NM_PS
+  }
+  if (g < g1) {  // the row's last group, when the group count is odd (an even group)
+    const char* tg = t + g * kPairBytes;
+#define SPARSEOPS_NM_PT(i)                                                                            \
+  if constexpr (OB > i) {                                                                             \
+    uint32_t p0;                                                                                      \
+    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                         \
+    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[meta[i * ldm + (g >> 1)] & 15]);          \
+    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);  \
+  }
+    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PT)
+#undef SPARSEOPS_NM_PT
+  }
+#define SPARSEOPS_NM_PW(i)                                  \
+  if constexpr (OB > i) {                                   \
+    _mm512_storeu_ps(acc + i * acc_ld, e##i);               \
+    _mm512_storeu_ps(acc + i * acc_ld + 16, o##i);          \
+  }
+  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PW)
+#undef SPARSEOPS_NM_PW
+}
+#undef SPARSEOPS_NM_PAIR_ROWS
+
+SPARSEOPS_NM_AVX512 inline void pair_sums(const float* a, float* s) {
+  _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16)));
+}
+
+// bf16 2:4 through the pair tables (see above); x2d [R, in] bf16 contiguous.
+void linear_pairs24(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                    const NMConfig& c, Tensor& out) {
+  const int64_t R = x2d.size(0);
+  const int64_t nb = (R + kPairLanes - 1) / kPairLanes;
+  const int64_t groups = c.groups;
+  const int64_t tstride = groups * kPairBytes;  // bytes per row block's table
+  Tensor tables = at::empty({nb * tstride / 4}, x2d.options().dtype(at::kInt));
+  auto* tp = reinterpret_cast<uint32_t*>(tables.data_ptr<int32_t>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
+  const int64_t pieces = (groups + 255) / 256;
+  at::parallel_for(0, nb * pieces, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / pieces, g0 = (i % pieces) * 256;
+      build_pair_table(xp + b * kPairLanes * c.in, c.in, std::min(kPairLanes, R - b * kPairLanes), g0,
+                       std::min(groups, g0 + 256), tp + b * tstride / 4);
+    }
+  });
+  const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const char* tb = reinterpret_cast<const char*>(tp);
+  at::parallel_for(0, c.out, kPairOTile, [&](int64_t o0, int64_t o1) {
+    // partial sums [weight row in the tile][row block][even 16 | odd 16]
+    std::vector<float> acc(static_cast<size_t>(kPairOTile * nb * 32));
+    const int64_t ald = nb * 32;
+    for (int64_t ot = o0; ot < o1; ot += kPairOTile) {
+      const int64_t oe = std::min(o1, ot + kPairOTile);
+      // the column block's tables of all row blocks stay in L1
+      const int64_t kg = std::max<int64_t>(16, kPairGroups / nb / 2 * 2);
+      for (int64_t g0 = 0; g0 < groups; g0 += kg) {
+        const int64_t g1 = std::min(groups, g0 + kg);
+        for (int64_t o = ot; o < oe;) {
+          const int ob = oe - o >= 4 ? 4 : 1;
+          for (int64_t b = 0; b < nb; ++b) {
+            float* a = acc.data() + (o - ot) * ald + b * 32;
+            const char* t = tb + b * tstride;
+            if (ob == 4) {
+              pair_block<4>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
+            } else {
+              pair_block<1>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
+            }
+          }
+          o += ob;
+        }
+      }
+      float s[16];
+      for (int64_t o = ot; o < oe; ++o) {
+        const float bo = bp != nullptr ? static_cast<float>(bp[o]) : 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          pair_sums(acc.data() + (o - ot) * ald + b * 32, s);
+          for (int64_t l = 0; l < kPairLanes && b * kPairLanes + l < R; ++l) {
+            op[(b * kPairLanes + l) * c.out + o] = c10::BFloat16(bp != nullptr ? s[l] + bo : s[l]);
+          }
+        }
+      }
+    }
+  });
+}
+
 // One register block by its run-time shape (ob in {1, kRegOB}, rb in {1, 2, 4, kRegRB}).
 template <bool BF, typename scalar_t, typename x_t, int OB, int CB>
 inline void reg_block_rb(int rb, const scalar_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
@@ -1568,6 +1739,18 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
           (st == at::kFloat && R < kNMDenseCrossoverRows && use_avx512());
   }
 #endif
+  // bf16 2:4 with avx512_bf16 from kNMPair24Rows rows up to the tiles: the pair tables.
+  bool pairs = false;
+#if SPARSEOPS_NM_X86
+  pairs = x2d.scalar_type() == at::kBFloat16 && cfg.n == 2 && cfg.m == 4 && R >= kNMPair24Rows &&
+          R < kNMReg16Rows && use_bf16dot();
+#endif
+  if (pairs) {
+#if SPARSEOPS_NM_X86
+    linear_pairs24(x2d, values, meta, bias, cfg, out);
+#endif
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
     if (reg) {
 #if SPARSEOPS_NM_X86
