@@ -20,11 +20,15 @@
 // (kTileOut rows, at least two tiles) into fp32 and each tile's GEMM [R, in] x [in, tile] goes
 // to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
 // bitwise independent of the thread count.
+// Between them (see nm_sparse.h for the crossovers): register blocks of 3 weight rows x 8 x rows
+// (fp32 and bf16, from 2 rows) and, for bf16 2:4, x-stationary pair tables (sparse arithmetic);
+// fp16 keeps fp32 column tables. Each has its own section below.
 //
 // nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
 // ties to the lower index) by n rounds of argmax over m <= 16 candidates, or the given keep
 // mask padded with the lowest unkept positions; values, packed meta and the mask are written
-// in the same pass. Threads over weight rows.
+// in the same pass. Threads over weight rows. Vectorised (AVX-512) paths: 16-bit weights by |w|
+// 32 columns per step, other float weights and scores by 32-bit keys 16 columns per step.
 #include "sparseops/nm_sparse.h"
 
 #include <ATen/ATen.h>
