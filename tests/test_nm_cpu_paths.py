@@ -1,13 +1,18 @@
 """The CPU N:M kernel's batch paths and its vectorised prune, against the reference.
 
-csrc/cpu/nm_sparse.cpp runs nm_linear three ways by the rows R of x: weight rows expanded in
-registers (R < 12; bf16 / fp16 with VBMI2: R < 8), x laid out in fp32 column tables with sparse
-arithmetic (12 <= R < 64, fp32 / fp16 without VBMI2), decompressed tiles through BLAS (R >= 64;
-16-bit tiles through oneDNN from 8 rows). These tests pin each path at the batch sizes around the
-crossovers, at widths that cross the tables' column chunks (2048) and partial 16 / 32-column
-chunks, odd group counts, bias, and bit-identical results for 1 and 2 threads. The
-prune (nm_compress(prune=True) / nm_mask) takes a vectorised path for |w| and fp32 / bf16 / fp16
-scores: ties, NaN, infinities, signed zeros and negative scores against the reference.
+csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: weight rows expanded in registers
+(R = 1, and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
+3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
+column blocks where it outgrows 256 KB), bf16 2:4 pair tables (12 <= R < 48: one vdpbf16ps per
+kept pair against a table of x pairs), x laid out in fp32 column tables with sparse arithmetic
+(fp16, 12 <= R < 64), decompressed tiles through BLAS (R >= 64; 16-bit tiles through oneDNN from
+8 rows for fp16 and from 48 rows for bf16). These tests pin each path at the batch sizes around
+the crossovers, at widths that cross the tables' column chunks (2048), the register blocks'
+column blocks and partial 16 / 32-column chunks, odd group counts, bias, non-contiguous x,
+bit-identical results for 1 and 2 threads, and (register blocks) a row's bits independent of
+the batch it is in. The prune (nm_compress(prune=True) / nm_mask) takes a vectorised path for
+|w| and fp32 / bf16 / fp16 scores (16-bit weights by |w|: 32 columns per step): ties, NaN,
+infinities, signed zeros and negative scores against the reference.
 """
 
 import pytest
@@ -64,6 +69,93 @@ def test_table_path_wide_rows_and_bias(n, m, dtype):
     bias = _x(19, dtype=dtype, seed=4)
     for R in (1, 8, 16, 33):
         _check(_x(R, k, dtype=dtype, seed=R), nmw, bias, dense)
+
+
+# every pattern the register blocks take (the byte-table decodes)
+REG_PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 2), (8, 16), (1, 16), (6, 8)]
+# R = 1..20, then around the block edges (8), the bf16 tiles (48) and the fp32 tiles (64), up to 130
+REG_ROWS = [*range(1, 21), 23, 31, 33, 47, 48, 49, 63, 64, 65, 96, 127, 128, 129, 130]
+
+
+@pytest.mark.parametrize("n,m", REG_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_register_blocks_every_batch(n, m, dtype):
+    # out = 3 * 9 + 2 (a block of one weight row at the end), in: a partial 32-column chunk
+    k = 32 * m + (3 if m < 16 else 1) * m
+    dense, nmw = nm_weight(29, k, n, m, dtype=dtype, seed=n * m)
+    bias = _x(29, dtype=dtype, seed=7)
+    x = _x(max(REG_ROWS), k, dtype=dtype, seed=m)
+    for R in REG_ROWS:
+        _check(x[:R], nmw, bias if R % 2 else None, dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_register_blocks_column_blocks(dtype):
+    # x of R rows outgrows 256 KB: the columns are split into blocks and the partial sums wait
+    # in the thread's buffer (in = 4104: several blocks and a partial last chunk)
+    k = 4096 + 8
+    for n, m in [(2, 4), (1, 8)]:
+        dense, nmw = nm_weight(31, k, n, m, dtype=dtype, seed=m)
+        for R in (40, 47, 63, 100):
+            _check(_x(R, k, dtype=dtype, seed=R), nmw, _x(31, dtype=dtype, seed=2), dense)
+
+
+@pytest.mark.parametrize(
+    "dtype,n,m,slices",
+    [
+        (torch.float32, 2, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.bfloat16, 1, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.bfloat16, 2, 4, [(0, 12), (3, 16), (13, 30), (20, 47)]),  # pair tables
+    ],
+)
+def test_rows_independent_of_batch(dtype, n, m, slices):
+    # Per (weight row, x row) accumulators fed in column order: a row's bits do not depend on
+    # the other rows, the block shapes or the column blocks (within one path)
+    k = 4096 + 68
+    _, nmw = nm_weight(11, k, n, m, dtype=dtype, seed=1)
+    x = _x(47, k, dtype=dtype, seed=3)  # below the tiles of both dtypes
+    full = sparseops.nm_linear(x, nmw, backend="cpu")
+    for r0, r1 in slices:
+        assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, backend="cpu"), full[r0:r1]), (r0, r1)
+
+
+def test_pair_tables_threads_ties_and_zeros():
+    # bf16 2:4 pair tables: several tiles of weight rows over 2 threads, an odd group count,
+    # explicit zeros (a group keeping fewer than 2 non-zeros stores a zero at its lowest unkept
+    # position), a zero weight row, a zero x row
+    k = 4 * 301
+    dense, nmw = nm_weight(600, k, 2, 4, dtype=torch.bfloat16, seed=8)
+    dense[7] = 0
+    dense[9, :40] = 0
+    dense[11, 1::4] = 0
+    nmw = sparseops.nm_compress(dense, 2, 4)
+    x = _x(21, k, dtype=torch.bfloat16, seed=9)
+    x[4] = 0
+    bias = _x(600, dtype=torch.bfloat16, seed=10)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(_check(x, nmw, bias, dense))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0][:, 7] == bias[7]).all() and (outs[0][4] == bias).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_register_blocks_noncontiguous_x(dtype):
+    dense, nmw = nm_weight(13, 200, 2, 4, dtype=dtype, seed=4)
+    base = _x(200, 16 * 3, dtype=dtype, seed=5)
+    x = base.T[::3]  # [16, 200], strides (3, 48)
+    assert not x.is_contiguous()
+    y = _check(x, nmw, None, dense)
+    assert torch.equal(y, sparseops.nm_linear(x.contiguous(), nmw, backend="cpu"))
+    x3 = _x(2, 5, 200, dtype=dtype, seed=6).transpose(0, 1)  # leading dims, non-contiguous
+    y3 = sparseops.nm_linear(x3, nmw, backend="cpu")
+    assert y3.shape == (5, 2, 13)
+    assert torch.equal(y3, sparseops.nm_linear(x3.contiguous(), nmw, backend="cpu"))
 
 
 def test_table_path_zero_and_odd_values():

@@ -20,11 +20,15 @@
 // (kTileOut rows, at least two tiles) into fp32 and each tile's GEMM [R, in] x [in, tile] goes
 // to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
 // bitwise independent of the thread count.
+// Between them (see nm_sparse.h for the crossovers): register blocks of 3 weight rows x 8 x rows
+// (fp32 and bf16, from 2 rows) and, for bf16 2:4, x-stationary pair tables (sparse arithmetic);
+// fp16 keeps fp32 column tables. Each has its own section below.
 //
 // nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
 // ties to the lower index) by n rounds of argmax over m <= 16 candidates, or the given keep
 // mask padded with the lowest unkept positions; values, packed meta and the mask are written
-// in the same pass. Threads over weight rows.
+// in the same pass. Threads over weight rows. Vectorised (AVX-512) paths: 16-bit weights by |w|
+// 32 columns per step, other float weights and scores by 32-bit keys 16 columns per step.
 #include "sparseops/nm_sparse.h"
 
 #include <ATen/ATen.h>
@@ -40,6 +44,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -550,6 +558,421 @@ SPARSEOPS_NM_AVX512 void linear_rows_avx512(const x_t* x, int64_t ldx, const sca
   }
 }
 
+// ---- AVX-512 register-blocked path: weight chunks decoded once per OB x RB block ---------------
+//
+// From 2 rows of x on (bf16 with avx512_bf16: until the oneDNN tiles; fp32: until the BLAS
+// tiles), the weight is still read once per call, so the cost is the arithmetic and the x loads.
+// Here a block of kRegOB weight rows x kRegRB rows of x keeps its 24 partial-sum vectors in
+// registers: per chunk (16 fp32 / 32 bf16 columns) each weight row is loaded and expanded once
+// (vexpandps / vpexpandw) and each x row is loaded once, then kRegOB * kRegRB multiply-adds (fma
+// / vdpbf16ps). The other rows of x reuse the block's weight rows from L1. Where x outgrows half
+// of L2 the columns are split into blocks (kRegXBytes of x each), and the partial-sum vectors of
+// a tile of kRegOTile weight rows wait in a thread-local buffer between them. Each (weight row,
+// x row) pair has one accumulator vector fed chunk by chunk in column order, reduced once: the
+// bits depend on neither the thread count, nor R, nor the blocking.
+
+constexpr int kRegOB = 3;                   // weight rows per register block
+constexpr int kRegRB = 8;                   // x rows per register block
+constexpr int64_t kRegOTile = 24;           // weight rows per tile (a multiple of kRegOB)
+constexpr int64_t kRegXBytes = 256 * 1024;  // bytes of x per column block
+
+SPARSEOPS_NM_AVX512 inline float reduce16(const float* p) { return _mm512_reduce_add_ps(_mm512_loadu_ps(p)); }
+
+// The kRegOB x RB partial-sum vectors of a block as named variables (a<ob><r>): GCC keeps an
+// array of vectors indexed in unrolled loops in memory (measured: 24 stores per chunk, 8.7 ms
+// against 4.9 ms for torch at R = 16), so the block is spelled out; rows r >= RB and weight rows
+// ob >= OB are compiled away.
+#define SPARSEOPS_NM_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define SPARSEOPS_NM_DECL(r) __m512 a0##r, a1##r, a2##r;
+#define SPARSEOPS_NM_INIT(r)                                                        \
+  if constexpr (RB > r) {                                                           \
+    a0##r = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * 16);            \
+    if constexpr (OB > 1) {                                                         \
+      a1##r = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + acc_ld + r * 16); \
+      a2##r = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 2 * acc_ld + r * 16); \
+    }                                                                               \
+  }
+#define SPARSEOPS_NM_STORE(r)                                      \
+  if constexpr (RB > r) {                                          \
+    _mm512_storeu_ps(acc + r * 16, a0##r);                         \
+    if constexpr (OB > 1) {                                        \
+      _mm512_storeu_ps(acc + acc_ld + r * 16, a1##r);              \
+      _mm512_storeu_ps(acc + 2 * acc_ld + r * 16, a2##r);          \
+    }                                                              \
+  }
+
+// 16-column chunks [j0, j1) (plus the partial last chunk when `tail`) of OB (1 or kRegOB)
+// weight rows (values v, row stride ldv; meta, row stride ldm) times RB fp32 rows of x, into
+// the partial sums acc[ob * acc_ld + r * 16] (zero first when `first`).
+template <typename scalar_t, int OB, int RB, int CB>
+SPARSEOPS_NM_AVX512 void reg_block_fp32(const scalar_t* v, int64_t ldv, const uint8_t* meta,
+                                        int64_t ldm, const RowDecoder& dec, const float* x,
+                                        int64_t ldx, int64_t j0, int64_t j1, bool tail, float* acc,
+                                        int64_t acc_ld, bool first) {
+  static_assert(OB == 1 || OB == kRegOB);
+  const int64_t per = 16 * dec.n / dec.m;
+  // the partial last chunk's masks, before the accumulators are live (dec.chunk is a call)
+  uint16_t kt0 = 0, kt1 = 0, kt2 = 0;
+  if (tail) {
+    kt0 = dec.chunk(meta, j1);
+    if constexpr (OB > 1) kt1 = dec.chunk(meta + ldm, j1), kt2 = dec.chunk(meta + 2 * ldm, j1);
+  }
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_DECL)
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_INIT)
+  // One chunk j of weight rows (k0, k1, k2: their column masks; cm: the kept values' mask). A
+  // macro, not a lambda: a lambda is compiled without the function's target, and any call inside
+  // the loop would move the accumulators to the stack.
+#define SPARSEOPS_NM_FP32_CHUNK(j, k0, k1, k2, cm)                                                     \
+  {                                                                                                  \
+    const scalar_t* vj = v + (j) * per;                                                              \
+    __m512 w0, w1 = _mm512_setzero_ps(), w2 = w1;                                                    \
+    _mm_prefetch(reinterpret_cast<const char*>(vj) + 2048, _MM_HINT_T0);                             \
+    w0 = _mm512_maskz_expand_ps(static_cast<__mmask16>(k0), load_kept<scalar_t>(vj, cm));            \
+    if constexpr (OB > 1) {                                                                          \
+      _mm_prefetch(reinterpret_cast<const char*>(vj + ldv) + 2048, _MM_HINT_T0);                     \
+      w1 = _mm512_maskz_expand_ps(static_cast<__mmask16>(k1), load_kept<scalar_t>(vj + ldv, cm));    \
+      _mm_prefetch(reinterpret_cast<const char*>(vj + 2 * ldv) + 2048, _MM_HINT_T0);                 \
+      w2 = _mm512_maskz_expand_ps(static_cast<__mmask16>(k2), load_kept<scalar_t>(vj + 2 * ldv, cm)); \
+    }                                                                                                \
+    SPARSEOPS_NM_ROWS(SPARSEOPS_NM_FMA_ROW)                                                          \
+  }
+#define SPARSEOPS_NM_FMA_ROW(r)                                   \
+  if constexpr (RB > r) {                                         \
+    const __m512 xr = _mm512_loadu_ps(x + r * ldx + 16 * j);      \
+    a0##r = _mm512_fmadd_ps(w0, xr, a0##r);                       \
+    if constexpr (OB > 1) {                                       \
+      a1##r = _mm512_fmadd_ps(w1, xr, a1##r);                     \
+      a2##r = _mm512_fmadd_ps(w2, xr, a2##r);                     \
+    }                                                             \
+  }
+  const auto lm = static_cast<__mmask16>((1u << per) - 1u);
+  for (int64_t j = j0; j < j1; ++j) {
+    SPARSEOPS_NM_FP32_CHUNK(j, mask_inside<CB>(dec, meta, nullptr, j),
+                            OB > 1 ? mask_inside<CB>(dec, meta + ldm, nullptr, j) : 0,
+                            OB > 1 ? mask_inside<CB>(dec, meta + 2 * ldm, nullptr, j) : 0, lm)
+  }
+  if (tail) {
+    const int64_t j = j1;
+    const auto cm = static_cast<__mmask16>((1u << ((dec.in % 16) / dec.m * dec.n)) - 1u);
+    SPARSEOPS_NM_FP32_CHUNK(j, kt0, kt1, kt2, cm)
+  }
+#undef SPARSEOPS_NM_FMA_ROW
+#undef SPARSEOPS_NM_FP32_CHUNK
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_STORE)
+}
+
+// The same for bf16 weights and bf16 rows of x (32-column chunks, vpexpandw + vdpbf16ps; x rows
+// padded with zeros to a multiple of 32).
+template <int OB, int RB, int CB>
+SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const uint8_t* meta,
+                                         int64_t ldm, const RowDecoder& dec, const uint16_t* x,
+                                         int64_t ldx, int64_t j0, int64_t j1, bool tail, float* acc,
+                                         int64_t acc_ld, bool first) {
+  static_assert(OB == 1 || OB == kRegOB);
+  const int64_t per = 32 * dec.n / dec.m;
+  // the partial last chunk's masks (its second half may lie past the row), before the
+  // accumulators are live (dec.chunk is a call)
+  auto tail_mask = [&](const uint8_t* mr) -> uint32_t {
+    const uint32_t hi = 2 * j1 + 1 < dec.chunks ? dec.chunk(mr, 2 * j1 + 1) : 0u;
+    return dec.chunk(mr, 2 * j1) | (hi << 16);
+  };
+  uint32_t kt0 = 0, kt1 = 0, kt2 = 0;
+  if (tail) {
+    kt0 = tail_mask(meta);
+    if constexpr (OB > 1) kt1 = tail_mask(meta + ldm), kt2 = tail_mask(meta + 2 * ldm);
+  }
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_DECL)
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_INIT)
+#define SPARSEOPS_NM_BF16_CHUNK(j, k0, k1, k2, cm)                                                    \
+  {                                                                                                  \
+    const uint16_t* vj = v + (j) * per;                                                              \
+    __m512i w0, w1 = _mm512_setzero_si512(), w2 = w1;                                                \
+    _mm_prefetch(reinterpret_cast<const char*>(vj) + 2048, _MM_HINT_T0);                             \
+    w0 = _mm512_maskz_expand_epi16(k0, _mm512_maskz_loadu_epi16(cm, vj));                            \
+    if constexpr (OB > 1) {                                                                          \
+      _mm_prefetch(reinterpret_cast<const char*>(vj + ldv) + 2048, _MM_HINT_T0);                     \
+      w1 = _mm512_maskz_expand_epi16(k1, _mm512_maskz_loadu_epi16(cm, vj + ldv));                    \
+      _mm_prefetch(reinterpret_cast<const char*>(vj + 2 * ldv) + 2048, _MM_HINT_T0);                 \
+      w2 = _mm512_maskz_expand_epi16(k2, _mm512_maskz_loadu_epi16(cm, vj + 2 * ldv));                \
+    }                                                                                                \
+    SPARSEOPS_NM_ROWS(SPARSEOPS_NM_DP_ROW)                                                           \
+  }
+#define SPARSEOPS_NM_DP_ROW(r)                                              \
+  if constexpr (RB > r) {                                                   \
+    const __m512i xr = _mm512_loadu_si512(x + r * ldx + 32 * j);            \
+    a0##r = _mm512_dpbf16_ps(a0##r, (__m512bh)w0, (__m512bh)xr);            \
+    if constexpr (OB > 1) {                                                 \
+      a1##r = _mm512_dpbf16_ps(a1##r, (__m512bh)w1, (__m512bh)xr);          \
+      a2##r = _mm512_dpbf16_ps(a2##r, (__m512bh)w2, (__m512bh)xr);          \
+    }                                                                       \
+  }
+  // full chunks: both 16-column halves lie inside the row
+#define SPARSEOPS_NM_MASK32(mr, j) \
+  (mask_inside<CB>(dec, mr, nullptr, 2 * (j)) | (uint32_t(mask_inside<CB>(dec, mr, nullptr, 2 * (j) + 1)) << 16))
+  const auto lm = static_cast<__mmask32>((1u << per) - 1u);
+  for (int64_t j = j0; j < j1; ++j) {
+    SPARSEOPS_NM_BF16_CHUNK(j, SPARSEOPS_NM_MASK32(meta, j), OB > 1 ? SPARSEOPS_NM_MASK32(meta + ldm, j) : 0u,
+                            OB > 1 ? SPARSEOPS_NM_MASK32(meta + 2 * ldm, j) : 0u, lm)
+  }
+  if (tail) {
+    const int64_t j = j1;
+    const auto cm = static_cast<__mmask32>((1u << ((dec.in % 32) / dec.m * dec.n)) - 1u);
+    SPARSEOPS_NM_BF16_CHUNK(j, kt0, kt1, kt2, cm)
+  }
+#undef SPARSEOPS_NM_MASK32
+#undef SPARSEOPS_NM_DP_ROW
+#undef SPARSEOPS_NM_BF16_CHUNK
+  SPARSEOPS_NM_ROWS(SPARSEOPS_NM_STORE)
+}
+#undef SPARSEOPS_NM_ROWS
+#undef SPARSEOPS_NM_DECL
+#undef SPARSEOPS_NM_INIT
+#undef SPARSEOPS_NM_STORE
+
+// ---- bf16 2:4, kNMPair24Rows <= R < kNMReg16Rows: x-stationary pair tables, sparse arithmetic --
+//
+// vdpbf16ps sums products of bf16 pairs, and a 2:4 group keeps exactly one pair. For a block of 16
+// rows of x, table[g][p] holds, per row (one 32-bit lane), the pair of x values at group g's
+// positions (a, b) for each of the 6 pairs p (a < b): 64 bytes. Then a weight row's group is one
+// vpbroadcastd of its two kept values, one load of table[g][pair of its meta nibble] and one
+// vdpbf16ps: 32 useful products per instruction (the expanded register blocks multiply the zeros
+// too: 16). Columns are blocked by kPairGroups / (row blocks) groups (the tables of a column block
+// stay in L1; the next block's weight lines are prefetched into L2) and the partial sums of a
+// tile of kPairOTile weight rows wait in a buffer between blocks; each
+// (weight row, x row) has two accumulators (even / odd groups) fed in column order and added once
+// at the end: the bits depend on neither the thread count, nor R, nor the blocking.
+
+constexpr int64_t kPairGroups = 64;   // groups per column block of one row block (24 KB of table)
+constexpr int64_t kPairOTile = 256;   // weight rows per tile
+constexpr int64_t kPairLanes = 16;    // x rows per table
+constexpr int64_t kPairBytes = 6 * 64;  // table bytes per group
+
+// Byte offset in a group's table entries of a 2:4 meta nibble (p0 | p1 << 2, p0 < p1); nibbles a
+// valid meta never holds read pair 0.
+constexpr std::array<uint16_t, 16> kPairOffset = [] {
+  std::array<uint16_t, 16> t{};
+  int idx = 0;
+  for (int a = 0; a < 4; ++a) {
+    for (int b = a + 1; b < 4; ++b) t[a | (b << 2)] = static_cast<uint16_t>(64 * idx++);
+  }
+  return t;
+}();
+
+// Groups [g0, g1) of the table of one row block (`rows` <= 16 rows of bf16 x, stride ldx).
+void build_pair_table(const uint16_t* x, int64_t ldx, int64_t rows, int64_t g0, int64_t g1, uint32_t* t) {
+  for (int64_t g = g0; g < g1; ++g) {
+    uint32_t* e = t + g * (kPairBytes / 4);
+    for (int64_t r = 0; r < kPairLanes; ++r) {
+      uint32_t xv[4] = {0, 0, 0, 0};
+      if (r < rows) {
+        for (int i = 0; i < 4; ++i) xv[i] = x[r * ldx + 4 * g + i];
+      }
+      int idx = 0;
+      for (int a = 0; a < 4; ++a) {
+        for (int b = a + 1; b < 4; ++b) e[16 * idx++ + r] = xv[a] | (xv[b] << 16);
+      }
+    }
+  }
+}
+
+// Groups [g0, g1) (g0 even) of OB (1 or 4) weight rows against one row block's table t: the
+// even / odd group partial sums acc[ob * acc_ld + {0, 16}] (zero first when `first`).
+#define SPARSEOPS_NM_PAIR_ROWS(X) X(0) X(1) X(2) X(3)
+template <int OB>
+SPARSEOPS_NM_BF16DOT void pair_block(const uint16_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
+                                     const char* t, int64_t g0, int64_t g1, float* acc, int64_t acc_ld,
+                                     bool first) {
+  // this block's rows in the next column block, into L2 (a row's columns are read a few lines at
+  // a time, kPairOTile rows apart: no stream for the hardware prefetcher)
+  for (int i = 0; i < OB; ++i) {
+    const char* pv = reinterpret_cast<const char*>(v + i * ldv + 2 * g1);
+    for (int64_t l = 0; l < (g1 - g0) * 4; l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(meta + i * ldm + g1 / 2), _MM_HINT_T1);
+  }
+#define SPARSEOPS_NM_PD(i)                                                                        \
+  __m512 e##i = _mm512_setzero_ps(), o##i = e##i;                                                 \
+  if constexpr (OB > i) {                                                                         \
+    if (!first) e##i = _mm512_loadu_ps(acc + i * acc_ld), o##i = _mm512_loadu_ps(acc + i * acc_ld + 16); \
+  }
+  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PD)
+#undef SPARSEOPS_NM_PD
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) {
+    const char* tg = t + g * kPairBytes;
+#define SPARSEOPS_NM_PS(i)                                                                                  \
+  if constexpr (OB > i) {                                                                                   \
+    const uint32_t byte = meta[i * ldm + (g >> 1)];                                                         \
+    uint32_t p0, p1;                                                                                        \
+    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                               \
+    std::memcpy(&p1, v + i * ldv + 2 * g + 2, 4);                                                           \
+    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[byte & 15]);                                    \
+    const __m512i x1 = _mm512_loadu_si512(tg + kPairBytes + kPairOffset[byte >> 4]);                        \
+    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);        \
+    o##i = _mm512_dpbf16_ps(o##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p1)), (__m512bh)x1);        \
+  }
+    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PS)
+#undef SPARSEOPS_NM_PS
+  }
+  if (g < g1) {  // the row's last group, when the group count is odd (an even group)
+    const char* tg = t + g * kPairBytes;
+#define SPARSEOPS_NM_PT(i)                                                                            \
+  if constexpr (OB > i) {                                                                             \
+    uint32_t p0;                                                                                      \
+    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                         \
+    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[meta[i * ldm + (g >> 1)] & 15]);          \
+    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);  \
+  }
+    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PT)
+#undef SPARSEOPS_NM_PT
+  }
+#define SPARSEOPS_NM_PW(i)                                  \
+  if constexpr (OB > i) {                                   \
+    _mm512_storeu_ps(acc + i * acc_ld, e##i);               \
+    _mm512_storeu_ps(acc + i * acc_ld + 16, o##i);          \
+  }
+  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PW)
+#undef SPARSEOPS_NM_PW
+}
+#undef SPARSEOPS_NM_PAIR_ROWS
+
+SPARSEOPS_NM_AVX512 inline void pair_sums(const float* a, float* s) {
+  _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16)));
+}
+
+// bf16 2:4 through the pair tables (see above); x2d [R, in] bf16 contiguous.
+void linear_pairs24(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                    const NMConfig& c, Tensor& out) {
+  const int64_t R = x2d.size(0);
+  const int64_t nb = (R + kPairLanes - 1) / kPairLanes;
+  const int64_t groups = c.groups;
+  const int64_t tstride = groups * kPairBytes;  // bytes per row block's table
+  Tensor tables = at::empty({nb * tstride / 4}, x2d.options().dtype(at::kInt));
+  auto* tp = reinterpret_cast<uint32_t*>(tables.data_ptr<int32_t>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
+  const int64_t pieces = (groups + 255) / 256;
+  at::parallel_for(0, nb * pieces, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / pieces, g0 = (i % pieces) * 256;
+      build_pair_table(xp + b * kPairLanes * c.in, c.in, std::min(kPairLanes, R - b * kPairLanes), g0,
+                       std::min(groups, g0 + 256), tp + b * tstride / 4);
+    }
+  });
+  const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const char* tb = reinterpret_cast<const char*>(tp);
+  at::parallel_for(0, c.out, kPairOTile, [&](int64_t o0, int64_t o1) {
+    // partial sums [weight row in the tile][row block][even 16 | odd 16]
+    std::vector<float> acc(static_cast<size_t>(kPairOTile * nb * 32));
+    const int64_t ald = nb * 32;
+    for (int64_t ot = o0; ot < o1; ot += kPairOTile) {
+      const int64_t oe = std::min(o1, ot + kPairOTile);
+      // the column block's tables of all row blocks stay in L1
+      const int64_t kg = std::max<int64_t>(16, kPairGroups / nb / 2 * 2);
+      for (int64_t g0 = 0; g0 < groups; g0 += kg) {
+        const int64_t g1 = std::min(groups, g0 + kg);
+        for (int64_t o = ot; o < oe;) {
+          const int ob = oe - o >= 4 ? 4 : 1;
+          for (int64_t b = 0; b < nb; ++b) {
+            float* a = acc.data() + (o - ot) * ald + b * 32;
+            const char* t = tb + b * tstride;
+            if (ob == 4) {
+              pair_block<4>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
+            } else {
+              pair_block<1>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
+            }
+          }
+          o += ob;
+        }
+      }
+      float s[16];
+      for (int64_t o = ot; o < oe; ++o) {
+        const float bo = bp != nullptr ? static_cast<float>(bp[o]) : 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          pair_sums(acc.data() + (o - ot) * ald + b * 32, s);
+          for (int64_t l = 0; l < kPairLanes && b * kPairLanes + l < R; ++l) {
+            op[(b * kPairLanes + l) * c.out + o] = c10::BFloat16(bp != nullptr ? s[l] + bo : s[l]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// One register block by its run-time shape (ob in {1, kRegOB}, rb in {1, 2, 4, kRegRB}).
+template <bool BF, typename scalar_t, typename x_t, int OB, int CB>
+inline void reg_block_rb(int rb, const scalar_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
+                         const RowDecoder& dec, const x_t* x, int64_t ldx, int64_t j0, int64_t j1,
+                         bool tail, float* acc, int64_t acc_ld, bool first) {
+  auto go = [&](auto rbc) {
+    constexpr int RB = decltype(rbc)::value;
+    if constexpr (BF) {
+      reg_block_bf16<OB, RB, CB>(reinterpret_cast<const uint16_t*>(v), ldv, meta, ldm, dec,
+                                 reinterpret_cast<const uint16_t*>(x), ldx, j0, j1, tail, acc, acc_ld, first);
+    } else {
+      reg_block_fp32<scalar_t, OB, RB, CB>(v, ldv, meta, ldm, dec, x, ldx, j0, j1, tail, acc, acc_ld, first);
+    }
+  };
+  switch (rb) {
+    case kRegRB:
+      return go(std::integral_constant<int, kRegRB>{});
+    case 4:
+      return go(std::integral_constant<int, 4>{});
+    case 2:
+      return go(std::integral_constant<int, 2>{});
+    default:
+      return go(std::integral_constant<int, 1>{});
+  }
+}
+
+// Output rows [o0, o1) for all R rows of x (fp32 rows padded to 16, or bf16 rows padded to 32,
+// with zeros) through the register blocks (see the section comment). acc: thread-local scratch.
+template <bool BF, typename scalar_t, typename x_t, int CB>
+void linear_rows_reg(const x_t* x, int64_t ldx, const scalar_t* values, const uint8_t* meta,
+                     const scalar_t* bias, const NMConfig& c, const RowDecoder& dec, int64_t R,
+                     int64_t o0, int64_t o1, scalar_t* out, std::vector<float>& acc) {
+  const int64_t cols = BF ? 32 : 16;
+  const int64_t full = c.in / cols;
+  const bool has_tail = full * cols < c.in;
+  const int64_t kc = std::max<int64_t>(8, kRegXBytes / (R * cols * static_cast<int64_t>(sizeof(x_t))));
+  acc.resize(static_cast<size_t>(kRegOTile * R * 16));
+  for (int64_t ot = o0; ot < o1; ot += kRegOTile) {
+    const int64_t oe = std::min(o1, ot + kRegOTile);
+    for (int64_t j0 = 0;; j0 += kc) {
+      const int64_t j1 = std::min(full, j0 + kc);
+      const bool tail = has_tail && j1 == full;
+      for (int64_t o = ot; o < oe;) {
+        const int ob = oe - o >= kRegOB ? kRegOB : 1;
+        const scalar_t* v = values + o * c.kept;
+        const uint8_t* mr = meta + o * c.meta_bytes;
+        for (int64_t r = 0; r < R;) {
+          const int64_t left = R - r;
+          const int rb = left >= kRegRB ? kRegRB : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          float* a = acc.data() + ((o - ot) * R + r) * 16;
+          if (ob == kRegOB) {
+            reg_block_rb<BF, scalar_t, x_t, kRegOB, CB>(rb, v, c.kept, mr, c.meta_bytes, dec, x + r * ldx, ldx,
+                                                        j0, j1, tail, a, R * 16, j0 == 0);
+          } else {
+            reg_block_rb<BF, scalar_t, x_t, 1, CB>(rb, v, c.kept, mr, c.meta_bytes, dec, x + r * ldx, ldx, j0,
+                                                   j1, tail, a, R * 16, j0 == 0);
+          }
+          r += rb;
+        }
+        o += ob;
+      }
+      if (j1 >= full) break;
+    }
+    for (int64_t o = ot; o < oe; ++o) {
+      const float b = bias != nullptr ? static_cast<float>(bias[o]) : 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        const float s = reduce16(acc.data() + ((o - ot) * R + r) * 16);
+        out[r * c.out + o] = static_cast<scalar_t>(bias != nullptr ? s + b : s);
+      }
+    }
+  }
+}
+
 // ---- AVX-512 medium-batch path: x-stationary tables, sparse arithmetic -------------------------
 //
 // From a dozen rows of x on, the expand-based rows above do dense arithmetic (zeros included) and
@@ -764,6 +1187,53 @@ void decompress_rows_portable(const scalar_t* values, const uint8_t* meta, const
     for (int64_t j = 0; j < c.kept; ++j) d[cols[j]] = static_cast<acc_t>(v[j]);
   }
 }
+
+#if SPARSEOPS_NM_X86
+// The register-blocked driver: x laid out once (bf16 rows padded to 32 with avx512_bf16, else
+// fp32 rows padded to 16), then threads over weight rows (see linear_rows_reg). The x rows are
+// one cache line longer than that: at a stride of a multiple of 4 KB (in = 4096, 8192, ...) the 8
+// rows of a block fall in one 8-way L1 set, beside the block's weight rows.
+template <typename scalar_t>
+void linear_reg(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                const NMConfig& c, Tensor& out) {
+  const int64_t R = x2d.size(0);
+  const RowDecoder dec(c);
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  auto run = [&](auto bf, const auto* xp, int64_t ldx) {
+    constexpr bool BF = decltype(bf)::value;
+    using x_t = std::remove_cv_t<std::remove_pointer_t<decltype(xp)>>;
+    at::parallel_for(0, c.out, kRegOTile, [&](int64_t o0, int64_t o1) {
+      std::vector<float> acc;
+      switch (decode_kind(dec)) {
+        case 1:
+          return linear_rows_reg<BF, scalar_t, x_t, 1>(xp, ldx, vp, mp, bp, c, dec, R, o0, o1, op, acc);
+        case 2:
+          return linear_rows_reg<BF, scalar_t, x_t, 2>(xp, ldx, vp, mp, bp, c, dec, R, o0, o1, op, acc);
+        case 4:
+          return linear_rows_reg<BF, scalar_t, x_t, 4>(xp, ldx, vp, mp, bp, c, dec, R, o0, o1, op, acc);
+        default:  // the other table modes (callers exclude the generic decode)
+          return linear_rows_reg<BF, scalar_t, x_t, 0>(xp, ldx, vp, mp, bp, c, dec, R, o0, o1, op, acc);
+      }
+    });
+  };
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_bf16dot()) {
+      const int64_t ldx = (c.in + 31) / 32 * 32 + 32;  // + one cache line: see above
+      Tensor xb = at::zeros({R, ldx}, x2d.options());
+      xb.narrow(1, 0, c.in).copy_(x2d);
+      run(std::true_type{}, xb.data_ptr<scalar_t>(), ldx);
+      return;
+    }
+  }
+  const int64_t ldx = round_up16(c.in) + 16;
+  Tensor xa = at::zeros({R, ldx}, x2d.options().dtype(at::kFloat));
+  xa.narrow(1, 0, c.in).copy_(x2d);
+  run(std::false_type{}, static_cast<const float*>(xa.data_ptr<float>()), ldx);
+}
+#endif
 
 template <typename scalar_t>
 void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
@@ -1118,7 +1588,132 @@ void compress_keyed(const Tensor& w, const float* scores, const NMConfig& c, Ten
     compress_keyed_rows<scalar_t>(wp, scores, c, b0, b1, vp, mp, kp);
   });
 }
+
+// ---- nm_compress, AVX-512 (BW + VBMI2), 16-bit weights by |w|: 32 columns per step -----------
+//
+// bf16 / fp16 weights ranked by |w| need no widening: the key is the 16-bit pattern of |w| (NaN
+// clamped to the smallest NaN pattern, above inf), compared as int16, 32 lanes per zmm. A group's
+// rotations are one vprord / vprorq (m = 2, 4) or vpalignr (m = 8); the kept values are one
+// vpcompressw, the bool mask one masked byte move, and the meta of each 8 columns one table
+// lookup: a step of 32 columns ends on a byte of meta (32 n bits / m is a multiple of 8 for
+// every pattern), so a step's codes are stored as one word. The rank rule is the 32-bit path's.
+
+// Group rotation d (lane i takes lane g*m + (i%m + d) % m) of 16-bit keys for m in {2, 4, 8}.
+template <int M, int D>
+SPARSEOPS_NM_AVX512 inline __m512i rotate_groups16(__m512i k) {
+  if constexpr (M == 2) {
+    return _mm512_ror_epi32(k, 16 * D);
+  } else if constexpr (M == 4) {
+    return _mm512_ror_epi64(k, 16 * D);
+  } else {
+    return _mm512_alignr_epi8(k, k, 2 * D);
+  }
+}
+
+// Rank of each lane in its group: the group members with a larger key or an equal key at a lower
+// position (the rotations that wrap), summed over the m - 1 rotations.
+template <int M, int D = 1>
+SPARSEOPS_NM_AVX512 inline __m512i rank16(__m512i key, __m512i rank) {
+  if constexpr (D >= M) {
+    return rank;
+  } else {
+    // lanes whose rotation-D partner wrapped to a lower position: i % M + D >= M
+    constexpr uint64_t wrapped = [] {
+      uint64_t w = 0;
+      for (int i = 0; i < 32; ++i) {
+        if (i % M + D >= M) w |= uint64_t(1) << i;
+      }
+      return w;
+    }();
+    const __m512i other = rotate_groups16<M, D>(key);
+    const __mmask32 beats = _mm512_cmpgt_epi16_mask(other, key) |
+                            (_mm512_cmpeq_epi16_mask(other, key) & static_cast<__mmask32>(wrapped));
+    rank = _mm512_mask_add_epi16(rank, beats, rank, _mm512_set1_epi16(1));
+    return rank16<M, D + 1>(key, rank);
+  }
+}
+
+template <int M>
+SPARSEOPS_NM_BF16DOT void compress_abs16_rows(const uint16_t* wp, uint16_t nan_key, const NMConfig& c,
+                                              int64_t o0, int64_t o1, uint16_t* vp, uint8_t* mp,
+                                              bool* kp) {
+  const int n = static_cast<int>(c.n), bits = c.bits;
+  const int wb = (8 / M) * n * bits;  // meta bits of 8 columns (<= 16: see the caller)
+  // meta code of 8 columns (8 / M groups) from their kept bits
+  std::array<uint16_t, 256> code{};
+  for (int b = 0; b < 256; ++b) {
+    uint32_t cd = 0;
+    int t = 0;
+    for (int p = 0; p < 8; ++p) {
+      if (b >> p & 1) cd |= static_cast<uint32_t>(p % M) << (bits * t++);
+    }
+    code[b] = static_cast<uint16_t>(cd);
+  }
+  const int64_t per = 32 * c.n / M;       // kept values of a full step
+  const int64_t step_bytes = wb * 4 / 8;  // meta bytes of a full step
+  const __m512i absm = _mm512_set1_epi16(0x7fff), nank = _mm512_set1_epi16(static_cast<short>(nan_key));
+  const __m512i nv = _mm512_set1_epi16(static_cast<short>(n));
+  const __m256i one8 = _mm256_set1_epi8(1);
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint16_t* wr = wp + o * c.in;
+    uint16_t* vr = vp + o * c.kept;
+    uint8_t* mr = mp + o * c.meta_bytes;
+    bool* kr = kp + o * c.in;
+    for (int64_t k0 = 0; k0 < c.in; k0 += 32) {
+      const int64_t cols = std::min<int64_t>(32, c.in - k0);
+      const auto lm = static_cast<__mmask32>(cols == 32 ? 0xffffffffu : (1u << cols) - 1u);
+      const __m512i raw = _mm512_maskz_loadu_epi16(lm, wr + k0);
+      const __m512i key = _mm512_min_epu16(_mm512_and_si512(raw, absm), nank);
+      const __m512i rank = rank16<M>(key, _mm512_setzero_si512());
+      const __mmask32 kept = _mm512_cmplt_epi16_mask(rank, nv) & lm;
+      const int64_t cnt = cols == 32 ? per : cols / M * n;
+      _mm512_mask_storeu_epi16(vr + k0 / M * n, static_cast<__mmask32>((1ull << cnt) - 1u),
+                               _mm512_maskz_compress_epi16(kept, raw));
+      _mm256_mask_storeu_epi8(kr + k0, lm, _mm256_maskz_mov_epi8(kept, one8));
+      const uint32_t kb = kept;
+      const uint64_t cd = uint64_t(code[kb & 0xff]) | (uint64_t(code[(kb >> 8) & 0xff]) << wb) |
+                          (uint64_t(code[(kb >> 16) & 0xff]) << (2 * wb)) |
+                          (uint64_t(code[kb >> 24]) << (3 * wb));
+      uint8_t* md = mr + (k0 / 32) * step_bytes;
+      if (cols == 32) {
+        std::memcpy(md, &cd, static_cast<size_t>(step_bytes));
+      } else {  // the row's last, partial step: its meta bytes up to the row's end
+        std::memcpy(md, &cd, static_cast<size_t>(c.meta_bytes - (k0 / 32) * step_bytes));
+      }
+    }
+  }
+}
+
+template <int M>
+void compress_abs16(const Tensor& w, uint16_t nan_key, const NMConfig& c, Tensor& values, Tensor& meta,
+                    Tensor& mask) {
+  const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
+  auto* vp = static_cast<uint16_t*>(values.data_ptr());
+  uint8_t* mp = meta.data_ptr<uint8_t>();
+  bool* kp = mask.data_ptr<bool>();
+  at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
+    compress_abs16_rows<M>(wp, nan_key, c, b0, b1, vp, mp, kp);
+  });
+}
 #endif
+
+// Fresh outputs of tens of MB (the prune of a whole weight) cost more in page faults than in
+// writing: values + mask + meta of a bf16 11008x4096 2:4 prune are 96 MB, 23k faults of 4 KB,
+// 50-75 ms on the 2-core EPYC under load ~4 (2026-12-07) against ~25 ms with 2 MB pages. Ask
+// for transparent huge pages on the 2 MB-aligned inside of such an output before its first
+// write (advice only: without THP, or on pages already touched, nothing changes).
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 }  // namespace
 
@@ -1126,8 +1721,10 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
                           const Tensor& bias, const NMConfig& cfg, Tensor& out) {
   const int64_t R = x2d.size(0);
   const bool is16 = x2d.scalar_type() == at::kBFloat16 || x2d.scalar_type() == at::kHalf;
-  const bool large =
-      R >= (is16 && use_vbmi2() ? kNMDense16Rows : kNMDenseCrossoverRows) && cfg.out >= 2;
+  const bool tab = 8 % (cfg.n * cfg.bits) == 0 || (cfg.n * cfg.bits) % 8 == 0;  // table decodes
+  const int64_t large16 =
+      x2d.scalar_type() == at::kBFloat16 && tab && use_bf16dot() ? kNMReg16Rows : kNMDense16Rows;
+  const bool large = R >= (is16 && use_vbmi2() ? large16 : kNMDenseCrossoverRows) && cfg.out >= 2;
   bool medium = false;
 #if SPARSEOPS_NM_X86
   // The tables need the byte-table decode (every pattern but 3:4, 3:8, 15:16, ...) and 32-bit
@@ -1136,8 +1733,34 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
   medium = !large && R >= kNMTableRows && x2d.scalar_type() != at::kDouble && use_avx512() &&
            (8 % nb == 0 || nb % 8 == 0) && cfg.in < (int64_t(1) << 24);
 #endif
+  // Register blocks (table decodes only): bf16 with avx512_bf16 for 2 <= R < kNMReg16Rows (the
+  // 16-bit tiles from there), fp32 for 2 <= R < kNMDenseCrossoverRows (instead of the tables).
+  bool reg = false;
+#if SPARSEOPS_NM_X86
+  if (tab && R >= 2) {
+    const auto st = x2d.scalar_type();
+    reg = (st == at::kBFloat16 && R < kNMReg16Rows && use_bf16dot()) ||
+          (st == at::kFloat && R < kNMDenseCrossoverRows && use_avx512());
+  }
+#endif
+  // bf16 2:4 with avx512_bf16 from kNMPair24Rows rows up to the tiles: the pair tables.
+  bool pairs = false;
+#if SPARSEOPS_NM_X86
+  pairs = x2d.scalar_type() == at::kBFloat16 && cfg.n == 2 && cfg.m == 4 && R >= kNMPair24Rows &&
+          R < kNMReg16Rows && use_bf16dot();
+#endif
+  if (pairs) {
+#if SPARSEOPS_NM_X86
+    linear_pairs24(x2d, values, meta, bias, cfg, out);
+#endif
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
-    if (large) {
+    if (reg) {
+#if SPARSEOPS_NM_X86
+      if constexpr (!std::is_same_v<scalar_t, double>) linear_reg<scalar_t>(x2d, values, meta, bias, cfg, out);
+#endif
+    } else if (large) {
       linear_large<scalar_t>(x2d, values, meta, bias, cfg, out);
     } else if (medium) {
 #if SPARSEOPS_NM_X86
@@ -1153,9 +1776,20 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
 void nm_compress_cpu_kernel(const Tensor& w, const Tensor& scores, const Tensor& keep,
                             const NMConfig& cfg, Tensor& values, Tensor& meta, Tensor& mask) {
   const bool* kp = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+  advise_huge_pages(values);
+  advise_huge_pages(mask);
 #if SPARSEOPS_NM_X86
   // Ranking without a keep mask by 32-bit keys: |w| (any float w but fp64) or fp32 / bf16 / fp16
   // scores; fp64 scores rank in fp64 (a conversion to fp32 could merge distinct scores).
+  const bool w16 = w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf;
+  if (kp == nullptr && !scores.defined() && w16 && cfg.m <= 8 && (8 / cfg.m) * cfg.n * cfg.bits <= 16 &&
+      use_vbmi2()) {
+    const uint16_t nan_key = w.scalar_type() == at::kBFloat16 ? 0x7f81 : 0x7c01;
+    if (cfg.m == 2) compress_abs16<2>(w, nan_key, cfg, values, meta, mask);
+    if (cfg.m == 4) compress_abs16<4>(w, nan_key, cfg, values, meta, mask);
+    if (cfg.m == 8) compress_abs16<8>(w, nan_key, cfg, values, meta, mask);
+    return;
+  }
   const bool keyed_scores = !scores.defined() || scores.scalar_type() != at::kDouble;
   if (kp == nullptr && keyed_scores && w.scalar_type() != at::kDouble && use_avx512()) {
     const Tensor sc =

@@ -25,17 +25,27 @@ struct NMConfig {
   int bits = 0;
 };
 
-// Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): below kNMTableRows rows
-// of x the AVX-512 kernel expands each weight row in registers; from kNMTableRows it lays x out
-// in fp32 tables and does sparse arithmetic; from kNMDenseCrossoverRows it decompresses the
-// weight tile by tile and calls at::mm. bf16 / fp16 inputs on CPUs with VBMI2 go to 16-bit tiles
-// (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows. Measured (4096x4096 2:4, one thread, CPU time,
-// load ~15, 2-core EPYC Zen 4, 2026-12-07): fp32 expand 9.4-10.3 ms at R = 8 against 13.3-13.8 ms
-// for the tables, at R = 16 18.5-19.4 ms against 13.5-14.3 ms (torch 14.2-16.2 ms); bf16 at R = 16
-// expand 10.5-10.7 ms and a bf16 pair-table variant 10.9-11.1 ms, both slower than torch's dense
-// 4.9-5.5 ms (oneDNN avx512_bf16), so 16-bit rows take the tiles from 8 rows as before.
+// Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): one row of x streams the
+// weight expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
+// byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4 from
+// kNMPair24Rows: pair tables); fp16 (and bf16 without avx512_bf16) from kNMTableRows rows lays
+// x out in fp32 tables with sparse arithmetic;
+// from kNMDenseCrossoverRows it decompresses the weight tile by tile and calls at::mm. 16-bit
+// inputs on CPUs with VBMI2 go to 16-bit tiles (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows
+// (bf16 register blocks: from kNMReg16Rows). Measured (4096x4096 2:4, one thread, ratio to torch
+// F.linear on the masked weight, interleaved, load 4-6, 2-core EPYC Zen 4, 2026-12-07): bf16
+// register blocks 1.22x at R = 4, 0.95x at 16, 0.80x at 32, 0.69x at 64 against 1.08x / 0.64x /
+// 0.72x / 0.80x for the previous rows / tiles; fp32 register blocks 2.28x at 4, 1.71x at 16,
+// 1.28x at 32, 1.12x at 64 against 1.71x / 1.04x / 0.96x / 1.21x for the previous rows / tables /
+// BLAS tiles. bf16 2:4 from kNMPair24Rows (to kNMReg16Rows) goes to pair tables (sparse
+// arithmetic, one vdpbf16ps per kept pair): at R = 16 1.14x / 1.21x / 1.35x torch for 4096x4096 /
+// 11008x4096 / 4096x11008 against 0.99x / 0.93x / 1.10x for the register blocks; at R = 8 the
+// register blocks are faster (1.17-1.58x against 0.92-1.01x), at R = 32 the tables 0.92-1.0x
+// against 0.78-0.83x (load ~6, 2026-12-07).
 constexpr int64_t kNMTableRows = 12;
+constexpr int64_t kNMPair24Rows = 12;
 constexpr int64_t kNMDense16Rows = 8;
+constexpr int64_t kNMReg16Rows = 48;
 constexpr int64_t kNMDenseCrossoverRows = 64;
 
 // Kernel contracts (CPU):
