@@ -505,7 +505,10 @@ def plot_family(family: str, rows: list[dict[str, Any]], folder: Path) -> list[P
                     ],
                 )
             series["floor"] = (lambda cell: sorted({(r["size"], r["floor_us"]) for r in cell}), "k:")
-            path = folder / f"{family}_{op}_{metric.removesuffix('_us')}.png"
+            # Op labels may hold spaces and colons ("nm_linear 2:4"): not in file names (a colon
+            # cannot be checked out on Windows).
+            safe_op = "".join(c if c.isalnum() or c in "_.-" else "-" for c in op)
+            path = folder / f"{family}_{safe_op}_{metric.removesuffix('_us')}.png"
             paths.append(_plot_grid(op_rows, path, f"{family} {op}: {label} — {device}", series, "µs"))
 
         head = [r for r in rows if r["headline"] and r.get(metric)]
