@@ -164,11 +164,7 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
   acc_t* sbp = slot_buf.data_ptr<acc_t>();
   const scalar_t* b13p = cfg.has_b13 ? b13.data_ptr<scalar_t>() : nullptr;
   const scalar_t* b2p = cfg.has_b2 ? b2.data_ptr<scalar_t>() : nullptr;
-  const acc_t alpha = acc_t(cfg.alpha), limit = acc_t(cfg.limit);
-  const bool gated = moe_gated(cfg.act);
-  const bool inter = cfg.interleaved;
   const bool vec = kVectorType<scalar_t> && use_avx512();
-  const bool vec_swiglu = vec && cfg.act == MoeActivation::kSwiglu && !inter;
 
   // Dropped slots: zero pre-activation rows (their slot-buffer rows are never read).
   for (int64_t r = kept; r < n; ++r) std::memset(prep + int64_t(sorted[r]) * P, 0, P * sizeof(scalar_t));
@@ -201,18 +197,7 @@ void moe_forward(const Tensor& x, const Tensor& w13, const Tensor& w2, const Ten
         std::memcpy(prow, hrow, P * sizeof(scalar_t));
       }
       scalar_t* arow = ap + r * I;
-      if (vec_swiglu) {
-#if SPARSEOPS_MOE_AVX512_PATH
-        if constexpr (kVectorType<scalar_t>) moe_cpu::swiglu_avx512(prow, prow + I, arow, I);
-#endif
-      } else if (gated) {
-        for (int64_t c = 0; c < I; ++c) {
-          const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
-          arow[c] = scalar_t(act_gated<acc_t>(cfg.act, acc_t(prow[gi]), acc_t(prow[ui]), alpha, limit));
-        }
-      } else {
-        for (int64_t c = 0; c < I; ++c) arow[c] = scalar_t(act_plain<acc_t>(cfg.act, acc_t(prow[c])));
-      }
+      moe_cpu::activate_row(cfg, vec, prow, arow, 0, I);
     }
     Tensor ob = at::empty({m, H}, x.options());
     at::mm_out(ob, ab, w2.select(0, e).t());
@@ -308,14 +293,7 @@ void moe_backward(const Tensor& dy, const Tensor& x, const Tensor& w13, const Te
       std::memcpy(dybp + r * H, dyp + tok * H, H * sizeof(scalar_t));
       const scalar_t* prow = prep + slot * P;
       scalar_t* arow = ap + r * I;
-      if (gated) {
-        for (int64_t c = 0; c < I; ++c) {
-          const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
-          arow[c] = scalar_t(act_gated<acc_t>(cfg.act, acc_t(prow[gi]), acc_t(prow[ui]), alpha, limit));
-        }
-      } else {
-        for (int64_t c = 0; c < I; ++c) arow[c] = scalar_t(act_plain<acc_t>(cfg.act, acc_t(prow[c])));
-      }
+      moe_cpu::activate_row(cfg, false, prow, arow, 0, I);
     }
     // g = dy @ w2[e] (unweighted, [m, I]) gives both the routing-weight gradient
     // d weights = <dy, act @ w2[e].T + b2> = <g, act> + <dy, b2> and d act = w * g, so the

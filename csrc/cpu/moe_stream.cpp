@@ -322,8 +322,6 @@ void stream_forward_packed(const at::Tensor& x, const PackedWeight& pw13, const 
   scalar_t* yp = y.data_ptr<scalar_t>();
   const bool gated = moe_gated(cfg.act);
   const bool inter = cfg.interleaved;
-  const bool vec_swiglu = cfg.act == MoeActivation::kSwiglu && !inter;
-  const float alpha = static_cast<float>(cfg.alpha), limit = static_cast<float>(cfg.limit);
   const int64_t Hs = kVnni ? (H + 1) / 2 * 2 : H, Is = kVnni ? (I + 1) / 2 * 2 : I;
   const int64_t rows = std::max<int64_t>(n, 1);
   const auto sopt = x.options().dtype(kVnni ? at::kBFloat16 : at::kFloat);
@@ -392,18 +390,7 @@ void stream_forward_packed(const at::Tensor& x, const PackedWeight& pw13, const 
       for (int64_t r = 0; r < R; ++r) {
         const scalar_t* prow = prep + int64_t(sorted[begin + r]) * P;
         scalar_t* arow = ap + (begin + r) * I;
-        if (vec_swiglu) {
-          swiglu_avx512(prow + c0, prow + I + c0, arow + c0, c1 - c0);
-        } else if (gated) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
-            arow[c] = static_cast<scalar_t>(act_gated<float>(
-                cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
-          }
-        } else {
-          for (int64_t c = c0; c < c1; ++c)
-            arow[c] = static_cast<scalar_t>(act_plain<float>(cfg.act, static_cast<float>(prow[c])));
-        }
+        activate_row(cfg, true, prow, arow, c0, c1);
         S* srow = asp + (begin + r) * Is;
         for (int64_t c = c0; c < c1; ++c) srow[c] = static_cast<S>(static_cast<float>(arow[c]));
       }
@@ -473,8 +460,6 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
   scalar_t* yp = y.data_ptr<scalar_t>();
   const bool gated = moe_gated(cfg.act);
   const bool inter = cfg.interleaved;
-  const bool vec_swiglu = cfg.act == MoeActivation::kSwiglu && !inter;
-  const float alpha = static_cast<float>(cfg.alpha), limit = static_cast<float>(cfg.limit);
   const int32_t* offs = work.offs;
   const int32_t* sorted = work.sorted;
 
@@ -543,18 +528,7 @@ void stream_forward(const at::Tensor& x, const at::Tensor& w13, const at::Tensor
       for (int64_t r = 0; r < R; ++r) {
         const scalar_t* prow = prep + int64_t(sorted[begin + r]) * P;
         scalar_t* arow = ap + (begin + r) * I;
-        if (vec_swiglu) {
-          swiglu_avx512(prow + c0, prow + I + c0, arow + c0, c1 - c0);
-        } else if (gated) {
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
-            arow[c] = static_cast<scalar_t>(act_gated<float>(
-                cfg.act, static_cast<float>(prow[gi]), static_cast<float>(prow[ui]), alpha, limit));
-          }
-        } else {
-          for (int64_t c = c0; c < c1; ++c)
-            arow[c] = static_cast<scalar_t>(act_plain<float>(cfg.act, static_cast<float>(prow[c])));
-        }
+        activate_row(cfg, true, prow, arow, c0, c1);
       }
     }
   };

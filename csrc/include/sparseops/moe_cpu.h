@@ -4,6 +4,7 @@
 // (conversions, exp, SwiGLU, the slot combine), defined once.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -121,6 +122,37 @@ SPARSEOPS_MOE_AVX512 void combine_row_avx512(const float* sbp, const int32_t* id
   }
 }
 #endif
+
+// The activation of one slot row over intermediate columns [c0, c1): GEMM1's output row prow
+// (gate and up concatenated, or interleaved with cfg.interleaved) into arow, computed in the
+// op-math type and rounded to scalar_t, as every CPU path (BLAS tiles, weight stream, the
+// backward's recompute) does; vec lets swiglu take the AVX-512 loop (the caller checked the CPU).
+template <typename scalar_t>
+inline void activate_row(const MoeConfig& cfg, bool vec, const scalar_t* prow, scalar_t* arow,
+                         int64_t c0, int64_t c1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t I = cfg.inter;
+  const bool inter = cfg.interleaved;
+#if SPARSEOPS_MOE_AVX512_PATH
+  if constexpr (kVectorType<scalar_t>) {
+    if (vec && cfg.act == MoeActivation::kSwiglu && !inter) {
+      swiglu_avx512(prow + c0, prow + I + c0, arow + c0, c1 - c0);
+      return;
+    }
+  }
+#endif
+  if (moe_gated(cfg.act)) {
+    const acc_t alpha = static_cast<acc_t>(cfg.alpha), limit = static_cast<acc_t>(cfg.limit);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t gi = inter ? 2 * c : c, ui = inter ? 2 * c + 1 : I + c;
+      arow[c] = static_cast<scalar_t>(
+          act_gated<acc_t>(cfg.act, acc_t(prow[gi]), acc_t(prow[ui]), alpha, limit));
+    }
+  } else {
+    for (int64_t c = c0; c < c1; ++c)
+      arow[c] = static_cast<scalar_t>(act_plain<acc_t>(cfg.act, acc_t(prow[c])));
+  }
+}
 
 // The experts the weight-stream kernel runs, and where their routed rows are.
 struct StreamWork {
