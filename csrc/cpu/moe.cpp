@@ -78,12 +78,11 @@ using moe_cpu::use_avx512;
 template <typename scalar_t>
 SPARSEOPS_MOE_AVX512 void scale_avx512(const scalar_t* o, const scalar_t* bias, float w, float* dst,
                                        int64_t n) {
-  using moe_cpu::lanes_below;
   const __m512 wv = _mm512_set1_ps(w);
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = lanes_below(n - c);
-    __m512 v = moe_cpu::load16(o + c, m);
-    if (bias) v = _mm512_add_ps(v, moe_cpu::load16(bias + c, m));
+    __m512 v = load16(o + c, m);
+    if (bias) v = _mm512_add_ps(v, load16(bias + c, m));
     _mm512_mask_storeu_ps(dst + c, m, _mm512_mul_ps(v, wv));
   }
 }

@@ -45,9 +45,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "sparseops/cpu_memory.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -1696,24 +1694,6 @@ void compress_abs16(const Tensor& w, uint16_t nan_key, const NMConfig& c, Tensor
   });
 }
 #endif
-
-// Fresh outputs of tens of MB (the prune of a whole weight) cost more in page faults than in
-// writing: values + mask + meta of a bf16 11008x4096 2:4 prune are 96 MB, 23k faults of 4 KB,
-// 50-75 ms on the 2-core EPYC under load ~4 (2026-12-07) against ~25 ms with 2 MB pages. Ask
-// for transparent huge pages on the 2 MB-aligned inside of such an output before its first
-// write (advice only: without THP, or on pages already touched, nothing changes).
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes < 4 * kHuge) return;
-  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
-  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 }  // namespace
 

@@ -83,11 +83,8 @@
 #include <vector>
 
 #include "sparseops/checks.h"
+#include "sparseops/cpu_memory.h"
 #include "sparseops/ranking.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -105,23 +102,6 @@ namespace sparseops {
 namespace {
 
 using at::Tensor;
-
-// Fresh large outputs come from mmap and fault in 4 KB at a time on first write: on this
-// KVM guest 64 MB took 46 ms to fill that way and 9 ms after MADV_HUGEPAGE (THP is in
-// "madvise" mode), which was most of route_metadata at T*k = 16M. A hint on the 2 MB-aligned
-// interior of a buffer this kernel is about to write in full; errors are ignored.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // Whether the AVX-512 path runs: decided once per process, so the bits of an answer depend
 // on the machine only, never on the call.
