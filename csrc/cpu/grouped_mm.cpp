@@ -90,9 +90,9 @@ struct Item {
 
 #if SPARSEOPS_GG_AVX512_PATH
 // acc[r][0:64] (masks mk) = sum over kk of A[r][kk] * B[kk][0:64] for R rows, the R x 4
-// vectors of sums in registers for the whole k loop: the store-per-step AXPY it replaced ran at
-// one FMA per L1 load + store and took 0.29-0.56x torch._grouped_mm's time on the bf16 2d2d
-// weight gradient at T = 64 (bench_grouped_mm, 2 threads, 2026-12-07). Each lane still sums
+// vectors of sums in registers for the whole k loop: the store-per-step AXPY it replaced paid
+// an L1 load + store per FMA and ran the bf16 2d2d weight gradient at T = 64 at 0.29-0.56x
+// torch._grouped_mm's speed (bench_grouped_mm, 2 threads, 2026-12-07). Each lane still sums
 // in kk order from zero, so the bits are those of the plain loop.
 template <int R, typename T>
 SPARSEOPS_GG_AVX512 inline void axpy_tile(const float* A, int64_t k, const T* B, int64_t b_ks,
@@ -173,8 +173,7 @@ SPARSEOPS_GG_AVX512 void small_dot_avx512(const float* A, int64_t mm, int64_t k,
 }
 
 // out rows [0, mm) (c_rs apart), columns [0, nn) = the fp32 sums (+ bias), rounded once as
-// static_cast<out_t> does (round to nearest even; the scalar loop converted one value at a
-// time, a third of a bf16 weight gradient's time).
+// static_cast<out_t> does (round to nearest even, NaN kept), 16 values per step.
 template <typename out_t>
 SPARSEOPS_GG_AVX512 void store_tile_avx512(const float* acc, int64_t mm, int64_t nn,
                                            const out_t* bias, out_t* c, int64_t c_rs) {
@@ -220,8 +219,8 @@ void small_item(const scalar_t* a, const scalar_t* b, const out_t* bias, out_t* 
     const scalar_t* ar = a + d.a_off + (m0 + i) * st.a_rs;
     for (int64_t kk = 0; kk < k; ++kk) A[i * k + kk] = static_cast<acc_t>(ar[kk * st.a_cs]);
   }
-  // Up to kSmallRows x kSmallNTile sums on the stack (16 KB fp32): a zero-filled heap tile
-  // per item cost a Qwen3/4 weight gradient at T = 1 a fifth of its time.
+  // Up to kSmallRows x kSmallNTile sums on the stack (16 KB fp32), not a zero-filled heap tile
+  // per item (the vector paths write every sum they read back).
   alignas(64) acc_t acc[kSmallRows * kSmallNTile];
   const scalar_t* B = b + d.b_off + n0 * st.b_ns;
   bool done = false;
