@@ -50,6 +50,17 @@
 //     x byte floor at T = 4096 / 16384 (1 thread, per-thread CPU time, floor from a 128 MB
 //     copy in the same process, load ~6, alternating processes against main's build): fp32
 //     9.6 / 10.5 -> 6.7-6.9 / 7.2-7.4, bf16 11.9 / 12.7 -> 11.5-11.8 / 11.9-12.2.
+// Then (2026-12-07, load ~5, 1 thread; pair = route, wall medians of the bench harness):
+//   * bf16 routers ranked by their logits (Qwen3, gpt-oss): 16-bit keys from the raw bf16
+//     patterns, the <= 16 keys at the floor sorted as (key << 16) | (0xffff - e) by the
+//     bitonic network (route_rows_bf16_keys): pair T = 4096 Qwen3 601 -> 329 us, gpt-oss
+//     597 -> 291 us (against main's build in the next process).
+//   * Mixtral: E = 8, k = 2 at compile time and blocks of 16 rows loaded whole and
+//     transposed (load_block16_e8), placement by per-bucket compress (metadata_place_small):
+//     pair T = 4096 65-66 -> 39 us (fp32 and bf16), T = 16384 bf16 299 -> 175 us.
+//   Not changed: DeepSeek-V3 (pair 5.7-9x its floor at 1 thread; bf16 topk_route 5.9 ms
+//   against fp32's 6.3 at T = 16384, so its table is not what costs: the per-row chain of
+//   route_row_sig16 is, for the 2-4-row interleaving still to be written).
 //   Tried and dropped: metadata placement 16 slots at once (vpconflictd + vpopcntd for the
 //   in-bucket ranks, gather / scatter of next[] and of the slots): Mixtral pair T = 16384
 //   266 -> 281 us (Zen 4's scatters cost more than the scalar load-increment-store chain).
@@ -2081,7 +2092,11 @@ void route_cpu_kernel(const Tensor& logits, const Tensor& bias, const Tensor& ma
   // Chunks of whole 16-row blocks (the small-E path's blocks stay aligned to row 0), about
   // 32K logits each, at most 256 of them (a bounded histogram and scan). Each chunk's ids are
   // counted right after its rows are routed, while they are still in L1/L2, so the
-  // metadata costs one more pass (the placement) instead of two.
+  // metadata costs one more pass (the placement) instead of two. Mixtral at T = 4096 is one
+  // chunk, so one thread: two chunks of 2048 rows on two threads took 82-92 us against 63-66
+  // on one (wall medians of 2000 calls, load ~5.8 on 2 cores, 2026-12-07, before the
+  // transposed block loads), the second thread often descheduled; the crossover on a quiet
+  // machine is not measured yet.
   const int64_t rows = std::max<int64_t>(std::max<int64_t>(16, 32768 / E), (T + 255) / 256);
   const int64_t rows_per_chunk = (rows + 15) / 16 * 16;
   const int64_t chunks = (T + rows_per_chunk - 1) / rows_per_chunk;
