@@ -361,3 +361,62 @@ def test_deepseek_exact_candidates_bitwise(threads, dtype):
         _compare(x, k, bias=_bias(E, seed=5), **base)
     finally:
         torch.set_num_threads(old)
+
+
+def _bf16_key_rows(T, E, seed):
+    """[T, E] bf16 logits for the 16-bit-key path: random rows, rows on a coarse grid (ties,
+    among them ties at the k-th place), near-tie rows (every value one of a few adjacent
+    bf16 values, so more than 16 keys sit at the floor), rows mixing -0 and +0 at the top,
+    rows with +-inf, all -inf and all-equal rows, and NaN rows."""
+    x = router_logits(T, E, dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    x[1::7] = (x[1::7] * 2).round() / 2
+    base = torch.tensor(1.0, dtype=torch.bfloat16).float()
+    near = torch.randint(0, 3, (T, E), generator=g).float() * 2.0**-7  # 1, 1+2^-7, 1+2^-6: adjacent bf16
+    x[2::7] = (base + near)[2::7]
+    x[3::7] = -torch.rand(x[3::7].shape, generator=g) - 0.5
+    x[3::7, ::5] = 0.0
+    x[3::7, 1::5] = -0.0
+    x[4::7, ::9] = float("inf")
+    x[4::7, 1::11] = float("-inf")
+    x[5] = float("-inf")
+    x[6] = 0.5
+    x[8, E // 3] = float("nan")
+    x[10] = float("nan")
+    x[12, ::3] = float("inf")  # more than k infinite logits: softmax NaN -> zeros
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("E", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize(
+    "k,kw",
+    [
+        (1, {}),
+        (8, {}),
+        (16, {}),
+        (4, {"order": "topk_then_softmax"}),
+        (13, {"order": "topk_then_softmax", "scale": 2.0}),
+        (8, {"scoring": "sigmoid", "renormalize": False, "scale": -1.5}),
+        (6, {"scoring": "sigmoid"}),
+    ],
+)
+def test_bf16_key_path_bitwise(E, k, kw):
+    """bf16 routers ranked by their logits (Qwen3, gpt-oss) rank 16-bit keys of the raw bf16
+    patterns in groups of 4 rows: ids bitwise equal to the reference on random, tied,
+    near-tie (> 16 keys at the floor), +-0, +-inf and NaN rows, and every row's weights
+    bitwise equal to the per-row fp32-key path (a row routed alone takes it)."""
+    T = 71  # 17 groups of 4 rows and a tail of 3 on the per-row path
+    x = _bf16_key_rows(T, E, seed=E + k)
+    w, ids = _compare(x, k, **kw)
+    w1 = torch.empty_like(w)
+    for t in range(T):
+        w_row, i_row = sparseops.topk_route(x[t : t + 1], k, backend="cpu", **kw)
+        assert torch.equal(i_row[0], ids[t]), t
+        w1[t] = w_row[0]
+    assert torch.equal(w.view(torch.int32), w1.view(torch.int32))
+    # The pair: the same ids and weights, and the metadata of those ids.
+    w2, ids2, meta = sparseops.route(x, k, backend="cpu", **kw)
+    assert torch.equal(ids2, ids) and torch.equal(w2.view(torch.int32), w.view(torch.int32))
+    for a, b in zip(meta, route_metadata_ref(ids, E, 0)):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
