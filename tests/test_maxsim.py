@@ -441,6 +441,37 @@ def test_cpu_bits_do_not_depend_on_threads():
     assert torch.equal(out[0][1], out[1][1])
 
 
+# The fp32 query-lane tile (AVX-512) and its software prefetch: many documents in a row (the
+# prefetch runs past each document into the next one, and past the end of the corpus), Ld
+# around the 6- and 8-token blocks, dim not a multiple of the 16-coordinate prefetch step,
+# Lq around the 16-lane vectors; masked and unmasked; 1 and 2 threads give the same bits.
+@pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
+@pytest.mark.parametrize(
+    "lq,nd,ld,dim,masked",
+    [
+        (32, 61, 13, 97, False),
+        (33, 40, 7, 130, True),
+        (16, 97, 6, 16, False),
+        (1, 200, 25, 7, True),
+        (17, 9, 97, 33, False),
+    ],
+)
+def test_cpu_fp32_lane_tile_many_documents(lq, nd, ld, dim, masked):
+    q, d = maxsim_inputs(2, lq, nd, ld, dim, seed=lq + nd)
+    kw = {"d_mask": maxsim_lengths(nd, ld, seed=nd)} if masked else {}
+    old = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(torch.ops.sparseops.maxsim(q, d, None, kw.get("d_mask"), "sum", False, "cpu"))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0][0].view(torch.int32), out[1][0].view(torch.int32))
+    assert torch.equal(out[0][1], out[1][1])
+    _check(q, d, "cpu", **kw)
+
+
 @pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
 @pytest.mark.skipif(bool(os.environ.get("SPARSEOPS_CPU_NO_AVX512")), reason="already the portable path")
 def test_cpu_portable_path():
