@@ -37,6 +37,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -684,18 +685,19 @@ SPARSEOPS_NM_GATHER_BF16 float dot_gather_bf16(const uint16_t* v, const uint8_t*
       acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)_mm512_loadu_si512(v + (j + a) * L), (__m512bh)gx);
     }
   }
-  for (; j < full; ++j) {
-    const __m512i idx = gather_index(meta + j * mbk, mlm, permb, shift, field, base);
-    const __m512i gx = gather_x16<P>(x + j * cols, idx);
-    acc[j & 3] = _mm512_dpbf16_ps(acc[j & 3], (__m512bh)_mm512_loadu_si512(v + j * L), (__m512bh)gx);
-  }
-  if (full * L < c.kept) {
-    const int64_t cnt = c.kept - full * L, mcnt = c.meta_bytes - full * mbk;
+  // the last 0..3 full blocks and the partial one, still block b into accumulator b % 4 (j is a
+  // multiple of 4; constant indices keep acc in registers)
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    const int64_t b = j + a;
+    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+    if (cnt <= 0) break;
+    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
     const __m512i idx =
-        gather_index(meta + full * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
-    const __m512i gx = gather_x16<P>(x + full * cols, idx);
-    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << cnt) - 1u), v + full * L);
-    acc[full & 3] = _mm512_dpbf16_ps(acc[full & 3], (__m512bh)w, (__m512bh)gx);
+        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+    const __m512i gx = gather_x16<P>(x + b * cols, idx);
+    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << cnt) - 1u), v + b * L);
+    acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)w, (__m512bh)gx);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
@@ -719,16 +721,16 @@ SPARSEOPS_NM_GATHER float dot_gather_fp32(const float* v, const uint8_t* meta, c
       acc[a] = _mm512_fmadd_ps(_mm512_loadu_ps(v + (j + a) * L), gather_x32<P>(x + (j + a) * cols, idx), acc[a]);
     }
   }
-  for (; j < full; ++j) {
-    const __m512i idx = gather_index(meta + j * mbk, mlm, permb, shift, field, base);
-    acc[j & 3] = _mm512_fmadd_ps(_mm512_loadu_ps(v + j * L), gather_x32<P>(x + j * cols, idx), acc[j & 3]);
-  }
-  if (full * L < c.kept) {
-    const int64_t cnt = c.kept - full * L, mcnt = c.meta_bytes - full * mbk;
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {  // as in dot_gather_bf16
+    const int64_t b = j + a;
+    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+    if (cnt <= 0) break;
+    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
     const __m512i idx =
-        gather_index(meta + full * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
-    const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + full * L);
-    acc[full & 3] = _mm512_fmadd_ps(w, gather_x32<P>(x + full * cols, idx), acc[full & 3]);
+        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+    const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + b * L);
+    acc[a] = _mm512_fmadd_ps(w, gather_x32<P>(x + b * cols, idx), acc[a]);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
