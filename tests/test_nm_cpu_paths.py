@@ -1,7 +1,8 @@
 """The CPU N:M kernel's batch paths and its vectorised prune, against the reference.
 
-csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: weight rows expanded in registers
-(R = 1, and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
+csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: x gathered by the kept columns (R = 1,
+fp32 / bf16, m / n in {2, 4, 8}, AVX-512 VBMI), weight rows expanded in registers (R = 1 otherwise,
+and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
 3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
 column blocks where it outgrows 256 KB), bf16 2:4 pair tables (12 <= R < 48: one vdpbf16ps per
 kept pair against a table of x pairs), x laid out in fp32 column tables with sparse arithmetic

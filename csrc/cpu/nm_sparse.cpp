@@ -1,5 +1,9 @@
 // N:M sparse CPU kernels. Semantics: python/sparseops/reference/nm_sparse.py (NM_FORMAT).
 //
+// nm_linear, batch 1 (R = 1), fp32 and bf16 (avx512_bf16) with AVX-512 VBMI, m / n in {2, 4, 8}:
+// x gathered by the kept columns (see "batch 1, AVX-512 VBMI" below): the kept values are used as
+// stored and the meta becomes permute indices into x; other cases take the path below.
+//
 // nm_linear, small batch (the weight-streaming regime, R < kNMDenseCrossoverRows): output rows
 // are split over threads in blocks of kRowBlock (at::parallel_for). For each block, every
 // weight row is decoded ONCE into a dense fp32 row in thread-local scratch and then reused by
