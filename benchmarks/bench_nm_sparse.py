@@ -197,10 +197,11 @@ class Peers:
         self.log(f"{name} worker: {self.workers[name].info}")
 
     def cases(
-        self, x: torch.Tensor, dense: torch.Tensor, dt: str, check: Any, copies: int = 1
+        self, x: torch.Tensor, dense: torch.Tensor, dt: str, check: Any, copies: int = 1, sparse_copies: int = 1
     ) -> tuple[list[H.Case], list[Any]]:
-        """This problem's peer cases (over `copies` copies of the weight each), and the worker
-        cases to drop after it."""
+        """This problem's peer cases, and the worker cases to drop after it. Cold rows: the dense
+        peers rotate over `copies` copies of the weight, deepsparse (which keeps the pruned
+        weight compressed) over `sparse_copies` engines."""
         cases: list[H.Case] = []
         live: list[Any] = []
         if self.zt is not None:
@@ -225,7 +226,8 @@ class Peers:
         torch.save({"w": dense.float(), "x": x.float()}, path)  # fp32 carries bf16 exactly
         for worker_name, op, impl in wanted:
             try:
-                ext = self.workers[worker_name].case({"op": op, "file": path, "dtype": dt, "copies": copies})
+                n_copies = sparse_copies if op == "nm.deepsparse" else copies
+                ext = self.workers[worker_name].case({"op": op, "file": path, "dtype": dt, "copies": n_copies})
             except _worker.WorkerError as exc:
                 self.log(f"{impl}: skipped for {dt}: {exc}")
                 continue
@@ -300,7 +302,9 @@ def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, ba
                                                lambda a=(x, w_semi): F.linear(*a), check=check))  # fmt: skip
                     live: list[Any] = []
                     if peers is not None:
-                        extra, live = peers.cases(x, dense, dt, check, copies=ncopy(dense_bytes))
+                        extra, live = peers.cases(
+                            x, dense, dt, check, copies=ncopy(dense_bytes), sparse_copies=ncopy(weight_bytes)
+                        )
                         cases[1:1] = extra
                     session.measure_group(
                         cases, family=FAMILY, op=f"nm_linear {pat}" + (" cold" if temp == "cold" else ""),
