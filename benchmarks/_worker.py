@@ -47,7 +47,9 @@ Specs (dicts): ``op`` is one of
                      (fp32; the same model) or zentorch's ``zentorch_linear_unary`` (fp32 / bf16;
                      the plain weight, or prepacked once by ``zentorch_weight_prepack_for_linear``).
                      deepsparse and onnxruntime get the worker's thread count (num_cores,
-                     intra_op_num_threads). The note carries the max relative error against an
+                     intra_op_num_threads). copies (default 1): the case rotates over that many
+                     copies of its weight / prepacked weight / engine (bench_nm_sparse --cold).
+                     The note carries the max relative error against an
                      fp64 torch product.
 Router inputs are built exactly as ``sparseops.testing.router_inputs`` builds them (same
 seeds); MoE inputs by ``moe_case_inputs`` below, checked once in the worker against a
@@ -57,6 +59,7 @@ per-expert fp32 loop (the note carries the max relative error).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -371,6 +374,12 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
         op, dtype = spec["op"], dtypes[spec.get("dtype", "fp32")]
         w, x = data["w"].to(dtype), data["x"].to(dtype)
         threads = torch.get_num_threads()
+        copies = int(spec.get("copies", 1))
+
+        def rotate(fns: list[Any]) -> Any:
+            it = itertools.cycle(fns)
+            return fns[0] if len(fns) == 1 else (lambda: next(it)())
+
         if op in ("nm.deepsparse", "nm.onnxruntime"):
             if dtype != torch.float32:
                 raise ValueError(f"{op}: fp32 only")
@@ -379,33 +388,38 @@ def _serve() -> int:  # pragma: no cover - runs in the other interpreter
             if op == "nm.deepsparse":
                 import deepsparse
 
-                engine = deepsparse.Engine(model=path, batch_size=x.shape[0], num_cores=threads)
-                fn = lambda: engine.run([xn])[0]  # noqa: E731
+                engines = [
+                    deepsparse.Engine(model=path, batch_size=x.shape[0], num_cores=threads) for _ in range(copies)
+                ]
+                fn = rotate([lambda e=e: e.run([xn])[0] for e in engines])
                 note = f"deepsparse {deepsparse.__version__}, {threads} cores"
             else:
                 import onnxruntime as ort
 
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads
-                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-                fn = lambda: sess.run(None, {"x": xn})[0]  # noqa: E731
+                sessions = [ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]) for _ in range(copies)]
+                fn = rotate([lambda s=s: s.run(None, {"x": xn})[0] for s in sessions])
                 note = f"onnxruntime {ort.__version__}, {threads} threads"
             got = torch.from_numpy(fn())
         elif op in ("nm.zentorch", "nm.zentorch_prepacked"):
             import zentorch  # noqa: F401 - registers torch.ops.zentorch
 
             zt = torch.ops.zentorch
+            ws = [w] + [w.clone() for _ in range(copies - 1)]
             if op == "nm.zentorch":
-                fn = lambda: zt.zentorch_linear_unary(x, w)  # noqa: E731
+                fn = rotate([lambda w=w: zt.zentorch_linear_unary(x, w) for w in ws])
             else:
-                wp = zt.zentorch_weight_prepack_for_linear(w)
-                fn = lambda: zt.zentorch_linear_unary(x, wp, is_weight_prepacked=True)  # noqa: E731
+                wps = [zt.zentorch_weight_prepack_for_linear(w) for w in ws]
+                fn = rotate([lambda wp=wp: zt.zentorch_linear_unary(x, wp, is_weight_prepacked=True) for wp in wps])
             note = f"zentorch {zentorch.__version__}"
             got = fn()
         else:
             raise ValueError(f"unknown spec op {op!r}")
         want = x.double() @ w.double().t()
         err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        if copies > 1:
+            note += f", {copies} weight copies"
         return fn, f"{note}; max rel err {err:.1e} vs fp64"
 
     def reply(msg: dict[str, Any]) -> None:

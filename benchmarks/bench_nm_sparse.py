@@ -42,8 +42,18 @@ Prune-and-compress (op "nm_prune"): 11008x4096, 2:4: torch's topk over the group
 as users compute it) against sparseops.nm_mask and the fused sparseops.nm_compress(prune=True)
 (mask + values + meta in one pass); bytes = read w once + write the compressed weight.
 
+Cold weights (--cold, extra rows beside the warm ones, never instead of them): in a model at
+decode each layer's weight comes from DRAM, but a benchmark that calls one layer in a loop keeps
+whatever fits in the L3 there (32 MB on the 2-core EPYC: the dense bf16 4096x4096 weight, 33.5 MB,
+largely stays, and its warm rows measure the L3, not a weight stream). With --cold every
+implementation (the in-process ones and the worker peers alike) rotates over enough copies of
+its own weight (dense, CSR, compressed, prepacked, compiled engine) that the copies together
+span at least 3x the L3 (cold_copies()): each call reads a weight last touched 2+ L3-sizes of
+traffic ago. Weights of 2x the L3 or more get one copy (they stream from DRAM anyway). The rows
+carry "cold" in their op name ("nm_linear 2:4 cold"). Batch-1 decode is the case this is for.
+
 CLI: python -m benchmarks.bench_nm_sparse [--quick] [--batch R ...] [--patterns 2:4 ...]
-     [--dtypes bf16 fp32] [--shapes NAME ...] [--out DIR] [--threads N]
+     [--dtypes bf16 fp32] [--shapes NAME ...] [--out DIR] [--threads N] [--cold]
 """
 
 from __future__ import annotations
@@ -77,6 +87,34 @@ CPU_BATCH = (1, 16, 128)
 GPU_BATCH = (1, 16, 128, 2048, 8192)
 QUICK_BATCH = (1, 16)
 PRUNE_SHAPE = (11008, 4096)
+
+
+def l3_bytes() -> int:
+    """The last-level cache of CPU 0 (sysfs), 32 MiB when unknown."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError, IndexError):
+        return 32 << 20
+
+
+def cold_copies(weight_bytes: int, l3: int) -> int:
+    """Copies of a weight of weight_bytes that together span >= 3x the L3 (1 from 2x the L3)."""
+    if weight_bytes >= 2 * l3:
+        return 1
+    return max(2, -(-3 * l3 // max(weight_bytes, 1)))
+
+
+class _Rotate:
+    """Calls fn on the next of its argument tuples at every call (the cold-weight rows)."""
+
+    def __init__(self, fn: Any, args: list[tuple[Any, ...]]) -> None:
+        self.fn, self.args, self.i = fn, args, 0
+
+    def __call__(self) -> Any:
+        self.i = (self.i + 1) % len(self.args)
+        return self.fn(*self.args[self.i])
 
 
 def _pattern(text: str) -> tuple[int, int]:
@@ -158,15 +196,22 @@ class Peers:
             return
         self.log(f"{name} worker: {self.workers[name].info}")
 
-    def cases(self, x: torch.Tensor, dense: torch.Tensor, dt: str, check: Any) -> tuple[list[H.Case], list[Any]]:
-        """This problem's peer cases, and the worker cases to drop after it."""
+    def cases(
+        self, x: torch.Tensor, dense: torch.Tensor, dt: str, check: Any, copies: int = 1, sparse_copies: int = 1
+    ) -> tuple[list[H.Case], list[Any]]:
+        """This problem's peer cases, and the worker cases to drop after it. Cold rows: the dense
+        peers rotate over `copies` copies of the weight, deepsparse (which keeps the pruned
+        weight compressed) over `sparse_copies` engines."""
         cases: list[H.Case] = []
         live: list[Any] = []
         if self.zt is not None:
             zt = self.zt
-            wp = zt.zentorch_weight_prepack_for_linear(dense)
-            cases.append(H.Case("zentorch:linear", "baseline", lambda: zt.zentorch_linear_unary(x, dense), check=check))
-            prepacked = lambda: zt.zentorch_linear_unary(x, wp, is_weight_prepacked=True)  # noqa: E731
+            ws = [dense] + [dense.clone() for _ in range(copies - 1)]
+            wps = [zt.zentorch_weight_prepack_for_linear(w) for w in ws]
+            plain = _Rotate(zt.zentorch_linear_unary, [(x, w) for w in ws])
+            cases.append(H.Case("zentorch:linear", "baseline", plain, check=check))
+            prepacked = _Rotate(lambda a, w: zt.zentorch_linear_unary(a, w, is_weight_prepacked=True),
+                                [(x, w) for w in wps])  # fmt: skip
             cases.append(H.Case("zentorch:linear(prepacked)", "baseline", prepacked, check=check))
         wanted = [("zentorch", "nm.zentorch", "zentorch:linear"),
                   ("zentorch", "nm.zentorch_prepacked", "zentorch:linear(prepacked)")]  # fmt: skip
@@ -181,7 +226,8 @@ class Peers:
         torch.save({"w": dense.float(), "x": x.float()}, path)  # fp32 carries bf16 exactly
         for worker_name, op, impl in wanted:
             try:
-                ext = self.workers[worker_name].case({"op": op, "file": path, "dtype": dt})
+                n_copies = sparse_copies if op == "nm.deepsparse" else copies
+                ext = self.workers[worker_name].case({"op": op, "file": path, "dtype": dt, "copies": n_copies})
             except _worker.WorkerError as exc:
                 self.log(f"{impl}: skipped for {dt}: {exc}")
                 continue
@@ -196,21 +242,22 @@ class Peers:
             self.dir.cleanup()
 
 
-def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns, batches, dtypes) -> None:
+def _linear_groups(session: H.Session, so: Any, out_dir: Path, shapes, patterns, batches, dtypes, cold) -> None:
     gpu = session.device.type == "cuda"
     backend = "auto" if gpu else "cpu"
     peers = Peers(session) if not gpu else None
     try:
-        _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers)
+        _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers, cold)
     finally:
         if peers is not None:
             peers.close()
 
 
-def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers) -> None:
+def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, backend, peers, cold) -> None:
     from sparseops.testing import nm_weight
 
     gpu = session.device.type == "cuda"
+    l3 = l3_bytes()
     for dt in dtypes:
         dtype = DTYPES[dt]
         for name, (NO, K) in shapes.items():
@@ -220,7 +267,12 @@ def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, ba
                 w_csr = dense.to_sparse_csr() if not gpu else None
                 w_semi = _semi_structured(dense) if gpu and (n, m) == (2, 4) and dtype != torch.float32 else None
                 weight_bytes = nmw.values.numel() * nmw.values.element_size() + nmw.meta.numel()
-                for R in batches:
+                for R, temp in [(R, t) for R in batches for t in (("warm", "cold") if cold else ("warm",))]:
+                    # cold: every implementation rotates over copies of its own weight (see the docstring)
+                    ncopy = (lambda b: cold_copies(b, l3)) if temp == "cold" else (lambda b: 1)
+                    dense_bytes = dense.numel() * dense.element_size()
+                    denses = [dense] + [dense.clone() for _ in range(ncopy(dense_bytes) - 1)]
+                    nmws = [nmw] + [_clone_nm(nmw) for _ in range(ncopy(weight_bytes) - 1)]
                     x = torch.randn(R, K, dtype=dtype, device=session.device)
                     with torch.inference_mode():
                         want = F.linear(x.float(), dense.float())
@@ -231,13 +283,16 @@ def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, ba
                         return "ok" if err <= (1e-4 if dt == "fp32" else 3e-2) else f"max rel err {err:.2e}"
 
                     cases = [
-                        H.Case("torch:F.linear", "baseline", lambda a=(x, dense): F.linear(*a), check=check),
+                        H.Case("torch:F.linear", "baseline", _Rotate(F.linear, [(x, w) for w in denses]), check=check),
                         H.Case(f"sparseops:{backend}", "sparseops",
-                               lambda a=(x, nmw): so.nm_linear(*a, backend=backend), check=check),
+                               _Rotate(lambda a, w: so.nm_linear(a, w, backend=backend), [(x, w) for w in nmws]),
+                               check=check),
                     ]  # fmt: skip
                     if w_csr is not None:
                         if _csr_linear_runs(x, w_csr):
-                            csr = lambda a=(x, w_csr): _csr_linear(*a)
+                            csr_bytes = sum(t.numel() * t.element_size() for t in (w_csr.values(), w_csr.col_indices()))
+                            csrs = [w_csr] + [w_csr.clone() for _ in range(ncopy(csr_bytes) - 1)]
+                            csr = _Rotate(_csr_linear, [(x, w) for w in csrs])
                             csr = H.Case("torch:csr", "baseline", csr, check=check, graph=False)
                             cases.insert(1, csr)
                         else:
@@ -247,17 +302,30 @@ def _linear_problems(session, so, out_dir, shapes, patterns, batches, dtypes, ba
                                                lambda a=(x, w_semi): F.linear(*a), check=check))  # fmt: skip
                     live: list[Any] = []
                     if peers is not None:
-                        extra, live = peers.cases(x, dense, dt, check)
+                        extra, live = peers.cases(
+                            x, dense, dt, check, copies=ncopy(dense_bytes), sparse_copies=ncopy(weight_bytes)
+                        )
                         cases[1:1] = extra
                     session.measure_group(
-                        cases, family=FAMILY, op=f"nm_linear {pat}", shape=f"{name} {pat}",
+                        cases, family=FAMILY, op=f"nm_linear {pat}" + (" cold" if temp == "cold" else ""),
+                        shape=f"{name} {pat}",
                         params=f"out={NO} in={K} n={n} m={m}", size=R, size_name="batch", dtype=dt,
                         bytes=weight_bytes + R * (K + NO) * x.element_size(), flops=2 * R * NO * K * n // m,
                         headline=(n, m) == (2, 4),
                     )  # fmt: skip
                     for ext in live:
                         ext.drop()
+                    del denses, nmws
                     session.write_csv(FAMILY, out_dir)
+
+
+def _clone_nm(nmw: Any) -> Any:
+    """A copy of a compressed weight in its own memory (values and meta cloned)."""
+    import copy
+
+    c = copy.copy(nmw)
+    c.values, c.meta = nmw.values.clone(), nmw.meta.clone()
+    return c
 
 
 def _prune_group(session: H.Session, so: Any, out_dir: Path, dtype_name: str) -> None:
@@ -303,6 +371,7 @@ def run(
     patterns: Sequence[str] | None = None,
     dtypes: Sequence[str] = ("bf16",),
     shapes: Sequence[str] | None = None,
+    cold: bool = False,
 ) -> list[H.Result]:
     """Time sparseops.nm_linear against dense, torch's sparse paths and the floor; then the prune."""
     so = H.import_sparseops()
@@ -312,8 +381,8 @@ def run(
     patterns = patterns or (QUICK_PATTERNS if session.quick else PATTERNS)
     if batches is None:
         batches = QUICK_BATCH if session.quick else (GPU_BATCH if session.device.type == "cuda" else CPU_BATCH)
-    session.plan(len(dtypes) * len(table) * len(patterns) * len(batches) + len(dtypes))
-    _linear_groups(session, so, out_dir, table, patterns, batches, dtypes)
+    session.plan(len(dtypes) * len(table) * len(patterns) * len(batches) * (2 if cold else 1) + len(dtypes))
+    _linear_groups(session, so, out_dir, table, patterns, batches, dtypes, cold)
     for dt in dtypes:
         _prune_group(session, so, out_dir, dt)
     return session.family_results(FAMILY)
@@ -329,10 +398,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--threads", type=int, help=H.THREADS_HELP)
+    p.add_argument(
+        "--cold", action="store_true", help="also rows with each weight rotated over copies spanning 3x the L3"
+    )
     args = p.parse_args(argv)
     session, out_dir = H.open_session(args)
     results = run(
-        session, out_dir=out_dir, batches=args.batch, patterns=args.patterns, dtypes=args.dtypes, shapes=args.shapes
+        session,
+        out_dir=out_dir,
+        batches=args.batch,
+        patterns=args.patterns,
+        dtypes=args.dtypes,
+        shapes=args.shapes,
+        cold=args.cold,
     )
     for r in results:
         print(

@@ -1,7 +1,8 @@
 """The CPU N:M kernel's batch paths and its vectorised prune, against the reference.
 
-csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: weight rows expanded in registers
-(R = 1, and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
+csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: x gathered by the kept columns (R = 1,
+fp32 / bf16, m / n in {2, 4, 8}, AVX-512 VBMI), weight rows expanded in registers (R = 1 otherwise,
+and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
 3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
 column blocks where it outgrows 256 KB), bf16 2:4 pair tables (12 <= R < 48: one vdpbf16ps per
 kept pair against a table of x pairs), x laid out in fp32 column tables with sparse arithmetic
@@ -87,6 +88,58 @@ def test_register_blocks_every_batch(n, m, dtype):
     x = _x(max(REG_ROWS), k, dtype=dtype, seed=m)
     for R in REG_ROWS:
         _check(x[:R], nmw, bias if R % 2 else None, dense)
+
+
+# batch 1 with avx512_vbmi (fp32; bf16 with avx512_bf16): x gathered by the kept columns in
+# blocks of 16 fp32 / 32 bf16 kept values, for m / n in {2, 4, 8}; the other patterns (3:4, 6:8,
+# 1:16, 15:16) and fp16 keep the expand path
+BATCH1_PATTERNS = [(2, 4), (1, 4), (2, 8), (4, 8), (1, 8), (1, 2), (8, 16), (4, 16), (2, 16), (1, 16), (3, 4), (6, 8)]
+
+
+@pytest.mark.parametrize("n,m", BATCH1_PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch1_every_pattern(n, m, dtype):
+    # kept per row = 4 blocks (the unrolled loop) + 0..3 whole blocks + a partial block of every
+    # size class; out 1 (no neighbouring row to read into), 7, 97 (threads' row blocks)
+    lanes = 16 if dtype == torch.float32 else 32
+    for extra in (0, 1, n, lanes - n, 2 * lanes + 3 * n):
+        groups = (4 * lanes + extra) // n + 1
+        k = groups * m
+        for out in (1, 7, 97):
+            dense, nmw = nm_weight(out, k, n, m, dtype=dtype, seed=out + extra)
+            bias = _x(out, dtype=dtype, seed=extra) if out != 7 else None
+            _check(_x(1, k, dtype=dtype, seed=k), nmw, bias, dense)
+    # a single group (kept < one block)
+    dense, nmw = nm_weight(5, m, n, m, dtype=dtype, seed=1)
+    _check(_x(1, m, dtype=dtype, seed=2), nmw, None, dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch1_noncontiguous_zeros_and_threads(dtype):
+    k = 8 * 151  # an odd number of groups of every m
+    for n, m in [(2, 4), (1, 4), (2, 8), (1, 8)]:
+        dense, nmw = nm_weight(203, k, n, m, dtype=dtype, seed=m)
+        dense[3] = 0  # a zero weight row
+        dense[5, : 16 * m] = 0  # explicit zeros (groups keeping fewer than n non-zeros)
+        nmw = sparseops.nm_compress(dense, n, m)
+        bias = _x(203, dtype=dtype, seed=n)
+        base = _x(k, 3, dtype=dtype, seed=m)
+        x = base.T[1:2]  # [1, k], stride (1, 3)
+        assert not x.is_contiguous()
+        outs = []
+        prev = torch.get_num_threads()
+        try:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                outs.append(_check(x, nmw, bias, dense))
+        finally:
+            torch.set_num_threads(prev)
+        assert torch.equal(outs[0], outs[1]), (n, m)
+        assert (outs[0][:, 3] == bias[3]).all()
+        assert torch.equal(outs[0], sparseops.nm_linear(x.contiguous(), nmw, bias, backend="cpu"))
+        # leading dims: [1, 1, k] and a 1-D x
+        assert torch.equal(sparseops.nm_linear(x[None], nmw, bias, backend="cpu")[0], outs[0])
+        assert torch.equal(sparseops.nm_linear(x[0], nmw, bias, backend="cpu"), outs[0][0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

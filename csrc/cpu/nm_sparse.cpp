@@ -1,5 +1,9 @@
 // N:M sparse CPU kernels. Semantics: python/sparseops/reference/nm_sparse.py (NM_FORMAT).
 //
+// nm_linear, batch 1 (R = 1), fp32 and bf16 (avx512_bf16) with AVX-512 VBMI, m / n in {2, 4, 8}:
+// x gathered by the kept columns (see "batch 1, AVX-512 VBMI" below): the kept values are used as
+// stored and the meta becomes permute indices into x; other cases take the path below.
+//
 // nm_linear, small batch (the weight-streaming regime, R < kNMDenseCrossoverRows): output rows
 // are split over threads in blocks of kRowBlock (at::parallel_for). For each block, every
 // weight row is decoded ONCE into a dense fp32 row in thread-local scratch and then reused by
@@ -37,6 +41,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -554,6 +559,223 @@ SPARSEOPS_NM_AVX512 void linear_rows_avx512(const x_t* x, int64_t ldx, const sca
       put(r, sums[0]);
     }
   }
+}
+
+// ---- batch 1, AVX-512 VBMI: x gathered by the kept columns (no expand of the weight) ---------
+//
+// At batch 1 every kept value is used once, so the cost per kept value is the instruction count.
+// The expand path (dot_compressed*) spends per 16 fp32 / 32 bf16 *columns* a table decode of the
+// meta (2 dependent loads, shift, or, kmov), a masked load, a vexpandps / vpexpandw and one fma /
+// vdpbf16ps: ~9 instructions per 8 kept fp32 values of 2:4 and per 8 kept bf16 values of 1:4 or
+// 2:8, and the expand itself is a 2-uop instruction on Zen 4. Here the weight's kept values are
+// used as stored, a full vector (16 fp32 / 32 bf16 kept values) per step, and x (stationary at
+// batch 1, in L1) is gathered to match by permutes: the kept lane l of a block sits at column
+// (l / n) * m + p_l of the block's 32 * m / n (bf16) or 16 * m / n (fp32) columns, so the index
+// vector is a per-lane constant base plus the lane's meta field p_l: the block's meta bytes are
+// spread so that each 64-bit lane holds the fields of its 16/32-bit lanes (vpermb), each field
+// is shifted into its lane's low byte (vpmultishiftqb) and masked and added to the base
+// (vpternlog); then one vpermt2w / vpermt2ps per two x registers (m / n = 2: one, 4: two, 8:
+// four, merged by lane masks). Per block: ~4 + m / (2n) permutes/logic, one multiply-add, 2 to 8
+// x loads from L1: 1:4 bf16 ~12 instructions per 32 kept values against ~40 for the expand path.
+// Patterns: m / n in {2, 4, 8} (1:2, 2:4, 4:8, 8:16, 1:4, 2:8, 4:16, 1:8, 2:16). x is padded
+// with zeros to whole blocks, so the lanes past a row's last kept value (zero values, masked
+// loads) meet zeros; unkept columns of x are never read (an inf there gives no NaN, unlike a
+// dense product with the masked weight). Each row is one thread's fixed-order sum: the bits do
+// not depend on the thread count (they differ from the R >= 2 paths', as those differ from each
+// other).
+#define SPARSEOPS_NM_GATHER __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt")))
+#define SPARSEOPS_NM_GATHER_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512bf16,popcnt")))
+
+bool use_vbmi() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return use_avx512() && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return v;
+}
+
+// m / n when the gather path takes the pattern, else 0.
+inline int gather_span(const NMConfig& c) {
+  if (c.n <= 0 || c.m % c.n != 0) return 0;
+  const int64_t s = c.m / c.n;
+  return s == 2 || s == 4 || s == 8 ? static_cast<int>(s) : 0;
+}
+
+// The per-call constants of the index computation for lanes of wbytes (2: bf16, 4: fp32).
+struct GatherPlan {
+  int lanes = 0;       // kept values per block (32 bf16 / 16 fp32)
+  int span = 0;        // m / n: x registers per block
+  int meta_block = 0;  // meta bytes per block (lanes * bits / 8, whole)
+  alignas(64) uint8_t permb[64] = {};  // vpermb: qword q <- the meta bytes holding its lanes' fields
+  alignas(64) uint8_t shift[64] = {};  // vpmultishiftqb: each lane's field to its low byte
+  alignas(64) uint8_t base[64] = {};   // per lane: (l / n) * m mod (2 * lanes) (the permute table)
+  alignas(64) uint8_t field[64] = {};  // per lane: m - 1
+};
+
+GatherPlan make_gather_plan(const NMConfig& c, int wbytes) {
+  GatherPlan g;
+  g.lanes = 64 / wbytes;
+  g.span = gather_span(c);
+  g.meta_block = g.lanes * c.bits / 8;
+  const int lq = 8 / wbytes;  // lanes per qword
+  for (int q = 0; q < 8; ++q) {
+    const int s = c.bits * q * lq / 8;  // first meta byte of the qword's lanes
+    for (int t = 0; t < 8; ++t) g.permb[q * 8 + t] = static_cast<uint8_t>(s + t);
+    for (int j = 0; j < lq; ++j) g.shift[q * 8 + j * wbytes] = static_cast<uint8_t>(c.bits * (q * lq + j) - 8 * s);
+  }
+  for (int l = 0; l < g.lanes; ++l) {
+    const int64_t b = (l / c.n) * c.m % (2 * g.lanes);
+    g.base[l * wbytes] = static_cast<uint8_t>(b);
+    g.field[l * wbytes] = static_cast<uint8_t>(c.m - 1);
+  }
+  return g;
+}
+
+// The permute indices of one block from its meta bytes (lm: the bytes to load).
+SPARSEOPS_NM_GATHER inline __m512i gather_index(const uint8_t* mb, __mmask16 lm, __m512i permb, __m512i shift,
+                                                __m512i field, __m512i base) {
+  const __m512i raw = _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(lm, mb));
+  const __m512i f = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(permb, raw));
+  return _mm512_ternarylogic_epi32(f, field, base, 0xEA);  // (f & field) | base
+}
+
+// x (bf16) of a block's 32 kept lanes: permute p serves lanes [p * 32 / P, (p + 1) * 32 / P)
+// from x registers 2p and 2p + 1.
+template <int P>
+SPARSEOPS_NM_GATHER inline __m512i gather_x16(const uint16_t* xb, __m512i idx) {
+  __m512i gx = _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), idx, _mm512_loadu_si512(xb + 32));
+#pragma GCC unroll 4
+  for (int p = 1; p < P; ++p) {
+    const auto k = static_cast<__mmask32>(((uint64_t(1) << (32 / P)) - 1) << (p * 32 / P));
+    gx = _mm512_mask_mov_epi16(
+        gx, k, _mm512_permutex2var_epi16(_mm512_loadu_si512(xb + 64 * p), idx, _mm512_loadu_si512(xb + 64 * p + 32)));
+  }
+  return gx;
+}
+
+template <int P>
+SPARSEOPS_NM_GATHER inline __m512 gather_x32(const float* xb, __m512i idx) {
+  __m512 gx = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
+#pragma GCC unroll 4
+  for (int p = 1; p < P; ++p) {
+    const auto k = static_cast<__mmask16>(((1u << (16 / P)) - 1u) << (p * 16 / P));
+    gx = _mm512_mask_mov_ps(gx, k, _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32 * p), idx, _mm512_loadu_ps(xb + 32 * p + 16)));
+  }
+  return gx;
+}
+
+// One weight row (kept values v, meta) times x (padded with zeros to whole blocks): block j
+// into accumulator j % 4.
+template <int P>
+SPARSEOPS_NM_GATHER_BF16 float dot_gather_bf16(const uint16_t* v, const uint8_t* meta, const NMConfig& c,
+                                               const GatherPlan& g, const uint16_t* x) {
+  const __m512i permb = _mm512_load_si512(g.permb), shift = _mm512_load_si512(g.shift);
+  const __m512i field = _mm512_load_si512(g.field), base = _mm512_load_si512(g.base);
+  constexpr int64_t L = 32, cols = 64 * P;
+  const int64_t mbk = g.meta_block;
+  const auto mlm = static_cast<__mmask16>((uint32_t(1) << mbk) - 1u);
+  const int64_t full = c.kept / L;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 4 <= full; j += 4) {
+    prefetch_ahead(v + j * L, 4 * L * 2, meta + j * mbk);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const __m512i idx = gather_index(meta + (j + a) * mbk, mlm, permb, shift, field, base);
+      const __m512i gx = gather_x16<P>(x + (j + a) * cols, idx);
+      acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)_mm512_loadu_si512(v + (j + a) * L), (__m512bh)gx);
+    }
+  }
+  // the last 0..3 full blocks and the partial one, still block b into accumulator b % 4 (j is a
+  // multiple of 4; constant indices keep acc in registers)
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    const int64_t b = j + a;
+    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+    if (cnt <= 0) break;
+    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
+    const __m512i idx =
+        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+    const __m512i gx = gather_x16<P>(x + b * cols, idx);
+    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << cnt) - 1u), v + b * L);
+    acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)w, (__m512bh)gx);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+template <int P>
+SPARSEOPS_NM_GATHER float dot_gather_fp32(const float* v, const uint8_t* meta, const NMConfig& c,
+                                          const GatherPlan& g, const float* x) {
+  const __m512i permb = _mm512_load_si512(g.permb), shift = _mm512_load_si512(g.shift);
+  const __m512i field = _mm512_load_si512(g.field), base = _mm512_load_si512(g.base);
+  constexpr int64_t L = 16, cols = 32 * P;
+  const int64_t mbk = g.meta_block;
+  const auto mlm = static_cast<__mmask16>((uint32_t(1) << mbk) - 1u);
+  const int64_t full = c.kept / L;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 4 <= full; j += 4) {
+    prefetch_ahead(v + j * L, 4 * L * 4, meta + j * mbk);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const __m512i idx = gather_index(meta + (j + a) * mbk, mlm, permb, shift, field, base);
+      acc[a] = _mm512_fmadd_ps(_mm512_loadu_ps(v + (j + a) * L), gather_x32<P>(x + (j + a) * cols, idx), acc[a]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {  // as in dot_gather_bf16
+    const int64_t b = j + a;
+    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+    if (cnt <= 0) break;
+    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
+    const __m512i idx =
+        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+    const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + b * L);
+    acc[a] = _mm512_fmadd_ps(w, gather_x32<P>(x + b * cols, idx), acc[a]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+// Batch 1 through the gather kernels: x (fp32 or bf16, as the weight) padded with zeros to whole
+// blocks; output rows over threads in blocks of kRowBlock.
+template <typename scalar_t>
+void linear_gather1(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                    const NMConfig& c, Tensor& out) {
+  constexpr bool bf = std::is_same_v<scalar_t, c10::BFloat16>;
+  const GatherPlan g = make_gather_plan(c, bf ? 2 : 4);
+  const int64_t blocks = (c.kept + g.lanes - 1) / g.lanes;
+  Tensor xb = at::zeros({std::max<int64_t>(blocks * g.lanes * g.span, 1)}, x2d.options());
+  xb.narrow(0, 0, c.in).copy_(x2d[0]);
+  const scalar_t* xp = xb.data_ptr<scalar_t>();
+  const scalar_t* vp = values.data_ptr<scalar_t>();
+  const uint8_t* mp = meta.data_ptr<uint8_t>();
+  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  auto row = [&](int64_t o) -> float {
+    const uint8_t* mr = mp + o * c.meta_bytes;
+    if constexpr (bf) {
+      const auto* v16 = reinterpret_cast<const uint16_t*>(vp + o * c.kept);
+      const auto* x16 = reinterpret_cast<const uint16_t*>(xp);
+      switch (g.span) {
+        case 2: return dot_gather_bf16<1>(v16, mr, c, g, x16);
+        case 4: return dot_gather_bf16<2>(v16, mr, c, g, x16);
+        default: return dot_gather_bf16<4>(v16, mr, c, g, x16);
+      }
+    } else {
+      switch (g.span) {
+        case 2: return dot_gather_fp32<1>(vp + o * c.kept, mr, c, g, xp);
+        case 4: return dot_gather_fp32<2>(vp + o * c.kept, mr, c, g, xp);
+        default: return dot_gather_fp32<4>(vp + o * c.kept, mr, c, g, xp);
+      }
+    }
+  };
+  at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
+    for (int64_t o = b0; o < b1; ++o) {
+      const float s = row(o);
+      op[o] = static_cast<scalar_t>(bp != nullptr ? s + static_cast<float>(bp[o]) : s);
+    }
+  });
 }
 
 // ---- AVX-512 register-blocked path: weight chunks decoded once per OB x RB block ---------------
@@ -1244,6 +1466,13 @@ void linear_small(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   scalar_t* op = out.data_ptr<scalar_t>();
   const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 #if SPARSEOPS_NM_X86
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (R == 1 && gather_span(c) != 0 && use_vbmi() &&
+        (std::is_same_v<scalar_t, float> || use_bf16dot())) {
+      linear_gather1<scalar_t>(x2d, values, meta, bias, c, out);
+      return;
+    }
+  }
   if constexpr (!std::is_same_v<acc_t, double>) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (use_bf16dot()) {

@@ -26,7 +26,8 @@ struct NMConfig {
 };
 
 // Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): one row of x streams the
-// weight expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
+// weight as stored against x gathered by the kept columns (fp32 / bf16, m / n in {2, 4, 8}, VBMI),
+// else expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
 // byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4 from
 // kNMPair24Rows: pair tables); fp16 (and bf16 without avx512_bf16) from kNMTableRows rows lays
 // x out in fp32 tables with sparse arithmetic;
