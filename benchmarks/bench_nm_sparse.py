@@ -232,7 +232,8 @@ class Peers:
                 self.log(f"{impl}: skipped for {dt}: {exc}")
                 continue
             live.append(ext)
-            cases.append(H.Case(impl, "baseline", external=ext, note=f"out of process; {ext.note}"))
+            cases.append(H.Case(impl, "baseline", external=ext, note=f"out of process; {ext.note}",
+                                check=H.worker_error_check(1e-4 if dt == "fp32" else 3e-2)))
         return cases, live
 
     def close(self) -> None:

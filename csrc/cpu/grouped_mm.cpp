@@ -57,21 +57,7 @@ constexpr int64_t kSmallNTile = 256;  // columns per item of our kernel
 constexpr int64_t kBlasMTile = 128;   // rows per BLAS item
 constexpr int64_t kBlasNTile = 1024;  // columns per BLAS item when N is larger than 2048
 
-bool gg_use_avx512() {
-#if SPARSEOPS_GG_AVX512_PATH
-  static const bool on = [] {
-    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512");
-    if (off != nullptr && *off != '\0' && *off != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
+bool gg_use_avx512() { return SPARSEOPS_GG_AVX512_PATH && cpu_avx512_enabled(); }
 
 // One group's GEMM: element offsets into a, b, out, bias and its sizes.
 struct GroupDesc {

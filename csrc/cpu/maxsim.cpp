@@ -43,6 +43,7 @@
 // target attributes (AVX-512 + AVX512_BF16 / AVX-512 / AVX2 + FMA) and chosen at run time
 // (isa_level), so the extension keeps the default ISA.
 #include "sparseops/maxsim.h"
+#include "sparseops/cpu_vec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -948,10 +949,7 @@ int isa_level() {
 #if SPARSEOPS_MAXSIM_X86
   static const int level = [] {
     __builtin_cpu_init();
-    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512");
-    const bool no512 = off != nullptr && *off != '\0' && *off != '0';
-    if (!no512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    if (cpu_avx512_enabled()) {
       const char* nobf = std::getenv("SPARSEOPS_CPU_NO_AVX512BF16");
       const bool no_bf16 = nobf != nullptr && *nobf != '\0' && *nobf != '0';
       return !no_bf16 && __builtin_cpu_supports("avx512bf16") ? 3 : 2;

@@ -43,11 +43,7 @@ Isa isa() {
       const char* v = std::getenv(name);
       return v != nullptr && *v != '\0' && *v != '0';
     };
-    if (set("SPARSEOPS_CPU_NO_AVX512")) return Isa::kPortable;
-    __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    if (!cpu_avx512_enabled() || !__builtin_cpu_supports("bmi") || !__builtin_cpu_supports("bmi2"))
       return Isa::kPortable;
     if (!set("SPARSEOPS_CPU_NO_AVX512BF16") && __builtin_cpu_supports("avx512bf16"))
       return Isa::kAvx512Bf16;

@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "sparseops/cpu_memory.h"
+#include "sparseops/cpu_vec.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -72,14 +73,7 @@ constexpr int64_t kTileOut16 = 512;  // the same for the 16-bit tiles (oneDNN is
 
 bool use_avx512() {
 #if SPARSEOPS_NM_X86
-  static const bool v = [] {
-    const char* e = std::getenv("SPARSEOPS_CPU_NO_AVX512");
-    if (e != nullptr && e[0] == '1') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  }();
-  return v;
+  return cpu_avx512_enabled();
 #else
   return false;
 #endif
@@ -1667,18 +1661,6 @@ void compress(const Tensor& w, const double* scores, const bool* keep, const NMC
 // m - 1 rotations of the group (one vpermd each); kept = rank < n. Then one compress of the kept
 // values, the bool mask from the kept bits and each group's positions appended to the meta row.
 
-template <typename scalar_t>
-SPARSEOPS_NM_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 lm) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm512_maskz_loadu_ps(lm, p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lm, p)), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lm, p));
-  }
-}
-
 SPARSEOPS_NM_AVX512 inline __m512i abs_key(__m512 v) {
   const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
   return _mm512_min_epi32(bits, _mm512_set1_epi32(0x7f800001));
@@ -1760,7 +1742,7 @@ SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp
     for (int64_t k0 = 0; k0 < c.in; k0 += 16) {
       const int64_t cols = std::min<int64_t>(16, c.in - k0);
       const auto lm = static_cast<__mmask16>(cols == 16 ? 0xffff : (1u << cols) - 1u);
-      const __m512 wv = load16<scalar_t>(wr + k0, lm);
+      const __m512 wv = load16(wr + k0, lm);
       const __m512i key =
           sr != nullptr ? score_key(_mm512_maskz_loadu_ps(lm, sr + k0)) : abs_key(wv);
       __m512i rank = _mm512_setzero_si512();

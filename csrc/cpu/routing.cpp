@@ -95,6 +95,7 @@
 
 #include "sparseops/checks.h"
 #include "sparseops/cpu_memory.h"
+#include "sparseops/cpu_vec.h"
 #include "sparseops/ranking.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -121,14 +122,7 @@ using at::Tensor;
 // on the machine only, never on the call.
 bool use_avx512() {
 #if SPARSEOPS_HAVE_AVX512_PATH
-  static const bool on = [] {
-    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512");
-    if (off != nullptr && *off != '\0' && *off != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-  }();
+  static const bool on = cpu_avx512_enabled() && __builtin_cpu_supports("bmi2");
   return on;
 #else
   return false;
@@ -419,41 +413,7 @@ void route_row_scalar(const RouteArgs<scalar_t, acc_t>& a, int64_t t, Workspace<
 // ---------------------------------------------------------------------------------------
 // AVX-512 path (fp32 accumulation: fp32, bf16 and fp16 logits).
 
-SPARSEOPS_AVX512 inline __mmask16 lanes_below(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
-}
-
-SPARSEOPS_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-SPARSEOPS_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SPARSEOPS_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-// fp32 exp: n = round(x / ln2), r = x - n ln2 (two-part ln2), degree-7 Taylor on |r| <= 0.35
-// (truncation 5e-9), 2^n by scalef (correct overflow to inf and gradual underflow). About
-// 1 ulp; the weights only need the fp32 tolerance.
-SPARSEOPS_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 y = _mm512_scalef_ps(p, n);
-  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // NaN stays NaN
-}
+// lanes_below, load16 and exp16: sparseops/cpu_vec.h.
 
 // fp64 exp for the selection scores: fdlibm's two-part ln2 (n * hi exact), degree-13 Taylor
 // on |r| <= 0.35 (truncation 4e-18 relative), scalef. Within about 1 ulp, so the fp32

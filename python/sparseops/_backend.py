@@ -105,13 +105,14 @@ class Op:
             key = (self.facts(*inputs), backend if backend is not None else _default)
         except TypeError as exc:
             raise TypeError(f"sparseops.{self.name}: {exc}") from None
+        if torch.compiler.is_compiling():
+            # Neither read nor write the cache while torch.compile traces: its contents would
+            # become guards (a miss guards "key not in cache"), and the next eager call that
+            # fills the entry would force a recompile.
+            return self._resolve(*key)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._resolve(*key)
-            # Not while torch.compile traces: the entry it added would change the cache that
-            # the graph's guards read, and force a recompile on the next call.
-            if not torch.compiler.is_compiling():
-                self._cache[key] = hit
+            hit = self._cache[key] = self._resolve(*key)
         return hit
 
     def _resolve(self, facts: Facts, name: str | None) -> str:

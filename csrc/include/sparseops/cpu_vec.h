@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -17,6 +18,31 @@
 #else
 #define SPARSEOPS_CPU_VEC 0
 #endif
+
+namespace sparseops {
+
+// Whether this CPU runs the AVX-512 paths (the features of SPARSEOPS_CPU_VEC_TARGET) and
+// SPARSEOPS_CPU_NO_AVX512 is unset, empty or "0": decided once per process, so the bits of an
+// answer depend on the machine and that variable only. Kernels needing more (bmi2, VBMI2,
+// BF16, VNNI) check those on top.
+inline bool cpu_avx512_enabled() {
+#if SPARSEOPS_CPU_VEC
+  static const bool on = [] {
+    const char* off = std::getenv("SPARSEOPS_CPU_NO_AVX512");
+    if (off != nullptr && *off != '\0' && *off != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+}  // namespace sparseops
 
 #if SPARSEOPS_CPU_VEC
 namespace sparseops {
