@@ -506,14 +506,19 @@ constexpr uint16_t bitonic_max_lanes(int size, int stride) {
   return m;
 }
 
-// The k-th largest (1 <= k <= 16) of 16 int32 lanes, by a bitonic sort.
-SPARSEOPS_AVX512 inline int32_t kth_largest16(__m512i v, int k) {
+// Sorts the 16 int32 lanes of each of R registers descending by a bitonic network, the R sorts
+// interleaved step by step so that their latency chains overlap.
+template <int R>
+SPARSEOPS_AVX512 inline void bitonic_sort16_rows(__m512i* v) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                 \
-  {                                                                                           \
-    const __m512i p =                                                                         \
-        _mm512_permutexvar_epi32(_mm512_xor_si512(lane, _mm512_set1_epi32(stride)), v);       \
-    v = _mm512_mask_max_epi32(_mm512_min_epi32(v, p), bitonic_max_lanes(size, stride), v, p); \
+#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                  \
+  {                                                                                            \
+    const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));                     \
+    for (int r = 0; r < R; ++r) {                                                              \
+      const __m512i p = _mm512_permutexvar_epi32(idx, v[r]);                                   \
+      v[r] = _mm512_mask_max_epi32(_mm512_min_epi32(v[r], p), bitonic_max_lanes(size, stride), \
+                                   v[r], p);                                                   \
+    }                                                                                          \
   }
   SPARSEOPS_BITONIC_STAGE(2, 1)
   SPARSEOPS_BITONIC_STAGE(4, 2)
@@ -526,6 +531,11 @@ SPARSEOPS_AVX512 inline int32_t kth_largest16(__m512i v, int k) {
   SPARSEOPS_BITONIC_STAGE(16, 2)
   SPARSEOPS_BITONIC_STAGE(16, 1)
 #undef SPARSEOPS_BITONIC_STAGE
+}
+
+// The k-th largest (1 <= k <= 16) of 16 int32 lanes, by a bitonic sort.
+SPARSEOPS_AVX512 inline int32_t kth_largest16(__m512i v, int k) {
+  bitonic_sort16_rows<1>(&v);
   alignas(64) int32_t out[16];
   _mm512_store_si512(out, v);
   return out[k - 1];
@@ -598,33 +608,6 @@ SPARSEOPS_AVX512 inline void scan_topk16(const int32_t* key, int64_t E, TopK<int
     }
     kth = _mm512_set1_epi32(top.kth());
   }
-}
-
-// Sorts the 16 int32 lanes of each of R registers descending (kth_largest16's network), the
-// R sorts interleaved step by step so that their latency chains overlap.
-template <int R>
-SPARSEOPS_AVX512 inline void bitonic_sort16_rows(__m512i* v) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#define SPARSEOPS_BITONIC_STAGE(size, stride)                                                  \
-  {                                                                                            \
-    const __m512i idx = _mm512_xor_si512(lane, _mm512_set1_epi32(stride));                     \
-    for (int r = 0; r < R; ++r) {                                                              \
-      const __m512i p = _mm512_permutexvar_epi32(idx, v[r]);                                   \
-      v[r] = _mm512_mask_max_epi32(_mm512_min_epi32(v[r], p), bitonic_max_lanes(size, stride), \
-                                   v[r], p);                                                   \
-    }                                                                                          \
-  }
-  SPARSEOPS_BITONIC_STAGE(2, 1)
-  SPARSEOPS_BITONIC_STAGE(4, 2)
-  SPARSEOPS_BITONIC_STAGE(4, 1)
-  SPARSEOPS_BITONIC_STAGE(8, 4)
-  SPARSEOPS_BITONIC_STAGE(8, 2)
-  SPARSEOPS_BITONIC_STAGE(8, 1)
-  SPARSEOPS_BITONIC_STAGE(16, 8)
-  SPARSEOPS_BITONIC_STAGE(16, 4)
-  SPARSEOPS_BITONIC_STAGE(16, 2)
-  SPARSEOPS_BITONIC_STAGE(16, 1)
-#undef SPARSEOPS_BITONIC_STAGE
 }
 
 // The rank of each of 16 int32 keys in each of R registers (larger key first, then lower
