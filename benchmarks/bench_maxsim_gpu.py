@@ -161,6 +161,27 @@ def _forward_group(session: H.Session, so: Any, *, shape: str, q, d, lengths=Non
     )  # fmt: skip
 
 
+def _int8_group(session: H.Session, so: Any, Nd: int = 10_000, Ld: int = 300) -> None:
+    """int8 documents with per-token scales (Triton: the CUDA C++ kernel takes float ones)
+    against the same documents in bf16 on the default path; bytes: int8 values + fp32 scales."""
+    from sparseops.testing import maxsim_inputs
+
+    q, d = maxsim_inputs(1, 32, Nd, Ld, 128, dtype=torch.bfloat16, device=session.device, seed=4)
+    d8, scale = so.maxsim_quantize(d)
+    with torch.inference_mode():
+        want = _reference(so, q, (d8.float() * scale[..., None]).to(torch.bfloat16))
+    check = _check_against(want, 2e-2)
+    cases = [
+        H.Case("sparseops:auto bf16 documents", "baseline", lambda: so.maxsim(q, d)),
+        H.Case("sparseops:auto", "sparseops", lambda: so.maxsim(q, d8, d_scale=scale), check=check),
+    ]
+    session.measure_group(
+        cases, family=FAMILY, op="maxsim_int8", shape="int8 rerank 1x32 vs Nd x 300", params=f"Ld={Ld} dim=128",
+        size=Nd, size_name="Nd", dtype="int8", bytes=d8.numel() + 4 * scale.numel(), flops=2 * 32 * Nd * Ld * 128,
+        headline=True,
+    )  # fmt: skip
+
+
 def _train_group(session: H.Session, so: Any, B: int, Ld: int = 300) -> None:
     """Forward + backward of an in-batch cross-entropy; peak extra memory in the note."""
     from sparseops.testing import maxsim_inputs
@@ -210,7 +231,7 @@ def run_gpu(session: H.Session, *, out_dir: Path, docs: Sequence[int] | None = N
 
     dev = session.device
     docs = docs or ((100, 1000) if session.quick else (100, 1000, 10_000))
-    plan = len(docs) * len(dtypes) + (0 if session.quick else 7)
+    plan = len(docs) * len(dtypes) + (0 if session.quick else 8)
     session.plan(plan)
     for dt in dtypes:
         for Nd in docs:
@@ -236,6 +257,7 @@ def run_gpu(session: H.Session, *, out_dir: Path, docs: Sequence[int] | None = N
                            size_name="Nq", naive=False)  # fmt: skip
         q, d = maxsim_inputs(1, 1024, 1000, 1030, 128, dtype=torch.bfloat16, device=dev, seed=3)
         _forward_group(session, so, shape="colpali 1x1024 vs Nd x 1030", q=q, d=d, dt="bf16", size=1000)
+        _int8_group(session, so)
         session.write_csv(FAMILY, out_dir)
         for B in (32, 128):
             _train_group(session, so, B)

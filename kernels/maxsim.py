@@ -53,12 +53,13 @@ _NONE = 2**30  # "no token taken" while scanning: larger than every token index
 @triton.jit
 def _maxsim_kernel(
     q_ptr,  # [Nq, Lq, dim] contiguous, fp32 / fp16 / bf16 / fp64
-    d_ptr,  # [Nd, Ld, dim] contiguous, same dtype
+    d_ptr,  # [Nd, Ld, dim] contiguous, same dtype (int8 with D_SCALE)
+    dscale_ptr,  # D_SCALE: [Nd * Ld] fp32, one scale per document token
     qmask_ptr,  # Q_MASK 1: [Nq, Lq] uint8 (the bool mask as bytes); 2: [Nq] int32 lengths
     dmask_ptr,  # D_MASK likewise for documents
     qcount_ptr,  # [Nq] ACC real query tokens (read only when MEAN)
     scores_ptr,  # [Nq, Nd] ACC, zeroed by the host (query-token blocks add into it)
-    argmax_ptr,  # [Nq, Nd, Lq] int32
+    argmax_ptr,  # [Nq, Nd, Lq] int16 / int32
     Nd,
     Lq,
     Ld,
@@ -76,6 +77,7 @@ def _maxsim_kernel(
     NONE: tl.constexpr,
     PYLATE: tl.constexpr,  # masked document tokens score 0 and take part (D_MASK is 0 or 1)
     WIDEN: tl.constexpr,  # tiles widened to ACC at load (interpreter, fp32 / fp64, no tl.dot)
+    D_SCALE: tl.constexpr,  # int8 documents: similarity <q_i, d_j> * d_scale[j]
 ):
     pid = tl.program_id(0)
     n = pid // blocks_per_query
@@ -126,8 +128,10 @@ def _maxsim_kernel(
                     mask=(cols < d_len)[:, None] & k_in[None, :],
                     other=0.0,
                 )
-                if WIDEN:
+                if WIDEN:  # noqa: SIM108 - a constexpr branch
                     d_tile = d_tile.to(ACC)
+                else:
+                    d_tile = d_tile.to(q_tile.dtype)  # int8 documents: exact in bf16 / fp16
                 if USE_DOT and WIDEN:
                     s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=ACC)
                 elif USE_DOT:
@@ -135,6 +139,8 @@ def _maxsim_kernel(
                     s = tl.dot(q_tile, tl.trans(d_tile), out_dtype=ACC)
                 else:
                     s = tl.sum(q_tile[:, None, :] * d_tile[None, :, :], axis=2)
+                if D_SCALE:  # after the dot, as the reference scales
+                    s = s * tl.load(dscale_ptr + m64 * Ld + cols, mask=cols < d_len, other=0.0).to(ACC)[None, :]
                 if PYLATE:
                     # PyLate: a masked token scores 0 and is a candidate like any other.
                     s = tl.where(c_valid[None, :], s, 0.0)
@@ -177,23 +183,26 @@ def maxsim_triton(
     *,
     pylate: bool = False,
     multi_query: bool | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> None:
-    """Fill ``scores`` [Nq, Nd] and ``argmax`` [Nq, Nd, Lq] (the op layer's contract:
-    contiguous inputs, masks as uint8-viewable bool [N, L] or int32 lengths in [0, L],
-    Nq, Nd, Lq, Ld >= 1). ``multi_query`` forces (True) or rules out (False) the multi-query
-    kernel; None: ``use_multi_query``."""
+    """Fill ``scores`` [Nq, Nd] and ``argmax`` [Nq, Nd, Lq] (int16 or int32) (the op layer's
+    contract: contiguous inputs, masks as uint8-viewable bool [N, L] or int32 lengths in
+    [0, L], Nq, Nd, Lq, Ld >= 1; int8 d with d_scale fp32 [Nd * Ld]). ``multi_query`` forces
+    (True) or rules out (False) the multi-query kernel; None: ``use_multi_query``."""
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
     assert q.is_contiguous() and d.is_contiguous() and scores.is_contiguous() and argmax.is_contiguous()
     assert min(Nq, Nd, Lq, Ld) >= 1
+    assert (d.dtype == torch.int8) == (d_scale is not None) and (d_scale is None or d_scale.is_contiguous())
     if multi_query is None:
         multi_query = use_multi_query(Nq * Lq, dim, q.dtype)
     if multi_query:
         from .maxsim_multi import maxsim_multi_query_triton
 
         maxsim_multi_query_triton(
-            q, d, q_mask, d_mask, _MASK_KINDS[q_kind], _MASK_KINDS[d_kind], reduce == "mean", pylate, scores, argmax
-        )
+            q, d, q_mask, d_mask, _MASK_KINDS[q_kind], _MASK_KINDS[d_kind], reduce == "mean", pylate, scores, argmax,
+            d_scale=d_scale,
+        )  # fmt: skip
         return
     fp64 = q.dtype == torch.float64
     acc_dtype = torch.float64 if fp64 else torch.float32
@@ -230,6 +239,7 @@ def maxsim_triton(
     _maxsim_kernel[(Nq * blocks,)](
         q,
         d,
+        d_scale if d_scale is not None else scores,
         qm,
         dm,
         qcount,
@@ -252,4 +262,5 @@ def maxsim_triton(
         NONE=_NONE,
         PYLATE=pylate,
         WIDEN=not on_gpu(q) or not use_dot or q.dtype in (torch.float32, torch.float64),
+        D_SCALE=d_scale is not None,
     )

@@ -29,8 +29,9 @@ __all__ = ["maxsim_backward_triton"]
 
 @triton.jit
 def _dq_kernel(
-    grad_ptr, d_ptr, argmax_ptr, meta_ptr, off_ptr, order_ptr, dq_ptr, dim, blocks_per_group,
+    grad_ptr, d_ptr, dscale_ptr, argmax_ptr, meta_ptr, off_ptr, order_ptr, dq_ptr, dim, blocks_per_group,
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, DIM_PAD: tl.constexpr,
+    D_SCALE: tl.constexpr,  # int8 d: each taken row counts d_scale[row] * d[row]
 ):  # fmt: skip
     # BLOCK_P pairs of the group at a time: their argmax rows [BLOCK_P, BLOCK_T] gather
     # [BLOCK_P, BLOCK_T, dim] document rows, summed over the pairs in a fixed tree; blocks of
@@ -56,14 +57,20 @@ def _dq_kernel(
         c = tl.load(grad_ptr + p, mask=in_p, other=0.0).to(ACC)
         ds = tl.load(meta_ptr + p * 6 + 4, mask=in_p, other=0)
         aoff = tl.load(meta_ptr + p * 6 + 5, mask=in_p, other=0)
-        a = tl.load(argmax_ptr + aoff[:, None] + rows[None, :], mask=in_p[:, None] & (rows < ql)[None, :], other=-1)
+        # int16 or int32 (what the forward saved), widened for the index arithmetic.
+        a_mask = in_p[:, None] & (rows < ql)[None, :]
+        a = tl.load(argmax_ptr + aoff[:, None] + rows[None, :], mask=a_mask, other=-1).to(tl.int32)
         live = a >= 0  # [BLOCK_P, BLOCK_T]
+        taken = ds[:, None] + tl.maximum(a, 0).to(tl.int64)  # [BLOCK_P, BLOCK_T] rows of d
         drow = tl.load(
-            d_ptr + (ds[:, None] + tl.maximum(a, 0).to(tl.int64))[:, :, None] * dim + offs_k[None, None, :],
+            d_ptr + taken[:, :, None] * dim + offs_k[None, None, :],
             mask=live[:, :, None] & k_in[None, None, :],
             other=0.0,
         ).to(ACC)
-        acc += tl.sum(drow * c[:, None, None], axis=0)
+        coef = c[:, None]
+        if D_SCALE:
+            coef = coef * tl.load(dscale_ptr + taken, mask=live, other=0.0).to(ACC)
+        acc += tl.sum(drow * coef[:, :, None], axis=0)
         o += BLOCK_P
     tl.store(
         dq_ptr + (qs + rows).to(tl.int64)[:, None] * dim + offs_k[None, :],
@@ -96,7 +103,7 @@ def _dd_kernel(
         t0 = 0
         while t0 < ql:
             rows = t0 + offs_t
-            a = tl.load(argmax_ptr + aoff + rows, mask=rows < ql, other=-1)
+            a = tl.load(argmax_ptr + aoff + rows, mask=rows < ql, other=-1).to(tl.int32)
             top = tl.maximum(top, tl.max(a, axis=0))
             t0 += BLOCK_T
         o += 1
@@ -114,7 +121,7 @@ def _dd_kernel(
             t0 = 0
             while t0 < ql:
                 rows = t0 + offs_t
-                a = tl.load(argmax_ptr + aoff + rows, mask=rows < ql, other=-1)
+                a = tl.load(argmax_ptr + aoff + rows, mask=rows < ql, other=-1).to(tl.int32)
                 hit = (a[:, None] == cols[None, :]) & (a[:, None] >= 0)  # [BLOCK_T, BLOCK_J]
                 qt = tl.load(
                     q_ptr + (qs + rows).to(tl.int64)[:, None] * dim + offs_k[None, :],
@@ -207,10 +214,14 @@ def _groups(col: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return off, order
 
 
-def maxsim_backward_triton(grad, q, d, argmax, meta, num_q, num_d, dq, dd, *, sorted_dd: bool | None = None) -> None:
+def maxsim_backward_triton(
+    grad, q, d, argmax, meta, num_q, num_d, dq, dd, *, sorted_dd: bool | None = None, d_scale=None
+) -> None:
     """Fill dq [Rq, dim] / dd [Rd, dim] (either may be None) in full. ``sorted_dd``: dd by
     the counting sort (default on GPUs) or by the per-document one-hot kernel (default under
-    the interpreter, whose per-program loops are cheap there)."""
+    the interpreter, whose per-program loops are cheap there). int8 d: d_scale fp32 [Rd] and
+    dq only (a quantised index is not differentiable)."""
+    assert (d.dtype == torch.int8) == (d_scale is not None) and (d_scale is None or dd is None)
     dim = q.shape[1]
     fp64 = q.dtype == torch.float64
     ACC = tl.float64 if fp64 else tl.float32
@@ -225,8 +236,8 @@ def maxsim_backward_triton(grad, q, d, argmax, meta, num_q, num_d, dq, dd, *, so
             max_lq = int(meta[:, 2].max())
             blocks = max(1, -(-max_lq // block_t))
             _dq_kernel[(num_q * blocks,)](
-                grad, d, argmax, meta, off, order, dq, dim, blocks, ACC=ACC, BLOCK_T=block_t,
-                BLOCK_P=8 if on_gpu(q) else 4, DIM_PAD=dim_pad,
+                grad, d, d_scale if d_scale is not None else grad, argmax, meta, off, order, dq, dim, blocks,
+                ACC=ACC, BLOCK_T=block_t, BLOCK_P=8 if on_gpu(q) else 4, DIM_PAD=dim_pad, D_SCALE=d_scale is not None,
             )  # fmt: skip
     if dd is not None and sorted_dd:
         if meta.shape[0] > 0 and dd.shape[0] > 0 and argmax.numel() > 0:

@@ -44,12 +44,13 @@ _NONE = 2**30
 @triton.jit
 def _maxsim_multi_kernel(
     q_ptr,  # [Nq, Lq, dim] contiguous
-    d_ptr,  # [Nd, Ld, dim] contiguous, same dtype
+    d_ptr,  # [Nd, Ld, dim] contiguous, same dtype (int8 with D_SCALE)
+    dscale_ptr,  # D_SCALE: [Nd * Ld] fp32, one scale per document token
     qmask_ptr,  # Q_MASK 1: [Nq, Lq] uint8; 2: [Nq] int32 lengths in [0, Lq]
     dmask_ptr,  # D_MASK likewise for documents
     qcount_ptr,  # [Nq] fp32 real query tokens (read when MEAN and not SPLIT)
     out_ptr,  # not SPLIT: scores [Nq, Nd] fp32; SPLIT: partial sums [PARTS, Nq, Nd] fp32
-    argmax_ptr,  # [Nq, Nd, Lq] int32
+    argmax_ptr,  # [Nq, Nd, Lq] int16 / int32
     Nq,
     Lq,
     Nd,
@@ -71,6 +72,7 @@ def _maxsim_multi_kernel(
     NUM_K: tl.constexpr,  # cdiv(dim, BLOCK_K)
     QPB_PAD: tl.constexpr,  # next_pow2(qpb)
     NONE: tl.constexpr,
+    D_SCALE: tl.constexpr,  # int8 documents: similarity <q_i, d_j> * d_scale[j]
 ):
     pid = tl.program_id(0)
     rb = pid % n_row_blocks
@@ -127,6 +129,7 @@ def _maxsim_multi_kernel(
                 d_tile = d_tile.to(tl.float32)
                 s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=tl.float32)
             else:
+                d_tile = d_tile.to(q_tile.dtype)  # int8 documents: exact in bf16 / fp16
                 s = tl.dot(q_tile, tl.trans(d_tile), out_dtype=tl.float32)
         else:
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -139,7 +142,9 @@ def _maxsim_multi_kernel(
                     qk, dk = qk.to(tl.float32), dk.to(tl.float32)
                     s += tl.dot(qk, tl.trans(dk), input_precision="ieee", out_dtype=tl.float32)
                 else:
-                    s += tl.dot(qk, tl.trans(dk), out_dtype=tl.float32)
+                    s += tl.dot(qk, tl.trans(dk.to(qk.dtype)), out_dtype=tl.float32)
+        if D_SCALE:  # after the dot, as the reference scales
+            s = s * tl.load(dscale_ptr + cols, mask=in_rng, other=0.0)[None, :]
         tile_hi = tl.minimum(t0 + BLOCK_N, t_end)
         # The documents this tile touches: m .. m_last.
         m_last = ((tile_hi - 1) // Ld).to(tl.int32)
@@ -214,16 +219,19 @@ def maxsim_multi_query_triton(
     *,
     block_m: int | None = None,
     block_k: int | None = None,
+    d_scale: torch.Tensor | None = None,
 ) -> None:
-    """Fill scores [Nq, Nd] fp32 and argmax [Nq, Nd, Lq] int32 (the op layer's contract:
-    contiguous q [Nq, Lq, dim] / d [Nd, Ld, dim] in fp32 / bf16 / fp16 with dim >= 16, masks
-    as uint8-viewable bool or int32 lengths in [0, L] per the kinds 0 / 1 / 2, every size >= 1).
+    """Fill scores [Nq, Nd] fp32 and argmax [Nq, Nd, Lq] int16 / int32 (the op layer's
+    contract: contiguous q [Nq, Lq, dim] / d [Nd, Ld, dim] in fp32 / bf16 / fp16 with
+    dim >= 16 (or int8 d with d_scale fp32 [Nd * Ld]), masks as uint8-viewable bool or int32
+    lengths in [0, L] per the kinds 0 / 1 / 2, every size >= 1).
     ``block_m`` / ``block_k`` override the query rows per program and the K chunk (tests: cut
     queries into parts, split K)."""
     Nq, Lq, dim = q.shape
     Nd, Ld, _ = d.shape
     assert q.is_contiguous() and d.is_contiguous() and scores.is_contiguous() and argmax.is_contiguous()
     assert min(Nq, Lq, Nd, Ld) >= 1 and dim >= 16 and q.dtype != torch.float64
+    assert (d.dtype == torch.int8) == (d_scale is not None) and (d_scale is None or d_scale.is_contiguous())
     gpu = on_gpu(q)
     if block_m is None:
         # 128 query rows x 128 document tokens x dim 128 per tl.dot: the shape Hopper's wgmma
@@ -263,9 +271,11 @@ def maxsim_multi_query_triton(
     out = torch.empty((parts, Nq, Nd), dtype=torch.float32, device=q.device) if split else scores
     widen = (not gpu) or q.dtype == torch.float32
     _maxsim_multi_kernel[(n_row_blocks * groups,)](
-        q, d, qm, dm, qcount, out, argmax, Nq, Lq, Nd, Ld, dim, n_row_blocks, docs, qpb, parts,
+        q, d, d_scale if d_scale is not None else out, qm, dm, qcount, out, argmax, Nq, Lq, Nd, Ld, dim,
+        n_row_blocks, docs, qpb, parts,
         Q_MASK=q_kind, D_MASK=d_kind, MEAN=mean, PYLATE=pylate, SPLIT=split, WIDEN=widen,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_K=num_k, QPB_PAD=next_pow2(qpb), NONE=_NONE,
+        D_SCALE=d_scale is not None,
         num_warps=8 if gpu else 4, num_stages=3 if gpu else 1,
     )  # fmt: skip
     if split:

@@ -38,13 +38,14 @@ _TOPK_CHUNK = 1024  # documents scored per step of maxsim_topk_triton
 @triton.jit
 def _maxsim_pair_list_kernel(
     q_ptr,  # [Rq, dim] contiguous
-    d_ptr,  # [Rd, dim] contiguous, same dtype
+    d_ptr,  # [Rd, dim] contiguous, same dtype (int8 with D_SCALE)
+    dscale_ptr,  # D_SCALE: [Rd] fp32, one scale per document row
     qv_ptr,  # Q_MASK: [Rq] uint8 (1 = real token)
     dv_ptr,  # D_MASK: [Rd] uint8
     meta_ptr,  # [P, 7] int64
     qcount_ptr,  # [P] ACC real query tokens (read only when MEAN)
     scores_ptr,  # flat ACC
-    argmax_ptr,  # flat int32
+    argmax_ptr,  # flat int16 / int32
     dim,
     Q_MASK: tl.constexpr,
     D_MASK: tl.constexpr,
@@ -57,6 +58,7 @@ def _maxsim_pair_list_kernel(
     DIM_PAD: tl.constexpr,
     NONE: tl.constexpr,
     WIDEN: tl.constexpr,  # widen tiles to ACC at load (interpreter, fp32 / fp64, no tl.dot)
+    D_SCALE: tl.constexpr,  # int8 documents: similarity <q_i, d_j> * d_scale[j]
 ):
     pid = tl.program_id(0).to(tl.int64)
     qs = tl.load(meta_ptr + pid * 7 + 0)
@@ -96,14 +98,18 @@ def _maxsim_pair_list_kernel(
             d_tile = tl.load(
                 d_ptr + (ds + cols)[:, None] * dim + offs_k[None, :], mask=in_d[:, None] & k_in[None, :], other=0.0
             )
-            if WIDEN:
+            if WIDEN:  # noqa: SIM108 - a constexpr branch
                 d_tile = d_tile.to(ACC)
+            else:
+                d_tile = d_tile.to(q_tile.dtype)  # int8 documents: exact in bf16 / fp16
             if USE_DOT and WIDEN:
                 s = tl.dot(q_tile, tl.trans(d_tile), input_precision="ieee", out_dtype=ACC)
             elif USE_DOT:
                 s = tl.dot(q_tile, tl.trans(d_tile), out_dtype=ACC)  # tensor cores, fp32 accumulation
             else:
                 s = tl.sum(q_tile[:, None, :] * d_tile[None, :, :], axis=2)
+            if D_SCALE:  # after the dot, as the reference scales
+                s = s * tl.load(dscale_ptr + ds + cols, mask=in_d, other=0.0).to(ACC)[None, :]
             if PYLATE:
                 s = tl.where(c_valid[None, :], s, 0.0)
                 c_valid = in_d
@@ -128,9 +134,13 @@ def _maxsim_pair_list_kernel(
     tl.store(scores_ptr + out, score)
 
 
-def maxsim_pair_list_triton(q, d, q_valid, d_valid, meta, qcount, scores, argmax, *, pylate=False) -> None:
+def maxsim_pair_list_triton(
+    q, d, q_valid, d_valid, meta, qcount, scores, argmax, *, pylate=False, d_scale=None
+) -> None:
     """Score every pair of meta [P, 7] (see the module docstring) into the flat scores and
-    argmax; q_valid / d_valid: None or bool per row; qcount: None (sum) or [P] counts (mean)."""
+    argmax; q_valid / d_valid: None or bool per row; qcount: None (sum) or [P] counts (mean);
+    d_scale: fp32 [Rd] with int8 d."""
+    assert (d.dtype == torch.int8) == (d_scale is not None) and (d_scale is None or d_scale.is_contiguous())
     P = meta.shape[0]
     if P == 0:
         return
@@ -145,11 +155,13 @@ def maxsim_pair_list_triton(q, d, q_valid, d_valid, meta, qcount, scores, argmax
     qv = q_valid.view(torch.uint8) if q_valid is not None else q
     dv = d_valid.view(torch.uint8) if d_valid is not None else d
     _maxsim_pair_list_kernel[(P,)](
-        q, d, qv, dv, meta, qcount if qcount is not None else scores, scores, argmax, dim,
+        q, d, d_scale if d_scale is not None else scores, qv, dv, meta, qcount if qcount is not None else scores,
+        scores, argmax, dim,
         Q_MASK=q_valid is not None, D_MASK=d_valid is not None, MEAN=qcount is not None, PYLATE=pylate,
         USE_DOT=use_dot, ACC=tl.float64 if fp64 else tl.float32,
         BLOCK_LQ=block_lq, BLOCK_LD=block_ld, DIM_PAD=dim_pad, NONE=_NONE,
         WIDEN=not on_gpu(q) or not use_dot or q.dtype in (torch.float32, torch.float64),
+        D_SCALE=d_scale is not None,
     )  # fmt: skip
 
 
@@ -157,8 +169,9 @@ def _meta(*cols) -> torch.Tensor:
     return torch.stack([c.to(torch.int64) for c in cols], dim=1).contiguous()
 
 
-def maxsim_varlen_triton(q, cu_q, d, cu_d, pairs, arg_off, reduce, scores, argmax) -> None:
-    """maxsim_varlen's outputs (the C++ op's contract: validated, contiguous inputs)."""
+def maxsim_varlen_triton(q, cu_q, d, cu_d, pairs, arg_off, reduce, scores, argmax, d_scale=None) -> None:
+    """maxsim_varlen's outputs (the C++ op's contract: validated, contiguous inputs; int8 d
+    with d_scale fp32 [total_d])."""
     Nq, Nd = cu_q.numel() - 1, cu_d.numel() - 1
     cq, cd = cu_q.to(torch.int64), cu_d.to(torch.int64)
     lq, ld = cq[1:] - cq[:-1], cd[1:] - cd[:-1]
@@ -175,11 +188,12 @@ def maxsim_varlen_triton(q, cu_q, d, cu_d, pairs, arg_off, reduce, scores, argma
     meta = _meta(cq[n], lq[n], cd[m], ld[m], out, off, lq[n])
     acc = scores.dtype
     qcount = lq[n].to(acc).contiguous() if reduce == "mean" else None
-    maxsim_pair_list_triton(q, d, None, None, meta, qcount, scores.view(-1), argmax.view(-1))
+    maxsim_pair_list_triton(q, d, None, None, meta, qcount, scores.view(-1), argmax.view(-1), d_scale=d_scale)
 
 
-def maxsim_pairs_triton(q, d, q_mask, d_mask, q_kind, d_kind, reduce, pylate, scores, argmax) -> None:
-    """maxsim_pairs' outputs: q [B, Lq, dim], d [B * K, Ld, dim], masks per the kinds."""
+def maxsim_pairs_triton(q, d, q_mask, d_mask, q_kind, d_kind, reduce, pylate, scores, argmax, d_scale=None) -> None:
+    """maxsim_pairs' outputs: q [B, Lq, dim], d [B * K, Ld, dim], masks per the kinds; int8 d
+    with d_scale fp32 [B * K * Ld]."""
     B, Lq, dim = q.shape
     BK, Ld, _ = d.shape
     K = BK // B
@@ -197,12 +211,13 @@ def maxsim_pairs_triton(q, d, q_mask, d_mask, q_kind, d_kind, reduce, pylate, sc
         qcount = cnt.to(dev).to(scores.dtype)[b].contiguous()
     maxsim_pair_list_triton(
         q.reshape(B * Lq, dim), d.reshape(BK * Ld, dim), qv, dv, meta, qcount, scores.view(-1), argmax.view(-1),
-        pylate=pylate,
+        pylate=pylate, d_scale=d_scale,
     )  # fmt: skip
 
 
-def maxsim_topk_triton(q, d, cu_d, q_mask, candidates, k, q_kind, reduce, scores, ids) -> None:
-    """maxsim_topk's outputs: score _TOPK_CHUNK documents at a time, keep the k best."""
+def maxsim_topk_triton(q, d, cu_d, q_mask, candidates, k, q_kind, reduce, scores, ids, d_scale=None) -> None:
+    """maxsim_topk's outputs: score _TOPK_CHUNK documents at a time, keep the k best (int8 d
+    with d_scale fp32 [total_d])."""
     Nq, Lq, dim = q.shape
     dev = q.device
     acc = scores.dtype
@@ -231,7 +246,7 @@ def maxsim_topk_triton(q, d, cu_d, q_mask, candidates, k, q_kind, reduce, scores
         part = torch.empty(Nq * c, dtype=acc, device=dev)
         scratch = torch.empty(1, dtype=torch.int32, device=dev)  # cap 0: no argmax is written
         qcount = count[n].contiguous() if reduce == "mean" else None
-        maxsim_pair_list_triton(q.reshape(Nq * Lq, dim), d, qv, None, meta, qcount, part, scratch)
+        maxsim_pair_list_triton(q.reshape(Nq * Lq, dim), d, qv, None, meta, qcount, part, scratch, d_scale=d_scale)
         part = part.view(Nq, c)
         valid = (ids_c >= 0) & ~torch.isnan(part)
         part = torch.where(valid, part, float("-inf"))

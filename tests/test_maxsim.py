@@ -53,14 +53,16 @@ def _check(q, d, backend, *, exact_argmax=False, **kw):
     )
     want, want_arg = maxsim_ref(q, d, **kw)
     assert scores.dtype == want.dtype and scores.shape == want.shape and scores.is_contiguous()
-    assert argmax.dtype == torch.int32 and argmax.shape == want_arg.shape
+    # The op saves int16 below 2**15 document tokens (the public return_argmax widens it).
+    assert argmax.dtype == (torch.int16 if d.shape[1] < 2**15 else torch.int32)
+    assert argmax.shape == want_arg.shape
     rtol, atol = _tol(q.dtype)
     scale = max(1.0, q.shape[1])
     torch.testing.assert_close(scores, want, rtol=rtol, atol=atol * scale)
     # Where nothing is taken (masked query token, empty document) both say -1.
     torch.testing.assert_close(argmax < 0, want_arg < 0)
     if exact_argmax:
-        torch.testing.assert_close(argmax, want_arg, rtol=0, atol=0)
+        assert torch.equal(argmax, want_arg)
     elif argmax.numel():
         # Elsewhere the chosen token attains the maximum (near-ties may pick another token
         # under a different summation order), and where the maximum is clear it is the same.

@@ -25,17 +25,20 @@ HAS_EMU = sparseops.build_info()["extension"] and hasattr(_backend._C, "_maxsim_
 pytestmark = pytest.mark.skipif(not HAS_EMU, reason="C++ extension (with the emulator) not built")
 
 
-def _emulate(q, d, q_mask=None, d_mask=None, *, reduce="sum", pylate=False, cu_q=None, cu_d=None, **plan):
-    """scores, argmax (and the plan used) of the emulated CUDA kernel on prepared inputs."""
+def _emulate(
+    q, d, q_mask=None, d_mask=None, *, reduce="sum", pylate=False, cu_q=None, cu_d=None, arg_dtype=torch.int16, **plan
+):
+    """scores, argmax (and the plan used) of the emulated CUDA kernel on prepared inputs. The
+    argmax is int16 by default (what the op allocates below 2**15 document tokens)."""
     if cu_q is None:
         Nq, Lq, _ = q.shape
         Nd = d.shape[0]
         scores = torch.full((Nq, Nd), float("nan"))
-        argmax = torch.full((Nq, Nd, Lq), -7, dtype=torch.int32)
+        argmax = torch.full((Nq, Nd, Lq), -7, dtype=arg_dtype)
     else:
         Nq, Nd = cu_q.numel() - 1, cu_d.numel() - 1
         scores = torch.full((Nq, Nd), float("nan"))
-        argmax = torch.full((Nd, q.shape[0]), -7, dtype=torch.int32)
+        argmax = torch.full((Nd, q.shape[0]), -7, dtype=arg_dtype)
     prep = lambda m: None if m is None else (m.contiguous() if m.dtype == torch.bool else m.to(torch.int32))  # noqa: E731
     used = _backend._C._maxsim_cuda_emulate(
         q.contiguous(), d.contiguous(), prep(q_mask), prep(d_mask), cu_q, cu_d, reduce == "mean", pylate,
@@ -166,6 +169,24 @@ def test_packed_documents_and_queries(reduce, dtype):
         )  # fmt: skip
         assert torch.equal(scores, want), (used, scores, want)
         assert torch.equal(argmax, want_arg), used
+
+
+@pytest.mark.parametrize("tile,dtype", [("tc", torch.bfloat16), ("simt", torch.float32)])
+def test_int32_argmax_holds_the_same_indices(tile, dtype):
+    """The kernel writes whichever argmax dtype the op allocated: int32 (2**15 or more
+    document tokens) gives the same indices as int16, padded and packed, -1 included."""
+    q, d = maxsim_inputs(3, 9, 4, 40, 16, dtype=dtype, seed=21, ties=True)
+    dm = maxsim_bool_mask(4, 40, seed=22)
+    dm[1] = False
+    _, narrow, _ = _emulate(q, d, None, dm, tile=tile, arg_dtype=torch.int16)
+    _, wide, _ = _emulate(q, d, None, dm, tile=tile, arg_dtype=torch.int32)
+    assert narrow.dtype == torch.int16 and wide.dtype == torch.int32
+    assert torch.equal(narrow, wide) and (wide[:, 1] == -1).all() and (wide >= 0).any()
+    x, cu_q = _packed([0, 5, 9], 16, torch.float32, 23)
+    y, cu_d = _packed([7, 0, 30], 16, torch.float32, 24)
+    _, narrow, _ = _emulate(x, y, cu_q=cu_q, cu_d=cu_d, arg_dtype=torch.int16)
+    _, wide, _ = _emulate(x, y, cu_q=cu_q, cu_d=cu_d, arg_dtype=torch.int32)
+    assert torch.equal(narrow, wide) and torch.equal(wide, maxsim_varlen_ref(x, cu_q, y, cu_d)[1])
 
 
 def test_every_warp_cut_of_one_document():

@@ -113,6 +113,27 @@ def test_colpali_pages_many_query_tokens():
         _assert_close(*got, want, want_arg, q, d, 1024)
 
 
+@pytest.mark.parametrize("rows", [32, 512])  # the per-query and the multi-query Triton kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_documents_run_on_triton(dtype, rows):
+    """int8 documents (per-token scales) on CUDA: auto passes over the CUDA C++ kernel (float
+    documents only) to Triton, which converts int8 tiles exactly to q's dtype and scales each
+    similarity after the dot: the reference's semantics at float tolerances; the backward
+    gives dq through the scales; the saved argmax is int16."""
+    q, d = maxsim_inputs(rows // 32, 32, 2_000, 300, 128, dtype=dtype, device=DEV, seed=7)
+    d8, s = sparseops.maxsim_quantize(d)
+    scores, argmax = sparseops.maxsim(q, d8, d_scale=s, return_argmax=True)
+    deq = (d8.float() * s[..., None]).to(torch.float64)
+    want, want_arg = _ref_chunked(q.double(), deq)
+    _assert_close(scores, argmax, want.float(), want_arg, q, deq, 32)
+    assert torch.ops.sparseops.maxsim(q, d8, None, None, "sum", False, "auto", s)[1].dtype == torch.int16
+    x = q[:1].float().requires_grad_()
+    sparseops.maxsim(x, d8[:50], d_scale=s[:50]).sum().backward()
+    y = x.detach().double().requires_grad_()
+    maxsim_ref(y, deq[:50])[0].sum().backward()
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["fp32-async", "bf16-unaligned-dim", "bf16-unaligned-pointer", "fp16-dim24"])
 def test_every_cuda_tile_kind(case):
     if case == "fp32-async":

@@ -5,8 +5,9 @@ The reference scores the float query against the int8 documents exactly (<q_i, d
 d_scale[j] in the accumulate dtype). The CPU kernel's VNNI path quantises each query token
 on the fly, so it is held to the documented bound: a similarity within (a_i / 2) *
 ||d_j||_1 * |d_scale[j]| of the exact one (a_i = max_k |q_ik| / 127), plus fp32 rounding;
-fp64 queries, and the float path (SPARSEOPS_CPU_NO_AVX512VNNI=1, rerun in a subprocess) are
-held to the float tolerances.
+fp64 queries, the CPU float path (SPARSEOPS_CPU_NO_AVX512VNNI=1, rerun in a subprocess) and
+the Triton kernels (int8 tiles converted exactly to q's dtype, each similarity scaled after
+the dot; here under the interpreter) are held to the float tolerances.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import sparseops
-from conftest import backend_params, rerun_in_subprocess
+from conftest import backend_params, interpreted, rerun_in_subprocess
 from sparseops import _backend
 from sparseops.reference import maxsim as R
 from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
@@ -25,10 +26,15 @@ from sparseops.testing import maxsim_bool_mask, maxsim_inputs, maxsim_lengths
 HAS_C = sparseops.build_info()["extension"]
 pytestmark = pytest.mark.skipif(not HAS_C, reason="C++ extension not built")
 
-# Backends that take int8 documents (Triton refuses them: tested below).
-INT8 = [p for p in backend_params("maxsim") if p.values[1] != "triton"]
+# Every backend takes int8 documents (the CUDA C++ kernel excepted: auto hands them to Triton).
+INT8 = backend_params("maxsim")
 FLOAT_PATH = os.environ.get("SPARSEOPS_CPU_NO_AVX512VNNI", "0") not in ("", "0")
 QDTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _exact(backend):
+    """Held to the float tolerances: every backend but the CPU kernel's VNNI path."""
+    return backend != "cpu" or FLOAT_PATH
 
 
 def _quantized(Nd, Ld, dim, *, seed=0, dtype=torch.float32):
@@ -132,12 +138,14 @@ def test_reference_is_the_dequantised_float_score():
     [(1, 32, 9, 300, 128), (2, 7, 5, 97, 12), (3, 1, 4, 1, 4), (1, 33, 3, 40, 6), (9, 17, 3, 33, 64)],
 )
 def test_maxsim_int8_matches_reference(device, backend, qdtype, Nq, Lq, Nd, Ld, dim):
+    if interpreted(device, backend) and Ld == 300:
+        pytest.skip("the interpreter takes the smaller shapes")
     q, _ = maxsim_inputs(Nq, Lq, 1, 1, dim, dtype=qdtype, seed=Nq + Ld)
     d8, s = _quantized(Nd, Ld, dim, seed=Ld)
     want, want_arg = R.maxsim_ref(q, d8, d_scale=s)
     got, arg = sparseops.maxsim(q, d8, d_scale=s, return_argmax=True, backend=backend)
     assert got.dtype == want.dtype and got.shape == (Nq, Nd) and arg.dtype == torch.int32
-    _check(got, arg, q, d8, s, want, want_arg, exact=backend == "reference" or FLOAT_PATH)
+    _check(got, arg, q, d8, s, want, want_arg, exact=_exact(backend))
 
 
 @pytest.mark.parametrize("device,backend", INT8)
@@ -161,11 +169,11 @@ def test_maxsim_int8_masks(device, backend, pylate, reduce, mask_kind):
     if pylate:
         # Masked tokens score 0 and take part: bounds still hold, argmax -1 where a masked one wins.
         torch.testing.assert_close(
-            got, want, rtol=0, atol=float(_bound(q, d8, s, exact=backend == "reference" or FLOAT_PATH).sum(-1).max())
+            got, want, rtol=0, atol=float(_bound(q, d8, s, exact=_exact(backend)).sum(-1).max())
         )
     else:
         _check(got, arg, q, d8, s, want, want_arg, q_mask=qm, d_mask=dm, reduce=reduce,
-               exact=backend == "reference" or FLOAT_PATH)  # fmt: skip
+               exact=_exact(backend))  # fmt: skip
 
 
 def test_maxsim_int8_single_query_noncontiguous_and_empty():
@@ -218,7 +226,7 @@ def _padded(x, cu):
     return out, lens
 
 
-@pytest.mark.parametrize("device,backend", [p for p in backend_params("maxsim_varlen") if p.values[1] != "triton"])
+@pytest.mark.parametrize("device,backend", backend_params("maxsim_varlen"))
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_varlen_int8(device, backend, qdtype):
     dim = 64
@@ -228,7 +236,7 @@ def test_varlen_int8(device, backend, qdtype):
     d8, s, cu_d = _packed_int8([97, 0, 1, 31, 50, 300], dim, seed=22)
     g = torch.Generator().manual_seed(0)
     pairs = torch.stack([torch.randint(0, 4, (9,), generator=g), torch.randint(0, 6, (9,), generator=g)], 1)
-    exact = backend == "reference" or FLOAT_PATH
+    exact = _exact(backend)
     for pr in (None, pairs):
         got, arg = sparseops.maxsim_varlen(q, cu_q, d8, cu_d, pairs=pr, d_scale=s, return_argmax=True, backend=backend)
         want, want_arg = R.maxsim_varlen_ref(q, cu_q, d8, cu_d, pairs=pr, d_scale=s)
@@ -248,14 +256,14 @@ def test_varlen_int8(device, backend, qdtype):
     assert bool((full[:, 1] == 0).all()) and bool((full[1] == 0).all())
 
 
-@pytest.mark.parametrize("device,backend", [p for p in backend_params("maxsim_pairs") if p.values[1] != "triton"])
+@pytest.mark.parametrize("device,backend", backend_params("maxsim_pairs"))
 def test_pairs_int8(device, backend):
     B, K, Lq, Ld, dim = 3, 4, 9, 37, 32
     q, _ = maxsim_inputs(B, Lq, 1, 1, dim, seed=31)
     d8, s = _quantized(B * K, Ld, dim, seed=32)
     d8, s = d8.view(B, K, Ld, dim), s.view(B, K, Ld)
     dm = maxsim_lengths(B * K, Ld, seed=33).view(B, K)
-    exact = backend == "reference" or FLOAT_PATH
+    exact = _exact(backend)
     got, arg = sparseops.maxsim_pairs(q, d8, d_mask=dm, d_scale=s, return_argmax=True, backend=backend)
     want, want_arg = R.maxsim_pairs_ref(q, d8, d_mask=dm, d_scale=s)
     for b in range(B):
@@ -267,13 +275,13 @@ def test_pairs_int8(device, backend):
     assert g3.shape == (B,) and torch.equal(g3, w3)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in backend_params("maxsim_topk") if p.values[1] != "triton"])
+@pytest.mark.parametrize("device,backend", backend_params("maxsim_topk"))
 def test_topk_int8(device, backend):
     dim, k = 32, 5
     q, _ = maxsim_inputs(3, 8, 1, 1, dim, seed=41)
     lens = [30, 0, 12, 50, 1, 44, 23, 9, 60, 17, 33]
     d8, s, cu_d = _packed_int8(lens, dim, seed=42)
-    exact = backend == "reference" or FLOAT_PATH
+    exact = _exact(backend)
     dp, dl = _padded(d8, cu_d)
     sp, _ = _padded(s, cu_d)
     full = R.maxsim_ref(q, dp, d_mask=dl, d_scale=sp)[0]  # [3, Nd]
@@ -380,18 +388,55 @@ def test_bad_int8_inputs():
         sparseops.maxsim_pairs(q[:1].expand(3, 4, 8), d8, d_scale=s.t())
 
 
-def test_triton_refuses_int8():
+def test_every_backend_takes_int8():
     q, d = maxsim_inputs(1, 4, 3, 5, 16, seed=91)
-    d8, s = sparseops.maxsim_quantize(d)
+    d8, _ = sparseops.maxsim_quantize(d)
     reasons = _backend.OPS["maxsim"].reasons(q, d8)
-    assert "int8" in reasons["triton"] and reasons["cpu"] is None and reasons["reference"] is None
-    assert "triton" not in sparseops.available_backends("maxsim", q, d8)
-    with pytest.raises(RuntimeError, match="no int8-document kernel"):
-        sparseops.maxsim(q, d8, d_scale=s, backend="triton")
-    # A direct op call with backend="triton" reaches the Python kernel, which refuses too.
-    if _backend.TRITON_INTERPRET:
-        with pytest.raises(RuntimeError, match="no int8-document kernel"):
-            torch.ops.sparseops.maxsim(q, d8, None, None, "sum", False, "triton", s)
+    assert reasons["triton"] == _backend.triton_kernels("cpu") and reasons["cpu"] is None
+    assert reasons["reference"] is None
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not _backend.TRITON_INTERPRET, reason="interpreter test (a GPU runs test_maxsim_gpu.py)")
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("multi_query", [False, True])
+def test_triton_int8_kernels_both_forward_paths_and_split_k(qdtype, multi_query):
+    """The per-query and the multi-query (GEMM-shaped) Triton kernels on int8 documents, with
+    masks, against the reference; the multi-query one also with its K loop (block_k < dim)."""
+    from sparseops.kernels.maxsim import maxsim_triton
+    from sparseops.kernels.maxsim_multi import maxsim_multi_query_triton
+
+    q, _ = maxsim_inputs(5, 16, 1, 1, 32, dtype=qdtype, seed=92)
+    d8, s = _quantized(4, 21, 32, seed=93)
+    dm = maxsim_lengths(4, 21, seed=94)
+    dm[2] = 0
+    want, want_arg = R.maxsim_ref(q, d8, d_mask=dm, d_scale=s)
+    scores, arg = torch.empty(5, 4), torch.full((5, 4, 16), -7, dtype=torch.int16)
+    maxsim_triton(q, d8, None, dm.to(torch.int32), "none", "lengths", "sum", scores, arg,
+                  multi_query=multi_query, d_scale=s.reshape(-1))  # fmt: skip
+    _check(scores, arg, q, d8, s, want, want_arg, d_mask=dm, exact=True)
+    if multi_query:
+        scores2, arg2 = torch.empty(5, 4), torch.full((5, 4, 16), -7, dtype=torch.int32)
+        maxsim_multi_query_triton(q, d8, None, dm.to(torch.int32), 0, 2, False, False, scores2, arg2,
+                                  block_k=16, d_scale=s.reshape(-1))  # fmt: skip
+        torch.testing.assert_close(scores2, scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(arg2 < 0, arg < 0)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not _backend.TRITON_INTERPRET, reason="interpreter test (a GPU runs test_maxsim_gpu.py)")
+def test_triton_int8_backward_matches_cpu():
+    q, _ = maxsim_inputs(3, 7, 1, 1, 16, seed=95)
+    d8, s = _quantized(4, 10, 16, seed=96)
+    _, arg = torch.ops.sparseops.maxsim(q, d8, None, None, "sum", False, "cpu", s)
+    n = torch.arange(3)[:, None].expand(3, 4).reshape(-1)
+    m = torch.arange(4)[None, :].expand(3, 4).reshape(-1)
+    meta = torch.stack([n, n * 7, torch.full_like(n, 7), m, m * 10, (n * 4 + m) * 7], 1)
+    grad = torch.linspace(-2, 1, 12)
+    args = (grad, q.reshape(21, 16), d8.reshape(40, 16), arg.reshape(-1), meta, 3, 4, True, False)
+    a = torch.ops.sparseops.maxsim_backward(*args, "triton", d_scale=s.reshape(-1))[0]
+    b = torch.ops.sparseops.maxsim_backward(*args, "cpu", d_scale=s.reshape(-1))[0]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- opcheck, compile

@@ -259,6 +259,70 @@ def _grads(fn, *xs):
     return [x.grad for x in xs]
 
 
+def _winner_at_the_end(Ld, seed):
+    """q [2, 3, 4], d [1, Ld, 4] fp64 whose last token is the only winner of query 0's first
+    token (an index that needs every bit of the argmax dtype at the 2**15 boundary)."""
+    q, d = maxsim_inputs(2, 3, 1, Ld, 4, dtype=torch.float64, seed=seed)
+    d = d * 0.01
+    d[0, -1] = q[0, 0] * 10
+    return q, d
+
+
+def _weighted_grads(score_fn, q, d, g):
+    """dq, dd of sum(g * score_fn(q, d)) by autograd."""
+    q, d = q.clone().requires_grad_(), d.clone().requires_grad_()
+    (score_fn(q, d) * g).sum().backward()
+    return q.grad, d.grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("Ld,want", [(2**15 - 1, torch.int16), (2**15, torch.int32), (40_000, torch.int32)])
+def test_saved_argmax_is_int16_below_2_15_document_tokens(backend, Ld, want):
+    """Every forward op saves an int16 argmax while document indices fit (Ld < 2**15; packed
+    documents: their total), int32 from there; the fake agrees (opcheck), the backward reads
+    either, and return_argmax hands out int32 with the same indices."""
+    q, d = _winner_at_the_end(Ld, seed=Ld % 97)
+    scores, arg = torch.ops.sparseops.maxsim(q, d, None, None, "sum", False, backend)
+    assert arg.dtype == want and arg[0, 0, 0] == Ld - 1
+    pub = sparseops.maxsim(q, d, return_argmax=True, backend=backend)[1]
+    assert pub.dtype == torch.int32 and torch.equal(pub, arg) and torch.equal(pub, R.maxsim_ref(q, d)[1])
+    g = torch.tensor([[0.5], [-2.0]], dtype=torch.float64)
+    got = _weighted_grads(lambda a, b: sparseops.maxsim(a, b, backend=backend), q, d, g)
+    dense = _weighted_grads(lambda a, b: torch.einsum("nid,mjd->nmij", a, b).amax(-1).sum(-1), q, d, g)
+    for x, y in zip(got, dense):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    _, arg = torch.ops.sparseops.maxsim_pairs(q[:1], d[None], None, None, "sum", False, backend)
+    assert arg.dtype == want and arg[0, 0, 0] == Ld - 1
+    # Packed: the dtype follows the total document tokens (the shape), indices stay local.
+    cu_q = torch.tensor([0, 3], dtype=torch.int32)
+    dp = torch.cat([d[0, :5], d[0]])
+    cu_d = torch.tensor([0, 5, Ld + 5], dtype=torch.int32)
+    for pairs in (None, torch.tensor([[0, 1], [0, 0]])):
+        _, arg = torch.ops.sparseops.maxsim_varlen(q[0], cu_q, dp, cu_d, pairs, "sum", backend)
+        assert arg.dtype == (torch.int16 if Ld + 5 < 2**15 else torch.int32)
+        assert torch.equal(arg, R.maxsim_varlen_ref(q[0], cu_q, dp, cu_d, pairs=pairs)[1])
+    if backend == "cpu" and want == torch.int32 and Ld == 2**15:
+        torch.library.opcheck(torch.ops.sparseops.maxsim.default, (q, d, None, None, "sum", False, backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_backward_reads_int16_and_int32_and_refuses_others(backend):
+    q, d = maxsim_inputs(2, 5, 3, 9, 8, seed=31)
+    _, arg = torch.ops.sparseops.maxsim(q, d, None, maxsim_lengths(3, 9, seed=32), "sum", False, "cpu")
+    assert arg.dtype == torch.int16
+    n = torch.arange(2)[:, None].expand(2, 3).reshape(-1)
+    m = torch.arange(3)[None, :].expand(2, 3).reshape(-1)
+    meta = torch.stack([n, n * 5, torch.full_like(n, 5), m, m * 9, (n * 3 + m) * 5], 1)
+    grad = torch.linspace(-1, 1, 6)
+    qr, dr = q.reshape(10, 8), d.reshape(27, 8)
+    run = lambda a: torch.ops.sparseops.maxsim_backward(grad, qr, dr, a.reshape(-1), meta, 2, 3, True, True, backend)  # noqa: E731
+    narrow, wide = run(arg), run(arg.to(torch.int32))
+    for x, y in zip(narrow, wide):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="argmax must be int16 or int32"):
+        run(arg.to(torch.int64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backward_matches_the_torch_backward(dtype):
     """The C++ backward kernel against the torch index_add kernel and the einsum autograd."""
@@ -595,10 +659,11 @@ def test_triton_backward_of_every_op_matches_cpu():
     meta = torch.stack([n, n * 7, torch.full_like(n, 7), m, m * 33, (n * 5 + m) * 7], 1)
     grad = torch.linspace(-2, 1, 15)
     qr, dr = q.reshape(21, 16), d.reshape(165, 16)
-    a = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg, meta, 3, 5, True, True, "triton")
     b = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg, meta, 3, 5, True, True, "cpu")
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    for arg_dtype in (torch.int16, torch.int32):  # what the forward saves below / from 2**15 tokens
+        a = torch.ops.sparseops.maxsim_backward(grad, qr, dr, arg.to(arg_dtype), meta, 3, 5, True, True, "triton")
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device,backend", TOPK)

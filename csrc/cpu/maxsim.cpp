@@ -582,12 +582,47 @@ struct DocRun {
   int64_t slots = 0;           // query slots of this item
 };
 
+// A run of argmax entries, int16 or int32 as the op chose (csrc/include/sparseops/maxsim.h:
+// argmax_dtype), or none (base null: maxsim_topk keeps no argmax). One branch per query token
+// per document, against dim x Ld multiply-adds.
+class ArgmaxRun {
+ public:
+  ArgmaxRun() = default;
+  explicit ArgmaxRun(const Tensor& t)
+      : base_(t.data_ptr()), narrow_(t.scalar_type() == at::kShort) {
+    TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kShort || t.scalar_type() == at::kInt);
+  }
+  ArgmaxRun operator+(int64_t offset) const {
+    ArgmaxRun r = *this;
+    if (base_ != nullptr) r.base_ = static_cast<char*>(base_) + offset * (narrow_ ? 2 : 4);
+    return r;
+  }
+  int32_t get(int64_t i) const {
+    return narrow_ ? static_cast<const int16_t*>(base_)[i] : static_cast<const int32_t*>(base_)[i];
+  }
+  void set(int64_t i, int32_t v) const {
+    if (base_ == nullptr) return;
+    if (narrow_) {
+      static_cast<int16_t*>(base_)[i] = static_cast<int16_t>(v);
+    } else {
+      static_cast<int32_t*>(base_)[i] = v;
+    }
+  }
+  void fill(int64_t from, int64_t to, int32_t v) const {
+    for (int64_t i = std::max<int64_t>(from, 0); i < to; ++i) set(i, v);
+  }
+
+ private:
+  void* base_ = nullptr;
+  bool narrow_ = false;
+};
+
 template <typename acc_t>
 struct QuerySlot {
   int64_t start = 0, len = 0;  // rows [start, start + len) of q are looked at
   int64_t cap = 0;             // argmax entries to write (len..cap-1 get -1)
   acc_t* score = nullptr;
-  int32_t* arg = nullptr;
+  ArgmaxRun arg;
 };
 
 // Widen and pack document rows [start, start + len) dimension-major into s.packed; returns the
@@ -716,21 +751,21 @@ SPARSEOPS_ALWAYS_INLINE void finish_lanes(const Rows<acc_t>& r, const bool* qmas
                                           const bool* dmask, int64_t first_real,
                                           const float* lane_scale, Scratch<acc_t>& s,
                                           const QuerySlot<acc_t>& slot) {
-  int32_t* arg_row = slot.arg;
+  const ArgmaxRun& arg_row = slot.arg;
   acc_t total = 0;
   int64_t count = 0;
   for (int64_t i = 0; i < slot.len; ++i) {
     if (qmask != nullptr && !qmask[i]) {
-      arg_row[i] = -1;
+      arg_row.set(i, -1);
       continue;
     }
     // Every similarity -inf (overflow): the first token that takes part holds the max.
     const int32_t a = s.lane_arg[i] < 0 ? static_cast<int32_t>(first_real) : s.lane_arg[i];
     total += lane_scale != nullptr ? s.lane_best[i] * lane_scale[i] : s.lane_best[i];
     ++count;
-    arg_row[i] = (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a;
+    arg_row.set(i, (r.pylate && dmask != nullptr && !dmask[a]) ? int32_t(-1) : a);
   }
-  std::fill(arg_row + std::max<int64_t>(slot.len, 0), arg_row + slot.cap, int32_t(-1));
+  arg_row.fill(slot.len, slot.cap, -1);
   if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
   *slot.score = total;
 }
@@ -745,10 +780,10 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
   const int64_t dim = r.dim;
   const bool* qmask = r.q_valid ? r.q_valid + slot.start : nullptr;
   const bool* dmask = r.d_valid ? r.d_valid + doc.start : nullptr;
-  int32_t* arg_row = slot.arg;
+  const ArgmaxRun& arg_row = slot.arg;
   if (first_real < 0) {
     *slot.score = acc_t(0);
-    std::fill_n(arg_row, slot.cap, int32_t(-1));
+    arg_row.fill(0, slot.cap, -1);
     return;
   }
 #if SPARSEOPS_MAXSIM_X86
@@ -880,16 +915,16 @@ SPARSEOPS_ALWAYS_INLINE void score_slot(const Rows<acc_t>& r, const DocRun& doc,
     for (int t = 0; t < tq; ++t) {
       const int64_t i = i0 + t;
       if (qmask != nullptr && !qmask[i]) {
-        arg_row[i] = -1;
+        arg_row.set(i, -1);
         continue;
       }
       total += best[t];  // query tokens summed in index order: deterministic
       ++count;
       // Under pylate a masked document token that won (similarity 0) takes no gradient.
-      arg_row[i] = (r.pylate && dmask != nullptr && !dmask[arg[t]]) ? int32_t(-1) : arg[t];
+      arg_row.set(i, (r.pylate && dmask != nullptr && !dmask[arg[t]]) ? int32_t(-1) : arg[t]);
     }
   }
-  std::fill(arg_row + std::max<int64_t>(slot.len, 0), arg_row + slot.cap, int32_t(-1));
+  arg_row.fill(slot.len, slot.cap, -1);
   if (r.mean) total = count > 0 ? total / static_cast<acc_t>(count) : acc_t(0);
   *slot.score = total;
 }
@@ -1041,7 +1076,7 @@ struct PaddedAllPairs : WriteOut<acc_t> {
   const int32_t* q_len;  // [Nq] or null
   const int32_t* d_len;  // [Nd] or null
   acc_t* scores;         // [Nq, Nd]
-  int32_t* argmax;       // [Nq, Nd, Lq]
+  ArgmaxRun argmax;      // [Nq, Nd, Lq]
   void item(int64_t it, DocRun& doc) const {
     const int64_t m = it / nqb, qb = it % nqb;
     doc.start = m * ld;
@@ -1065,7 +1100,7 @@ struct VarlenAllPairs : WriteOut<acc_t> {
   const int32_t* cu_q;
   const int32_t* cu_d;
   acc_t* scores;  // [Nq, Nd]
-  int32_t* argmax;
+  ArgmaxRun argmax;
   void item(int64_t it, DocRun& doc) const {
     const int64_t m = it / nqb, qb = it % nqb;
     doc.start = cu_d[m];
@@ -1090,7 +1125,7 @@ struct VarlenPairs : WriteOut<acc_t> {
   const int32_t* cu_q;
   const int32_t* cu_d;
   acc_t* scores;  // [P]
-  int32_t* argmax;
+  ArgmaxRun argmax;
   void item(int64_t p, DocRun& doc) const {
     const int64_t m = pairs[2 * p + 1];
     doc.start = cu_d[m];
@@ -1114,7 +1149,7 @@ struct AlignedPairs : WriteOut<acc_t> {
   const int32_t* q_len;  // [B] or null
   const int32_t* d_len;  // [B * K] or null
   acc_t* scores;         // [B, K]
-  int32_t* argmax;       // [B, K, Lq]
+  ArgmaxRun argmax;      // [B, K, Lq]
   void item(int64_t it, DocRun& doc) const {
     doc.start = it * ld;
     doc.len = d_len ? d_len[it] : ld;
@@ -1155,7 +1190,6 @@ struct TopkLocal {
   std::vector<Cand<acc_t>> heap;  // [Nq][k]: min-heaps on "better" (worst on top)
   std::vector<int64_t> size;      // [Nq]
   std::vector<acc_t> score_buf;   // [kQueryBlock]
-  std::vector<int32_t> arg_buf;   // [kQueryBlock * Lq]
 };
 
 template <typename acc_t>
@@ -1188,7 +1222,6 @@ struct TopkEnum {
     l.heap.resize(static_cast<size_t>(nq * k));
     l.size.assign(nq, 0);
     l.score_buf.resize(kQueryBlock);
-    l.arg_buf.resize(static_cast<size_t>(kQueryBlock * std::max<int64_t>(lq, 1)));
     return l;
   }
   int64_t doc_of(int64_t it) const {
@@ -1215,7 +1248,7 @@ struct TopkEnum {
     s.len = q_len ? q_len[n] : lq;
     s.cap = lq;
     s.score = l.score_buf.data() + k_;
-    s.arg = l.arg_buf.data() + k_ * lq;
+    s.arg = ArgmaxRun();  // ranking needs no argmax: none is written
   }
   void done(int64_t it, const DocRun& doc, const QuerySlot<acc_t>*, Local& l) const {
     if (doc.slots == 0) return;
@@ -1388,7 +1421,7 @@ void maxsim_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_scale,
     en.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
     en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
     en.scores = scores.data_ptr<acc_t>();
-    en.argmax = argmax.data_ptr<int32_t>();
+    en.argmax = ArgmaxRun(argmax);
     run_all<doc_t, acc_t>(r, en, cfg.nd * en.nqb,
                           std::min(cfg.nq, kQueryBlock) * cfg.lq * cfg.ld * cfg.dim);
   });
@@ -1413,7 +1446,7 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
       en.cu_q = cu_q.data_ptr<int32_t>();
       en.cu_d = cu_d.data_ptr<int32_t>();
       en.scores = scores.data_ptr<acc_t>();
-      en.argmax = argmax.data_ptr<int32_t>();
+      en.argmax = ArgmaxRun(argmax);
       run_all<doc_t, acc_t>(r, en, cfg.np, avg_lq * avg_ld * cfg.dim);
     } else {
       VarlenAllPairs<acc_t> en;
@@ -1424,7 +1457,7 @@ void maxsim_varlen_cpu_kernel(const Tensor& q, const Tensor& cu_q, const Tensor&
       en.cu_q = cu_q.data_ptr<int32_t>();
       en.cu_d = cu_d.data_ptr<int32_t>();
       en.scores = scores.data_ptr<acc_t>();
-      en.argmax = argmax.data_ptr<int32_t>();
+      en.argmax = ArgmaxRun(argmax);
       run_all<doc_t, acc_t>(r, en, cfg.nd * en.nqb,
                             std::min(cfg.nq, kQueryBlock) * avg_lq * avg_ld * cfg.dim);
     }
@@ -1452,7 +1485,7 @@ void maxsim_pairs_cpu_kernel(const Tensor& q, const Tensor& d, const Tensor& d_s
     en.q_len = cfg.q_mask == TokenMask::kLengths ? q_mask.data_ptr<int32_t>() : nullptr;
     en.d_len = cfg.d_mask == TokenMask::kLengths ? d_mask.data_ptr<int32_t>() : nullptr;
     en.scores = scores.data_ptr<acc_t>();
-    en.argmax = argmax.data_ptr<int32_t>();
+    en.argmax = ArgmaxRun(argmax);
     run_all<doc_t, acc_t>(r, en, cfg.b * cfg.k, cfg.lq * cfg.ld * cfg.dim);
   });
 }
@@ -1535,7 +1568,7 @@ void group_pairs(const int64_t* meta, int64_t np, int col, int64_t groups,
 // doc_t: d's element type (q's, or int8_t with d_scale [Rd]; int8 d only ever has for_dq).
 template <typename scalar_t, typename doc_t, typename acc_t, bool kWide>
 SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* q, const doc_t* d,
-                                             const float* d_scale, const int32_t* argmax,
+                                             const float* d_scale, const ArgmaxRun& argmax,
                                              const int64_t* meta, const int64_t* off,
                                              const int64_t* order, int64_t dim, bool for_dq,
                                              acc_t* out, int64_t g0, int64_t g1) {
@@ -1546,9 +1579,9 @@ SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* 
       const acc_t c = grad[p];
       if (c == acc_t(0)) continue;
       const int64_t qs = mt[1], ql = mt[2], ds = mt[4];
-      const int32_t* arg = argmax + mt[5];
+      const ArgmaxRun arg = argmax + mt[5];
       for (int64_t t = 0; t < ql; ++t) {
-        const int32_t a = arg[t];
+        const int32_t a = arg.get(t);
         if (a < 0) continue;
         if (for_dq) {
           const acc_t cs = d_scale != nullptr ? c * static_cast<acc_t>(d_scale[ds + a]) : c;
@@ -1565,7 +1598,7 @@ SPARSEOPS_ALWAYS_INLINE void backward_groups(const acc_t* grad, const scalar_t* 
 template <typename scalar_t, typename doc_t, typename acc_t>
 SPARSEOPS_TARGET_AVX512 void backward_groups_avx512(const acc_t* grad, const scalar_t* q,
                                                     const doc_t* d, const float* d_scale,
-                                                    const int32_t* argmax, const int64_t* meta,
+                                                    const ArgmaxRun& argmax, const int64_t* meta,
                                                     const int64_t* off, const int64_t* order,
                                                     int64_t dim, bool for_dq, acc_t* out,
                                                     int64_t g0, int64_t g1) {
@@ -1592,7 +1625,7 @@ void maxsim_backward_cpu_kernel(const Tensor& grad, const Tensor& q, const Tenso
       const acc_t* g = grad.data_ptr<acc_t>();
       const scalar_t* qp = q.data_ptr<scalar_t>();
       const doc_t* dp = static_cast<const doc_t*>(d.data_ptr());
-      const int32_t* ap = argmax.data_ptr<int32_t>();
+      const ArgmaxRun ap(argmax);
       for (int pass = 0; pass < 2; ++pass) {
         Tensor& out = pass == 0 ? dq : dd;
         if (!out.defined()) continue;

@@ -100,17 +100,14 @@ bool use_cuda_kernel(const char* op, c10::string_view backend, const Tensor& q, 
   return false;
 }
 
-// The Python kernel that runs when the native one does not: "auto" on CUDA tensors -> Triton,
-// or the reference for int8 documents (neither the CUDA kernel nor Triton takes them yet).
-c10::string_view native_or(c10::string_view backend, const Tensor& d_scale) {
-  if (backend != "auto") return backend;
-  return d_scale.defined() ? c10::string_view("reference") : c10::string_view("triton");
+// The Python kernel that runs when the native one does not: "auto" on CUDA tensors -> Triton.
+c10::string_view native_or(c10::string_view backend) {
+  return backend == "auto" ? c10::string_view("triton") : backend;
 }
 
-// The CUDA kernel's refusal of int8 documents (nullptr for float ones).
+// The CUDA kernel's refusal of int8 documents (nullptr for float ones): Triton takes them.
 const char* int8_refusal(const Tensor& d_scale) {
-  return d_scale.defined() ? "takes float documents (int8 documents with d_scale run on \"reference\" on CUDA)"
-                           : nullptr;
+  return d_scale.defined() ? "takes float documents (int8 documents with d_scale run on \"triton\")" : nullptr;
 }
 
 MaxSimReduce parse_reduce(c10::string_view reduce) {
@@ -175,8 +172,8 @@ MaxSimConfig parse_maxsim(const Tensor& q, const Tensor& d, const std::optional<
   cfg.nd = d.size(0);
   cfg.ld = d.size(1);
   cfg.dim = q.size(2);
-  // The argmax holds token indices in int32 (and the CPU kernel carries them as fp32 lanes,
-  // exact below 2^24); the Triton kernels use int32 program ids.
+  // The argmax holds token indices in int16 / int32 (and the CPU kernel carries them as fp32
+  // lanes, exact below 2^24); the Triton kernels use int32 program ids.
   TORCH_CHECK(cfg.ld < (int64_t(1) << 24) && cfg.nq * cfg.nd <= kInt32Max,
               "maxsim needs Ld < 2^24 and Nq * Nd to fit in int32, got q ", describe(q), " and d ",
               describe(d));
@@ -204,7 +201,7 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
   if (native && q.is_cuda()) native = use_cuda_kernel("maxsim", backend, q, cfg.dim, int8_refusal(ds));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor scores = at::empty({cfg.nq, cfg.nd}, q.options().dtype(acc));
-  Tensor argmax = at::empty({cfg.nq, cfg.nd, cfg.lq}, q.options().dtype(at::kInt));
+  Tensor argmax = at::empty({cfg.nq, cfg.nd, cfg.lq}, q.options().dtype(argmax_dtype(cfg.ld)));
   if (cfg.nq == 0 || cfg.nd == 0) return {scores, argmax};
   if (cfg.lq == 0 || cfg.ld == 0) {
     // No query token adds anything / no document has a token: every score is 0.
@@ -222,7 +219,7 @@ std::tuple<Tensor, Tensor> maxsim(const Tensor& q, const Tensor& d,
 #endif
   } else {
     call_python_kernel(
-        "maxsim", native_or(backend, ds), {x, y, qm, dm, ds}, {scores, argmax},
+        "maxsim", native_or(backend), {x, y, qm, dm, ds}, {scores, argmax},
         {{"q_mask", std::string(mask_kind_name(cfg.q_mask))},
          {"d_mask", std::string(mask_kind_name(cfg.d_mask))},
          {"reduce", std::string(reduce_name(cfg.reduce))},
@@ -323,11 +320,11 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
     arg_off = (ends - lens).contiguous();
     const int64_t total = cfg.np > 0 ? ends[cfg.np - 1].item<int64_t>() : 0;
     scores = at::empty({cfg.np}, q.options().dtype(acc));
-    argmax = at::empty({total}, q.options().dtype(at::kInt));
+    argmax = at::empty({total}, q.options().dtype(argmax_dtype(cfg.total_d)));
     if (cfg.np == 0) return {scores, argmax};
   } else {
     scores = at::empty({cfg.nq, cfg.nd}, q.options().dtype(acc));
-    argmax = at::empty({cfg.nd, cfg.total_q}, q.options().dtype(at::kInt));
+    argmax = at::empty({cfg.nd, cfg.total_q}, q.options().dtype(argmax_dtype(cfg.total_d)));
     if (cfg.nq == 0 || cfg.nd == 0) return {scores, argmax};
   }
   const Tensor x = q.contiguous(), y = d.contiguous();
@@ -339,7 +336,7 @@ std::tuple<Tensor, Tensor> maxsim_varlen(const Tensor& q, const Tensor& cu_q, co
     maxsim_varlen_cuda_kernel(x, cq, y, cd, cfg, scores, argmax);
 #endif
   } else {
-    call_python_kernel("maxsim_varlen", native_or(backend, ds), {x, cq, y, cd, pr, arg_off, ds}, {scores, argmax},
+    call_python_kernel("maxsim_varlen", native_or(backend), {x, cq, y, cd, pr, arg_off, ds}, {scores, argmax},
                        {{"reduce", std::string(reduce_name(cfg.reduce))}});
   }
   return {scores, argmax};
@@ -402,7 +399,7 @@ std::tuple<Tensor, Tensor> maxsim_pairs(const Tensor& q, const Tensor& d,
               "backend=\"triton\" (what \"auto\" picks from Python) or \"reference\"");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor scores = at::empty({cfg.b, cfg.k}, q.options().dtype(acc));
-  Tensor argmax = at::empty({cfg.b, cfg.k, cfg.lq}, q.options().dtype(at::kInt));
+  Tensor argmax = at::empty({cfg.b, cfg.k, cfg.lq}, q.options().dtype(argmax_dtype(cfg.ld)));
   if (cfg.b == 0 || cfg.k == 0) return {scores, argmax};
   if (cfg.lq == 0 || cfg.ld == 0) {
     scores.zero_();
@@ -503,7 +500,8 @@ std::tuple<Tensor, Tensor> maxsim_backward(const Tensor& grad, const Tensor& q, 
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(1) == 6 &&
                   meta.size(0) == grad.size(0),
               "meta must be int64 [P, 6], got ", describe(meta));
-  TORCH_CHECK(argmax.scalar_type() == at::kInt, "argmax must be int32, got ", describe(argmax));
+  TORCH_CHECK(argmax.scalar_type() == at::kInt || argmax.scalar_type() == at::kShort,
+              "argmax must be int16 or int32 (what the forward saved), got ", describe(argmax));
   Tensor dq = need_dq ? at::empty(q.sizes(), q.options().dtype(acc)) : Tensor();
   Tensor dd = need_dd ? at::empty(d.sizes(), d.options().dtype(acc)) : Tensor();
   const bool native = runs_native("maxsim_backward", backend, q) && q.is_cpu();

@@ -18,6 +18,17 @@ enum class TokenMask : int {
 
 enum class MaxSimReduce : int { kSum = 0, kMean = 1 };
 
+// The argmax every forward writes (and the backward reads) holds document-local token
+// indices, -1 for none: int16 when every document has fewer than 2^15 tokens (half the memory
+// a training step keeps per query token and document), int32 otherwise. The bound comes from
+// shapes only (Ld; for packed documents the total token count), so the fake kernels and
+// torch.compile know the dtype without looking at the data. Mirrored by
+// python/sparseops/ops/maxsim.py (_argmax_dtype).
+constexpr int64_t kArgmaxInt16Tokens = int64_t(1) << 15;
+inline at::ScalarType argmax_dtype(int64_t doc_tokens_bound) {
+  return doc_tokens_bound < kArgmaxInt16Tokens ? at::kShort : at::kInt;
+}
+
 // Everything a maxsim kernel needs besides the tensors, already validated.
 struct MaxSimConfig {
   int64_t nq = 0;   // queries
@@ -78,8 +89,8 @@ struct MaxSimTopkConfig {
 //   q_mask bool [Nq, Lq] or int32 [Nq] lengths in [0, Lq] (per cfg.q_mask), contiguous, or
 //          undefined; d_mask likewise with [Nd, Ld] / [Nd]
 //   scores [Nq, Nd] contiguous, fp32 (fp64 for fp64 inputs), written in full
-//   argmax [Nq, Nd, Lq] contiguous int32, written in full (-1: masked query token or a
-//          document without real tokens)
+//   argmax [Nq, Nd, Lq] contiguous, argmax_dtype(Ld), written in full (-1: masked query
+//          token or a document without real tokens)
 // Nq, Nd, Lq >= 1 (the op layer handles empty shapes); Ld, dim >= 0.
 void maxsim_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& d_scale,
                        const at::Tensor& q_mask, const at::Tensor& d_mask, const MaxSimConfig& cfg,
@@ -89,7 +100,8 @@ void maxsim_cpu_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tenso
 // cu_d contiguous int32 validated by the op layer; pairs undefined (all pairs: scores
 // [Nq, Nd], argmax [Nd, total_q] with the argmax of query n against document m at
 // m * total_q + cu_q[n]) or int64 [P, 2] with arg_off int64 [P] (scores [P], argmax flat:
-// pair p's query tokens at arg_off[p]). Argmax entries are document-local token indices.
+// pair p's query tokens at arg_off[p]). Argmax entries are document-local token indices
+// (argmax_dtype(total_d)).
 // d_scale fp32 [total_d] when cfg.d_int8.
 void maxsim_varlen_cpu_kernel(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& d,
                               const at::Tensor& cu_d, const at::Tensor& d_scale,
@@ -115,8 +127,8 @@ void maxsim_topk_cpu_kernel(const at::Tensor& q, const at::Tensor& q_mask, const
                             at::Tensor& scores, at::Tensor& ids);
 
 // Backward of every MaxSim op from the saved argmax (CPU). grad [P] acc dtype, q [Rq, dim],
-// d [Rd, dim] contiguous (same dtype), argmax int32 flat, meta int64 [P, 6] = (query group,
-// first query row, query rows, document group, first document row, argmax offset); dq
+// d [Rd, dim] contiguous (same dtype), argmax int16 / int32 flat, meta int64 [P, 6] = (query
+// group, first query row, query rows, document group, first document row, argmax offset); dq
 // [Rq, dim] / dd [Rd, dim] in the acc dtype (either may be undefined = not wanted), written
 // in full. Deterministic (fixed order per output row, no atomics). int8 d: d_scale fp32 [Rd]
 // (dq[row] += g * d_scale[a] * d[a]; dd must be undefined).
@@ -128,8 +140,8 @@ void maxsim_backward_cpu_kernel(const at::Tensor& grad, const at::Tensor& q, con
 // ---- CUDA (csrc/cuda/maxsim.cu; the block body is sparseops/maxsim_fused.cuh) ----------
 // The fused forward of the "cuda" backend. Same contracts as maxsim_cpu_kernel and the
 // all-pairs form of maxsim_varlen_cpu_kernel, on CUDA tensors, for fp32 / bf16 / fp16 and
-// dim <= 256 (the op layer checks both); scores fp32, argmax int32, written in full by one
-// launch (no host synchronisation).
+// dim <= 256 (the op layer checks both); scores fp32, argmax int16 / int32 (as allocated),
+// written in full by one launch (no host synchronisation).
 void maxsim_cuda_kernel(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_mask,
                         const at::Tensor& d_mask, const MaxSimConfig& cfg, at::Tensor& scores,
                         at::Tensor& argmax);

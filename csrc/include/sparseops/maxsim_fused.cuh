@@ -22,7 +22,7 @@
 //     columns out, the per-row max and its lowest column reduced across lanes and folded
 //     into a running (max, argmax) that each lane keeps for one row of every 32 (ties: the
 //     lower token, sparseops::ranks_before).
-//   * At a document's end the warp writes the int32 argmax rows and the per-query sums
+//   * At a document's end the warp writes the argmax rows (int16 / int32) and the per-query sums
 //     (reduce "sum" or "mean") straight to the outputs: no atomics, no Lq x Ld anywhere. A
 //     document cut between warps is finished after a block barrier by the warp that holds
 //     its first token, which merges the other warps' partial maxima in warp order.
@@ -85,7 +85,8 @@ struct Params {
   bool pylate = false;        // PyLate's multiplicative masking (d_mask is none or bool then)
   bool mean = false;          // reduce="mean"
   float* scores = nullptr;    // [nq, nd]
-  int32_t* argmax = nullptr;  // padded: [nq, nd, lq]; packed: [nd, rows_q]
+  void* argmax = nullptr;     // padded: [nq, nd, lq]; packed: [nd, rows_q]
+  bool argmax16 = false;      // int16 entries (argmax_dtype), else int32
   // Launch plan (plan_launch): rows per chunk, warps per block, blocks, shared-memory row
   // stride in elements, columns multiplied (dim rounded up to the instruction's K step).
   int chunk_rows = 32;
@@ -613,7 +614,12 @@ SO_HD void finish_doc(Arch& a, const Params& p, const uint8_t* row_real, Slot s,
     int32_t out = live ? i : -1;
     // PyLate: a masked token that won (similarity 0) is reported as -1 and takes no gradient.
     if (live && p.pylate && !d_token_real(p, m, i)) out = -1;
-    p.argmax[argmax_index(p, r0 + r, m)] = out;
+    const int64_t at = argmax_index(p, r0 + r, m);
+    if (p.argmax16) {
+      static_cast<int16_t*>(p.argmax)[at] = int16_t(out);
+    } else {
+      static_cast<int32_t*>(p.argmax)[at] = out;
+    }
     s.v[r] = live ? s.v[r] : 0.f;
   }
   a.syncwarp();

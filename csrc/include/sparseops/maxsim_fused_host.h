@@ -75,6 +75,12 @@ inline void set_masks(Params& p, const at::Tensor& q_mask, const at::Tensor& d_m
   if (dk == TokenMask::kLengths) p.d_len = d_mask.data_ptr<int32_t>();
 }
 
+inline void set_argmax(Params& p, at::Tensor& argmax) {
+  TORCH_INTERNAL_ASSERT(argmax.scalar_type() == at::kShort || argmax.scalar_type() == at::kInt);
+  p.argmax = argmax.data_ptr();
+  p.argmax16 = argmax.scalar_type() == at::kShort;
+}
+
 // maxsim's contract (csrc/include/sparseops/maxsim.h): q [Nq, Lq, dim], d [Nd, Ld, dim]
 // contiguous, masks prepared by the op layer, Nq, Nd, Lq, Ld >= 1.
 inline Params padded_params(const at::Tensor& q, const at::Tensor& d, const at::Tensor& q_mask,
@@ -93,7 +99,7 @@ inline Params padded_params(const at::Tensor& q, const at::Tensor& d, const at::
   p.pylate = cfg.pylate;
   p.mean = cfg.reduce == MaxSimReduce::kMean;
   p.scores = scores.data_ptr<float>();
-  p.argmax = argmax.data_ptr<int32_t>();
+  set_argmax(p, argmax);
   return p;
 }
 
@@ -112,7 +118,7 @@ inline Params packed_params(const at::Tensor& q, const at::Tensor& cu_q, const a
   p.cu_d = cu_d.data_ptr<int32_t>();
   p.mean = cfg.reduce == MaxSimReduce::kMean;
   p.scores = scores.data_ptr<float>();
-  p.argmax = argmax.data_ptr<int32_t>();
+  set_argmax(p, argmax);
   return p;
 }
 

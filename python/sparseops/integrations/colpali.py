@@ -50,7 +50,7 @@ __all__ = ["maxsim_inbatch", "maxsim_kd", "patch", "score_multi_vector", "unpatc
 _PATCH = Patcher("colpali_engine")
 
 # Passages scored per op call for list inputs (a multiple of batch_size): bounds the padded
-# copy of the passages and the int32 argmax the op returns ([queries, passages, Lq]).
+# copy of the passages and the argmax the op writes ([queries, passages, Lq], int16).
 _BLOCK_PASSAGES = 2048
 
 

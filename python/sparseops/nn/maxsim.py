@@ -3,11 +3,11 @@
 
 Scores come from ``sparseops.maxsim`` (every query x every document), ``maxsim_pairs``
 (aligned pairs / K candidates per query) or ``maxsim_varlen`` (packed ragged tokens): none of
-them writes the Lq x Ld similarities, and their backward reads the int32 argmax the forward
-saved. So the in-batch loss over B queries and B * N documents holds the [B, B * N] fp32
-scores and a [B, B * N, Lq] int32 argmax, never the [B, B * N, Lq, Ld] similarities of the
-einsum formulation (B = 128, N = 2, Lq = 32, Ld = 300: 4.2 MB of argmax against 1.26 GB of
-fp32 similarities).
+them writes the Lq x Ld similarities, and their backward reads the argmax the forward saved
+(int16 below 32,768 document tokens). So the in-batch loss over B queries and B * N documents
+holds the [B, B * N] fp32 scores and a [B, B * N, Lq] int16 argmax, never the
+[B, B * N, Lq, Ld] similarities of the einsum formulation (B = 128, N = 2, Lq = 32, Ld = 300:
+2.1 MB of argmax against 1.26 GB of fp32 similarities).
 
 Temperature: the scorer and the loss divide the scores by a temperature, a plain float by
 default (PyLate's ``Contrastive(temperature=...)``, colpali's losses), or a learnable scalar
@@ -257,7 +257,7 @@ def maxsim_contrastive_loss(
     "cosine"; its masks: pylate_mask=True with d_mask the skiplist & attention mask, q_mask
     None under query expansion; ``temperature``; ``size_average``) it computes the same loss
     and gradients (tests/test_maxsim_nn.py checks that against PyLate's own class). Memory:
-    the forward keeps [B, C] scores and a [B, C, Lq] int32 argmax, never the Lq x Ld
+    the forward keeps [B, C] scores and a [B, C, Lq] int16 argmax, never the Lq x Ld
     similarities; the backward reads the argmax (one gather / scatter-add per query token).
     With packed tokens and in_batch_negatives=False on CUDA tensors, ``maxsim_varlen`` reads
     one number back to size its argmax (a host synchronisation).

@@ -24,6 +24,18 @@ __all__ = ["maxsim", "maxsim_pairs", "maxsim_quantize", "maxsim_topk", "maxsim_v
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _argmax_dtype(doc_tokens) -> torch.dtype:
+    """The saved argmax's dtype (csrc/include/sparseops/maxsim.h, argmax_dtype): int16 when
+    every document has fewer than 2**15 tokens (doc_tokens: Ld, or the total of packed
+    documents), int32 otherwise. From shapes only, so fakes and torch.compile know it."""
+    return torch.int16 if doc_tokens < 2**15 else torch.int32
+
+
+def _public_argmax(argmax: torch.Tensor) -> torch.Tensor:
+    """What return_argmax hands out: int32 whatever the op saved (int16 cannot index)."""
+    return argmax.to(torch.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake implementation: the shapes and strides of every backend, SymInt-friendly. It also
 # catches what the dispatcher would route here silently: a mask on another device (a meta
@@ -39,7 +51,7 @@ def _maxsim_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False
     Nq, Lq = q.shape[0], q.shape[1]
     Nd = d.shape[0]
     scores = q.new_empty((Nq, Nd), dtype=_accumulate_dtype(q.dtype))
-    argmax = q.new_empty((Nq, Nd, Lq), dtype=torch.int32)
+    argmax = q.new_empty((Nq, Nd, Lq), dtype=_argmax_dtype(d.shape[1]))
     return scores, argmax
 
 
@@ -54,10 +66,10 @@ def _varlen_fake(q, cu_q, d, cu_d, pairs=None, reduce="sum", backend="auto", d_s
     acc = _accumulate_dtype(q.dtype)
     if pairs is None:
         Nq, Nd = cu_q.shape[0] - 1, cu_d.shape[0] - 1
-        return q.new_empty((Nq, Nd), dtype=acc), q.new_empty((Nd, q.shape[0]), dtype=torch.int32)
+        return q.new_empty((Nq, Nd), dtype=acc), q.new_empty((Nd, q.shape[0]), dtype=_argmax_dtype(d.shape[0]))
     # The flat argmax holds every pair's query tokens: a size known only from the data.
     total = torch.library.get_ctx().new_dynamic_size()
-    return q.new_empty((pairs.shape[0],), dtype=acc), q.new_empty((total,), dtype=torch.int32)
+    return q.new_empty((pairs.shape[0],), dtype=acc), q.new_empty((total,), dtype=_argmax_dtype(d.shape[0]))
 
 
 def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False, backend="auto", d_scale=None):
@@ -65,7 +77,7 @@ def _pairs_fake(q, d, q_mask=None, d_mask=None, reduce="sum", pylate_mask=False,
     B, K = d.shape[0], d.shape[1]
     return (
         q.new_empty((B, K), dtype=_accumulate_dtype(q.dtype)),
-        q.new_empty((B, K, q.shape[1]), dtype=torch.int32),
+        q.new_empty((B, K, q.shape[1]), dtype=_argmax_dtype(d.shape[2])),
     )
 
 
@@ -86,7 +98,7 @@ def _backward_fake(grad, q, d, argmax, meta, num_q, num_d, need_dq, need_dd, bac
 # Autograd. Registered from Python on the C++ ops (the forward kernels run for hundreds of
 # microseconds or more at the shapes MaxSim serves, so a Python autograd wrapper's ~9 us is
 # noise). Every op's backward is the one op sparseops::maxsim_backward: per (query, document)
-# pair a gradient coefficient and where its query rows, document rows and saved int32 argmax
+# pair a gradient coefficient and where its query rows, document rows and saved argmax
 # lie (meta [P, 6]). Its CPU kernel accumulates dq per query and dd per document in a fixed
 # order (deterministic, no atomics) straight from the argmax: no Lq x Ld and no
 # [Nq, Nd, Lq, dim] temporary. Masked tokens and empty documents have argmax -1 and get zero
@@ -236,8 +248,8 @@ if _backend.HAS_C:
 # ---------------------------------------------------------------------------------------------
 # Backends. Facts: (device type, dtype, dim < 16, int8 documents): the Triton kernel takes a
 # path without tl.dot below 16 (tl.dot needs K >= 16), so reasons and future ranks can depend
-# on it; the Triton kernels have no int8 path yet. The C++ op hands a Python kernel only its
-# inputs, so the Triton kernels also refuse int8 documents themselves (_no_int8_triton).
+# on it; int8 documents are refused by the CUDA C++ kernel only (Triton loads int8 tiles,
+# converts them exactly to q's dtype and scales each similarity after the dot).
 
 
 def _facts(q, d=None, *_):
@@ -249,21 +261,8 @@ def _facts(q, d=None, *_):
     raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
 
 
-_TRITON_INT8 = (
-    "has no int8-document kernel yet (the GPU kernels will load int8 and scale in the epilogue); "
-    'use backend="cpu" or "reference", or dequantise: d.float() * d_scale[..., None]'
-)
-
-
-def _triton_reason(device, dtype, small_dim, int8=False, *_):
-    if int8:
-        return _TRITON_INT8
+def _triton_reason(device, *_):
     return _backend.triton_kernels(device)
-
-
-def _no_int8_triton(op: str, d_scale) -> None:
-    if d_scale is not None:
-        raise RuntimeError(f"sparseops.{op}: backend 'triton' {_TRITON_INT8}")
 
 
 
@@ -305,7 +304,7 @@ def _cuda_reason(device, dtype, small_dim=None, int8=False, wide=False, many_row
     if why is not None:
         return why
     if int8:
-        return "takes float documents (int8 documents run on cpu or reference)"
+        return "takes float documents (int8 documents run on triton)"
     if dtype == torch.float64:  # other dtypes are the C++ op's errors, for every backend
         return "takes fp32, bf16 and fp16 (fp64 runs on triton)"
     if wide:
@@ -345,10 +344,9 @@ def _triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim import maxsim_triton
 
     q, d, q_mask, d_mask, d_scale = inputs
-    _no_int8_triton("maxsim", d_scale)
     maxsim_triton(
         q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], *outputs,
-        pylate=options["pylate_mask"],
+        pylate=options["pylate_mask"], d_scale=d_scale,
     )  # fmt: skip
 
 
@@ -403,26 +401,27 @@ _MAXSIM.register("reference", rank=9, unsupported_reason=_backend.always, kernel
 def _varlen_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_varlen_triton
 
-    _no_int8_triton("maxsim_varlen", inputs[-1])
-    maxsim_varlen_triton(*inputs[:-1], options["reduce"], *outputs)
+    q, cu_q, d, cu_d, pairs, arg_off, d_scale = inputs
+    maxsim_varlen_triton(q, cu_q, d, cu_d, pairs, arg_off, options["reduce"], *outputs, d_scale=d_scale)
 
 
 def _pairs_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_pairs_triton
 
     q, d, q_mask, d_mask, d_scale = inputs
-    _no_int8_triton("maxsim_pairs", d_scale)
     maxsim_pairs_triton(
-        q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], options["pylate_mask"], *outputs
-    )
+        q, d, q_mask, d_mask, options["q_mask"], options["d_mask"], options["reduce"], options["pylate_mask"], *outputs,
+        d_scale=d_scale,
+    )  # fmt: skip
 
 
 def _topk_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_pairs import maxsim_topk_triton
 
     q, d, cu_d, q_mask, candidates, d_scale = inputs
-    _no_int8_triton("maxsim_topk", d_scale)
-    maxsim_topk_triton(q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs)
+    maxsim_topk_triton(
+        q, d, cu_d, q_mask, candidates, options["k"], options["q_mask"], options["reduce"], *outputs, d_scale=d_scale
+    )
 
 
 # maxsim_varlen: the CUDA kernel scores all pairs; pair lists, maxsim_pairs and maxsim_topk
@@ -448,11 +447,10 @@ def _backward_triton_kernel(inputs, outputs, options) -> None:
     from ..kernels.maxsim_backward import maxsim_backward_triton
 
     grad, q, d, argmax, meta, d_scale = inputs
-    _no_int8_triton("maxsim_backward", d_scale)
     outs = iter(outputs)
     dq = next(outs) if options["need_dq"] else None
     dd = next(outs) if options["need_dd"] else None
-    maxsim_backward_triton(grad, q, d, argmax, meta, options["num_q"], options["num_d"], dq, dd)
+    maxsim_backward_triton(grad, q, d, argmax, meta, options["num_q"], options["num_d"], dq, dd, d_scale=d_scale)
 
 
 # The shared backward: the C++ kernel on CPU, the Triton kernel on CUDA (auto).
@@ -507,7 +505,8 @@ def maxsim(
             A masked winner (lowest index among equal maxima) has argmax -1 and no gradient.
         return_argmax: also return the int32 argmax [Nq, Nd, Lq] (or [Nd, Lq]): the document
             token each query token took, -1 where none was (masked query token, empty
-            document, masked winner under pylate_mask).
+            document, masked winner under pylate_mask). The op saves it for the backward as
+            int16 when Ld < 32768 (half the memory), int32 otherwise; this copy is int32.
         backend: None/"auto", "cuda", "cpu", "triton" or "reference". On CUDA tensors auto
             picks "cuda" (the fused CUDA C++ forward: fp32 / bf16 / fp16, dim <= 256) up to
             128 query rows (Nq * Lq), and "triton" above (its multi-query kernel, for
@@ -524,8 +523,10 @@ def maxsim(
     max within max_j e_ij; a score is within the sum (or mean) of those. For unit-norm
     tokens at dim 128 that is ~1e-3 relative per similarity in the worst case, and argmax may
     differ from the reference's where two similarities are closer than that. fp64 queries
-    (gradcheck) and other processors take the exact float path. The "triton" backend has no
-    int8 kernel yet (an error says so). Differentiable in q only: d int8 cannot require
+    (gradcheck) and other processors take the exact float path. The "triton" backend (what
+    auto runs on CUDA tensors: the "cuda" kernel takes float documents) converts int8 tiles
+    exactly to q's dtype and scales each similarity after the dot, the reference's formula
+    at float tolerances. Differentiable in q only: d int8 cannot require
     grad, and a d_scale that requires grad is an error (the index is frozen).
 
     Returns:
@@ -558,7 +559,7 @@ def maxsim(
         )
     if single:
         scores, argmax = scores[0], argmax[0]
-    return (scores, argmax) if return_argmax else scores
+    return (scores, _public_argmax(argmax)) if return_argmax else scores
 
 
 def _check_scale(op: str, d_scale: torch.Tensor | None, similarity: str) -> None:
@@ -662,7 +663,8 @@ def maxsim_varlen(
         reduce, similarity: as in ``maxsim`` ("mean" divides by the query's length).
         return_argmax: also return the int32 argmax (document-local token index, -1 for an
             empty document): [Nd, total_q] for all pairs (query n against document m at
-            [m, cu_q[n]:cu_q[n + 1]]), flat [sum of the pairs' query lengths] with pairs.
+            [m, cu_q[n]:cu_q[n + 1]]), flat [sum of the pairs' query lengths] with pairs. The
+            op saves it as int16 when total_d < 32768 (a bound the shapes give), else int32.
 
     Empty queries and documents score 0. Differentiable in q and d (backward from the
     argmax). Backends: "cuda" (the fused CUDA C++ forward, all pairs only; auto picks it up
@@ -672,7 +674,7 @@ def maxsim_varlen(
     _check_scale("maxsim_varlen", d_scale, similarity)
     q, d = _similarity(similarity, q, d)
     scores, argmax = _call(_varlen_op, (q, d), q, cu_q, d, cu_d, pairs, reduce, name, d_scale)
-    return (scores, argmax) if return_argmax else scores
+    return (scores, _public_argmax(argmax)) if return_argmax else scores
 
 
 def maxsim_pairs(
@@ -698,7 +700,8 @@ def maxsim_pairs(
         q_mask: None, bool [B, Lq] or lengths [B].
         d_mask: None, bool [B, Ld] / [B, K, Ld] or lengths [B] / [B, K].
         reduce, similarity, pylate_mask: as in ``maxsim``.
-        return_argmax: also return the int32 argmax [B, Lq] / [B, K, Lq].
+        return_argmax: also return the int32 argmax [B, Lq] / [B, K, Lq] (saved as int16
+            when Ld < 32768).
         d_scale: with int8 d, fp32 [B, Ld] / [B, K, Ld] (as in ``maxsim``).
 
     Differentiable in q and d. Backends: "cpu" (C++), "triton", "reference".
@@ -716,7 +719,7 @@ def maxsim_pairs(
     scores, argmax = _pairs_op(q, d, q_mask, d_mask, reduce, pylate_mask, name, d_scale)
     if three:
         scores, argmax = scores[:, 0], argmax[:, 0]
-    return (scores, argmax) if return_argmax else scores
+    return (scores, _public_argmax(argmax)) if return_argmax else scores
 
 
 def maxsim_topk(
