@@ -255,9 +255,13 @@ def _special(out, k, dtype, seed):
 
 @pytest.mark.parametrize("n,m", PATTERNS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prune_special_values(n, m, dtype):
-    k = 3 * 16 + m  # a partial 16-column step (for m < 16)
-    w = _special(6, k, dtype, seed=n * m)
+@pytest.mark.parametrize("last", ["one-group", "all-but-one-group"])
+def test_prune_special_values(n, m, dtype, last):
+    # The row's last 16-column step holds m columns, or 16 - m (more than 8 columns for m <= 4:
+    # both halves of the 8-column meta tables; m = 16 gets a full step).
+    k = 3 * 16 + (m if last == "one-group" else 16 - m)
+    w = _special(6, max(k, 16), dtype, seed=n * m)
+    k = w.shape[1]
     scores_f = _x(6, k, seed=9)  # negative scores too
     scores_f[0, :4] = torch.tensor([-0.0, 0.0, -1.0, float("nan")])
     scores_f[1, :4] = torch.tensor([-float("inf"), -3.0, -3.0, -0.5])
