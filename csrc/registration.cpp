@@ -94,9 +94,12 @@ TORCH_LIBRARY(sparseops, m) {
       "Tensor? bias=None, str backend=\"auto\") -> Tensor");
   // N:M compress: prune=True keeps the n best scores (|w| if None) per group (fused mask +
   // compress); prune=False keeps mask (default: w's non-zeros), an error when w is not N:M.
+  // outputs: "all", "compressed" (values + meta: nm_compress) or "mask" (nm_mask); an output
+  // not asked for is an empty [0] tensor, never written.
   m.def(
       "nm_compress(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
-      "bool prune=False, str backend=\"auto\") -> (Tensor values, Tensor meta, Tensor mask)");
+      "bool prune=False, str backend=\"auto\", str outputs=\"all\") -> "
+      "(Tensor values, Tensor meta, Tensor mask)");
   // The 2:4 sparse-tensor-core metadata (int32 [mtiles, ksteps, 16], sparseops/nm_sp24.h) of
   // an n:m meta with n <= 2, validated; the CUDA nm_linear caches it per meta tensor.
   m.def("nm_sp24_meta(Tensor meta, int n, int m, int out_features, int in_features) -> Tensor");
@@ -107,7 +110,7 @@ TORCH_LIBRARY(sparseops, m) {
       "int n, int m, int in_features, int config) -> Tensor");
   m.def(
       "_nm_compress_emulate(Tensor w, int n, int m, Tensor? scores=None, Tensor? mask=None, "
-      "bool prune=False) -> (Tensor values, Tensor meta, Tensor mask)");
+      "bool prune=False, str outputs=\"all\") -> (Tensor values, Tensor meta, Tensor mask)");
   // ---- end nm_sparse
   // ---- grouped_mm (gg): one GEMM per group over a jagged dimension (torch._grouped_mm's
   // layouts: 2D x 3D a [S, K] b [G, K, N] -> [S, N]; 2D x 2D ragged K -> [G, M, N]; 3D x 3D

@@ -351,8 +351,8 @@ def nm_linear_triton(
 def _nm_compress_kernel(
     w_ptr,  # [NO, K] contiguous
     s_ptr,  # [NO, K] scores (HAS_SCORES) or a dummy
-    v_ptr,  # [NO, KEPT] out, w's dtype
-    meta_ptr,  # [NO, MB] uint8 out
+    v_ptr,  # [NO, KEPT] out, w's dtype (HAS_COMPRESSED) or a dummy
+    meta_ptr,  # [NO, MB] uint8 out (HAS_COMPRESSED) or a dummy
     mask_ptr,  # [NO, K] uint8 view of the bool mask (HAS_MASK) or a dummy
     NO,
     K,
@@ -370,6 +370,7 @@ def _nm_compress_kernel(
     BSP: tl.constexpr,  # next_pow2(BS)
     HAS_SCORES: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_COMPRESSED: tl.constexpr,  # values and meta wanted (nm_mask wants the mask only)
     KEY: tl.constexpr,  # dtype the ranking compares in (fp32, fp64 for fp64 keys)
     BLOCK_O: tl.constexpr,
     BLOCK_SB: tl.constexpr,
@@ -403,24 +404,25 @@ def _nm_compress_kernel(
     before = (nan_q & (ki == ki)) | (kq > ki) | (((kq == ki) | (nan_q & nan_i)) & qi)
     rank = tl.sum(before.to(tl.int32), axis=3)  # [BO, NG, M]
     kept = (rank < N) & ok
-    slot = tl.sum((kept[:, :, None, :] & qi).to(tl.int32), axis=3)  # kept members before i
-    j = g[None, :, None] * N + slot  # kept index in the row
-    tl.store(v_ptr + r64[:, None, None] * KEPT + j, w, mask=kept)
     if HAS_MASK:
         tl.store(mask_ptr + off, kept.to(tl.uint8), mask=ok)
-    # meta: byte kb = jl // VPB of the super-block, bits (jl % VPB) * B, jl = gs * N + slot.
-    jl = gs[None, :, None] * N + slot
-    contrib = tl.where(kept, p[None, None, :] << ((jl % VPB) * B), 0)
-    kb = tl.where(kept, jl // VPB, BSP)
-    contrib3 = tl.reshape(contrib, [BLOCK_O, BLOCK_SB, GSP * M])
-    kb3 = tl.reshape(kb, [BLOCK_O, BLOCK_SB, GSP * M])
-    offs_b = tl.arange(0, BSP)
-    sel = kb3[:, :, None, :] == offs_b[None, None, :, None]  # [BO, BSB, BSP, GSP*M]
-    byte = tl.sum(tl.where(sel, contrib3[:, :, None, :], 0), axis=3)  # [BO, BSB, BSP]
-    sb = pid_s * BLOCK_SB + tl.arange(0, BLOCK_SB)
-    bidx = sb[:, None] * BS + offs_b[None, :]  # [BSB, BSP]
-    bok = r_in[:, None, None] & ((offs_b < BS)[None, :] & (bidx < MB))[None, :, :]
-    tl.store(meta_ptr + r64[:, None, None] * MB + bidx[None, :, :], byte.to(tl.uint8), mask=bok)
+    if HAS_COMPRESSED:  # values in position order and their meta bytes (nm_mask skips them)
+        slot = tl.sum((kept[:, :, None, :] & qi).to(tl.int32), axis=3)  # kept members before i
+        j = g[None, :, None] * N + slot  # kept index in the row
+        tl.store(v_ptr + r64[:, None, None] * KEPT + j, w, mask=kept)
+        # meta: byte kb = jl // VPB of the super-block, bits (jl % VPB) * B, jl = gs * N + slot.
+        jl = gs[None, :, None] * N + slot
+        contrib = tl.where(kept, p[None, None, :] << ((jl % VPB) * B), 0)
+        kb = tl.where(kept, jl // VPB, BSP)
+        contrib3 = tl.reshape(contrib, [BLOCK_O, BLOCK_SB, GSP * M])
+        kb3 = tl.reshape(kb, [BLOCK_O, BLOCK_SB, GSP * M])
+        offs_b = tl.arange(0, BSP)
+        sel = kb3[:, :, None, :] == offs_b[None, None, :, None]  # [BO, BSB, BSP, GSP*M]
+        byte = tl.sum(tl.where(sel, contrib3[:, :, None, :], 0), axis=3)  # [BO, BSB, BSP]
+        sb = pid_s * BLOCK_SB + tl.arange(0, BLOCK_SB)
+        bidx = sb[:, None] * BS + offs_b[None, :]  # [BSB, BSP]
+        bok = r_in[:, None, None] & ((offs_b < BS)[None, :] & (bidx < MB))[None, :, :]
+        tl.store(meta_ptr + r64[:, None, None] * MB + bidx[None, :, :], byte.to(tl.uint8), mask=bok)
 
 
 def _super_block(n: int, m: int) -> tuple[int, int, int]:
@@ -442,17 +444,20 @@ def nm_compress_triton(
     """Fused prune + compress of w [NO, K]: the n best of every group of m by ``scores`` (same
     shape, any float dtype; None = |w|), larger first, ties to the lower index, NaN above every
     number. Writes values_out [NO, KEPT] (w's dtype), meta_out uint8 [NO, MB] and, when given,
-    mask_out bool [NO, K] (exactly n True per group). Contract: contiguous tensors, shapes
-    already checked by the op layer."""
+    mask_out bool [NO, K] (exactly n True per group); values_out and meta_out both None:
+    the mask only (nm_mask). Contract: contiguous tensors, shapes already checked by the op
+    layer."""
     NO, K = w.shape
     assert m in _BITS and 1 <= n < m and K % m == 0
     G = K // m
     kept = G * n
     b = _BITS[m]
     mb = (kept * b + 7) // 8
-    assert w.is_contiguous() and values_out.is_contiguous() and meta_out.is_contiguous()
-    assert tuple(values_out.shape) == (NO, kept) and values_out.dtype == w.dtype
-    assert tuple(meta_out.shape) == (NO, mb) and meta_out.dtype == torch.uint8
+    compressed = values_out is not None
+    assert (meta_out is not None) == compressed and (compressed or mask_out is not None)
+    assert w.is_contiguous() and (not compressed or (values_out.is_contiguous() and meta_out.is_contiguous()))
+    assert not compressed or (tuple(values_out.shape) == (NO, kept) and values_out.dtype == w.dtype)
+    assert not compressed or (tuple(meta_out.shape) == (NO, mb) and meta_out.dtype == torch.uint8)
     assert scores is None or (scores.is_contiguous() and scores.shape == w.shape)
     assert mask_out is None or (mask_out.is_contiguous() and mask_out.shape == w.shape)
     if NO == 0 or K == 0:
@@ -472,8 +477,8 @@ def nm_compress_triton(
     _nm_compress_kernel[(cdiv(NO, block_o) * nsbb,)](
         w,
         scores if scores is not None else w,
-        values_out,
-        meta_out,
+        values_out if compressed else w,
+        meta_out if compressed else mask_arg,
         mask_arg,
         NO,
         K,
@@ -491,6 +496,7 @@ def nm_compress_triton(
         BSP=bsp,
         HAS_SCORES=scores is not None,
         HAS_MASK=mask_out is not None,
+        HAS_COMPRESSED=compressed,
         KEY=tl.float64 if key_fp64 else tl.float32,
         BLOCK_O=block_o,
         BLOCK_SB=block_sb,

@@ -275,6 +275,18 @@ def test_compress_emulator_bitwise(n, m, dtype):
     _assert_same(torch.ops.sparseops._nm_compress_emulate(ws, n, m, None, None, False), want)
 
 
+def test_compress_emulator_writes_only_the_outputs_asked_for():
+    """The CUDA kernel's blocks with values / meta or the mask not wanted (null pointers in
+    nm_compress.h): what is written equals the full run, the rest comes back empty."""
+    for n, m in [(2, 4), (1, 2), (3, 8), (5, 16)]:
+        w = _x(5, 7 * m, seed=m + n)
+        full = torch.ops.sparseops._nm_compress_emulate(w, n, m, None, None, True)
+        values, meta, none = torch.ops.sparseops._nm_compress_emulate(w, n, m, None, None, True, outputs="compressed")
+        assert torch.equal(values, full[0]) and torch.equal(meta, full[1]) and none.shape == (0,)
+        a, b, mask = torch.ops.sparseops._nm_compress_emulate(w, n, m, None, None, True, outputs="mask")
+        assert a.shape == b.shape == (0,) and torch.equal(mask, full[2])
+
+
 def test_compress_emulator_block_edges():
     """Rows whose group count is not a multiple of the thread block (1:2 packs 8 groups per
     meta byte, 1:4 four): the last block of each row writes a partial byte."""

@@ -213,6 +213,25 @@ def test_prune_compress_vs_reference(device, backend, n, m):
 
 
 @pytest.mark.parametrize("device,backend", COMPRESS)
+def test_compress_outputs_not_asked_for_are_empty(device, backend):
+    """outputs="compressed" (nm_compress) and "mask" (nm_mask) write only those: the others come
+    back empty [0], and what is written equals outputs="all", on the prune and keep paths."""
+    op = torch.ops.sparseops.nm_compress
+    for n, m, dtype in [(2, 4, torch.float32), (1, 8, torch.bfloat16), (3, 16, torch.float16)]:
+        w = _x(6, 3 * m + 16 if m < 16 else 3 * m, dtype=dtype, seed=m).to(device)
+        mask = ref.nm_mask_ref(w.cpu(), n, m).to(device)
+        for args in ((w, n, m, None, None, True), (w, n, m, w.float().square(), None, True),
+                     (w * mask, n, m, None, mask, False)):  # fmt: skip
+            full = op(*args, backend)
+            values, meta, none = op(*args, backend, outputs="compressed")
+            assert torch.equal(values, full[0]) and torch.equal(meta, full[1]) and none.shape == (0,)
+            a, b, only = op(*args, backend, outputs="mask")
+            assert a.shape == b.shape == (0,) and torch.equal(only, full[2])
+    with pytest.raises(RuntimeError, match='outputs must be "all", "compressed" or "mask"'):
+        op(w, 2, 4, None, None, True, backend, outputs="values")
+
+
+@pytest.mark.parametrize("device,backend", COMPRESS)
 def test_compress_given_mask_and_sparse_weight(device, backend):
     for n, m in [(2, 4), (1, 8), (8, 16), (15, 16)]:
         w = _x(7, 4 * m, seed=m)
@@ -381,6 +400,10 @@ def test_opcheck_compress(device, backend):
     torch.library.opcheck(torch.ops.sparseops.nm_compress.default, (w, 2, 4, None, None, True, backend))
     torch.library.opcheck(torch.ops.sparseops.nm_compress.default, (w * mask, 2, 4, None, mask, False, backend))
     torch.library.opcheck(torch.ops.sparseops.nm_compress.default, (w, 1, 8, w.abs(), None, True, backend))
+    for outputs in ("compressed", "mask"):
+        torch.library.opcheck(
+            torch.ops.sparseops.nm_compress.default, (w, 2, 4, None, None, True, backend), {"outputs": outputs}
+        )
 
 
 @pytest.mark.parametrize("device,backend", LINEAR)

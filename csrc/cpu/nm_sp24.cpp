@@ -314,9 +314,9 @@ void emulate_compress(const Tensor& w, const Tensor& scores, const Tensor& keep,
   TORCH_CHECK(bg <= kMaxGroups, "emulator: block of ", bg, " groups exceeds the kernel's bound");
   const int64_t blocks_per_row = (c.groups + bg - 1) / bg;
   const T* wp = w.data_ptr<T>();
-  T* vp = values.data_ptr<T>();
-  uint8_t* mp = meta.data_ptr<uint8_t>();
-  bool* kp = mask.data_ptr<bool>();
+  T* vp = nm_compress_out<T>(values);
+  uint8_t* mp = nm_compress_out<uint8_t>(meta);
+  bool* kp = nm_compress_out<bool>(mask);
   const Tensor s = scores.defined() ? scores.to(at::kDouble).contiguous() : Tensor();
   const double* sp = s.defined() ? s.data_ptr<double>() : nullptr;
   const bool* keepp = keep.defined() ? keep.data_ptr<bool>() : nullptr;
@@ -331,10 +331,13 @@ void emulate_compress(const Tensor& w, const Tensor& scores, const Tensor& keep,
         if (sp != nullptr) return sp[base + i];
         return abs_key(wp[base + i]);
       };
-      bool* mrow = kp + base;
+      bool* mrow = kp != nullptr ? kp + base : nullptr;  // as the kernel: null = not wanted
       nmc::compress_block<M, kMaxGroups>(
-          wp + base, key, n, bits, groups, vp + row * c.kept + g0 * n,
-          [&](int i, bool k) { mrow[i] = k; }, mp + row * c.meta_bytes + g0 * n * bits / 8);
+          wp + base, key, n, bits, groups, vp != nullptr ? vp + row * c.kept + g0 * n : nullptr,
+          [&](int i, bool k) {
+            if (mrow != nullptr) mrow[i] = k;
+          },
+          mp != nullptr ? mp + row * c.meta_bytes + g0 * n * bits / 8 : nullptr);
     }
   });
 }

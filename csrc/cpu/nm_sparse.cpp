@@ -1600,14 +1600,14 @@ template <typename scalar_t>
 void compress(const Tensor& w, const double* scores, const bool* keep, const NMConfig& c,
               Tensor& values, Tensor& meta, Tensor& mask) {
   const scalar_t* wp = w.data_ptr<scalar_t>();
-  scalar_t* vp = values.data_ptr<scalar_t>();
-  uint8_t* mp = meta.data_ptr<uint8_t>();
-  bool* kp = mask.data_ptr<bool>();
+  scalar_t* vp = nm_compress_out<scalar_t>(values);
+  uint8_t* mp = nm_compress_out<uint8_t>(meta);
+  bool* kp = nm_compress_out<bool>(mask);
   const int64_t n = c.n, m = c.m;
   at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t o = b0; o < b1; ++o) {
-      uint8_t* mrow = mp + o * c.meta_bytes;
-      std::memset(mrow, 0, static_cast<size_t>(c.meta_bytes));
+      uint8_t* mrow = mp != nullptr ? mp + o * c.meta_bytes : nullptr;
+      if (mrow != nullptr) std::memset(mrow, 0, static_cast<size_t>(c.meta_bytes));
       for (int64_t g = 0; g < c.groups; ++g) {
         const int64_t base = o * c.in + g * m;
         bool sel[16];
@@ -1639,8 +1639,8 @@ void compress(const Tensor& w, const double* scores, const bool* keep, const NMC
         }
         int64_t j = g * n;
         for (int64_t p = 0; p < m; ++p) {
-          kp[base + p] = sel[p];
-          if (!sel[p]) continue;
+          if (kp != nullptr) kp[base + p] = sel[p];
+          if (!sel[p] || vp == nullptr) continue;
           vp[o * c.kept + j] = wp[base + p];
           const int64_t bit = j * c.bits;
           mrow[bit >> 3] |= static_cast<uint8_t>(p << (bit & 7));
@@ -1739,12 +1739,13 @@ SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp
   }
   const int64_t per = 16 / M * c.n;
   const __m512i one = _mm512_set1_epi32(1), nv = _mm512_set1_epi32(n);
+  // vp / mp (both or neither) and kp null: outputs nobody asked for (nm_compress_out).
   for (int64_t o = o0; o < o1; ++o) {
     const scalar_t* wr = wp + o * c.in;
     const float* sr = sp != nullptr ? sp + o * c.in : nullptr;
-    scalar_t* vr = vp + o * c.kept;
-    bool* kr = kp + o * c.in;
-    MetaWriter mw{mp + o * c.meta_bytes};
+    scalar_t* vr = vp != nullptr ? vp + o * c.kept : nullptr;
+    bool* kr = kp != nullptr ? kp + o * c.in : nullptr;
+    MetaWriter mw{mp != nullptr ? mp + o * c.meta_bytes : nullptr};
     for (int64_t k0 = 0; k0 < c.in; k0 += 16) {
       const int64_t cols = std::min<int64_t>(16, c.in - k0);
       const auto lm = static_cast<__mmask16>(cols == 16 ? 0xffff : (1u << cols) - 1u);
@@ -1759,6 +1760,8 @@ SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp
         rank = _mm512_mask_add_epi32(rank, beats, rank, one);
       }
       const __mmask16 kept = _mm512_cmplt_epi32_mask(rank, nv) & lm;
+      if (kr != nullptr) _mm_mask_storeu_epi8(kr + k0, lm, _mm_maskz_set1_epi8(kept, 1));
+      if (vr == nullptr) continue;
       const int64_t cnt = cols == 16 ? per : cols / M * n;
       const auto sm = static_cast<__mmask16>((1u << cnt) - 1u);
       scalar_t* vdst = vr + k0 / M * n;
@@ -1770,7 +1773,6 @@ SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp
         _mm256_mask_storeu_epi16(vdst, sm,
                                  _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(kept, raw)));
       }
-      _mm_mask_storeu_epi8(kr + k0, lm, _mm_maskz_set1_epi8(kept, 1));
       const uint32_t kb = kept;
       if constexpr (M <= 8) {
         if (cols == 16) {
@@ -1790,7 +1792,7 @@ SPARSEOPS_NM_AVX512 void compress_keyed_rows(const scalar_t* wp, const float* sp
         mw.put(code, width);
       }
     }
-    mw.flush();
+    if (vr != nullptr) mw.flush();
   }
 }
 
@@ -1798,9 +1800,9 @@ template <typename scalar_t>
 void compress_keyed(const Tensor& w, const float* scores, const NMConfig& c, Tensor& values,
                     Tensor& meta, Tensor& mask) {
   const scalar_t* wp = w.data_ptr<scalar_t>();
-  scalar_t* vp = values.data_ptr<scalar_t>();
-  uint8_t* mp = meta.data_ptr<uint8_t>();
-  bool* kp = mask.data_ptr<bool>();
+  scalar_t* vp = nm_compress_out<scalar_t>(values);
+  uint8_t* mp = nm_compress_out<uint8_t>(meta);
+  bool* kp = nm_compress_out<bool>(mask);
   at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
     switch (c.m) {
       case 2:
@@ -1881,11 +1883,12 @@ SPARSEOPS_NM_BF16DOT void compress_abs16_rows(const uint16_t* wp, uint16_t nan_k
   const __m512i absm = _mm512_set1_epi16(0x7fff), nank = _mm512_set1_epi16(static_cast<short>(nan_key));
   const __m512i nv = _mm512_set1_epi16(static_cast<short>(n));
   const __m256i one8 = _mm256_set1_epi8(1);
+  // vp / mp (both or neither) and kp null: outputs nobody asked for (nm_compress_out).
   for (int64_t o = o0; o < o1; ++o) {
     const uint16_t* wr = wp + o * c.in;
-    uint16_t* vr = vp + o * c.kept;
-    uint8_t* mr = mp + o * c.meta_bytes;
-    bool* kr = kp + o * c.in;
+    uint16_t* vr = vp != nullptr ? vp + o * c.kept : nullptr;
+    uint8_t* mr = mp != nullptr ? mp + o * c.meta_bytes : nullptr;
+    bool* kr = kp != nullptr ? kp + o * c.in : nullptr;
     for (int64_t k0 = 0; k0 < c.in; k0 += 32) {
       const int64_t cols = std::min<int64_t>(32, c.in - k0);
       const auto lm = static_cast<__mmask32>(cols == 32 ? 0xffffffffu : (1u << cols) - 1u);
@@ -1893,10 +1896,11 @@ SPARSEOPS_NM_BF16DOT void compress_abs16_rows(const uint16_t* wp, uint16_t nan_k
       const __m512i key = _mm512_min_epu16(_mm512_and_si512(raw, absm), nank);
       const __m512i rank = rank16<M>(key, _mm512_setzero_si512());
       const __mmask32 kept = _mm512_cmplt_epi16_mask(rank, nv) & lm;
+      if (kr != nullptr) _mm256_mask_storeu_epi8(kr + k0, lm, _mm256_maskz_mov_epi8(kept, one8));
+      if (vr == nullptr) continue;
       const int64_t cnt = cols == 32 ? per : cols / M * n;
       _mm512_mask_storeu_epi16(vr + k0 / M * n, static_cast<__mmask32>((1ull << cnt) - 1u),
                                _mm512_maskz_compress_epi16(kept, raw));
-      _mm256_mask_storeu_epi8(kr + k0, lm, _mm256_maskz_mov_epi8(kept, one8));
       const uint32_t kb = kept;
       const uint64_t cd = uint64_t(code[kb & 0xff]) | (uint64_t(code[(kb >> 8) & 0xff]) << wb) |
                           (uint64_t(code[(kb >> 16) & 0xff]) << (2 * wb)) |
@@ -1915,9 +1919,9 @@ template <int M>
 void compress_abs16(const Tensor& w, uint16_t nan_key, const NMConfig& c, Tensor& values, Tensor& meta,
                     Tensor& mask) {
   const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
-  auto* vp = static_cast<uint16_t*>(values.data_ptr());
-  uint8_t* mp = meta.data_ptr<uint8_t>();
-  bool* kp = mask.data_ptr<bool>();
+  auto* vp = nm_compress_out<uint16_t>(values);
+  uint8_t* mp = nm_compress_out<uint8_t>(meta);
+  bool* kp = nm_compress_out<bool>(mask);
   at::parallel_for(0, c.out, 16, [&](int64_t b0, int64_t b1) {
     compress_abs16_rows<M>(wp, nan_key, c, b0, b1, vp, mp, kp);
   });

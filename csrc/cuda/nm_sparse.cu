@@ -436,10 +436,15 @@ __global__ void nm_compress_kernel(const T* __restrict__ w, const void* __restri
     if (e < elems)
       keys[e] = p.kind == kAbsW ? abs_key(wl[e]) : load_score(scores, base + e, p.kind);
   }
-  bool* mrow = mask + base;
+  // values / meta (both or neither) and mask null: outputs nobody asked for.
+  bool* mrow = mask != nullptr ? mask + base : nullptr;
   nmc::compress_block<M, kMaxGroups>(
-      wl, [&](int i) { return keys[i]; }, p.n, p.bits, groups, values + row * p.kept + g0 * p.n,
-      [&](int i, bool k) { mrow[i] = k; }, meta + row * p.meta_bytes + g0 * p.n * p.bits / 8);
+      wl, [&](int i) { return keys[i]; }, p.n, p.bits, groups,
+      values != nullptr ? values + row * p.kept + g0 * p.n : nullptr,
+      [&](int i, bool k) {
+        if (mrow != nullptr) mrow[i] = k;
+      },
+      meta != nullptr ? meta + row * p.meta_bytes + g0 * p.n * p.bits / 8 : nullptr);
 }
 
 template <typename T>
@@ -463,9 +468,9 @@ void compress_typed(const Tensor& w, const void* scores, ScoreKind kind, const N
   TORCH_CHECK(blocks < (int64_t(1) << 31), "nm_compress: weight too large for one launch");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-  T* vp = reinterpret_cast<T*>(values.data_ptr());
-  uint8_t* mp = meta.data_ptr<uint8_t>();
-  bool* kp = mask.data_ptr<bool>();
+  T* vp = nm_compress_out<T>(values);
+  uint8_t* mp = nm_compress_out<uint8_t>(meta);
+  bool* kp = nm_compress_out<bool>(mask);
   switch (cfg.m) {
     case 2:
       nm_compress_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(wp, scores, vp, mp, kp, p);

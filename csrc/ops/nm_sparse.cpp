@@ -20,6 +20,7 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <array>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -239,15 +240,23 @@ Tensor nm_sp24_emulate(const Tensor& x, const Tensor& values, const Tensor& meta
   return y.view(a.oshape);
 }
 
-// nm_compress's arguments: w contiguous, the ranking (scores or a keep mask) and the outputs.
+// nm_compress's arguments: w contiguous, the ranking (scores or a keep mask) and the outputs
+// (an output not asked for is empty; the kernels get it undefined and skip its stores).
 struct CompressArgs {
   NMConfig cfg;
   Tensor w, scores, keep, values, meta, mask;
+  bool want_compressed = true, want_mask = true;
+  // The outputs as the kernels take them: undefined = not wanted.
+  std::array<Tensor, 3> kernel_outputs() const {
+    return {want_compressed ? values : Tensor(), want_compressed ? meta : Tensor(),
+            want_mask ? mask : Tensor()};
+  }
 };
 
 CompressArgs prepare_compress(const Tensor& w, int64_t n, int64_t m,
                               const std::optional<Tensor>& scores,
-                              const std::optional<Tensor>& mask, bool prune) {
+                              const std::optional<Tensor>& mask, bool prune,
+                              c10::string_view outputs) {
   check_dim(w, "w", 2);
   check_dtype(w, "w", kDtypes);
   CompressArgs a;
@@ -286,37 +295,46 @@ CompressArgs prepare_compress(const Tensor& w, int64_t n, int64_t m,
   } else {
     TORCH_CHECK(!mask.has_value(), "mask is not used with prune=True");
   }
-  a.values = at::empty({cfg.out, cfg.kept}, w.options());
-  a.meta = at::empty({cfg.out, cfg.meta_bytes}, w.options().dtype(at::kByte));
-  a.mask = at::empty({cfg.out, cfg.in}, w.options().dtype(at::kBool));
+  TORCH_CHECK(outputs == "all" || outputs == "compressed" || outputs == "mask",
+              "outputs must be \"all\", \"compressed\" or \"mask\", got \"", std::string(outputs), "\"");
+  a.want_compressed = outputs != "mask";
+  a.want_mask = outputs != "compressed";
+  const auto opt = w.options();
+  a.values = a.want_compressed ? at::empty({cfg.out, cfg.kept}, opt) : at::empty({0}, opt);
+  a.meta = at::empty(a.want_compressed ? std::vector<int64_t>{cfg.out, cfg.meta_bytes} : std::vector<int64_t>{0},
+                     opt.dtype(at::kByte));
+  a.mask = at::empty(a.want_mask ? std::vector<int64_t>{cfg.out, cfg.in} : std::vector<int64_t>{0},
+                     opt.dtype(at::kBool));
   return a;
 }
 
 std::tuple<Tensor, Tensor, Tensor> nm_compress(const Tensor& w, int64_t n, int64_t m,
                                                const std::optional<Tensor>& scores,
                                                const std::optional<Tensor>& mask, bool prune,
-                                               c10::string_view backend) {
-  CompressArgs a = prepare_compress(w, n, m, scores, mask, prune);
+                                               c10::string_view backend, c10::string_view outputs) {
+  CompressArgs a = prepare_compress(w, n, m, scores, mask, prune, outputs);
   const NMConfig& cfg = a.cfg;
   if (cfg.out == 0 || cfg.in == 0) return {a.values, a.meta, a.mask};
   const bool native = runs_native("nm_compress", backend, w);
 #ifndef SPARSEOPS_WITH_CUDA
   TORCH_CHECK(!native || w.is_cpu(), "sparseops.nm_compress has no CUDA C++ kernel in this build");
 #endif
+  auto [values, meta, keep_out] = a.kernel_outputs();
   if (native && w.is_cpu()) {
-    nm_compress_cpu_kernel(a.w, a.scores, a.keep, cfg, a.values, a.meta, a.mask);
+    nm_compress_cpu_kernel(a.w, a.scores, a.keep, cfg, values, meta, keep_out);
 #ifdef SPARSEOPS_WITH_CUDA
   } else if (native) {
     c10::cuda::CUDAGuard guard(w.device());
-    nm_compress_cuda_kernel(a.w, a.scores, a.keep, cfg, a.values, a.meta, a.mask);
+    nm_compress_cuda_kernel(a.w, a.scores, a.keep, cfg, values, meta, keep_out);
 #endif
   } else {
     // The Python kernels rank scores only (NM_FORMAT's nm_compress_triton contract): a keep
     // mask becomes scores 1 (kept) / 0, and the ranking's ties to the lower index pad a short
-    // group with its lowest unkept positions, as the keep path of the CPU kernel does.
+    // group with its lowest unkept positions, as the keep path of the CPU kernel does. They
+    // get every output and the outputs option (the ones not wanted are empty).
     const Tensor sc = a.keep.defined() ? a.keep.to(at::kFloat) : a.scores;
     call_python_kernel("nm_compress", backend, {a.w, sc}, {a.values, a.meta, a.mask},
-                       {{"n", n}, {"m", m}});
+                       {{"n", n}, {"m", m}, {"outputs", std::string(outputs)}});
   }
   return {a.values, a.meta, a.mask};
 }
@@ -325,11 +343,12 @@ std::tuple<Tensor, Tensor, Tensor> nm_compress(const Tensor& w, int64_t n, int64
 std::tuple<Tensor, Tensor, Tensor> nm_compress_emulate(const Tensor& w, int64_t n, int64_t m,
                                                        const std::optional<Tensor>& scores,
                                                        const std::optional<Tensor>& mask,
-                                                       bool prune) {
+                                                       bool prune, c10::string_view outputs) {
   TORCH_CHECK(w.is_cpu(), "_nm_compress_emulate runs on CPU tensors, got w of ", describe(w));
-  CompressArgs a = prepare_compress(w, n, m, scores, mask, prune);
+  CompressArgs a = prepare_compress(w, n, m, scores, mask, prune, outputs);
   if (a.cfg.out > 0 && a.cfg.in > 0) {
-    nm_compress_emulate_cpu_kernel(a.w, a.scores, a.keep, a.cfg, a.values, a.meta, a.mask);
+    auto [values, meta, keep_out] = a.kernel_outputs();
+    nm_compress_emulate_cpu_kernel(a.w, a.scores, a.keep, a.cfg, values, meta, keep_out);
   }
   return {a.values, a.meta, a.mask};
 }

@@ -22,12 +22,13 @@ namespace sparseops {
 // (a 25 MB grouped_mm weight gradient spent 68 % of its time in clear_page under
 // do_huge_pmd_anonymous_page). A hint on the 2 MB-aligned interior of a tensor the caller is
 // about to write in full; without THP, or on pages already touched, nothing changes, and
-// errors are ignored.
+// errors are ignored (and an undefined tensor, an output nobody asked for, is skipped).
 constexpr size_t kFreshMapBytes = size_t(32) << 20;
 
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (!t.defined()) return;
   const size_t bytes = t.nbytes();
   if (bytes <= kFreshMapBytes) return;
   const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());

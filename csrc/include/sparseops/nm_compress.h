@@ -42,8 +42,9 @@ constexpr int kMaxBlockGroups = 8;
 // Compresses `groups` (<= block_groups) consecutive groups of M values that start on a meta
 // byte: w / key [groups * M] (weights and ranking keys), writes values [groups * n] (kept
 // weights in increasing position order, copied bit for bit), mask [groups * M] and the meta
-// bytes [0, ceil(groups * n * bits / 8)). kMaxGroups bounds `groups` at compile time (the CUDA
-// kernel unrolls over it so its arrays stay in registers).
+// bytes [0, ceil(groups * n * bits / 8)); values and meta null: not wanted (nm_mask), nothing
+// but the mask is written. kMaxGroups bounds `groups` at compile time (the CUDA kernel unrolls
+// over it so its arrays stay in registers).
 template <int M, int kMaxGroups, typename T, typename Keys, typename Mask>
 SPARSEOPS_NMC_HD void compress_block(const T* w, const Keys& key, int n, int bits, int groups,
                                      T* values, Mask&& mask, uint8_t* meta) {
@@ -60,7 +61,7 @@ SPARSEOPS_NMC_HD void compress_block(const T* w, const Keys& key, int n, int bit
       for (int q = 0; q < M; ++q) rank += (q != p && rank_before(key(g * M + q), q, kp, p)) ? 1 : 0;
       const bool keep = rank < n;
       mask(g * M + p, keep);
-      if (keep) {
+      if (keep && values != nullptr) {
         values[j] = w[g * M + p];
         const int bit = j * bits;
         acc[bit >> 5] |= static_cast<uint32_t>(p) << (bit & 31);
@@ -68,6 +69,7 @@ SPARSEOPS_NMC_HD void compress_block(const T* w, const Keys& key, int n, int bit
       }
     }
   }
+  if (meta == nullptr) return;
   const int nbytes = (groups * n * bits + 7) / 8;
   for (int b = 0; b < nbytes; ++b) meta[b] = static_cast<uint8_t>(acc[b >> 2] >> (8 * (b & 3)));
 }

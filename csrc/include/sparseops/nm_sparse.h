@@ -43,6 +43,13 @@ struct NMConfig {
 // 11008x4096 / 4096x11008 against 0.99x / 0.93x / 1.10x for the register blocks; at R = 8 the
 // register blocks are faster (1.17-1.58x against 0.92-1.01x), at R = 32 the tables 0.92-1.0x
 // against 0.78-0.83x (load ~6, 2026-12-07).
+// nm_compress's outputs: an undefined one is not wanted (nm_compress's outputs= argument), and
+// the kernels skip its stores (nullptr).
+template <typename T>
+inline T* nm_compress_out(at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
 constexpr int64_t kNMTableRows = 12;
 constexpr int64_t kNMPair24Rows = 12;
 constexpr int64_t kNMDense16Rows = 8;
@@ -55,7 +62,8 @@ constexpr int64_t kNMDenseCrossoverRows = 64;
 //    contiguous, written in full. fp32 accumulation (fp64 for fp64).
 //  nm_compress_cpu_kernel: w [out, in] contiguous; select = scores ([out, in] contiguous, any
 //    float dtype, or undefined = |w|) ranking (prune), or keep (bool [out, in] contiguous, at most
-//    n per group, padded with the lowest unkept positions); values/meta/mask outputs contiguous.
+//    n per group, padded with the lowest unkept positions); values/meta/mask outputs contiguous,
+//    each undefined when not wanted (then never written: nm_compress_out).
 void nm_linear_cpu_kernel(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& meta,
                           const at::Tensor& bias, const NMConfig& cfg, at::Tensor& out);
 void nm_compress_cpu_kernel(const at::Tensor& w, const at::Tensor& scores, const at::Tensor& keep,

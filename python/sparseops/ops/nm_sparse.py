@@ -77,15 +77,16 @@ def _nm_linear_fake(x, values, meta, n, m, in_features, bias=None, backend="auto
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
-def _nm_compress_fake(w, n, m, scores=None, mask=None, prune=False, backend="auto"):
+def _nm_compress_fake(w, n, m, scores=None, mask=None, prune=False, backend="auto", outputs="all"):
     if w.dim() != 2:
         raise RuntimeError(f"w must be a 2-D tensor, got {_describe(w)}")
     out, k = w.shape
     kept = k // m * n
+    compressed, with_mask = outputs != "mask", outputs != "compressed"  # the rest: empty [0]
     return (
-        w.new_empty((out, kept)),
-        w.new_empty((out, (kept * _BITS[m] + 7) // 8), dtype=torch.uint8),
-        w.new_empty((out, k), dtype=torch.bool),
+        w.new_empty((out, kept) if compressed else (0,)),
+        w.new_empty((out, (kept * _BITS[m] + 7) // 8) if compressed else (0,), dtype=torch.uint8),
+        w.new_empty((out, k) if with_mask else (0,), dtype=torch.bool),
     )
 
 
@@ -131,8 +132,8 @@ def _nm_sp24_emulate_fake(x, values, meta, hw_meta, bias, n, m, in_features, con
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
-def _nm_compress_emulate_fake(w, n, m, scores=None, mask=None, prune=False):
-    return _nm_compress_fake(w, n, m, scores, mask, prune)
+def _nm_compress_emulate_fake(w, n, m, scores=None, mask=None, prune=False, outputs="all"):
+    return _nm_compress_fake(w, n, m, scores, mask, prune, outputs=outputs)
 
 
 if _backend.HAS_C:
@@ -150,9 +151,9 @@ if _backend.HAS_C:
 # Backends. The Python kernels take what the C++ op prepared (NM_FORMAT's kernel contract):
 #   nm_linear: inputs (x2d [R, in] contiguous, values, meta, bias or None), output out [R, out];
 #   nm_compress: inputs (w [out, in] contiguous, scores [out, in] or None = |w|), outputs
-#     (values, meta, mask); a given mask arrives as scores (1.0 kept, 0.0 not), which the
-#     ranking (ties to the lower index) turns into the mask padded with the lowest unkept
-#     positions.
+#     (values, meta, mask), the ones options["outputs"] does not ask for empty (not written);
+#     a given mask arrives as scores (1.0 kept, 0.0 not), which the ranking (ties to the lower
+#     index) turns into the mask padded with the lowest unkept positions.
 
 
 def _linear_reference_kernel(inputs, outputs, options) -> None:
@@ -167,7 +168,8 @@ def _compress_reference_kernel(inputs, outputs, options) -> None:
     mask = ref.nm_mask_ref(w, n, m, scores=scores)
     values, meta, mask = ref.nm_compress_ref(w, n, m, mask=mask)
     for o, t in zip(outputs, (values, meta, mask)):
-        o.copy_(t)
+        if o.numel() > 0:  # an output not asked for is empty
+            o.copy_(t)
 
 
 def _linear_triton_kernel(inputs, outputs, options) -> None:
@@ -182,7 +184,11 @@ def _compress_triton_kernel(inputs, outputs, options) -> None:
 
     w, scores = inputs
     values, meta, mask = outputs
-    nm_compress_triton(w, scores, options["n"], options["m"], values, meta, mask)
+    want = options["outputs"]
+    nm_compress_triton(
+        w, scores, options["n"], options["m"], values if want != "mask" else None,
+        meta if want != "mask" else None, mask if want != "compressed" else None,
+    )  # fmt: skip
 
 
 def _triton_reason(device, dtype, *_):
@@ -480,7 +486,8 @@ def nm_mask(
     lower index, a NaN score above every number (as torch.topk). ``transposable=True``: a mask
     that is also N:M along ``out`` (per m x m block n in every row and column; out % m == 0;
     exact for m <= 4, greedy with repair for m = 8, 16: see the module source), computed in
-    torch on w's device; ``backend`` then does not apply.
+    torch on w's device; ``backend`` then does not apply. Only the mask is written (the
+    fused op's outputs="mask": no values or meta are made).
     """
     _check_pattern(n, m)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -498,7 +505,8 @@ def nm_mask(
         return _transposable_mask(s, n, m)
     name = _COMPRESS.choose(backend, w)
     if _backend.HAS_C:
-        return _compress_op(w.detach(), n, m, None if scores is None else scores.detach(), None, True, name)[2]
+        scores = None if scores is None else scores.detach()
+        return _compress_op(w.detach(), n, m, scores, None, True, name, outputs="mask")[2]
     return ref.nm_mask_ref(w.detach(), n, m, scores=scores)
 
 
@@ -531,7 +539,7 @@ def nm_compress(
     name = _COMPRESS.choose(backend, w)
     w = w.detach()
     if _backend.HAS_C:
-        values, meta, _ = _compress_op(w, n, m, scores, mask, prune, name)
+        values, meta, _ = _compress_op(w, n, m, scores, mask, prune, name, outputs="compressed")
     else:
         if prune:
             mask = ref.nm_mask_ref(w, n, m, scores=scores)
