@@ -35,13 +35,6 @@
 #include "sparseops/cpu_vec.h"
 #include "sparseops/grouped_mm.h"
 
-#if SPARSEOPS_CPU_VEC
-#define SPARSEOPS_GG_AVX512_PATH 1
-#define SPARSEOPS_GG_AVX512 SPARSEOPS_CPU_VEC_TARGET
-#else
-#define SPARSEOPS_GG_AVX512_PATH 0
-#endif
-
 namespace sparseops {
 namespace {
 
@@ -56,8 +49,6 @@ constexpr int64_t kSmallK = 32;
 constexpr int64_t kSmallNTile = 256;  // columns per item of our kernel
 constexpr int64_t kBlasMTile = 128;   // rows per BLAS item
 constexpr int64_t kBlasNTile = 1024;  // columns per BLAS item when N is larger than 2048
-
-bool gg_use_avx512() { return SPARSEOPS_GG_AVX512_PATH && cpu_avx512_enabled(); }
 
 // One group's GEMM: element offsets into a, b, out, bias and its sizes.
 struct GroupDesc {
@@ -74,14 +65,14 @@ struct Item {
   int64_t m0, m1, n0, n1;
 };
 
-#if SPARSEOPS_GG_AVX512_PATH
+#if SPARSEOPS_CPU_VEC
 // acc[r][0:64] (masks mk) = sum over kk of A[r][kk] * B[kk][0:64] for R rows, the R x 4
 // vectors of sums in registers for the whole k loop: the store-per-step AXPY it replaced paid
 // an L1 load + store per FMA and ran the bf16 2d2d weight gradient at T = 64 at 0.29-0.56x
 // torch._grouped_mm's speed (bench_grouped_mm, 2 threads, 2026-12-07). Each lane still sums
 // in kk order from zero, so the bits are those of the plain loop.
 template <int R, typename T>
-SPARSEOPS_GG_AVX512 inline void axpy_tile(const float* A, int64_t k, const T* B, int64_t b_ks,
+SPARSEOPS_CPU_VEC_TARGET inline void axpy_tile(const float* A, int64_t k, const T* B, int64_t b_ks,
                                           const __mmask16* mk, float* acc) {
   __m512 c[R][4];
 #pragma GCC unroll 8
@@ -112,7 +103,7 @@ SPARSEOPS_GG_AVX512 inline void axpy_tile(const float* A, int64_t k, const T* B,
 // 6 rows x 64 columns (24 accumulators, 4 B vectors and the broadcast A value: 29 of the 32
 // registers).
 template <typename T>
-SPARSEOPS_GG_AVX512 void small_axpy_avx512(const float* A, int64_t mm, int64_t k, const T* B,
+SPARSEOPS_CPU_VEC_TARGET void small_axpy_avx512(const float* A, int64_t mm, int64_t k, const T* B,
                                            int64_t b_ks, int64_t nn, float* acc) {
   for (int64_t j = 0; j < nn; j += 64) {
     __mmask16 mk[4];
@@ -134,7 +125,7 @@ SPARSEOPS_GG_AVX512 void small_axpy_avx512(const float* A, int64_t mm, int64_t k
 
 // acc[i][j] = dot(A[i][0:k], B[0:k][j]) for B columns of unit stride (b_ns apart).
 template <typename T>
-SPARSEOPS_GG_AVX512 void small_dot_avx512(const float* A, int64_t mm, int64_t k, const T* B,
+SPARSEOPS_CPU_VEC_TARGET void small_dot_avx512(const float* A, int64_t mm, int64_t k, const T* B,
                                           int64_t b_ns, int64_t nn, float* acc) {
   for (int64_t j = 0; j < nn; ++j) {
     const T* bcol = B + j * b_ns;
@@ -161,7 +152,7 @@ SPARSEOPS_GG_AVX512 void small_dot_avx512(const float* A, int64_t mm, int64_t k,
 // out rows [0, mm) (c_rs apart), columns [0, nn) = the fp32 sums (+ bias), rounded once as
 // static_cast<out_t> does (round to nearest even, NaN kept), 16 values per step.
 template <typename out_t>
-SPARSEOPS_GG_AVX512 void store_tile_avx512(const float* acc, int64_t mm, int64_t nn,
+SPARSEOPS_CPU_VEC_TARGET void store_tile_avx512(const float* acc, int64_t mm, int64_t nn,
                                            const out_t* bias, out_t* c, int64_t c_rs) {
   for (int64_t i = 0; i < mm; ++i) {
     const float* ap = acc + i * kSmallNTile;
@@ -210,7 +201,7 @@ void small_item(const scalar_t* a, const scalar_t* b, const out_t* bias, out_t* 
   alignas(64) acc_t acc[kSmallRows * kSmallNTile];
   const scalar_t* B = b + d.b_off + n0 * st.b_ns;
   bool done = false;
-#if SPARSEOPS_GG_AVX512_PATH
+#if SPARSEOPS_CPU_VEC
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (avx512 && st.b_ns == 1) {
       small_axpy_avx512(A.data(), mm, k, B, st.b_ks, nn, acc);
@@ -243,7 +234,7 @@ void small_item(const scalar_t* a, const scalar_t* b, const out_t* bias, out_t* 
       }
     }
   }
-#if SPARSEOPS_GG_AVX512_PATH
+#if SPARSEOPS_CPU_VEC
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx512) {
       store_tile_avx512(acc, mm, nn, bias ? bias + d.bias_off + n0 : nullptr,
@@ -356,7 +347,7 @@ void grouped_mm_cpu_kernel(const Tensor& a, const Tensor& b, const Tensor& offs,
       }
     }
   }
-  const bool avx512 = gg_use_avx512();
+  const bool avx512 = cpu_avx512_enabled();
   const int64_t n_items = static_cast<int64_t>(items.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grouped_mm_cpu", [&] {
     const scalar_t* ap = a.data_ptr<scalar_t>();
