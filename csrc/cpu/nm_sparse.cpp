@@ -81,17 +81,20 @@ bool use_avx512() {
 
 inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 
-// Software prefetch distance of the batch-1 weight streams: every cache line of the values is
-// prefetched this far ahead (and the meta stream an eighth of it). 2:4 fp32 4096x4096, one
-// thread, load ~17 on the 2-core EPYC (2026-12-07): 512 bytes ahead on every other line (the
-// previous code) streamed 12.0 GB/s, 4096 bytes on every line 15.0 GB/s, 8192 12.7 GB/s; a bare
-// read loop 19-21 GB/s.
-constexpr int64_t kPrefetchBytes = 4096;
+// Software prefetch of the batch-1 weight streams: every cache line of the values is prefetched
+// this far ahead into L2 (and the meta stream an eighth of it, into L1). Into L1 (T0) the
+// prefetches hold L1's few miss buffers; into L2 (T1) more lines are in flight. 2:4 4096x4096,
+// weights rotated over copies beyond the L3, the 2-core EPYC (2026-12-07, load ~1.5, three
+// interleaved rounds): fp32 10-13 GB/s on one thread and 19-20 on two with 4096 bytes into L1
+// (the previous setting), 14-18 and 23-29 with 8-16 KB into L2; bf16 10-14 / 15-23 against
+// 14-18.5 / 24-28; 1:4 and 2:8 at two threads 11-23 against 18-26; torch's sum over the same
+// bytes 17-19 / 23-26.
+constexpr int64_t kPrefetchBytes = 8192;
 
 #if SPARSEOPS_NM_X86
 inline void prefetch_ahead(const void* values, int64_t bytes, const uint8_t* meta) {
   const char* p = static_cast<const char*>(values) + kPrefetchBytes;
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
   _mm_prefetch(reinterpret_cast<const char*>(meta) + kPrefetchBytes / 8, _MM_HINT_T0);
 }
 #endif
