@@ -114,6 +114,19 @@ def test_batch1_every_pattern(n, m, dtype):
     _check(_x(1, m, dtype=dtype, seed=2), nmw, None, dense)
 
 
+@pytest.mark.parametrize("n,m,k", [(2, 4, 4104), (1, 4, 1208), (2, 8, 4160)])
+def test_batch1_row_pairs_same_bits_as_single_rows(n, m, k):
+    """fp32 batch 1 runs weight rows in pairs where x is wide (> 16 KB) or a block permutes from
+    4+ x registers: every row's bits equal those of the row alone (a 1-row weight)."""
+    dense, nmw = nm_weight(9, k, n, m, dtype=torch.float32, seed=k)
+    x = _x(1, k, seed=n)
+    y = sparseops.nm_linear(x, nmw, backend="cpu")
+    _check(x, nmw, None, dense)
+    for i in range(9):
+        row = sparseops.nm_compress(dense[i : i + 1], n, m)
+        assert torch.equal(sparseops.nm_linear(x, row, backend="cpu")[0, 0], y[0, i]), i
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch1_noncontiguous_zeros_and_threads(dtype):
     k = 8 * 151  # an odd number of groups of every m

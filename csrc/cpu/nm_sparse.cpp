@@ -701,37 +701,66 @@ SPARSEOPS_NM_GATHER_BF16 float dot_gather_bf16(const uint16_t* v, const uint8_t*
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-template <int P>
-SPARSEOPS_NM_GATHER float dot_gather_fp32(const float* v, const uint8_t* meta, const NMConfig& c,
-                                          const GatherPlan& g, const float* x) {
+// R (1 or 2) consecutive weight rows (kept values v + r * kept, meta + r * meta_bytes) times
+// x: the rows share each block's x loads (their permutes differ), which halves the x traffic
+// where x outgrows L1 (in = 11008 fp32: 44 KB). Each row's sums run exactly as with R = 1
+// (block j into its accumulator j % 4, one reduction), so its bits do not depend on R.
+template <int P, int R>
+SPARSEOPS_NM_GATHER void dot_gather_fp32(const float* v, const uint8_t* meta, const NMConfig& c,
+                                         const GatherPlan& g, const float* x, float* out) {
   const __m512i permb = _mm512_load_si512(g.permb), shift = _mm512_load_si512(g.shift);
   const __m512i field = _mm512_load_si512(g.field), base = _mm512_load_si512(g.base);
   constexpr int64_t L = 16, cols = 32 * P;
   const int64_t mbk = g.meta_block;
   const auto mlm = static_cast<__mmask16>((uint32_t(1) << mbk) - 1u);
   const int64_t full = c.kept / L;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[R][4];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 4 <= full; j += 4) {
-    prefetch_ahead(v + j * L, 4 * L * 4, meta + j * mbk);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) prefetch_ahead(v + r * c.kept + j * L, 4 * L * 4, meta + r * c.meta_bytes + j * mbk);
 #pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {
-      const __m512i idx = gather_index(meta + (j + a) * mbk, mlm, permb, shift, field, base);
-      acc[a] = _mm512_fmadd_ps(_mm512_loadu_ps(v + (j + a) * L), gather_x32<P>(x + (j + a) * cols, idx), acc[a]);
+      const float* xb = x + (j + a) * cols;
+      __m512 xr[2 * P];
+#pragma GCC unroll 8
+      for (int q = 0; q < 2 * P; ++q) xr[q] = _mm512_loadu_ps(xb + 16 * q);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        const __m512i idx =
+            gather_index(meta + r * c.meta_bytes + (j + a) * mbk, mlm, permb, shift, field, base);
+        __m512 gx = _mm512_permutex2var_ps(xr[0], idx, xr[1]);
+#pragma GCC unroll 4
+        for (int p = 1; p < P; ++p) {
+          const auto k = static_cast<__mmask16>(((1u << (16 / P)) - 1u) << (p * 16 / P));
+          gx = _mm512_mask_mov_ps(gx, k, _mm512_permutex2var_ps(xr[2 * p], idx, xr[2 * p + 1]));
+        }
+        acc[r][a] = _mm512_fmadd_ps(_mm512_loadu_ps(v + r * c.kept + (j + a) * L), gx, acc[r][a]);
+      }
     }
   }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    const float* vr = v + r * c.kept;
+    const uint8_t* mr = meta + r * c.meta_bytes;
 #pragma GCC unroll 4
-  for (int a = 0; a < 4; ++a) {  // as in dot_gather_bf16
-    const int64_t b = j + a;
-    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
-    if (cnt <= 0) break;
-    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
-    const __m512i idx =
-        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
-    const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), v + b * L);
-    acc[a] = _mm512_fmadd_ps(w, gather_x32<P>(x + b * cols, idx), acc[a]);
+    for (int a = 0; a < 4; ++a) {  // as in dot_gather_bf16
+      const int64_t b = j + a;
+      const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+      if (cnt <= 0) break;
+      const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
+      const __m512i idx =
+          gather_index(mr + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+      const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), vr + b * L);
+      acc[r][a] = _mm512_fmadd_ps(w, gather_x32<P>(x + b * cols, idx), acc[r][a]);
+    }
+    out[r] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
 // Batch 1 through the gather kernels: x (fp32 or bf16, as the weight) padded with zeros to whole
@@ -749,28 +778,43 @@ void linear_gather1(const Tensor& x2d, const Tensor& values, const Tensor& meta,
   const uint8_t* mp = meta.data_ptr<uint8_t>();
   const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
-  auto row = [&](int64_t o) -> float {
+  // fp32 rows go in pairs where x outgrows half of L1 or each block permutes from 4+ x
+  // registers (1:4, 2:8, ...): 2 threads, weights beyond the L3, 2026-12-07, three interleaved
+  // rounds, GB/s single / paired: 4096x11008 1:4 14.5-17.4 / 18.6-22.0, 2:4 20.0-23.6 /
+  // 25.0-26.8; 4096x4096 1:4 21.4-29.3 / 24.6-33.5; but 4096x4096 2:4 (x 16 KB, two x
+  // registers) 26.5-27.3 / 21.1-24.6.
+  const bool pairs = !bf && (g.span >= 4 || c.in * 4 > 16 * 1024);
+  // Rows [o, o + r) (r = 1, or 2 with pairs) into s[0, r).
+  auto rows = [&](int64_t o, int r, float* s) {
     const uint8_t* mr = mp + o * c.meta_bytes;
     if constexpr (bf) {
       const auto* v16 = reinterpret_cast<const uint16_t*>(vp + o * c.kept);
       const auto* x16 = reinterpret_cast<const uint16_t*>(xp);
       switch (g.span) {
-        case 2: return dot_gather_bf16<1>(v16, mr, c, g, x16);
-        case 4: return dot_gather_bf16<2>(v16, mr, c, g, x16);
-        default: return dot_gather_bf16<4>(v16, mr, c, g, x16);
+        case 2: s[0] = dot_gather_bf16<1>(v16, mr, c, g, x16); break;
+        case 4: s[0] = dot_gather_bf16<2>(v16, mr, c, g, x16); break;
+        default: s[0] = dot_gather_bf16<4>(v16, mr, c, g, x16); break;
       }
     } else {
-      switch (g.span) {
-        case 2: return dot_gather_fp32<1>(vp + o * c.kept, mr, c, g, xp);
-        case 4: return dot_gather_fp32<2>(vp + o * c.kept, mr, c, g, xp);
-        default: return dot_gather_fp32<4>(vp + o * c.kept, mr, c, g, xp);
+      const float* vr = vp + o * c.kept;
+      switch (g.span * 2 + (r == 2)) {
+        case 4: return dot_gather_fp32<1, 1>(vr, mr, c, g, xp, s);
+        case 5: return dot_gather_fp32<1, 2>(vr, mr, c, g, xp, s);
+        case 8: return dot_gather_fp32<2, 1>(vr, mr, c, g, xp, s);
+        case 9: return dot_gather_fp32<2, 2>(vr, mr, c, g, xp, s);
+        case 16: return dot_gather_fp32<4, 1>(vr, mr, c, g, xp, s);
+        default: return dot_gather_fp32<4, 2>(vr, mr, c, g, xp, s);
       }
     }
   };
   at::parallel_for(0, c.out, kRowBlock, [&](int64_t b0, int64_t b1) {
-    for (int64_t o = b0; o < b1; ++o) {
-      const float s = row(o);
-      op[o] = static_cast<scalar_t>(bp != nullptr ? s + static_cast<float>(bp[o]) : s);
+    for (int64_t o = b0; o < b1;) {
+      const int r = pairs && o + 1 < b1 ? 2 : 1;
+      float s[2];
+      rows(o, r, s);
+      for (int i = 0; i < r; ++i, ++o) {
+        op[o] = static_cast<scalar_t>(bp != nullptr ? s[i] + static_cast<float>(bp[o]) : s[i]);
+      }
     }
   });
 }
