@@ -899,7 +899,7 @@ SPARSEOPS_NM_AVX512 void reg_block_fp32(const scalar_t* v, int64_t ldv, const ui
   }
 #define SPARSEOPS_NM_FMA_ROW(r)                                   \
   if constexpr (RB > r) {                                         \
-    const __m512 xr = _mm512_loadu_ps(x + r * ldx + 16 * j);      \
+    const __m512 xr = in_register(_mm512_loadu_ps(x + r * ldx + 16 * j)); \
     a0##r = _mm512_fmadd_ps(w0, xr, a0##r);                       \
     if constexpr (OB > 1) {                                       \
       a1##r = _mm512_fmadd_ps(w1, xr, a1##r);                     \
@@ -1008,13 +1008,19 @@ constexpr int64_t kPairOTile = 256;   // weight rows per tile
 constexpr int64_t kPairLanes = 16;    // x rows per table
 constexpr int64_t kPairBytes = 6 * 64;  // table bytes per group
 
-// Byte offset in a group's table entries of a 2:4 meta nibble (p0 | p1 << 2, p0 < p1); nibbles a
+// Byte offsets in the table of a pair of groups (g even, g + 1) of a 2:4 meta byte: bits 0-15
+// for group g's nibble (p0 | p1 << 2, p0 < p1), bits 16-31 for group g + 1's, counted from group
+// g's entries (one lookup per two groups: the lookups were a third of the loop's loads). Nibbles a
 // valid meta never holds read pair 0.
-constexpr std::array<uint16_t, 16> kPairOffset = [] {
-  std::array<uint16_t, 16> t{};
+constexpr std::array<uint32_t, 256> kPairOffsets = [] {
+  std::array<uint16_t, 16> nib{};
   int idx = 0;
   for (int a = 0; a < 4; ++a) {
-    for (int b = a + 1; b < 4; ++b) t[a | (b << 2)] = static_cast<uint16_t>(64 * idx++);
+    for (int b = a + 1; b < 4; ++b) nib[a | (b << 2)] = static_cast<uint16_t>(64 * idx++);
+  }
+  std::array<uint32_t, 256> t{};
+  for (int byte = 0; byte < 256; ++byte) {
+    t[byte] = nib[byte & 15] | (static_cast<uint32_t>(kPairBytes + nib[byte >> 4]) << 16);
   }
   return t;
 }();
@@ -1062,12 +1068,12 @@ SPARSEOPS_NM_BF16DOT void pair_block(const uint16_t* v, int64_t ldv, const uint8
     const char* tg = t + g * kPairBytes;
 #define SPARSEOPS_NM_PS(i)                                                                                  \
   if constexpr (OB > i) {                                                                                   \
-    const uint32_t byte = meta[i * ldm + (g >> 1)];                                                         \
+    const uint32_t offs = kPairOffsets[meta[i * ldm + (g >> 1)]];                                           \
     uint32_t p0, p1;                                                                                        \
     std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                               \
     std::memcpy(&p1, v + i * ldv + 2 * g + 2, 4);                                                           \
-    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[byte & 15]);                                    \
-    const __m512i x1 = _mm512_loadu_si512(tg + kPairBytes + kPairOffset[byte >> 4]);                        \
+    const __m512i x0 = _mm512_loadu_si512(tg + (offs & 0xffff));                                            \
+    const __m512i x1 = _mm512_loadu_si512(tg + (offs >> 16));                                               \
     e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);        \
     o##i = _mm512_dpbf16_ps(o##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p1)), (__m512bh)x1);        \
   }
@@ -1080,7 +1086,7 @@ SPARSEOPS_NM_BF16DOT void pair_block(const uint16_t* v, int64_t ldv, const uint8
   if constexpr (OB > i) {                                                                             \
     uint32_t p0;                                                                                      \
     std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                         \
-    const __m512i x0 = _mm512_loadu_si512(tg + kPairOffset[meta[i * ldm + (g >> 1)] & 15]);          \
+    const __m512i x0 = _mm512_loadu_si512(tg + (kPairOffsets[meta[i * ldm + (g >> 1)]] & 0xffff));          \
     e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);  \
   }
     SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PT)
