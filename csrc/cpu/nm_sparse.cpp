@@ -25,7 +25,8 @@
 // to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
 // bitwise independent of the thread count.
 // Between them (see nm_sparse.h for the crossovers): register blocks of 3 weight rows x 8 x rows
-// (fp32 and bf16, from 2 rows) and, for bf16 2:4, x-stationary pair tables (sparse arithmetic);
+// (fp32 and bf16, from 2 rows) and, for bf16 2:4 at any batch from kNMLane24Rows, weight rows in
+// lanes against x pairs picked by vpshufb (sparse arithmetic);
 // fp16 keeps fp32 column tables. Each has its own section below.
 //
 // nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
@@ -990,181 +991,199 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 #undef SPARSEOPS_NM_INIT
 #undef SPARSEOPS_NM_STORE
 
-// ---- bf16 2:4, kNMPair24Rows <= R < kNMReg16Rows: x-stationary pair tables, sparse arithmetic --
+// ---- bf16 2:4 from kNMLane24Rows rows: weight rows in lanes, x pairs picked by vpshufb --------
 //
-// vdpbf16ps sums products of bf16 pairs, and a 2:4 group keeps exactly one pair. For a block of 16
-// rows of x, table[g][p] holds, per row (one 32-bit lane), the pair of x values at group g's
-// positions (a, b) for each of the 6 pairs p (a < b): 64 bytes. Then a weight row's group is one
-// vpbroadcastd of its two kept values, one load of table[g][pair of its meta nibble] and one
-// vdpbf16ps: 32 useful products per instruction (the expanded register blocks multiply the zeros
-// too: 16). Columns are blocked by kPairGroups / (row blocks) groups (the tables of a column block
-// stay in L1; the next block's weight lines are prefetched into L2) and the partial sums of a
-// tile of kPairOTile weight rows wait in a buffer between blocks; each
-// (weight row, x row) has two accumulators (even / odd groups) fed in column order and added once
-// at the end: the bits depend on neither the thread count, nor R, nor the blocking.
+// vdpbf16ps sums products of bf16 pairs, and a 2:4 group keeps exactly one pair: its two kept
+// values, side by side in the stored row (32 bits). For a block of 16 weight rows and a group g,
+// W[g] holds those 16 pairs, one per 32-bit lane, and C[g] per lane the vpshufb control bytes
+// (2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1) of the row's kept positions p0 < p1 (from its meta nibble). For
+// a row r of x: one broadcast of the group's 8 bytes x[r, 4g : 4g + 4] to every 64-bit lane, one
+// vpshufb by C[g] (each 32-bit lane now holds the pair of x its weight row keeps), one vdpbf16ps
+// with W[g] into the 16 outputs (r, o0 .. o0 + 15): 32 products per vdpbf16ps and none of them
+// zero, from registers. Measured on the 2-core Zen 4 (one thread, in-cache loop): 1.3-1.5 cycles
+// per vdpbf16ps, against 3-4 for x-stationary pair tables (a table load, a broadcast of the weight
+// pair and an offset lookup per product) and 1 per 16 useful products for dense arithmetic on the
+// expanded weight. The layout of kLaneGroups groups (16 x 16 transposes of 32-bit words) is made
+// once per call and used by every row of x, 16 rows at a time (16 accumulator vectors). Each output
+// is one lane fed group by group in column order: the bits depend on neither the thread count, nor
+// R, nor the blocking.
 
-constexpr int64_t kPairGroups = 64;   // groups per column block of one row block (24 KB of table)
-constexpr int64_t kPairOTile = 256;   // weight rows per tile
-constexpr int64_t kPairLanes = 16;    // x rows per table
-constexpr int64_t kPairBytes = 6 * 64;  // table bytes per group
+constexpr int64_t kLaneRows = 16;    // weight rows per block (the lanes)
+constexpr int64_t kLaneGroups = 64;  // groups per column block (8 KB of layout, 16 rows x 512 B of x)
+constexpr int kLaneRB = 16;          // rows of x per register block
+constexpr int64_t kLaneRowChunk = 128;  // rows of x per pass over the weight (a multiple of kLaneRB)
 
-// Byte offsets in the table of a pair of groups (g even, g + 1) of a 2:4 meta byte: bits 0-15
-// for group g's nibble (p0 | p1 << 2, p0 < p1), bits 16-31 for group g + 1's, counted from group
-// g's entries (one lookup per two groups: the lookups were a third of the loop's loads). Nibbles a
-// valid meta never holds read pair 0.
-constexpr std::array<uint32_t, 256> kPairOffsets = [] {
-  std::array<uint16_t, 16> nib{};
-  int idx = 0;
-  for (int a = 0; a < 4; ++a) {
-    for (int b = a + 1; b < 4; ++b) nib[a | (b << 2)] = static_cast<uint16_t>(64 * idx++);
-  }
-  std::array<uint32_t, 256> t{};
-  for (int byte = 0; byte < 256; ++byte) {
-    t[byte] = nib[byte & 15] | (static_cast<uint32_t>(kPairBytes + nib[byte >> 4]) << 16);
+// vpshufb controls of the 2:4 meta nibbles p0 | p1 << 2: the bytes of x values p0 and p1.
+constexpr std::array<uint32_t, 16> kLaneControl = [] {
+  std::array<uint32_t, 16> t{};
+  for (uint32_t nib = 0; nib < 16; ++nib) {
+    const uint32_t p0 = nib & 3, p1 = nib >> 2;
+    t[nib] = (2 * p0) | ((2 * p0 + 1) << 8) | ((2 * p1) << 16) | ((2 * p1 + 1) << 24);
   }
   return t;
 }();
 
-// Groups [g0, g1) of the table of one row block (`rows` <= 16 rows of bf16 x, stride ldx).
-void build_pair_table(const uint16_t* x, int64_t ldx, int64_t rows, int64_t g0, int64_t g1, uint32_t* t) {
-  for (int64_t g = g0; g < g1; ++g) {
-    uint32_t* e = t + g * (kPairBytes / 4);
-    for (int64_t r = 0; r < kPairLanes; ++r) {
-      uint32_t xv[4] = {0, 0, 0, 0};
-      if (r < rows) {
-        for (int i = 0; i < 4; ++i) xv[i] = x[r * ldx + 4 * g + i];
+// In place: r[i] lane j <- r[j] lane i (16 x 16 32-bit words).
+SPARSEOPS_NM_AVX512 inline void transpose16x16(__m512i* r) {
+  __m512i b[16];
+  for (int k = 0; k < 8; ++k) {
+    b[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    b[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  // c[4k + q], 128-bit lane l: rows 4k .. 4k + 3 at column 4l + q
+  __m512i c[16];
+  for (int k = 0; k < 4; ++k) {
+    c[4 * k] = _mm512_unpacklo_epi64(b[4 * k], b[4 * k + 2]);
+    c[4 * k + 1] = _mm512_unpackhi_epi64(b[4 * k], b[4 * k + 2]);
+    c[4 * k + 2] = _mm512_unpacklo_epi64(b[4 * k + 1], b[4 * k + 3]);
+    c[4 * k + 3] = _mm512_unpackhi_epi64(b[4 * k + 1], b[4 * k + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // a 4 x 4 transpose of 128-bit lanes per q
+    const __m512i d0 = _mm512_shuffle_i32x4(c[q], c[4 + q], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i d1 = _mm512_shuffle_i32x4(c[q], c[4 + q], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i d2 = _mm512_shuffle_i32x4(c[8 + q], c[12 + q], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i d3 = _mm512_shuffle_i32x4(c[8 + q], c[12 + q], _MM_SHUFFLE(3, 2, 3, 2));
+    r[q] = _mm512_shuffle_i32x4(d0, d2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + q] = _mm512_shuffle_i32x4(d0, d2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + q] = _mm512_shuffle_i32x4(d1, d3, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + q] = _mm512_shuffle_i32x4(d1, d3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// The layout of weight rows [o0, o0 + rows) (rows <= 16; lanes past them zero), groups [g0, g1):
+// lay[2 (g - g0)] = W[g], lay[2 (g - g0) + 1] = C[g] (groups rounded up to 16, the extra ones zero).
+// W: 16 x 16 transposes of the rows' 32-bit pairs. C: the 16 rows' meta of 16 groups (8 bytes each)
+// as two 32-bit words per row, then per group one shift (its nibble into bits 0-3) and one vpermd
+// of the control table, which reads only those 4 bits of each index.
+SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, const NMConfig& c, int64_t o0,
+                                     int64_t rows, int64_t g0, int64_t g1, __m512i* lay) {
+  const __m512i control = _mm512_loadu_si512(kLaneControl.data());
+  // the next column block of these rows (16 rows 4 KB+ apart: no stream the hardware follows)
+  if (g1 < c.groups) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const char* pv = reinterpret_cast<const char*>(v + (o0 + i) * c.kept + 2 * g1);
+      for (int64_t l = 0; l < 4 * (g1 - g0); l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(meta + (o0 + i) * c.meta_bytes + g1 / 2), _MM_HINT_T1);
+    }
+  }
+  const __mmask16 live = lanes_below(rows);
+  // row i's meta at byte i * meta_bytes: qword lanes of rows 0-7 and 8-15
+  const __m512i rows_lo = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(c.meta_bytes));
+  const __m512i rows_hi = _mm512_add_epi64(rows_lo, _mm512_set1_epi64(8 * c.meta_bytes));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t gb = g0; gb < g1; gb += 16) {
+    const int64_t ng = std::min<int64_t>(16, g1 - gb);
+    const __mmask16 words = lanes_below(ng);
+    __m512i w[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      w[i] = i < rows ? _mm512_maskz_loadu_epi32(words, v + (o0 + i) * c.kept + 2 * gb) : _mm512_setzero_si512();
+    }
+    transpose16x16(w);
+    // groups gb .. gb + 7 of row i in bits 4 (g - gb) .. + 3 of lo's lane i, gb + 8 .. in hi's
+    __m512i lo, hi;
+    const uint8_t* mb = meta + o0 * c.meta_bytes + gb / 2;
+    if (ng == 16) {  // 8 bytes inside every row
+      const auto m8 = static_cast<__mmask8>(live), m8h = static_cast<__mmask8>(live >> 8);
+      const __m512i q0 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8, rows_lo, mb, 1);
+      const __m512i q1 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8h, rows_hi, mb, 1);
+      lo = _mm512_permutex2var_epi32(q0, even, q1);
+      hi = _mm512_permutex2var_epi32(q0, odd, q1);
+    } else {  // the row's last groups: only the bytes that exist
+      alignas(64) uint32_t l[16] = {}, h[16] = {};
+      const int64_t nbytes = (ng + 1) / 2;
+      for (int64_t i = 0; i < rows; ++i) {
+        uint64_t q = 0;
+        std::memcpy(&q, mb + i * c.meta_bytes, nbytes);
+        l[i] = static_cast<uint32_t>(q), h[i] = static_cast<uint32_t>(q >> 32);
       }
-      int idx = 0;
-      for (int a = 0; a < 4; ++a) {
-        for (int b = a + 1; b < 4; ++b) e[16 * idx++ + r] = xv[a] | (xv[b] << 16);
-      }
+      lo = _mm512_load_si512(l), hi = _mm512_load_si512(h);
+    }
+    __m512i* out = lay + 2 * (gb - g0);
+    for (int j = 0; j < 16; ++j) {
+      const __m512i nib = _mm512_srli_epi32(j < 8 ? lo : hi, 4 * (j & 7));
+      _mm512_store_si512(out + 2 * j, w[j]);
+      _mm512_store_si512(out + 2 * j + 1, _mm512_maskz_permutexvar_epi32(live, nib, control));
     }
   }
 }
 
-// Groups [g0, g1) (g0 even) of OB (1 or 4) weight rows against one row block's table t: the
-// even / odd group partial sums acc[ob * acc_ld + {0, 16}] (zero first when `first`).
-#define SPARSEOPS_NM_PAIR_ROWS(X) X(0) X(1) X(2) X(3)
-template <int OB>
-SPARSEOPS_NM_BF16DOT void pair_block(const uint16_t* v, int64_t ldv, const uint8_t* meta, int64_t ldm,
-                                     const char* t, int64_t g0, int64_t g1, float* acc, int64_t acc_ld,
+// Groups [0, ng) of one layout against RB rows of x (row i at x + i * ldx, from the layout's first
+// group's columns): acc[i * 16 .. + 16] (zero first when `first`) += the 16 weight rows' products.
+template <int RB>
+SPARSEOPS_NM_BF16DOT void lane_block(const __m512i* lay, int64_t ng, const uint16_t* x, int64_t ldx, float* acc,
                                      bool first) {
-  // this block's rows in the next column block, into L2 (a row's columns are read a few lines at
-  // a time, kPairOTile rows apart: no stream for the hardware prefetcher)
-  for (int i = 0; i < OB; ++i) {
-    const char* pv = reinterpret_cast<const char*>(v + i * ldv + 2 * g1);
-    for (int64_t l = 0; l < (g1 - g0) * 4; l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(meta + i * ldm + g1 / 2), _MM_HINT_T1);
+  __m512 a[RB];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i) a[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i w = _mm512_load_si512(lay + 2 * g), ctl = _mm512_load_si512(lay + 2 * g + 1);
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      long long q;
+      std::memcpy(&q, x + i * ldx + 4 * g, 8);
+      const __m512i pairs = _mm512_shuffle_epi8(_mm512_set1_epi64(q), ctl);
+      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)w, (__m512bh)pairs);
+    }
   }
-#define SPARSEOPS_NM_PD(i)                                                                        \
-  __m512 e##i = _mm512_setzero_ps(), o##i = e##i;                                                 \
-  if constexpr (OB > i) {                                                                         \
-    if (!first) e##i = _mm512_loadu_ps(acc + i * acc_ld), o##i = _mm512_loadu_ps(acc + i * acc_ld + 16); \
-  }
-  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PD)
-#undef SPARSEOPS_NM_PD
-  int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) {
-    const char* tg = t + g * kPairBytes;
-#define SPARSEOPS_NM_PS(i)                                                                                  \
-  if constexpr (OB > i) {                                                                                   \
-    const uint32_t offs = kPairOffsets[meta[i * ldm + (g >> 1)]];                                           \
-    uint32_t p0, p1;                                                                                        \
-    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                               \
-    std::memcpy(&p1, v + i * ldv + 2 * g + 2, 4);                                                           \
-    const __m512i x0 = _mm512_loadu_si512(tg + (offs & 0xffff));                                            \
-    const __m512i x1 = _mm512_loadu_si512(tg + (offs >> 16));                                               \
-    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);        \
-    o##i = _mm512_dpbf16_ps(o##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p1)), (__m512bh)x1);        \
-  }
-    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PS)
-#undef SPARSEOPS_NM_PS
-  }
-  if (g < g1) {  // the row's last group, when the group count is odd (an even group)
-    const char* tg = t + g * kPairBytes;
-#define SPARSEOPS_NM_PT(i)                                                                            \
-  if constexpr (OB > i) {                                                                             \
-    uint32_t p0;                                                                                      \
-    std::memcpy(&p0, v + i * ldv + 2 * g, 4);                                                         \
-    const __m512i x0 = _mm512_loadu_si512(tg + (kPairOffsets[meta[i * ldm + (g >> 1)]] & 0xffff));          \
-    e##i = _mm512_dpbf16_ps(e##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(p0)), (__m512bh)x0);  \
-  }
-    SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PT)
-#undef SPARSEOPS_NM_PT
-  }
-#define SPARSEOPS_NM_PW(i)                                  \
-  if constexpr (OB > i) {                                   \
-    _mm512_storeu_ps(acc + i * acc_ld, e##i);               \
-    _mm512_storeu_ps(acc + i * acc_ld + 16, o##i);          \
-  }
-  SPARSEOPS_NM_PAIR_ROWS(SPARSEOPS_NM_PW)
-#undef SPARSEOPS_NM_PW
-}
-#undef SPARSEOPS_NM_PAIR_ROWS
-
-SPARSEOPS_NM_AVX512 inline void pair_sums(const float* a, float* s) {
-  _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16)));
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
 }
 
-// bf16 2:4 through the pair tables (see above); x2d [R, in] bf16 contiguous.
-void linear_pairs24(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+// out[r * ldo + i] = bf16(acc[r * 16 + i] + bias[i]) for the block's first `rows` lanes.
+SPARSEOPS_NM_AVX512 void lane_outputs(const float* acc, int64_t R, const c10::BFloat16* bias, int64_t rows,
+                                      c10::BFloat16* out, int64_t ldo) {
+  const __mmask16 lanes = lanes_below(rows);
+  const __m512 b = bias != nullptr ? load16(bias, lanes) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512 s = _mm512_loadu_ps(acc + r * 16);
+    store16(out + r * ldo, bias != nullptr ? _mm512_add_ps(s, b) : s, lanes);
+  }
+}
+
+// bf16 2:4 through the lanes (see above); x2d [R, in] bf16 contiguous.
+void linear_lanes24(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
                     const NMConfig& c, Tensor& out) {
   const int64_t R = x2d.size(0);
-  const int64_t nb = (R + kPairLanes - 1) / kPairLanes;
-  const int64_t groups = c.groups;
-  const int64_t tstride = groups * kPairBytes;  // bytes per row block's table
-  Tensor tables = at::empty({nb * tstride / 4}, x2d.options().dtype(at::kInt));
-  auto* tp = reinterpret_cast<uint32_t*>(tables.data_ptr<int32_t>());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
-  const int64_t pieces = (groups + 255) / 256;
-  at::parallel_for(0, nb * pieces, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / pieces, g0 = (i % pieces) * 256;
-      build_pair_table(xp + b * kPairLanes * c.in, c.in, std::min(kPairLanes, R - b * kPairLanes), g0,
-                       std::min(groups, g0 + 256), tp + b * tstride / 4);
-    }
-  });
+  const int64_t rp = (R + kLaneRB - 1) / kLaneRB * kLaneRB;
+  const int64_t nb = (c.groups + kLaneGroups - 1) / kLaneGroups;
+  const int64_t bcols = 4 * kLaneGroups;
+  // x by column block: xb[block][row][4 kLaneGroups columns], rows past R zero. Read in place, the
+  // 16 rows of a register block lie a multiple of 4 KB apart for the usual widths, in one L1 set
+  // (measured: 3.5-4 cycles per vdpbf16ps instead of 1.5).
+  Tensor xb = at::zeros({nb, rp, bcols}, x2d.options());
+  const auto* xs = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
+  auto* xd = reinterpret_cast<uint16_t*>(xb.data_ptr<c10::BFloat16>());
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t cols = std::min(bcols, c.in - b * bcols);
+    for (int64_t r = 0; r < R; ++r) std::memcpy(xd + (b * rp + r) * bcols, xs + r * c.in + b * bcols, 2 * cols);
+  }
   const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
   const uint8_t* mp = meta.data_ptr<uint8_t>();
   const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  const char* tb = reinterpret_cast<const char*>(tp);
-  at::parallel_for(0, c.out, kPairOTile, [&](int64_t o0, int64_t o1) {
-    // partial sums [weight row in the tile][row block][even 16 | odd 16]
-    std::vector<float> acc(static_cast<size_t>(kPairOTile * nb * 32));
-    const int64_t ald = nb * 32;
-    for (int64_t ot = o0; ot < o1; ot += kPairOTile) {
-      const int64_t oe = std::min(o1, ot + kPairOTile);
-      // the column block's tables of all row blocks stay in L1
-      const int64_t kg = std::max<int64_t>(16, kPairGroups / nb / 2 * 2);
-      for (int64_t g0 = 0; g0 < groups; g0 += kg) {
-        const int64_t g1 = std::min(groups, g0 + kg);
-        for (int64_t o = ot; o < oe;) {
-          const int ob = oe - o >= 4 ? 4 : 1;
-          for (int64_t b = 0; b < nb; ++b) {
-            float* a = acc.data() + (o - ot) * ald + b * 32;
-            const char* t = tb + b * tstride;
-            if (ob == 4) {
-              pair_block<4>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
-            } else {
-              pair_block<1>(vp + o * c.kept, c.kept, mp + o * c.meta_bytes, c.meta_bytes, t, g0, g1, a, ald, g0 == 0);
-            }
-          }
-          o += ob;
-        }
-      }
-      float s[16];
-      for (int64_t o = ot; o < oe; ++o) {
-        const float bo = bp != nullptr ? static_cast<float>(bp[o]) : 0.f;
+  const int64_t blocks = (c.out + kLaneRows - 1) / kLaneRows;
+  // Rows of x in chunks of kLaneRowChunk, each a pass over the weight: a chunk's x (1 MB at
+  // in = 4096) stays in L2 while every weight block runs against it.
+  for (int64_t r0 = 0; r0 < rp; r0 += kLaneRowChunk) {
+    const int64_t r1 = std::min(rp, r0 + kLaneRowChunk);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      alignas(64) __m512i lay[2 * kLaneGroups];  // (a std::vector of them is not 64-byte aligned here)
+      std::vector<float> acc(static_cast<size_t>((r1 - r0) * 16));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t o0 = blk * kLaneRows, rows = std::min(kLaneRows, c.out - o0);
         for (int64_t b = 0; b < nb; ++b) {
-          pair_sums(acc.data() + (o - ot) * ald + b * 32, s);
-          for (int64_t l = 0; l < kPairLanes && b * kPairLanes + l < R; ++l) {
-            op[(b * kPairLanes + l) * c.out + o] = c10::BFloat16(bp != nullptr ? s[l] + bo : s[l]);
+          const int64_t g0 = b * kLaneGroups, g1 = std::min(c.groups, g0 + kLaneGroups);
+          lane_layout(vp, mp, c, o0, rows, g0, g1, lay);
+          for (int64_t r = r0; r < r1; r += kLaneRB) {
+            lane_block<kLaneRB>(lay, g1 - g0, xd + (b * rp + r) * bcols, bcols, acc.data() + (r - r0) * 16, b == 0);
           }
         }
+        lane_outputs(acc.data(), std::min(R, r1) - r0, bp != nullptr ? bp + o0 : nullptr, rows,
+                     op + r0 * c.out + o0, c.out);
       }
-    }
-  });
+    });
+  }
 }
 
 // One register block by its run-time shape (ob in {1, kRegOB}, rb in {1, 2, 4, kRegRB}).
@@ -2009,15 +2028,14 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
           (st == at::kFloat && R < kNMDenseCrossoverRows && use_avx512());
   }
 #endif
-  // bf16 2:4 with avx512_bf16 from kNMPair24Rows rows up to the tiles: the pair tables.
-  bool pairs = false;
+  // bf16 2:4 with avx512_bf16 from kNMLane24Rows rows on: weight rows in lanes.
+  bool lanes = false;
 #if SPARSEOPS_NM_X86
-  pairs = x2d.scalar_type() == at::kBFloat16 && cfg.n == 2 && cfg.m == 4 && R >= kNMPair24Rows &&
-          R < kNMReg16Rows && use_bf16dot();
+  lanes = x2d.scalar_type() == at::kBFloat16 && cfg.n == 2 && cfg.m == 4 && R >= kNMLane24Rows && use_bf16dot();
 #endif
-  if (pairs) {
+  if (lanes) {
 #if SPARSEOPS_NM_X86
-    linear_pairs24(x2d, values, meta, bias, cfg, out);
+    linear_lanes24(x2d, values, meta, bias, cfg, out);
 #endif
     return;
   }

@@ -29,8 +29,8 @@ struct NMConfig {
 // weight as stored against x gathered by the kept columns (fp32 / bf16, m / n in {2, 4, 8}, VBMI),
 // else expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
 // byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4 from
-// kNMPair24Rows: pair tables); fp16 (and bf16 without avx512_bf16) from kNMTableRows rows lays
-// x out in fp32 tables with sparse arithmetic;
+// kNMLane24Rows, at every batch: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
+// kNMTableRows rows lays x out in fp32 tables with sparse arithmetic;
 // from kNMDenseCrossoverRows it decompresses the weight tile by tile and calls at::mm. 16-bit
 // inputs on CPUs with VBMI2 go to 16-bit tiles (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows
 // (bf16 register blocks: from kNMReg16Rows). Measured (4096x4096 2:4, one thread, ratio to torch
@@ -38,11 +38,9 @@ struct NMConfig {
 // register blocks 1.22x at R = 4, 0.95x at 16, 0.80x at 32, 0.69x at 64 against 1.08x / 0.64x /
 // 0.72x / 0.80x for the previous rows / tiles; fp32 register blocks 2.28x at 4, 1.71x at 16,
 // 1.28x at 32, 1.12x at 64 against 1.71x / 1.04x / 0.96x / 1.21x for the previous rows / tables /
-// BLAS tiles. bf16 2:4 from kNMPair24Rows (to kNMReg16Rows) goes to pair tables (sparse
-// arithmetic, one vdpbf16ps per kept pair): at R = 16 1.14x / 1.21x / 1.35x torch for 4096x4096 /
-// 11008x4096 / 4096x11008 against 0.99x / 0.93x / 1.10x for the register blocks; at R = 8 the
-// register blocks are faster (1.17-1.58x against 0.92-1.01x), at R = 32 the tables 0.92-1.0x
-// against 0.78-0.83x (load ~6, 2026-12-07).
+// BLAS tiles. bf16 2:4 weight rows in lanes (one vpshufb + one vdpbf16ps per 16 kept pairs, 2
+// threads, alternating processes, 2026-12-07): 1.18x the pair tables they replaced at R = 12, 1.15x
+// at 32, 1.16x the 16-bit tiles at 64 and 128; at R = 8 the register blocks stay (lanes 0.72x).
 // nm_compress's outputs: an undefined one is not wanted (nm_compress's outputs= argument), and
 // the kernels skip its stores (nullptr).
 template <typename T>
@@ -51,7 +49,7 @@ inline T* nm_compress_out(at::Tensor& t) {
 }
 
 constexpr int64_t kNMTableRows = 12;
-constexpr int64_t kNMPair24Rows = 12;
+constexpr int64_t kNMLane24Rows = 12;
 constexpr int64_t kNMDense16Rows = 8;
 constexpr int64_t kNMReg16Rows = 48;
 constexpr int64_t kNMDenseCrossoverRows = 64;
