@@ -4,11 +4,12 @@ csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: x gathered by the kept
 fp32 / bf16, m / n in {2, 4, 8}, AVX-512 VBMI), weight rows expanded in registers (R = 1 otherwise,
 and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
 3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
-column blocks where it outgrows 256 KB), bf16 2:4 weight rows in lanes (R >= 12: 16 weight rows'
-kept pairs per vector, the x pairs they keep picked by vpshufb; blocks of 64 groups, 16 rows of x
-at a time), x laid out in fp32 column tables with sparse arithmetic (fp16, 12 <= R < 64),
-decompressed tiles through BLAS (R >= 64; 16-bit tiles through oneDNN from 8 rows for fp16 and
-from 48 rows for bf16 other than 2:4). These tests pin each path at the batch sizes around
+column blocks where it outgrows 256 KB), bf16 2:4 / 1:4 / 2:8 weight rows in lanes (R >= 12: 16
+weight rows' kept pairs per vector, the x pairs they keep picked by vpshufb; blocks of 64 steps of
+two kept values, 16 rows of x at a time; 1:4 needs an even group count), x laid out in fp32
+column tables with sparse arithmetic (fp16, 12 <= R < 64), decompressed tiles through BLAS
+(R >= 64; 16-bit tiles through oneDNN from 8 rows for fp16 and from 48 rows for the other bf16
+patterns). These tests pin each path at the batch sizes around
 the crossovers, at widths that cross the tables' column chunks (2048), the register blocks'
 column blocks and partial 16 / 32-column chunks, odd group counts, bias, non-contiguous x,
 bit-identical results for 1 and 2 threads, and (register blocks) a row's bits independent of
@@ -186,23 +187,29 @@ def test_rows_independent_of_batch(dtype, n, m, slices):
         assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, backend="cpu"), full[r0:r1]), (r0, r1)
 
 
-@pytest.mark.parametrize("out_features,k,R", [(600, 4 * 301, 21), (37, 4 * (2 * 64 + 37), 150), (16, 64, 12)])
-def test_lanes_threads_ties_and_zeros(out_features, k, R):
-    # bf16 2:4 weight rows in lanes: partial 16-row weight blocks, several 64-group column blocks
-    # with an odd-sized last one, rows of x past a multiple of 16 and past a 128-row pass, over 1
-    # and 2 threads; explicit zeros (a group keeping fewer than 2 non-zeros stores a zero at its
-    # lowest unkept position), a zero weight row, a zero x row, and an inf in x where no weight row
-    # keeps a value
-    dense, nmw = nm_weight(out_features, k, 2, 4, dtype=torch.bfloat16, seed=8)
+LANE_SHAPES = [(600, 8 * 151, 21), (37, 8 * (64 + 37), 150), (16, 64, 12)]
+
+
+@pytest.mark.parametrize(
+    "n,m,out_features,k,R",
+    [(2, 4, 600, 4 * 301, 21)] + [(n, m, *shape) for n, m in [(2, 4), (1, 4), (2, 8)] for shape in LANE_SHAPES],
+)
+def test_lanes_threads_ties_and_zeros(n, m, out_features, k, R):
+    # bf16 2:4 / 1:4 / 2:8 weight rows in lanes: partial 16-row weight blocks, several 64-step
+    # column blocks with a short last one (2:4: an odd group count), rows of x past a multiple of
+    # 16 and past a 128-row pass, over 1 and 2 threads; explicit zeros (a group keeping fewer than
+    # n non-zeros stores zeros at its lowest unkept positions), a zero weight row, a zero x row, an
+    # inf in x where no weight row keeps a value; a row's bits do not depend on the batch
+    dense, nmw = nm_weight(out_features, k, n, m, dtype=torch.bfloat16, seed=8)
     dense[7 % out_features] = 0
     dense[9 % out_features, :40] = 0
     dense[11 % out_features, 1::4] = 0
     dense[:, 2] = 0
-    nmw = sparseops.nm_compress(dense, 2, 4)
+    nmw = sparseops.nm_compress(dense, n, m)
     x = _x(R, k, dtype=torch.bfloat16, seed=9)
     x[4] = 0
     bias = _x(out_features, dtype=torch.bfloat16, seed=10)
-    assert not nmw.mask()[:, 2].any()  # column 2: zero in every row, never among the kept two
+    assert not nmw.mask()[:, 2].any()  # column 2: zero in every row, never among the kept ones
     prev = torch.get_num_threads()
     try:
         outs = []
@@ -213,6 +220,8 @@ def test_lanes_threads_ties_and_zeros(out_features, k, R):
         torch.set_num_threads(prev)
     assert torch.equal(outs[0], outs[1])
     assert (outs[0][:, 7 % out_features] == bias[7 % out_features]).all() and (outs[0][4] == bias).all()
+    for r0, r1 in [(0, 12), (R - 12, R), (1, R)]:
+        assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, bias, backend="cpu"), outs[0][r0:r1]), (r0, r1)
     x[1, 2] = float("inf")  # never multiplied: the same bits
     assert torch.equal(sparseops.nm_linear(x, nmw, bias, backend="cpu"), outs[0])
 

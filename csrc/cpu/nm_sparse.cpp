@@ -25,8 +25,8 @@
 // to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
 // bitwise independent of the thread count.
 // Between them (see nm_sparse.h for the crossovers): register blocks of 3 weight rows x 8 x rows
-// (fp32 and bf16, from 2 rows) and, for bf16 2:4 at any batch from kNMLane24Rows, weight rows in
-// lanes against x pairs picked by vpshufb (sparse arithmetic);
+// (fp32 and bf16, from 2 rows) and, for bf16 2:4 / 1:4 / 2:8 at any batch from kNMLaneRows,
+// weight rows in lanes against x pairs picked by vpshufb (sparse arithmetic);
 // fp16 keeps fp32 column tables. Each has its own section below.
 //
 // nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
@@ -991,37 +991,61 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 #undef SPARSEOPS_NM_INIT
 #undef SPARSEOPS_NM_STORE
 
-// ---- bf16 2:4 from kNMLane24Rows rows: weight rows in lanes, x pairs picked by vpshufb --------
+// ---- bf16 2:4, 1:4, 2:8 from kNMLaneRows rows: weight rows in lanes, x pairs picked by vpshufb ---
 //
-// vdpbf16ps sums products of bf16 pairs, and a 2:4 group keeps exactly one pair: its two kept
-// values, side by side in the stored row (32 bits). For a block of 16 weight rows and a group g,
-// W[g] holds those 16 pairs, one per 32-bit lane, and C[g] per lane the vpshufb control bytes
-// (2 p0, 2 p0 + 1, 2 p1, 2 p1 + 1) of the row's kept positions p0 < p1 (from its meta nibble). For
-// a row r of x: one broadcast of the group's 8 bytes x[r, 4g : 4g + 4] to every 64-bit lane, one
-// vpshufb by C[g] (each 32-bit lane now holds the pair of x its weight row keeps), one vdpbf16ps
-// with W[g] into the 16 outputs (r, o0 .. o0 + 15): 32 products per vdpbf16ps and none of them
-// zero, from registers. Measured on the 2-core Zen 4 (one thread, in-cache loop): 1.3-1.5 cycles
-// per vdpbf16ps, against 3-4 for x-stationary pair tables (a table load, a broadcast of the weight
-// pair and an offset lookup per product) and 1 per 16 useful products for dense arithmetic on the
-// expanded weight. The layout of kLaneGroups groups (16 x 16 transposes of 32-bit words) is made
-// once per call and used by every row of x, 16 rows at a time (16 accumulator vectors). Each output
-// is one lane fed group by group in column order: the bits depend on neither the thread count, nor
-// R, nor the blocking.
+// vdpbf16ps sums products of bf16 pairs; call a "step" two consecutive kept values of a weight row
+// (32 bits as stored) and the x columns they can come from: one group of 2:4 (4 columns) or 2:8
+// (8), two groups of 1:4 (8). For a block of 16 weight rows and a step s, W[s] holds the 16 rows'
+// pairs, one per 32-bit lane, and C[s] per lane the vpshufb control bytes that pick the row's two
+// x values out of the step's columns (from the step's meta field: 4 bits for 2:4 and 1:4, 8 for
+// 2:8). For a row r of x: one broadcast of the step's columns (8 bytes to every 64-bit lane, or 16
+// bytes to every 128-bit lane), one vpshufb by C[s] (each 32-bit lane now holds the pair of x its
+// weight row keeps), one vdpbf16ps with W[s] into the 16 outputs (r, o0 .. o0 + 15): 32 products
+// per vdpbf16ps and none of them zero, from registers. Measured on the 2-core Zen 4 (one thread,
+// in-cache loop): 1.3-1.5 cycles per vdpbf16ps, against 3-4 for x-stationary pair tables (a table
+// load, a broadcast of the weight pair and an offset lookup per product) and 1 per 16 useful
+// products (2:4; 8 for 1:4) for dense arithmetic on the expanded weight. The layout of kLaneSteps
+// steps (16 x 16 transposes of 32-bit words) is made once per pass over the weight and used by up
+// to kLaneRowChunk rows of x, 16 at a time (16 accumulator vectors). Each output is one lane fed
+// step by step in column order: the bits depend on neither the thread count, nor R, nor the
+// blocking.
 
-constexpr int64_t kLaneRows = 16;    // weight rows per block (the lanes)
-constexpr int64_t kLaneGroups = 64;  // groups per column block (8 KB of layout, 16 rows x 512 B of x)
-constexpr int kLaneRB = 16;          // rows of x per register block
+constexpr int64_t kLaneRows = 16;       // weight rows per block (the lanes)
+constexpr int64_t kLaneSteps = 64;      // steps per column block (8 KB of layout)
+constexpr int kLaneRB = 16;             // rows of x per register block
 constexpr int64_t kLaneRowChunk = 128;  // rows of x per pass over the weight (a multiple of kLaneRB)
 
-// vpshufb controls of the 2:4 meta nibbles p0 | p1 << 2: the bytes of x values p0 and p1.
-constexpr std::array<uint32_t, 16> kLaneControl = [] {
-  std::array<uint32_t, 16> t{};
-  for (uint32_t nib = 0; nib < 16; ++nib) {
-    const uint32_t p0 = nib & 3, p1 = nib >> 2;
-    t[nib] = (2 * p0) | ((2 * p0 + 1) << 8) | ((2 * p1) << 16) | ((2 * p1 + 1) << 24);
+// A pattern's steps: S x columns, B meta bits; control = table[field & 15] | high[(field >> 4) & 15].
+struct LanePattern {
+  int S, B;
+  std::array<uint32_t, 16> table, high;
+};
+
+// the vpshufb bytes of bf16 x values at column offsets a (low half) and b (high half of the lane)
+constexpr uint32_t lane_pick(uint32_t a) { return (2 * a) | ((2 * a + 1) << 8); }
+
+constexpr LanePattern lane_pattern(int n, int m) {
+  LanePattern p{n == 2 ? m : 2 * m, n == 2 && m == 8 ? 8 : 4, {}, {}};
+  for (uint32_t f = 0; f < 16; ++f) {
+    if (m == 4) {  // 2:4: positions f & 3 < f >> 2 of one group; 1:4: one position in each of two
+      p.table[f] = lane_pick(f & 3) | (lane_pick((f >> 2) + (n == 1 ? 4 : 0)) << 16);
+    } else {  // 2:8: positions f & 15 (table) and f >> 4 (high), 4 bits each
+      p.table[f] = f < 8 ? lane_pick(f) : 0;
+      p.high[f] = f < 8 ? lane_pick(f) << 16 : 0;
+    }
   }
-  return t;
-}();
+  return p;
+}
+constexpr LanePattern kLane24 = lane_pattern(2, 4), kLane14 = lane_pattern(1, 4), kLane28 = lane_pattern(2, 8);
+
+// The patterns the lanes take (steps of two kept values over at most 8 columns, whole steps).
+inline const LanePattern* lane_pattern_of(const NMConfig& c) {
+  if (c.kept % 2 != 0) return nullptr;
+  if (c.n == 2 && c.m == 4) return &kLane24;
+  if (c.n == 1 && c.m == 4) return &kLane14;
+  if (c.n == 2 && c.m == 8) return &kLane28;
+  return nullptr;
+}
 
 // In place: r[i] lane j <- r[j] lane i (16 x 16 32-bit words).
 SPARSEOPS_NM_AVX512 inline void transpose16x16(__m512i* r) {
@@ -1050,20 +1074,25 @@ SPARSEOPS_NM_AVX512 inline void transpose16x16(__m512i* r) {
   }
 }
 
-// The layout of weight rows [o0, o0 + rows) (rows <= 16; lanes past them zero), groups [g0, g1):
-// lay[2 (g - g0)] = W[g], lay[2 (g - g0) + 1] = C[g] (groups rounded up to 16, the extra ones zero).
-// W: 16 x 16 transposes of the rows' 32-bit pairs. C: the 16 rows' meta of 16 groups (8 bytes each)
-// as two 32-bit words per row, then per group one shift (its nibble into bits 0-3) and one vpermd
-// of the control table, which reads only those 4 bits of each index.
-SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, const NMConfig& c, int64_t o0,
-                                     int64_t rows, int64_t g0, int64_t g1, __m512i* lay) {
-  const __m512i control = _mm512_loadu_si512(kLaneControl.data());
-  // the next column block of these rows (16 rows 4 KB+ apart: no stream the hardware follows)
-  if (g1 < c.groups) {
+// The layout of weight rows [o0, o0 + rows) (rows <= 16; lanes past them zero), steps [s0, s1):
+// lay[2 (s - s0)] = W[s], lay[2 (s - s0) + 1] = C[s] (steps rounded up to 16, the extra ones zero).
+// W: 16 x 16 transposes of the rows' 32-bit pairs. C: the 16 rows' meta of 16 steps (8 or 16
+// bytes each) as 32-bit words per row, then per step a shift (its field into bits 0-3) and one
+// vpermd of the control table, which reads only those 4 bits of each index (2:8: and a second
+// one for bits 4-7).
+template <int B>
+SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, const NMConfig& c, const LanePattern& pat,
+                                     int64_t o0, int64_t rows, int64_t s0, int64_t s1, __m512i* lay) {
+  constexpr int kWords = 16 * B / 32;  // meta words per row per 16 steps
+  const __m512i table = _mm512_loadu_si512(pat.table.data()), high = _mm512_loadu_si512(pat.high.data());
+  const int64_t steps = c.kept / 2;
+  // the next column block of these rows, into L2 (16 rows 4 KB+ apart: no stream the hardware
+  // follows)
+  if (s1 < steps) {
     for (int64_t i = 0; i < rows; ++i) {
-      const char* pv = reinterpret_cast<const char*>(v + (o0 + i) * c.kept + 2 * g1);
-      for (int64_t l = 0; l < 4 * (g1 - g0); l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(meta + (o0 + i) * c.meta_bytes + g1 / 2), _MM_HINT_T1);
+      const char* pv = reinterpret_cast<const char*>(v + (o0 + i) * c.kept + 2 * s1);
+      for (int64_t l = 0; l < 4 * (s1 - s0); l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(meta + (o0 + i) * c.meta_bytes + s1 * B / 8), _MM_HINT_T1);
     }
   }
   const __mmask16 live = lanes_below(rows);
@@ -1072,58 +1101,69 @@ SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, con
   const __m512i rows_hi = _mm512_add_epi64(rows_lo, _mm512_set1_epi64(8 * c.meta_bytes));
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t gb = g0; gb < g1; gb += 16) {
-    const int64_t ng = std::min<int64_t>(16, g1 - gb);
-    const __mmask16 words = lanes_below(ng);
+  for (int64_t sb = s0; sb < s1; sb += 16) {
+    const int64_t ns = std::min<int64_t>(16, s1 - sb);
+    const __mmask16 words = lanes_below(ns);
     __m512i w[16];
     for (int64_t i = 0; i < 16; ++i) {
-      w[i] = i < rows ? _mm512_maskz_loadu_epi32(words, v + (o0 + i) * c.kept + 2 * gb) : _mm512_setzero_si512();
+      w[i] = i < rows ? _mm512_maskz_loadu_epi32(words, v + (o0 + i) * c.kept + 2 * sb) : _mm512_setzero_si512();
     }
     transpose16x16(w);
-    // groups gb .. gb + 7 of row i in bits 4 (g - gb) .. + 3 of lo's lane i, gb + 8 .. in hi's
-    __m512i lo, hi;
-    const uint8_t* mb = meta + o0 * c.meta_bytes + gb / 2;
-    if (ng == 16) {  // 8 bytes inside every row
+    // mw[k] lane i: meta word k of row i's 16 steps (steps 32 k / B .. in bits B (s - ..) up)
+    __m512i mw[kWords];
+    const uint8_t* mb = meta + o0 * c.meta_bytes + sb * B / 8;
+    if (ns == 16) {  // 2 B bytes inside every row
       const auto m8 = static_cast<__mmask8>(live), m8h = static_cast<__mmask8>(live >> 8);
-      const __m512i q0 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8, rows_lo, mb, 1);
-      const __m512i q1 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8h, rows_hi, mb, 1);
-      lo = _mm512_permutex2var_epi32(q0, even, q1);
-      hi = _mm512_permutex2var_epi32(q0, odd, q1);
-    } else {  // the row's last groups: only the bytes that exist
-      alignas(64) uint32_t l[16] = {}, h[16] = {};
-      const int64_t nbytes = (ng + 1) / 2;
-      for (int64_t i = 0; i < rows; ++i) {
-        uint64_t q = 0;
-        std::memcpy(&q, mb + i * c.meta_bytes, nbytes);
-        l[i] = static_cast<uint32_t>(q), h[i] = static_cast<uint32_t>(q >> 32);
+      for (int q = 0; q < kWords / 2; ++q) {
+        const __m512i q0 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8, rows_lo, mb + 8 * q, 1);
+        const __m512i q1 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8h, rows_hi, mb + 8 * q, 1);
+        mw[2 * q] = _mm512_permutex2var_epi32(q0, even, q1);
+        mw[2 * q + 1] = _mm512_permutex2var_epi32(q0, odd, q1);
       }
-      lo = _mm512_load_si512(l), hi = _mm512_load_si512(h);
+    } else {  // the row's last steps: only the bytes that exist
+      alignas(64) uint32_t t[kWords][16] = {};
+      const int64_t nbytes = (ns * B + 7) / 8;
+      for (int64_t i = 0; i < rows; ++i) {
+        uint32_t row[kWords] = {};
+        std::memcpy(row, mb + i * c.meta_bytes, nbytes);
+        for (int k = 0; k < kWords; ++k) t[k][i] = row[k];
+      }
+      for (int k = 0; k < kWords; ++k) mw[k] = _mm512_load_si512(t[k]);
     }
-    __m512i* out = lay + 2 * (gb - g0);
+    __m512i* out = lay + 2 * (sb - s0);
     for (int j = 0; j < 16; ++j) {
-      const __m512i nib = _mm512_srli_epi32(j < 8 ? lo : hi, 4 * (j & 7));
+      const __m512i f = _mm512_srli_epi32(mw[j * B / 32], (j * B) % 32);
+      __m512i ctl = _mm512_permutexvar_epi32(f, table);
+      if constexpr (B == 8) ctl = _mm512_or_si512(ctl, _mm512_permutexvar_epi32(_mm512_srli_epi32(f, 4), high));
       _mm512_store_si512(out + 2 * j, w[j]);
-      _mm512_store_si512(out + 2 * j + 1, _mm512_maskz_permutexvar_epi32(live, nib, control));
+      _mm512_store_si512(out + 2 * j + 1, _mm512_maskz_mov_epi32(live, ctl));
     }
   }
 }
 
-// Groups [0, ng) of one layout against RB rows of x (row i at x + i * ldx, from the layout's first
-// group's columns): acc[i * 16 .. + 16] (zero first when `first`) += the 16 weight rows' products.
-template <int RB>
-SPARSEOPS_NM_BF16DOT void lane_block(const __m512i* lay, int64_t ng, const uint16_t* x, int64_t ldx, float* acc,
+// Steps [0, ns) of one layout against RB rows of x (row i at x + i * ldx, from the layout's first
+// step's columns; S columns per step): acc[i * 16 .. + 16] (zero first when `first`) += the 16
+// weight rows' products.
+template <int RB, int S>
+SPARSEOPS_NM_BF16DOT void lane_block(const __m512i* lay, int64_t ns, const uint16_t* x, int64_t ldx, float* acc,
                                      bool first) {
   __m512 a[RB];
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i) a[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 16 * i);
-  for (int64_t g = 0; g < ng; ++g) {
-    const __m512i w = _mm512_load_si512(lay + 2 * g), ctl = _mm512_load_si512(lay + 2 * g + 1);
+  for (int64_t s = 0; s < ns; ++s) {
+    const __m512i w = _mm512_load_si512(lay + 2 * s), ctl = _mm512_load_si512(lay + 2 * s + 1);
 #pragma GCC unroll 16
     for (int i = 0; i < RB; ++i) {
-      long long q;
-      std::memcpy(&q, x + i * ldx + 4 * g, 8);
-      const __m512i pairs = _mm512_shuffle_epi8(_mm512_set1_epi64(q), ctl);
-      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)w, (__m512bh)pairs);
+      const uint16_t* xs = x + i * ldx + S * s;
+      __m512i cols;
+      if constexpr (S == 4) {
+        long long q;
+        std::memcpy(&q, xs, 8);
+        cols = _mm512_set1_epi64(q);
+      } else {
+        cols = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xs)));
+      }
+      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)w, (__m512bh)_mm512_shuffle_epi8(cols, ctl));
     }
   }
 #pragma GCC unroll 16
@@ -1141,16 +1181,18 @@ SPARSEOPS_NM_AVX512 void lane_outputs(const float* acc, int64_t R, const c10::BF
   }
 }
 
-// bf16 2:4 through the lanes (see above); x2d [R, in] bf16 contiguous.
-void linear_lanes24(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
-                    const NMConfig& c, Tensor& out) {
+// bf16 2:4 / 1:4 / 2:8 (lane_pattern_of) through the lanes (see above); x2d [R, in] bf16 contiguous.
+template <int S, int B>
+void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                  const NMConfig& c, const LanePattern& pat, Tensor& out) {
   const int64_t R = x2d.size(0);
   const int64_t rp = (R + kLaneRB - 1) / kLaneRB * kLaneRB;
-  const int64_t nb = (c.groups + kLaneGroups - 1) / kLaneGroups;
-  const int64_t bcols = 4 * kLaneGroups;
-  // x by column block: xb[block][row][4 kLaneGroups columns], rows past R zero. Read in place, the
-  // 16 rows of a register block lie a multiple of 4 KB apart for the usual widths, in one L1 set
-  // (measured: 3.5-4 cycles per vdpbf16ps instead of 1.5).
+  const int64_t steps = c.kept / 2;
+  const int64_t nb = (steps + kLaneSteps - 1) / kLaneSteps;
+  const int64_t bcols = S * kLaneSteps;
+  // x by column block: xb[block][row][bcols columns], rows and columns past x zero. Read in place,
+  // the 16 rows of a register block lie a multiple of 4 KB apart for the usual widths, in one L1
+  // set (measured: 3.5-4 cycles per vdpbf16ps instead of 1.5).
   Tensor xb = at::zeros({nb, rp, bcols}, x2d.options());
   const auto* xs = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
   auto* xd = reinterpret_cast<uint16_t*>(xb.data_ptr<c10::BFloat16>());
@@ -1168,15 +1210,15 @@ void linear_lanes24(const Tensor& x2d, const Tensor& values, const Tensor& meta,
   for (int64_t r0 = 0; r0 < rp; r0 += kLaneRowChunk) {
     const int64_t r1 = std::min(rp, r0 + kLaneRowChunk);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      alignas(64) __m512i lay[2 * kLaneGroups];  // (a std::vector of them is not 64-byte aligned here)
+      alignas(64) __m512i lay[2 * kLaneSteps];  // (a std::vector of them is not 64-byte aligned here)
       std::vector<float> acc(static_cast<size_t>((r1 - r0) * 16));
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t o0 = blk * kLaneRows, rows = std::min(kLaneRows, c.out - o0);
         for (int64_t b = 0; b < nb; ++b) {
-          const int64_t g0 = b * kLaneGroups, g1 = std::min(c.groups, g0 + kLaneGroups);
-          lane_layout(vp, mp, c, o0, rows, g0, g1, lay);
+          const int64_t s0 = b * kLaneSteps, s1 = std::min(steps, s0 + kLaneSteps);
+          lane_layout<B>(vp, mp, c, pat, o0, rows, s0, s1, lay);
           for (int64_t r = r0; r < r1; r += kLaneRB) {
-            lane_block<kLaneRB>(lay, g1 - g0, xd + (b * rp + r) * bcols, bcols, acc.data() + (r - r0) * 16, b == 0);
+            lane_block<kLaneRB, S>(lay, s1 - s0, xd + (b * rp + r) * bcols, bcols, acc.data() + (r - r0) * 16, b == 0);
           }
         }
         lane_outputs(acc.data(), std::min(R, r1) - r0, bp != nullptr ? bp + o0 : nullptr, rows,
@@ -1184,6 +1226,13 @@ void linear_lanes24(const Tensor& x2d, const Tensor& values, const Tensor& meta,
       }
     });
   }
+}
+
+void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                  const NMConfig& c, const LanePattern& pat, Tensor& out) {
+  if (pat.S == 4) return linear_lanes<4, 4>(x2d, values, meta, bias, c, pat, out);
+  if (pat.B == 4) return linear_lanes<8, 4>(x2d, values, meta, bias, c, pat, out);
+  linear_lanes<8, 8>(x2d, values, meta, bias, c, pat, out);
 }
 
 // One register block by its run-time shape (ob in {1, kRegOB}, rb in {1, 2, 4, kRegRB}).
@@ -2028,17 +2077,12 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
           (st == at::kFloat && R < kNMDenseCrossoverRows && use_avx512());
   }
 #endif
-  // bf16 2:4 with avx512_bf16 from kNMLane24Rows rows on: weight rows in lanes.
-  bool lanes = false;
+  // bf16 2:4 / 1:4 / 2:8 with avx512_bf16 from kNMLaneRows rows on: weight rows in lanes.
 #if SPARSEOPS_NM_X86
-  lanes = x2d.scalar_type() == at::kBFloat16 && cfg.n == 2 && cfg.m == 4 && R >= kNMLane24Rows && use_bf16dot();
-#endif
-  if (lanes) {
-#if SPARSEOPS_NM_X86
-    linear_lanes24(x2d, values, meta, bias, cfg, out);
-#endif
-    return;
+  if (x2d.scalar_type() == at::kBFloat16 && R >= kNMLaneRows && use_bf16dot()) {
+    if (const LanePattern* pat = lane_pattern_of(cfg)) return linear_lanes(x2d, values, meta, bias, cfg, *pat, out);
   }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
     if (reg) {
 #if SPARSEOPS_NM_X86

@@ -28,8 +28,8 @@ struct NMConfig {
 // Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): one row of x streams the
 // weight as stored against x gathered by the kept columns (fp32 / bf16, m / n in {2, 4, 8}, VBMI),
 // else expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
-// byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4 from
-// kNMLane24Rows, at every batch: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
+// byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4, 1:4 and 2:8
+// from kNMLaneRows, at every batch: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
 // kNMTableRows rows lays x out in fp32 tables with sparse arithmetic;
 // from kNMDenseCrossoverRows it decompresses the weight tile by tile and calls at::mm. 16-bit
 // inputs on CPUs with VBMI2 go to 16-bit tiles (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows
@@ -49,7 +49,7 @@ inline T* nm_compress_out(at::Tensor& t) {
 }
 
 constexpr int64_t kNMTableRows = 12;
-constexpr int64_t kNMLane24Rows = 12;
+constexpr int64_t kNMLaneRows = 12;
 constexpr int64_t kNMDense16Rows = 8;
 constexpr int64_t kNMReg16Rows = 48;
 constexpr int64_t kNMDenseCrossoverRows = 64;
