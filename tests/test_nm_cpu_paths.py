@@ -4,9 +4,9 @@ csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: x gathered by the kept
 fp32 / bf16, m / n in {2, 4, 8}, AVX-512 VBMI), weight rows expanded in registers (R = 1 otherwise,
 and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
 3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
-column blocks where it outgrows 256 KB), bf16 2:4 / 1:4 / 2:8 weight rows in lanes (R >= 12: 16
+column blocks where it outgrows 256 KB), bf16 2:4 / 1:4 / 2:8 weight rows in lanes (R >= 4: 16
 weight rows' kept pairs per vector, the x pairs they keep picked by vpshufb; blocks of 64 steps of
-two kept values, 16 rows of x at a time; 1:4 needs an even group count), x laid out in fp32
+two kept values, 16 (R <= 8: 8, R <= 4: 4) rows of x at a time; 1:4 needs an even group count), x laid out in fp32
 column tables with sparse arithmetic (fp16, 12 <= R < 64), decompressed tiles through BLAS
 (R >= 64; 16-bit tiles through oneDNN from 8 rows for fp16 and from 48 rows for the other bf16
 patterns). These tests pin each path at the batch sizes around
@@ -187,7 +187,7 @@ def test_rows_independent_of_batch(dtype, n, m, slices):
         assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, backend="cpu"), full[r0:r1]), (r0, r1)
 
 
-LANE_SHAPES = [(600, 8 * 151, 21), (37, 8 * (64 + 37), 150), (16, 64, 12)]
+LANE_SHAPES = [(600, 8 * 151, 21), (37, 8 * (64 + 37), 150), (16, 64, 12), (40, 8 * 70, 5), (17, 64, 4)]
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_lanes_threads_ties_and_zeros(n, m, out_features, k, R):
     dense[:, 2] = 0
     nmw = sparseops.nm_compress(dense, n, m)
     x = _x(R, k, dtype=torch.bfloat16, seed=9)
-    x[4] = 0
+    x[min(4, R - 1)] = 0
     bias = _x(out_features, dtype=torch.bfloat16, seed=10)
     assert not nmw.mask()[:, 2].any()  # column 2: zero in every row, never among the kept ones
     prev = torch.get_num_threads()
@@ -219,8 +219,9 @@ def test_lanes_threads_ties_and_zeros(n, m, out_features, k, R):
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(outs[0], outs[1])
-    assert (outs[0][:, 7 % out_features] == bias[7 % out_features]).all() and (outs[0][4] == bias).all()
-    for r0, r1 in [(0, 12), (R - 12, R), (1, R)]:
+    assert (outs[0][:, 7 % out_features] == bias[7 % out_features]).all() and (outs[0][min(4, R - 1)] == bias).all()
+    slices = [(0, min(R, 12)), (max(0, R - 12), R)] + ([(1, R)] if R > 4 else [])  # >= 4 rows: lanes
+    for r0, r1 in slices:
         assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, bias, backend="cpu"), outs[0][r0:r1]), (r0, r1)
     x[1, 2] = float("inf")  # never multiplied: the same bits
     assert torch.equal(sparseops.nm_linear(x, nmw, bias, backend="cpu"), outs[0])

@@ -1006,7 +1006,7 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 // load, a broadcast of the weight pair and an offset lookup per product) and 1 per 16 useful
 // products (2:4; 8 for 1:4) for dense arithmetic on the expanded weight. The layout of kLaneSteps
 // steps (16 x 16 transposes of 32-bit words) is made once per pass over the weight and used by up
-// to kLaneRowChunk rows of x, 16 at a time (16 accumulator vectors). Each output is one lane fed
+// to kLaneRowChunk rows of x, 16 at a time (16 accumulator vectors; 4 or 8 for R <= 4 or 8). Each output is one lane fed
 // step by step in column order: the bits depend on neither the thread count, nor R, nor the
 // blocking.
 
@@ -1186,7 +1186,8 @@ template <int S, int B>
 void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
                   const NMConfig& c, const LanePattern& pat, Tensor& out) {
   const int64_t R = x2d.size(0);
-  const int64_t rp = (R + kLaneRB - 1) / kLaneRB * kLaneRB;
+  const int rb = R <= 4 ? 4 : R <= 8 ? 8 : kLaneRB;  // rows of x per register block (4, 8 or 16)
+  const int64_t rp = (R + rb - 1) / rb * rb;
   const int64_t steps = c.kept / 2;
   const int64_t nb = (steps + kLaneSteps - 1) / kLaneSteps;
   const int64_t bcols = S * kLaneSteps;
@@ -1217,8 +1218,16 @@ void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t s0 = b * kLaneSteps, s1 = std::min(steps, s0 + kLaneSteps);
           lane_layout<B>(vp, mp, c, pat, o0, rows, s0, s1, lay);
-          for (int64_t r = r0; r < r1; r += kLaneRB) {
-            lane_block<kLaneRB, S>(lay, s1 - s0, xd + (b * rp + r) * bcols, bcols, acc.data() + (r - r0) * 16, b == 0);
+          for (int64_t r = r0; r < r1; r += rb) {
+            const uint16_t* xr = xd + (b * rp + r) * bcols;
+            float* ar = acc.data() + (r - r0) * 16;
+            if (rb == 4) {
+              lane_block<4, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+            } else if (rb == 8) {
+              lane_block<8, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+            } else {
+              lane_block<kLaneRB, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+            }
           }
         }
         lane_outputs(acc.data(), std::min(R, r1) - r0, bp != nullptr ? bp + o0 : nullptr, rows,

@@ -29,7 +29,7 @@ struct NMConfig {
 // weight as stored against x gathered by the kept columns (fp32 / bf16, m / n in {2, 4, 8}, VBMI),
 // else expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
 // byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4, 1:4 and 2:8
-// from kNMLaneRows, at every batch: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
+// from kNMLaneRows rows, at every batch from there: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
 // kNMTableRows rows lays x out in fp32 tables with sparse arithmetic;
 // from kNMDenseCrossoverRows it decompresses the weight tile by tile and calls at::mm. 16-bit
 // inputs on CPUs with VBMI2 go to 16-bit tiles (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows
@@ -38,9 +38,12 @@ struct NMConfig {
 // register blocks 1.22x at R = 4, 0.95x at 16, 0.80x at 32, 0.69x at 64 against 1.08x / 0.64x /
 // 0.72x / 0.80x for the previous rows / tiles; fp32 register blocks 2.28x at 4, 1.71x at 16,
 // 1.28x at 32, 1.12x at 64 against 1.71x / 1.04x / 0.96x / 1.21x for the previous rows / tables /
-// BLAS tiles. bf16 2:4 weight rows in lanes (one vpshufb + one vdpbf16ps per 16 kept pairs, 2
-// threads, alternating processes, 2026-12-07): 1.18x the pair tables they replaced at R = 12, 1.15x
-// at 32, 1.16x the 16-bit tiles at 64 and 128; at R = 8 the register blocks stay (lanes 0.72x).
+// BLAS tiles. bf16 weight rows in lanes (one vpshufb + one vdpbf16ps per 16 kept pairs), against
+// the paths they replaced (2 threads, alternating processes, 4096x4096, 2026-12-07): 2:4 1.00x the
+// register blocks at R = 4, 1.12x at 8, 1.18x the pair tables at 12, 1.09x at 16, 1.38x the 16-bit
+// tiles at 128 (1.20x torch F.linear); 1:4 1.12x / 1.57x / 1.75x / 2.17x the register blocks at
+// R = 4 / 8 / 12 / 16 and 3.3x the tiles at 128 (1.66x F.linear); 2:8 1.54x / 1.74x / 2.08x / 2.15x
+// and 1.89x (1.67x F.linear). At R = 2 the register blocks stay (lanes 0.86-0.94x).
 // nm_compress's outputs: an undefined one is not wanted (nm_compress's outputs= argument), and
 // the kernels skip its stores (nullptr).
 template <typename T>
@@ -49,7 +52,7 @@ inline T* nm_compress_out(at::Tensor& t) {
 }
 
 constexpr int64_t kNMTableRows = 12;
-constexpr int64_t kNMLaneRows = 12;
+constexpr int64_t kNMLaneRows = 4;
 constexpr int64_t kNMDense16Rows = 8;
 constexpr int64_t kNMReg16Rows = 48;
 constexpr int64_t kNMDenseCrossoverRows = 64;
