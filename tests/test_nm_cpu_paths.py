@@ -2,11 +2,12 @@
 
 csrc/cpu/nm_sparse.cpp runs nm_linear by the rows R of x: x gathered by the kept columns (R = 1,
 fp32 / bf16, m / n in {2, 4, 8}, AVX-512 VBMI), weight rows expanded in registers (R = 1 otherwise,
-and every R for the generic decodes 3:4 / 15:16 below the tables), register blocks of
-3 weight rows x 8 rows of x (fp32 2 <= R < 64, bf16 with avx512_bf16 2 <= R < 48; x split into
-column blocks where it outgrows 256 KB), bf16 2:4 / 1:4 / 2:8 weight rows in lanes (R >= 4: 16
-weight rows' kept pairs per vector, the x pairs they keep picked by vpshufb; blocks of 64 steps of
-two kept values, 16 (R <= 8: 8, R <= 4: 4) rows of x at a time; 1:4 needs an even group count), x laid out in fp32
+and every R for the generic decodes 3:4 / 15:16 below the tables), weight rows in lanes (bf16 2:4 /
+1:4 / 2:8 with avx512_bf16, fp32 n:m with m in {4, 8}, n in {1, 2, 4}; from R = 4, fp32 2:4 and 4:8
+from R = 16; 16 weight rows per vector, the x values they keep picked by vpshufb / vpermilps /
+vpermps; blocks of 64 steps, 16 (R <= 8: 8, R <= 4: 4) rows of x at a time; bf16 1:4 needs an even
+group count), register blocks of 3 weight rows x 8 rows of x (the other fp32 2 <= R < 64, bf16 with
+avx512_bf16 2 <= R < 48; x split into column blocks where it outgrows 256 KB), x laid out in fp32
 column tables with sparse arithmetic (fp16, 12 <= R < 64), decompressed tiles through BLAS
 (R >= 64; 16-bit tiles through oneDNN from 8 rows for fp16 and from 48 rows for the other bf16
 patterns). These tests pin each path at the batch sizes around
@@ -171,7 +172,8 @@ def test_register_blocks_column_blocks(dtype):
 @pytest.mark.parametrize(
     "dtype,n,m,slices",
     [
-        (torch.float32, 2, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.float32, 1, 2, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
+        (torch.float32, 2, 4, [(0, 16), (5, 21), (13, 30), (30, 47)]),  # weight rows in lanes
         (torch.bfloat16, 1, 4, [(0, 2), (5, 8), (13, 30), (30, 47)]),  # register blocks
         (torch.bfloat16, 2, 4, [(0, 12), (3, 16), (13, 30), (20, 47)]),  # weight rows in lanes
     ],
@@ -188,28 +190,32 @@ def test_rows_independent_of_batch(dtype, n, m, slices):
 
 
 LANE_SHAPES = [(600, 8 * 151, 21), (37, 8 * (64 + 37), 150), (16, 64, 12), (40, 8 * 70, 5), (17, 64, 4)]
-
-
-@pytest.mark.parametrize(
-    "n,m,out_features,k,R",
-    [(2, 4, 600, 4 * 301, 21)] + [(n, m, *shape) for n, m in [(2, 4), (1, 4), (2, 8)] for shape in LANE_SHAPES],
+LANE_CASES = (
+    [(torch.bfloat16, 2, 4, 600, 4 * 301, 21)]
+    + [(torch.bfloat16, n, m, *shape) for n, m in [(2, 4), (1, 4), (2, 8)] for shape in LANE_SHAPES]
+    + [(torch.float32, n, m, *shape) for n, m in [(1, 4), (2, 8), (1, 8)] for shape in LANE_SHAPES[:4]]
+    + [(torch.float32, n, m, *shape) for n, m in [(2, 4), (4, 8)] for shape in [*LANE_SHAPES[:2], (16, 64, 16)]]
 )
-def test_lanes_threads_ties_and_zeros(n, m, out_features, k, R):
-    # bf16 2:4 / 1:4 / 2:8 weight rows in lanes: partial 16-row weight blocks, several 64-step
-    # column blocks with a short last one (2:4: an odd group count), rows of x past a multiple of
-    # 16 and past a 128-row pass, over 1 and 2 threads; explicit zeros (a group keeping fewer than
-    # n non-zeros stores zeros at its lowest unkept positions), a zero weight row, a zero x row, an
-    # inf in x where no weight row keeps a value; a row's bits do not depend on the batch
-    dense, nmw = nm_weight(out_features, k, n, m, dtype=torch.bfloat16, seed=8)
+
+
+@pytest.mark.parametrize("dtype,n,m,out_features,k,R", LANE_CASES)
+def test_lanes_threads_ties_and_zeros(dtype, n, m, out_features, k, R):
+    # weight rows in lanes (bf16 2:4 / 1:4 / 2:8, fp32 m in {4, 8}): partial 16-row weight blocks,
+    # several 64-step column blocks with a short last one (2:4: an odd group count), rows of x past
+    # a multiple of 16 and past a 128-row pass, register blocks of 4, 8 and 16 rows of x, over 1
+    # and 2 threads; explicit zeros (a group keeping fewer than n non-zeros stores zeros at its
+    # lowest unkept positions), a zero weight row, a zero x row, an inf in x where no weight row
+    # keeps a value; a row's bits do not depend on the batch
+    lanes_from = 16 if dtype == torch.float32 and 2 * n == m else 4
+    dense, nmw = nm_weight(out_features, k, n, m, dtype=dtype, seed=8)
     dense[7 % out_features] = 0
     dense[9 % out_features, :40] = 0
     dense[11 % out_features, 1::4] = 0
     dense[:, 2] = 0
     nmw = sparseops.nm_compress(dense, n, m)
-    x = _x(R, k, dtype=torch.bfloat16, seed=9)
+    x = _x(R, k, dtype=dtype, seed=9)
     x[min(4, R - 1)] = 0
-    bias = _x(out_features, dtype=torch.bfloat16, seed=10)
-    assert not nmw.mask()[:, 2].any()  # column 2: zero in every row, never among the kept ones
+    bias = _x(out_features, dtype=dtype, seed=10)
     prev = torch.get_num_threads()
     try:
         outs = []
@@ -220,11 +226,12 @@ def test_lanes_threads_ties_and_zeros(n, m, out_features, k, R):
         torch.set_num_threads(prev)
     assert torch.equal(outs[0], outs[1])
     assert (outs[0][:, 7 % out_features] == bias[7 % out_features]).all() and (outs[0][min(4, R - 1)] == bias).all()
-    slices = [(0, min(R, 12)), (max(0, R - 12), R)] + ([(1, R)] if R > 4 else [])  # >= 4 rows: lanes
-    for r0, r1 in slices:
+    slices = [(0, R - 1), (1, R), (R - lanes_from, R), (0, min(R, 12))]
+    for r0, r1 in [(r0, r1) for r0, r1 in slices if r1 - r0 >= lanes_from]:  # the lanes too
         assert torch.equal(sparseops.nm_linear(x[r0:r1], nmw, bias, backend="cpu"), outs[0][r0:r1]), (r0, r1)
-    x[1, 2] = float("inf")  # never multiplied: the same bits
-    assert torch.equal(sparseops.nm_linear(x, nmw, bias, backend="cpu"), outs[0])
+    if not nmw.mask()[:, 2].any():  # column 2 is zero in every row; kept only where a group is all zero
+        x[1, 2] = float("inf")  # never multiplied: the same bits
+        assert torch.equal(sparseops.nm_linear(x, nmw, bias, backend="cpu"), outs[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

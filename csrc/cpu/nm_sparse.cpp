@@ -1006,9 +1006,10 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 // load, a broadcast of the weight pair and an offset lookup per product) and 1 per 16 useful
 // products (2:4; 8 for 1:4) for dense arithmetic on the expanded weight. The layout of kLaneSteps
 // steps (16 x 16 transposes of 32-bit words) is made once per pass over the weight and used by up
-// to kLaneRowChunk rows of x, 16 at a time (16 accumulator vectors; 4 or 8 for R <= 4 or 8). Each output is one lane fed
-// step by step in column order: the bits depend on neither the thread count, nor R, nor the
-// blocking.
+// to kLaneRowChunk rows of x, 16 at a time (16 accumulator vectors; 4 or 8 for R <= 4 or 8). fp32
+// (m in {4, 8}) works the same way with one kept value per step and vpermilps / vpermps (below).
+// Each output is one lane fed step by step in column order: the bits depend on neither the thread
+// count, nor R, nor the blocking.
 
 constexpr int64_t kLaneRows = 16;       // weight rows per block (the lanes)
 constexpr int64_t kLaneSteps = 64;      // steps per column block (8 KB of layout)
@@ -1076,56 +1077,51 @@ SPARSEOPS_NM_AVX512 inline void transpose16x16(__m512i* r) {
 
 // The layout of weight rows [o0, o0 + rows) (rows <= 16; lanes past them zero), steps [s0, s1):
 // lay[2 (s - s0)] = W[s], lay[2 (s - s0) + 1] = C[s] (steps rounded up to 16, the extra ones zero).
-// W: 16 x 16 transposes of the rows' 32-bit pairs. C: the 16 rows' meta of 16 steps (8 or 16
-// bytes each) as 32-bit words per row, then per step a shift (its field into bits 0-3) and one
-// vpermd of the control table, which reads only those 4 bits of each index (2:8: and a second
-// one for bits 4-7).
-template <int B>
-SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, const NMConfig& c, const LanePattern& pat,
-                                     int64_t o0, int64_t rows, int64_t s0, int64_t s1, __m512i* lay) {
-  constexpr int kWords = 16 * B / 32;  // meta words per row per 16 steps
-  const __m512i table = _mm512_loadu_si512(pat.table.data()), high = _mm512_loadu_si512(pat.high.data());
-  const int64_t steps = c.kept / 2;
+// w: the rows' 32-bit step words (bf16 pairs or fp32 values), ldw per row. W: 16 x 16 transposes
+// of them. C: the 16 rows' meta of 16 steps (2 B bytes each) as 32-bit words per row, then per
+// step a shift (its B-bit field into the low bits); bf16 (TABLE): one vpermd of the control table,
+// which reads only the 4 low bits of each index (2:8: and a second one for bits 4-7); fp32: the
+// field itself (vpermilps / vpermps read only its low 2 / 4 bits).
+template <int B, bool TABLE>
+SPARSEOPS_NM_AVX512 void lane_layout(const uint32_t* w, int64_t ldw, const uint8_t* meta, int64_t meta_bytes,
+                                     const LanePattern* pat, int64_t o0, int64_t rows, int64_t s0, int64_t s1,
+                                     __m512i* lay) {
+  constexpr int kWords = B == 2 ? 1 : 16 * B / 32;  // meta words per row per 16 steps
+  __m512i table = _mm512_setzero_si512(), high = table;
+  if constexpr (TABLE) table = _mm512_loadu_si512(pat->table.data()), high = _mm512_loadu_si512(pat->high.data());
   // the next column block of these rows, into L2 (16 rows 4 KB+ apart: no stream the hardware
   // follows)
-  if (s1 < steps) {
+  if (s1 < ldw) {
     for (int64_t i = 0; i < rows; ++i) {
-      const char* pv = reinterpret_cast<const char*>(v + (o0 + i) * c.kept + 2 * s1);
-      for (int64_t l = 0; l < 4 * (s1 - s0); l += 64) _mm_prefetch(pv + l, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(meta + (o0 + i) * c.meta_bytes + s1 * B / 8), _MM_HINT_T1);
+      const char* pw = reinterpret_cast<const char*>(w + (o0 + i) * ldw + s1);
+      for (int64_t l = 0; l < 4 * (s1 - s0); l += 64) _mm_prefetch(pw + l, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(meta + (o0 + i) * meta_bytes + s1 * B / 8), _MM_HINT_T1);
     }
   }
   const __mmask16 live = lanes_below(rows);
-  // row i's meta at byte i * meta_bytes: qword lanes of rows 0-7 and 8-15
-  const __m512i rows_lo = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(c.meta_bytes));
-  const __m512i rows_hi = _mm512_add_epi64(rows_lo, _mm512_set1_epi64(8 * c.meta_bytes));
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i row_bytes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(meta_bytes)));
   for (int64_t sb = s0; sb < s1; sb += 16) {
     const int64_t ns = std::min<int64_t>(16, s1 - sb);
     const __mmask16 words = lanes_below(ns);
-    __m512i w[16];
+    __m512i wt[16];
     for (int64_t i = 0; i < 16; ++i) {
-      w[i] = i < rows ? _mm512_maskz_loadu_epi32(words, v + (o0 + i) * c.kept + 2 * sb) : _mm512_setzero_si512();
+      wt[i] = i < rows ? _mm512_maskz_loadu_epi32(words, w + (o0 + i) * ldw + sb) : _mm512_setzero_si512();
     }
-    transpose16x16(w);
-    // mw[k] lane i: meta word k of row i's 16 steps (steps 32 k / B .. in bits B (s - ..) up)
+    transpose16x16(wt);
+    // mw[k] lane i: meta word k of row i's 16 steps (steps 32 k / B .., B bits each from bit 0)
     __m512i mw[kWords];
-    const uint8_t* mb = meta + o0 * c.meta_bytes + sb * B / 8;
+    const uint8_t* mb = meta + o0 * meta_bytes + sb * B / 8;
     if (ns == 16) {  // 2 B bytes inside every row
-      const auto m8 = static_cast<__mmask8>(live), m8h = static_cast<__mmask8>(live >> 8);
-      for (int q = 0; q < kWords / 2; ++q) {
-        const __m512i q0 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8, rows_lo, mb + 8 * q, 1);
-        const __m512i q1 = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m8h, rows_hi, mb + 8 * q, 1);
-        mw[2 * q] = _mm512_permutex2var_epi32(q0, even, q1);
-        mw[2 * q + 1] = _mm512_permutex2var_epi32(q0, odd, q1);
+      for (int k = 0; k < kWords; ++k) {
+        mw[k] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, row_bytes, mb + 4 * k, 1);
       }
     } else {  // the row's last steps: only the bytes that exist
       alignas(64) uint32_t t[kWords][16] = {};
       const int64_t nbytes = (ns * B + 7) / 8;
       for (int64_t i = 0; i < rows; ++i) {
         uint32_t row[kWords] = {};
-        std::memcpy(row, mb + i * c.meta_bytes, nbytes);
+        std::memcpy(row, mb + i * meta_bytes, nbytes);
         for (int k = 0; k < kWords; ++k) t[k][i] = row[k];
       }
       for (int k = 0; k < kWords; ++k) mw[k] = _mm512_load_si512(t[k]);
@@ -1133,9 +1129,12 @@ SPARSEOPS_NM_AVX512 void lane_layout(const uint16_t* v, const uint8_t* meta, con
     __m512i* out = lay + 2 * (sb - s0);
     for (int j = 0; j < 16; ++j) {
       const __m512i f = _mm512_srli_epi32(mw[j * B / 32], (j * B) % 32);
-      __m512i ctl = _mm512_permutexvar_epi32(f, table);
-      if constexpr (B == 8) ctl = _mm512_or_si512(ctl, _mm512_permutexvar_epi32(_mm512_srli_epi32(f, 4), high));
-      _mm512_store_si512(out + 2 * j, w[j]);
+      __m512i ctl = f;
+      if constexpr (TABLE) {
+        ctl = _mm512_permutexvar_epi32(f, table);
+        if constexpr (B == 8) ctl = _mm512_or_si512(ctl, _mm512_permutexvar_epi32(_mm512_srli_epi32(f, 4), high));
+      }
+      _mm512_store_si512(out + 2 * j, wt[j]);
       _mm512_store_si512(out + 2 * j + 1, _mm512_maskz_mov_epi32(live, ctl));
     }
   }
@@ -1170,9 +1169,62 @@ SPARSEOPS_NM_BF16DOT void lane_block(const __m512i* lay, int64_t ns, const uint1
   for (int i = 0; i < RB; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
 }
 
-// out[r * ldo + i] = bf16(acc[r * 16 + i] + bias[i]) for the block's first `rows` lanes.
-SPARSEOPS_NM_AVX512 void lane_outputs(const float* acc, int64_t R, const c10::BFloat16* bias, int64_t rows,
-                                      c10::BFloat16* out, int64_t ldo) {
+// fp32 (N kept values per group of M columns, M in {4, 8}): a step is one kept value. Steps [0, ns)
+// (ns a multiple of N) of one layout against RB rows of x: per group one broadcast of its M x
+// values to every 128-bit (M = 4) or 256-bit (M = 8) lane, then per step one vpermilps / vpermps
+// by C[s] and one FMA with W[s]: 16 products per FMA and none of them zero (the register blocks'
+// expanded rows: 16 N / M).
+template <int RB, int N, int M>
+SPARSEOPS_NM_AVX512 void lane_block_fp32(const __m512i* lay, int64_t ns, const float* x, int64_t ldx, float* acc,
+                                         bool first) {
+  __m512 a[RB];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i) a[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 16 * i);
+  for (int64_t g = 0; g < ns / N; ++g) {
+    __m512 w[N];
+    __m512i ctl[N];
+#pragma GCC unroll 4
+    for (int k = 0; k < N; ++k) {
+      w[k] = _mm512_castsi512_ps(_mm512_load_si512(lay + 2 * (N * g + k)));
+      ctl[k] = _mm512_load_si512(lay + 2 * (N * g + k) + 1);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const float* xg = x + i * ldx + M * g;
+      const __m512 win = M == 4 ? _mm512_broadcast_f32x4(_mm_loadu_ps(xg)) : _mm512_broadcast_f32x8(_mm256_loadu_ps(xg));
+#pragma GCC unroll 4
+      for (int k = 0; k < N; ++k) {
+        const __m512 pick = M == 4 ? _mm512_permutevar_ps(win, ctl[k]) : _mm512_permutexvar_ps(ctl[k], win);
+        a[i] = _mm512_fmadd_ps(w[k], pick, a[i]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+}
+
+// The per-dtype parts of the lanes: the block kernel by its rows of x (4, 8 or 16).
+template <int S>
+struct LanesBf16 {
+  using T = uint16_t;
+  template <int RB>
+  static void block(const __m512i* lay, int64_t ns, const T* x, int64_t ldx, float* acc, bool first) {
+    lane_block<RB, S>(lay, ns, x, ldx, acc, first);
+  }
+};
+template <int N, int M>
+struct LanesFp32 {
+  using T = float;
+  template <int RB>
+  static void block(const __m512i* lay, int64_t ns, const T* x, int64_t ldx, float* acc, bool first) {
+    lane_block_fp32<RB, N, M>(lay, ns, x, ldx, acc, first);
+  }
+};
+
+// out[r * ldo + i] = acc[r * 16 + i] + bias[i] (rounded to out_t) for the block's first `rows` lanes.
+template <typename out_t>
+SPARSEOPS_NM_AVX512 void lane_outputs(const float* acc, int64_t R, const out_t* bias, int64_t rows, out_t* out,
+                                      int64_t ldo) {
   const __mmask16 lanes = lanes_below(rows);
   const __m512 b = bias != nullptr ? load16(bias, lanes) : _mm512_setzero_ps();
   for (int64_t r = 0; r < R; ++r) {
@@ -1181,32 +1233,36 @@ SPARSEOPS_NM_AVX512 void lane_outputs(const float* acc, int64_t R, const c10::BF
   }
 }
 
-// bf16 2:4 / 1:4 / 2:8 (lane_pattern_of) through the lanes (see above); x2d [R, in] bf16 contiguous.
-template <int S, int B>
+// Weight rows in lanes (see above): `steps` 32-bit step words per weight row, `bcols` columns of x
+// per column block of kLaneSteps steps, B meta bits per step (TABLE: bf16 controls from pat);
+// x2d [R, in] contiguous, of the output's dtype scalar_t.
+template <typename Lanes, int B, bool TABLE, typename scalar_t>
 void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
-                  const NMConfig& c, const LanePattern& pat, Tensor& out) {
+                  const NMConfig& c, const LanePattern* pat, int64_t steps, int64_t bcols, Tensor& out) {
+  using T = typename Lanes::T;
+  static_assert(sizeof(T) == sizeof(scalar_t));
   const int64_t R = x2d.size(0);
   const int rb = R <= 4 ? 4 : R <= 8 ? 8 : kLaneRB;  // rows of x per register block (4, 8 or 16)
   const int64_t rp = (R + rb - 1) / rb * rb;
-  const int64_t steps = c.kept / 2;
   const int64_t nb = (steps + kLaneSteps - 1) / kLaneSteps;
-  const int64_t bcols = S * kLaneSteps;
   // x by column block: xb[block][row][bcols columns], rows and columns past x zero. Read in place,
   // the 16 rows of a register block lie a multiple of 4 KB apart for the usual widths, in one L1
   // set (measured: 3.5-4 cycles per vdpbf16ps instead of 1.5).
   Tensor xb = at::zeros({nb, rp, bcols}, x2d.options());
-  const auto* xs = reinterpret_cast<const uint16_t*>(x2d.data_ptr<c10::BFloat16>());
-  auto* xd = reinterpret_cast<uint16_t*>(xb.data_ptr<c10::BFloat16>());
+  const auto* xs = reinterpret_cast<const T*>(x2d.data_ptr<scalar_t>());
+  auto* xd = reinterpret_cast<T*>(xb.data_ptr<scalar_t>());
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t cols = std::min(bcols, c.in - b * bcols);
-    for (int64_t r = 0; r < R; ++r) std::memcpy(xd + (b * rp + r) * bcols, xs + r * c.in + b * bcols, 2 * cols);
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(xd + (b * rp + r) * bcols, xs + r * c.in + b * bcols, sizeof(T) * cols);
+    }
   }
-  const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<c10::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint32_t*>(values.data_ptr<scalar_t>());
   const uint8_t* mp = meta.data_ptr<uint8_t>();
-  const c10::BFloat16* bp = bias.defined() ? bias.data_ptr<c10::BFloat16>() : nullptr;
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t blocks = (c.out + kLaneRows - 1) / kLaneRows;
-  // Rows of x in chunks of kLaneRowChunk, each a pass over the weight: a chunk's x (1 MB at
+  // Rows of x in chunks of kLaneRowChunk, each a pass over the weight: a chunk's x (1 MB of bf16 at
   // in = 4096) stays in L2 while every weight block runs against it.
   for (int64_t r0 = 0; r0 < rp; r0 += kLaneRowChunk) {
     const int64_t r1 = std::min(rp, r0 + kLaneRowChunk);
@@ -1217,16 +1273,16 @@ void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
         const int64_t o0 = blk * kLaneRows, rows = std::min(kLaneRows, c.out - o0);
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t s0 = b * kLaneSteps, s1 = std::min(steps, s0 + kLaneSteps);
-          lane_layout<B>(vp, mp, c, pat, o0, rows, s0, s1, lay);
+          lane_layout<B, TABLE>(vp, steps, mp, c.meta_bytes, pat, o0, rows, s0, s1, lay);
           for (int64_t r = r0; r < r1; r += rb) {
-            const uint16_t* xr = xd + (b * rp + r) * bcols;
+            const T* xr = xd + (b * rp + r) * bcols;
             float* ar = acc.data() + (r - r0) * 16;
             if (rb == 4) {
-              lane_block<4, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+              Lanes::template block<4>(lay, s1 - s0, xr, bcols, ar, b == 0);
             } else if (rb == 8) {
-              lane_block<8, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+              Lanes::template block<8>(lay, s1 - s0, xr, bcols, ar, b == 0);
             } else {
-              lane_block<kLaneRB, S>(lay, s1 - s0, xr, bcols, ar, b == 0);
+              Lanes::template block<kLaneRB>(lay, s1 - s0, xr, bcols, ar, b == 0);
             }
           }
         }
@@ -1237,11 +1293,40 @@ void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, c
   }
 }
 
-void linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
-                  const NMConfig& c, const LanePattern& pat, Tensor& out) {
-  if (pat.S == 4) return linear_lanes<4, 4>(x2d, values, meta, bias, c, pat, out);
-  if (pat.B == 4) return linear_lanes<8, 4>(x2d, values, meta, bias, c, pat, out);
-  linear_lanes<8, 8>(x2d, values, meta, bias, c, pat, out);
+// The patterns the lanes take, or false: bf16 2:4 / 1:4 / 2:8 (lane_pattern_of), fp32 n:m with
+// m in {4, 8} and n in {1, 2, 4} (n < m).
+bool linear_lanes(const Tensor& x2d, const Tensor& values, const Tensor& meta, const Tensor& bias,
+                  const NMConfig& c, Tensor& out) {
+  if (x2d.scalar_type() == at::kBFloat16) {
+    const LanePattern* pat = lane_pattern_of(c);
+    if (pat == nullptr || !use_bf16dot()) return false;
+    const int64_t steps = c.kept / 2, bcols = pat->S * kLaneSteps;
+    if (pat->S == 4) {
+      linear_lanes<LanesBf16<4>, 4, true, c10::BFloat16>(x2d, values, meta, bias, c, pat, steps, bcols, out);
+    } else if (pat->B == 4) {
+      linear_lanes<LanesBf16<8>, 4, true, c10::BFloat16>(x2d, values, meta, bias, c, pat, steps, bcols, out);
+    } else {
+      linear_lanes<LanesBf16<8>, 8, true, c10::BFloat16>(x2d, values, meta, bias, c, pat, steps, bcols, out);
+    }
+    return true;
+  }
+  if (x2d.scalar_type() != at::kFloat || !use_avx512() || (c.m != 4 && c.m != 8) || c.n >= c.m ||
+      (c.n != 1 && c.n != 2 && c.n != 4)) {
+    return false;
+  }
+  const int64_t bcols = kLaneSteps / c.n * c.m;
+  auto go = [&](auto lanes, auto bits) {
+    linear_lanes<decltype(lanes), decltype(bits)::value, false, float>(x2d, values, meta, bias, c, nullptr, c.kept,
+                                                                       bcols, out);
+  };
+  using B2 = std::integral_constant<int, 2>;
+  using B4 = std::integral_constant<int, 4>;
+  if (c.m == 4 && c.n == 1) go(LanesFp32<1, 4>{}, B2{});
+  if (c.m == 4 && c.n == 2) go(LanesFp32<2, 4>{}, B2{});
+  if (c.m == 8 && c.n == 1) go(LanesFp32<1, 8>{}, B4{});
+  if (c.m == 8 && c.n == 2) go(LanesFp32<2, 8>{}, B4{});
+  if (c.m == 8 && c.n == 4) go(LanesFp32<4, 8>{}, B4{});
+  return true;
 }
 
 // One register block by its run-time shape (ob in {1, kRegOB}, rb in {1, 2, 4, kRegRB}).
@@ -2086,11 +2171,11 @@ void nm_linear_cpu_kernel(const Tensor& x2d, const Tensor& values, const Tensor&
           (st == at::kFloat && R < kNMDenseCrossoverRows && use_avx512());
   }
 #endif
-  // bf16 2:4 / 1:4 / 2:8 with avx512_bf16 from kNMLaneRows rows on: weight rows in lanes.
+  // bf16 2:4 / 1:4 / 2:8 with avx512_bf16 and fp32 n:m (m in {4, 8}) from kNMLaneRows rows on:
+  // weight rows in lanes.
 #if SPARSEOPS_NM_X86
-  if (x2d.scalar_type() == at::kBFloat16 && R >= kNMLaneRows && use_bf16dot()) {
-    if (const LanePattern* pat = lane_pattern_of(cfg)) return linear_lanes(x2d, values, meta, bias, cfg, *pat, out);
-  }
+  const bool fp32_half = x2d.scalar_type() == at::kFloat && 2 * cfg.n == cfg.m;  // 2:4, 4:8
+  if (R >= (fp32_half ? kNMLaneRowsFp32Half : kNMLaneRows) && linear_lanes(x2d, values, meta, bias, cfg, out)) return;
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2d.scalar_type(), "nm_linear_cpu", [&] {
     if (reg) {

@@ -27,10 +27,12 @@ struct NMConfig {
 
 // Batch crossovers of the CPU nm_linear (see csrc/cpu/nm_sparse.cpp): one row of x streams the
 // weight as stored against x gathered by the kept columns (fp32 / bf16, m / n in {2, 4, 8}, VBMI),
-// else expanded in registers; from 2 rows, fp32 and bf16 (with avx512_bf16) weights of the
-// byte-table patterns go to register blocks of 3 weight rows x 8 rows of x (bf16 2:4, 1:4 and 2:8
-// from kNMLaneRows rows, at every batch from there: weight rows in lanes); fp16 (and bf16 without avx512_bf16) from
-// kNMTableRows rows lays x out in fp32 tables with sparse arithmetic;
+// else expanded in registers. Weight rows in lanes (sparse arithmetic, at every batch from their
+// crossover): bf16 2:4, 1:4, 2:8 (avx512_bf16) and fp32 n:m with m in {4, 8}, n in {1, 2, 4} from
+// kNMLaneRows rows, fp32 2:4 and 4:8 from kNMLaneRowsFp32Half. Otherwise, from 2 rows, fp32 and
+// bf16 (with avx512_bf16) weights of the byte-table patterns go to register blocks of 3 weight
+// rows x 8 rows of x; fp16 (and bf16 without avx512_bf16) from kNMTableRows rows lays x out in
+// fp32 tables with sparse arithmetic;
 // from kNMDenseCrossoverRows it decompresses the weight tile by tile and calls at::mm. 16-bit
 // inputs on CPUs with VBMI2 go to 16-bit tiles (oneDNN's bf16 / fp16 GEMM) from kNMDense16Rows
 // (bf16 register blocks: from kNMReg16Rows). Measured (4096x4096 2:4, one thread, ratio to torch
@@ -44,6 +46,11 @@ struct NMConfig {
 // tiles at 128 (1.20x torch F.linear); 1:4 1.12x / 1.57x / 1.75x / 2.17x the register blocks at
 // R = 4 / 8 / 12 / 16 and 3.3x the tiles at 128 (1.66x F.linear); 2:8 1.54x / 1.74x / 2.08x / 2.15x
 // and 1.89x (1.67x F.linear). At R = 2 the register blocks stay (lanes 0.86-0.94x).
+// fp32 weight rows in lanes (one vpermilps / vpermps + one FMA per 16 kept values; m in {4, 8}):
+// 1:4 1.24x / 1.43x / 1.73x the register blocks at R = 4 / 8 / 16 and 2.49x at 64 (the BLAS tiles),
+// 2:8 1.85x at 16 and 2.86x at 64; 2:4 0.96x / 0.97x at 4 / 8, 1.04x at 16, 1.47x / 1.27x the BLAS
+// tiles at 64 / 128: so fp32 at density 1/2 from kNMLaneRowsFp32Half rows, the rest from
+// kNMLaneRows.
 // nm_compress's outputs: an undefined one is not wanted (nm_compress's outputs= argument), and
 // the kernels skip its stores (nullptr).
 template <typename T>
@@ -53,6 +60,7 @@ inline T* nm_compress_out(at::Tensor& t) {
 
 constexpr int64_t kNMTableRows = 12;
 constexpr int64_t kNMLaneRows = 4;
+constexpr int64_t kNMLaneRowsFp32Half = 16;  // fp32 2:4 and 4:8
 constexpr int64_t kNMDense16Rows = 8;
 constexpr int64_t kNMReg16Rows = 48;
 constexpr int64_t kNMDenseCrossoverRows = 64;
