@@ -25,8 +25,9 @@
 // to ATen's BLAS (at::mm) inside at::parallel_for, where the BLAS runs single-threaded: also
 // bitwise independent of the thread count.
 // Between them (see nm_sparse.h for the crossovers): register blocks of 3 weight rows x 8 x rows
-// (fp32 and bf16, from 2 rows) and, for bf16 2:4 / 1:4 / 2:8 at any batch from kNMLaneRows,
-// weight rows in lanes against x pairs picked by vpshufb (sparse arithmetic);
+// (fp32 and bf16, from 2 rows) and, for bf16 2:4 / 1:4 / 2:8 and fp32 n:m with m in {4, 8} at any
+// batch from kNMLaneRows, weight rows in lanes against x values picked by vpshufb / vpermilps /
+// vpermps (sparse arithmetic);
 // fp16 keeps fp32 column tables. Each has its own section below.
 //
 // nm_compress: one pass per group: the n best scores (|w| or scores; NaN above every number,
@@ -991,7 +992,7 @@ SPARSEOPS_NM_BF16DOT void reg_block_bf16(const uint16_t* v, int64_t ldv, const u
 #undef SPARSEOPS_NM_INIT
 #undef SPARSEOPS_NM_STORE
 
-// ---- bf16 2:4, 1:4, 2:8 from kNMLaneRows rows: weight rows in lanes, x pairs picked by vpshufb ---
+// ---- bf16 2:4 / 1:4 / 2:8, fp32 m in {4, 8}, from kNMLaneRows rows: weight rows in lanes -----------
 //
 // vdpbf16ps sums products of bf16 pairs; call a "step" two consecutive kept values of a weight row
 // (32 bits as stored) and the x columns they can come from: one group of 2:4 (4 columns) or 2:8
@@ -1022,7 +1023,7 @@ struct LanePattern {
   std::array<uint32_t, 16> table, high;
 };
 
-// the vpshufb bytes of bf16 x values at column offsets a (low half) and b (high half of the lane)
+// the two vpshufb control bytes of the bf16 x value at column offset a of the step's columns
 constexpr uint32_t lane_pick(uint32_t a) { return (2 * a) | ((2 * a + 1) << 8); }
 
 constexpr LanePattern lane_pattern(int n, int m) {
@@ -1030,7 +1031,7 @@ constexpr LanePattern lane_pattern(int n, int m) {
   for (uint32_t f = 0; f < 16; ++f) {
     if (m == 4) {  // 2:4: positions f & 3 < f >> 2 of one group; 1:4: one position in each of two
       p.table[f] = lane_pick(f & 3) | (lane_pick((f >> 2) + (n == 1 ? 4 : 0)) << 16);
-    } else {  // 2:8: positions f & 15 (table) and f >> 4 (high), 4 bits each
+    } else {  // 2:8: the 8-bit field's bits 0-3 (table) and 4-7 (high) hold the two positions
       p.table[f] = f < 8 ? lane_pick(f) : 0;
       p.high[f] = f < 8 ? lane_pick(f) << 16 : 0;
     }
