@@ -639,6 +639,18 @@ SPARSEOPS_NM_GATHER inline __m512i gather_index(const uint8_t* mb, __mmask16 lm,
   return _mm512_ternarylogic_epi32(f, field, base, 0xEA);  // (f & field) | base
 }
 
+// Tail block b of a row (its kept values [b L, b L + L) clipped to the row's kept): how many it
+// holds (<= 0: past the row) and, when any, the permute indices from its meta bytes (blocks of
+// mbk bytes, clipped to the row's meta).
+SPARSEOPS_NM_GATHER inline int64_t tail_block(const uint8_t* meta, const NMConfig& c, int64_t L, int64_t mbk, int64_t b,
+                                              __m512i permb, __m512i shift, __m512i field, __m512i base, __m512i& idx) {
+  const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+  if (cnt <= 0) return cnt;
+  const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
+  idx = gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
+  return cnt;
+}
+
 // x (bf16) of a block's 32 kept lanes: permute p serves lanes [p * 32 / P, (p + 1) * 32 / P)
 // from x registers 2p and 2p + 1.
 template <int P>
@@ -691,11 +703,9 @@ SPARSEOPS_NM_GATHER_BF16 float dot_gather_bf16(const uint16_t* v, const uint8_t*
 #pragma GCC unroll 4
   for (int a = 0; a < 4; ++a) {
     const int64_t b = j + a;
-    const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+    __m512i idx;
+    const int64_t cnt = tail_block(meta, c, L, mbk, b, permb, shift, field, base, idx);
     if (cnt <= 0) break;
-    const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
-    const __m512i idx =
-        gather_index(meta + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
     const __m512i gx = gather_x16<P>(x + b * cols, idx);
     const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << cnt) - 1u), v + b * L);
     acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)w, (__m512bh)gx);
@@ -752,11 +762,9 @@ SPARSEOPS_NM_GATHER void dot_gather_fp32(const float* v, const uint8_t* meta, co
 #pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {  // as in dot_gather_bf16
       const int64_t b = j + a;
-      const int64_t cnt = std::min<int64_t>(c.kept - b * L, L);
+      __m512i idx;
+      const int64_t cnt = tail_block(mr, c, L, mbk, b, permb, shift, field, base, idx);
       if (cnt <= 0) break;
-      const int64_t mcnt = std::min<int64_t>(c.meta_bytes - b * mbk, mbk);
-      const __m512i idx =
-          gather_index(mr + b * mbk, static_cast<__mmask16>((uint32_t(1) << mcnt) - 1u), permb, shift, field, base);
       const __m512 w = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), vr + b * L);
       acc[r][a] = _mm512_fmadd_ps(w, gather_x32<P>(x + b * cols, idx), acc[r][a]);
     }
